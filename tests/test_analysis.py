@@ -1,0 +1,257 @@
+"""The analysis step on a real experiment: `python tune/run.py --preset smoke` runs once for this module (a real
+local Ray, ASHA + Optuna, tiny DistilBERT), then tables, the executed report, retrain-best and the CLI are
+checked against it and against what the search itself printed."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import nbformat
+import pandas as pd
+import pytest
+
+from analysis import plots
+from analysis.__main__ import main as analysis_main
+from analysis.report import write_report
+from analysis.results import (
+    compute_spent,
+    grid_levels,
+    load_experiment,
+    param_importances,
+    trial_table,
+)
+from analysis.retrain import PROVENANCE_FILE, load_final_evaluation, retrain_best
+from lorasent.errors import ExperimentError
+from lorasent.predict import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+PLOT_CALLS = ("plots.learning_curves", "plots.lr_vs_metric", "plots.lr_batch_heatmap", "plots.rank_effect")
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(experiment folder, console output) of a real smoke search: 4 trials, up to 2 epochs."""
+    storage = tmp_path_factory.mktemp("tune")
+    command = [
+        sys.executable, "tune/run.py", "--preset", "smoke", "--storage_path", str(storage), "--name", "exp",
+        "--num_cpus", "2", "--include_dashboard", "false", "--verbose", "0",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return storage / "exp", done.stdout
+
+
+@pytest.fixture(scope="module")
+def final_model(search: tuple[Path, str]) -> Path:
+    """The best config retrained on train + validation and tested once (the default <experiment>/final_model)."""
+    return retrain_best(search[0])
+
+
+def test_tables_match_what_the_search_reported(search: tuple[Path, str]) -> None:
+    path, console = search
+    exp = load_experiment(path)
+    saved = json.loads((path / "lorasent_search.json").read_text())
+    trial_dirs = [d for d in path.iterdir() if (d / "params.json").exists()]
+
+    assert len(exp.trials) == len(trial_dirs) == saved["tune"]["num_samples"]
+    assert set(exp.trials["status"]) == {"TERMINATED"}
+    assert exp.params == list(saved["tune"]["search_space"])
+    assert (exp.metric, exp.mode, exp.max_epochs) == ("accuracy", "max", saved["train"]["num_train_epochs"])
+    # one epochs row per reported epoch, numbered 1..n
+    for trial_id, epochs in exp.epochs.groupby("trial_id"):
+        trial = exp.trials.set_index("trial_id").loc[trial_id]
+        assert list(epochs["epoch"]) == list(range(1, trial["epochs"] + 1))
+    # the search's own summary: "N trials, M stopped early" and "Best trial <dir>, epoch E" + its accuracy
+    stopped = int(re.search(r"(\d+) stopped early", console).group(1))
+    assert int(exp.trials["early_stopped"].sum()) == stopped
+    best_dir, best_epoch = re.search(r"Best trial (\S+), epoch (\d+)", console).groups()
+    best_accuracy = float(re.search(r"validation: accuracy=([\d.]+)", console).group(1))
+    printed = exp.trials[exp.trials["trial_dir"].str.endswith(best_dir)].iloc[0]
+    assert printed["best_accuracy"] == pytest.approx(best_accuracy, abs=1e-4)
+    assert exp.best_trial["best_accuracy"] == pytest.approx(best_accuracy, abs=1e-4)  # ties may pick either
+    assert exp.best_checkpoint is not None and (exp.best_checkpoint / "adapter_model.safetensors").is_file()
+    if exp.best_trial["trial_id"] == printed["trial_id"]:
+        assert exp.best_epoch == int(best_epoch)
+
+    table = trial_table(exp)
+    assert list(table.index) == list(range(1, len(exp.trials) + 1))
+    assert table.iloc[0]["trial_id"] == exp.best_trial["trial_id"]
+
+    importances = param_importances(exp)
+    assert set(importances.index) <= set(exp.params) and importances.sum() == pytest.approx(1.0)
+    spent = compute_spent(exp)
+    assert spent.loc["this search", "trial_epochs"] == exp.trials["epochs"].sum()
+    # smoke space: loguniform lr (3 grid levels) x 2 batch sizes x 2 ranks, 2 epochs each
+    assert grid_levels(exp) == {"learning_rate": 3, "per_device_train_batch_size": 2, "lora_r": 2}
+    assert spent.loc["full grid", "trial_epochs"] == 12 * 2
+
+
+def test_interrupted_experiment_statuses_are_inferred(search: tuple[Path, str], tmp_path: Path) -> None:
+    """Without Ray's state file (a search killed early): ended trials, one still writing, one not started."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    for state in copy.glob("experiment_state-*.json"):
+        state.unlink()
+    # the trial with the most epochs plays the one still running: its last epoch is only half written
+    running, *ended = sorted(
+        (d for d in copy.iterdir() if (d / "result.json").exists()),
+        key=lambda d: -len((d / "result.json").read_text().splitlines()),
+    )
+    lines = (running / "result.json").read_text().splitlines()
+    (running / "result.json").write_text("\n".join([*lines[:-1], '{"accuracy": 0.5, "epo']))
+    pending = copy / "train_trial_pending0_5_2099-01-01"
+    pending.mkdir()
+    shutil.copy(running / "params.json", pending / "params.json")
+
+    exp = load_experiment(copy)
+    status = dict(zip(exp.trials["trial_dir"].map(lambda p: Path(p).name), exp.trials["status"], strict=True))
+    assert status[running.name] == "RUNNING"
+    assert {status[d.name] for d in ended} == {"TERMINATED"}
+    assert status[pending.name] == "PENDING"
+    assert exp.trials.set_index("trial_dir").loc[str(running), "epochs"] == len(lines) - 1
+
+
+def test_diverged_trial_is_never_best(search: tuple[Path, str], tmp_path: Path) -> None:
+    """A trial whose loss went NaN reports diverged=1 and the worst metric (as tune/trainable.py does)."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    best = load_experiment(copy).best_trial
+    result = Path(best["trial_dir"].replace(str(search[0]), str(copy))) / "result.json"
+    rows = [json.loads(line) for line in result.read_text().splitlines()]
+    result.write_text("".join(json.dumps(r | {"diverged": 1.0, "accuracy": -math.inf}) + "\n" for r in rows))
+
+    exp = load_experiment(copy)
+    diverged = exp.trials.set_index("trial_id").loc[best["trial_id"]]
+    assert diverged["diverged"] and pd.isna(diverged["rank"]) and not diverged["early_stopped"]
+    assert exp.best_trial["trial_id"] != best["trial_id"]
+    assert trial_table(exp).iloc[-1]["trial_id"] == best["trial_id"]
+    for plot in (plots.learning_curves, plots.lr_vs_metric, plots.lr_batch_heatmap, plots.rank_effect):
+        assert plot(exp).axes, plot.__name__  # draws the others, no inf on any axis
+
+
+def test_storage_uri_is_mirrored(search: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsspec URI (here fsspec's in-memory filesystem standing in for a bucket) reads like the local folder."""
+    monkeypatch.setenv("LORASENT_CACHE", str(tmp_path / "cache"))
+    memory = fsspec.filesystem("memory")
+    memory.put(str(search[0]), "/bucket/exp", recursive=True)
+    try:
+        remote, local = load_experiment("memory://bucket/exp"), load_experiment(search[0])
+        assert remote.path.is_relative_to(tmp_path / "cache")
+        pd.testing.assert_frame_equal(trial_table(remote), trial_table(local))
+        with pytest.raises(ExperimentError, match="does not exist"):
+            load_experiment("memory://bucket/missing")
+    finally:
+        memory.rm("/bucket", recursive=True)
+
+
+def test_missing_or_empty_experiment_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ExperimentError, match=r"does not exist\. Pass the folder `python tune/run\.py` printed"):
+        load_experiment(tmp_path / "no-such-experiment")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ExperimentError, match=r"holds no trials .* start a search: python tune/run\.py"):
+        load_experiment(empty)
+    # the CLI turns both into one clean line and exit status 2
+    assert analysis_main(["report", str(empty)]) == 2
+    assert analysis_main(["table", str(tmp_path / "no-such-experiment")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 2 and "Traceback" not in err
+
+
+def _outputs(nb: nbformat.NotebookNode, source_start: str) -> list[dict]:
+    cell = next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith(source_start))
+    return cell.outputs
+
+
+def test_report_without_final_model_says_how_to_make_it(search: tuple[Path, str], tmp_path: Path) -> None:
+    paths = write_report(search[0], tmp_path / "report", final_model=tmp_path / "none")
+    nb = nbformat.read(paths.notebook, as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    note = _outputs(nb, "final = retrain.load_final_evaluation")[0]["data"]["text/markdown"]
+    assert f"python -m analysis retrain {search[0]}" in note
+
+
+def test_report_with_retrained_model(search: tuple[Path, str], final_model: Path, capsys) -> None:
+    path = search[0]
+    exp = load_experiment(path)
+    assert analysis_main(["report", str(path)]) == 0
+    printed = capsys.readouterr().out
+    notebook, html = path / "report" / "report.ipynb", path / "report" / "report.html"
+    assert f"Notebook: {notebook}" in printed and f"python -m lorasent.predict {final_model}" in printed
+
+    nb = nbformat.read(notebook, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code)
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert code[0].metadata["tags"] == ["parameters"] and repr(str(path)) in code[0].source
+    assert not re.search(r"\d\.\d{3}", "".join(c.source for c in code))  # numbers come from the run, not the code
+    for call in (*PLOT_CALLS, "importances = ", "spent = "):
+        assert any("image/png" in o.get("data", {}) for o in _outputs(nb, call)), call
+    table_html = _outputs(nb, "results.trial_table(exp)")[0]["data"]["text/html"]
+    assert table_html.split("<tbody>")[1].count("<tr>") == len(exp.trials)
+    shown_config = next(o for o in _outputs(nb, "if exp.scored_trials.empty") if o.output_type == "display_data")
+    assert ast.literal_eval(shown_config["data"]["text/plain"]) == exp.best_config
+
+    metrics = json.loads((final_model / "test_metrics.json").read_text())["metrics"]
+    final_outputs = _outputs(nb, "final = retrain.load_final_evaluation")
+    summary = final_outputs[0]["data"]["text/markdown"]
+    assert f"Test accuracy {metrics['accuracy']:.4f}" in summary and f"macro F1 {metrics['f1_macro']:.4f}" in summary
+    assert any("image/png" in o.get("data", {}) for o in final_outputs)  # confusion matrix
+    errors = _outputs(nb, "if final is not None")
+    n_wrong = (~pd.read_csv(final_model / "test_predictions.csv")["correct"]).sum()
+    assert (errors[0]["data"]["text/html"].split("<tbody>")[1].count("<tr>") if errors else 0) == min(n_wrong, 25)
+
+    page = html.read_text()
+    assert f"Test accuracy {metrics['accuracy']:.4f}" in page and page.count("data:image/png;base64") >= 7
+
+
+def test_retrained_model_predictions_load_back(search: tuple[Path, str], final_model: Path) -> None:
+    exp = load_experiment(search[0])
+    assert final_model == search[0] / "final_model"
+    meta = json.loads((final_model / "lorasent.json").read_text())
+    provenance = json.loads((final_model / PROVENANCE_FILE).read_text())
+    assert provenance["config"] == exp.best_config and provenance["epochs"] == exp.best_epoch
+    assert meta["train"]["num_train_epochs"] == exp.best_epoch
+    assert {k: meta["model"].get(k, meta["train"].get(k)) for k in exp.best_config} == exp.best_config
+
+    saved = load_final_evaluation(final_model)
+    predictor = Predictor.from_dir(final_model, device="cpu")
+    again = predictor.predict(saved.predictions["text"].tolist())
+    assert [p.label for p in again] == saved.predictions["prediction"].tolist()
+    assert [p.probabilities["positive"] for p in again] == pytest.approx(
+        saved.predictions["prob_positive"].tolist(), abs=1e-5
+    )
+    assert saved.metrics["accuracy"] == pytest.approx(saved.predictions["correct"].mean())
+
+
+def test_use_checkpoint_tests_the_best_trials_checkpoint(search: tuple[Path, str], tmp_path: Path) -> None:
+    exp = load_experiment(search[0])
+    out = retrain_best(search[0], tmp_path / "from-checkpoint", use_checkpoint=True)
+    assert json.loads((out / PROVENANCE_FILE).read_text())["checkpoint"] == str(exp.best_checkpoint)
+    assert (out / "adapter_model.safetensors").read_bytes() == (
+        exp.best_checkpoint / "adapter_model.safetensors"
+    ).read_bytes()
+    assert load_final_evaluation(out).metrics["accuracy"] >= 0
+
+
+def test_cli_table_and_evaluate(search: tuple[Path, str], final_model: Path, tmp_path: Path, capsys) -> None:
+    exp = load_experiment(search[0])
+    assert analysis_main(["table", str(search[0]), "--csv", str(tmp_path / "trials.csv")]) == 0
+    out = capsys.readouterr().out
+    assert all(t in out for t in exp.trials["trial_id"]) and f"Best: trial {exp.best_trial['trial_id']}" in out
+    assert len(pd.read_csv(tmp_path / "trials.csv")) == len(exp.trials)
+
+    assert analysis_main(["evaluate", str(final_model), "--output", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())["metrics"]
+    saved = json.loads((final_model / "test_metrics.json").read_text())["metrics"]
+    assert evaluated["accuracy"] == pytest.approx(saved["accuracy"])
