@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from filelock import FileLock
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 import lorasent
@@ -103,6 +104,16 @@ def tokenized_splits(data_args: DataArguments, model_args: ModelArguments) -> da
     """
     tokenizer = load_tokenizer(model_args)
     folder = tokenized_cache_dir(data_args, tokenizer)
+    # One tokeniser per node: trials that start together wait for the first instead of all tokenising.
+    locks = folder.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"tokenized-{folder.name}.lock")):
+        return _load_or_build(folder, tokenizer, data_args, model_args)
+
+
+def _load_or_build(
+    folder: Path, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, model_args: ModelArguments
+) -> datasets.DatasetDict:
     if (folder / "dataset_dict.json").is_file():
         try:
             splits = datasets.load_from_disk(str(folder))
