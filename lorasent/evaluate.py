@@ -1,0 +1,139 @@
+"""Final evaluation of a model folder on a held-out split: metrics, classification report, confusion matrix.
+
+The data arguments saved in the folder's `lorasent.json` rebuild exactly the split the model never saw
+(same source, seed and sizes), unless other data arguments are given. Inference goes through `Predictor`,
+so evaluation and serving score texts identically.
+
+    python -m lorasent.evaluate runs/train --output_dir runs/train/evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import classification_report, confusion_matrix
+from transformers.utils import logging as hf_logging
+
+from lorasent.config import DataArguments
+from lorasent.data import SPLITS, load_splits
+from lorasent.errors import CheckpointError, ConfigError, LorasentError
+from lorasent.metrics import scores
+from lorasent.model import read_meta
+from lorasent.paths import atomic_write_text
+from lorasent.predict import Predictor
+
+
+@dataclass
+class EvaluationResult:
+    """Everything the report shows about one model on one split."""
+
+    model_dir: Path
+    split: str
+    label_names: list[str]
+    metrics: dict[str, float]
+    report: dict[str, Any]  # sklearn classification_report(output_dict=True)
+    report_text: str
+    confusion_matrix: list[list[int]]  # rows: true label, columns: predicted label (label-id order)
+    predictions: pd.DataFrame  # text, label, prediction, prob_<name>..., correct
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write `<split>_metrics.json` and `<split>_predictions.csv` into `out_dir` (each atomically)."""
+        out = Path(out_dir)
+        summary = {
+            "model_dir": str(self.model_dir),
+            "split": self.split,
+            "label_names": self.label_names,
+            "metrics": self.metrics,
+            "classification_report": self.report,
+            "confusion_matrix": self.confusion_matrix,
+        }
+        atomic_write_text(out / f"{self.split}_metrics.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / f"{self.split}_predictions.csv", self.predictions.to_csv(index=False))
+        return out
+
+
+def evaluate_model_dir(
+    model_dir: str | Path,
+    *,
+    data_args: DataArguments | None = None,
+    split: str = "test",
+    batch_size: int = 128,
+    device: str | None = None,
+) -> EvaluationResult:
+    """Score a model folder on `split` of its own data (from lorasent.json) or of `data_args`."""
+    if split not in SPLITS:
+        raise ConfigError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}.")
+    if data_args is None:
+        try:
+            data_args = DataArguments(**read_meta(model_dir)["data"])
+        except (TypeError, LorasentError) as e:
+            raise CheckpointError(f"{model_dir}/lorasent.json holds invalid data arguments ({e}).") from e
+    predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size, max_length=data_args.max_length)
+    label_names = predictor.label_names
+    if list(data_args.label_names) != label_names:
+        raise ConfigError(
+            f"The data's label names {data_args.label_names} differ from the model's {label_names}. Evaluate on "
+            "data labelled with the model's classes (same names, same order)."
+        )
+    data = load_splits(data_args)[split]
+    texts, labels = data["text"][:], np.asarray(data["label"][:])
+    predictions = predictor.predict(texts, progress=sys.stderr.isatty())
+    failed = [i for i, p in enumerate(predictions) if p.error is not None]
+    if failed:  # the data layer refuses such rows, so this is a bug, not bad input
+        raise RuntimeError(f"{len(failed)} {split} texts could not be scored, e.g. row {failed[0]}.")
+    predicted = np.asarray([p.label_id for p in predictions])
+    ids = list(range(len(label_names)))
+    frame = pd.DataFrame({"text": texts, "label": [label_names[i] for i in labels]})
+    frame["prediction"] = [p.label for p in predictions]
+    for name in label_names:
+        frame[f"prob_{name}"] = [p.probabilities[name] for p in predictions]
+    frame["correct"] = labels == predicted
+    return EvaluationResult(
+        model_dir=Path(model_dir),
+        split=split,
+        label_names=label_names,
+        metrics=scores(labels, predicted, label_names),
+        report=classification_report(
+            labels, predicted, labels=ids, target_names=label_names, output_dict=True, zero_division=0
+        ),
+        report_text=classification_report(labels, predicted, labels=ids, target_names=label_names, zero_division=0),
+        confusion_matrix=confusion_matrix(labels, predicted, labels=ids).tolist(),
+        predictions=frame,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
+    parser = argparse.ArgumentParser(
+        prog="python -m lorasent.evaluate", description="Evaluate a lorasent model folder on a held-out split."
+    )
+    parser.add_argument("model_dir", help="A model folder written by lorasent training.")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="Split of the model's own data.")
+    parser.add_argument("--output_dir", help="Where to write <split>_metrics.json and <split>_predictions.csv.")
+    parser.add_argument("--batch_size", type=int, default=128, help="Texts per forward pass.")
+    parser.add_argument("--device", help="'cpu', 'cuda', ... (default: a GPU if there is one).")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_model_dir(args.model_dir, split=args.split, batch_size=args.batch_size, device=args.device)
+        if args.output_dir:
+            result.save(args.output_dir)
+    except LorasentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.report_text)
+    print("confusion matrix (rows: true, columns: predicted):", result.confusion_matrix)
+    if args.output_dir:
+        print(f"wrote {args.split}_metrics.json and {args.split}_predictions.csv to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The encoder with its LoRA adapter: which modules get LoRA, building it, and saving / loading model folders.
+
+A model folder (final model or per-epoch checkpoint) holds the peft adapter (`adapter_model.safetensors`,
+`adapter_config.json`), the tokenizer and `lorasent.json` (label names, the three argument dataclasses and
+metrics). The base weights are never copied: `load_model_dir` rebuilds the base from `lorasent.json`'s
+`model_name_or_path`, so an adapter is megabytes, and `offline:` or hub names resolve on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.tuners_utils import _find_minimal_target_modules
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+import lorasent
+from lorasent.assets import resolve_model_path
+from lorasent.config import DataArguments, ModelArguments, TrainArguments
+from lorasent.errors import CheckpointError, ConfigError, LorasentError
+from lorasent.paths import atomic_dir, atomic_write_text
+
+logger = logging.getLogger(__name__)
+# peft 0.21 asks transformers 5 for a renamed attribute on every wrap; the warning is theirs, not the user's.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+META_FILE = "lorasent.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+TARGET_PRESETS = ("auto", "attention", "all-linear")
+# peft's defaults per architecture, plus encoders it does not list (DistilBERT names its projections q_lin/v_lin).
+AUTO_TARGETS: dict[str, list[str]] = {
+    **{k: v for k, v in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.items() if isinstance(v, list)},
+    "distilbert": ["q_lin", "v_lin"],
+    "albert": ["query", "value"],
+    "camembert": ["query", "value"],
+    "mpnet": ["q", "v"],
+}
+_LORA_LAYER_TYPES = (torch.nn.Linear, Conv1D, torch.nn.Embedding)
+_FIX_CHECKPOINT = "Re-run the training that produced it, or pick another checkpoint or model folder."
+
+
+# ---------------------------------------------------------------------------------------------- target modules
+
+
+def head_module_names(model: PreTrainedModel) -> list[str]:
+    """Top-level modules outside the pretrained encoder: the task head, newly initialised, so trained in full."""
+    body = getattr(model, model.base_model_prefix, None)
+    return [
+        name
+        for name, child in model.named_children()
+        if child is not body and any(True for _ in child.parameters(recurse=True))
+    ]
+
+
+def _lora_capable_modules(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
+    head = head_module_names(model)
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, _LORA_LAYER_TYPES) and name.split(".", 1)[0] not in head
+    }
+
+
+def _valid_names_hint(capable: dict[str, torch.nn.Module]) -> str:
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in capable})
+    return f"valid module names of this model: {', '.join(leaves)} (or the presets {', '.join(TARGET_PRESETS)})"
+
+
+def resolve_target_modules(model: PreTrainedModel, spec: str) -> list[str]:
+    """The LoRA `target_modules` for `spec`: a preset ('auto', 'attention', 'all-linear') or a comma list.
+
+    Presets become explicit, minimal module-name suffixes, so `adapter_config.json` says what was adapted.
+
+    Unknown names are refused here, with the names the model does have, instead of by peft after loading.
+    """
+    spec = spec.strip()
+    capable = _lora_capable_modules(model)
+    model_type = model.config.model_type
+    if spec in ("attention", "all-linear"):
+        # Linear layers of the encoder (not the head); 'attention' keeps those on a path through an attention
+        # block: q/k/v and the attention output projection.
+        selected = {
+            name
+            for name, module in capable.items()
+            if isinstance(module, (torch.nn.Linear, Conv1D))
+            and (spec == "all-linear" or any("attention" in p.lower() or "attn" in p.lower() for p in name.split(".")))
+        }
+        if not selected:
+            raise ConfigError(
+                f"Found no {spec} layers in model type '{model_type}'. Set target_modules to a comma-separated "
+                f"list; {_valid_names_hint(capable)}."
+            )
+        others = {name for name, _ in model.named_modules() if name and name not in selected}
+        return sorted(_find_minimal_target_modules(selected, others))
+    if spec == "auto":
+        if model_type not in AUTO_TARGETS:
+            raise ConfigError(
+                f"No default LoRA target modules are known for model type '{model_type}'. Set target_modules to "
+                f"'attention', 'all-linear' or a comma-separated list; {_valid_names_hint(capable)}."
+            )
+        names = AUTO_TARGETS[model_type]
+    else:
+        names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [n for n in names if not any(full == n or full.endswith(f".{n}") for full in capable)]
+    if unknown:
+        raise ConfigError(
+            f"Unknown LoRA target module(s) {unknown} for model type '{model_type}'; {_valid_names_hint(capable)}."
+        )
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def _load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrainedModel:
+    """The pretrained encoder with a fresh classification head for `label_names`.
+
+    Attention is left to transformers' default, which is SDPA wherever the architecture supports it and eager
+    otherwise; weights load from safetensors only.
+    """
+    path = resolve_model_path(model_args.model_name_or_path)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            trust_remote_code=model_args.trust_remote_code,
+            use_safetensors=True,
+            ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a new head
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"Cannot load the model '{model_args.model_name_or_path}' ({path}): {e}. Use a folder with "
+            "config.json and model.safetensors (lorasent loads safetensors only), a hub name, or "
+            "'offline:all-MiniLM-L6-v2'; set trust_remote_code only for model code you trust."
+        ) from e
+
+
+def build_model(model_args: ModelArguments, label_names: list[str]) -> PeftModel:
+    """The encoder wrapped by peft LoRA; LoRA on the target modules, the classification head trained in full."""
+    base = _load_base(model_args, label_names)
+    lora_config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=resolve_target_modules(base, model_args.target_modules),
+        modules_to_save=head_module_names(base),
+    )
+    model = get_peft_model(base, lora_config)
+    trainable, total = trainable_parameters(model)
+    logger.info(
+        "LoRA r=%d on %s: %s of %s parameters trainable (%.2f%%), attention: %s",
+        model_args.lora_r,
+        lora_config.target_modules,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        base.config._attn_implementation,
+    )
+    return model
+
+
+def trainable_parameters(model: PeftModel) -> tuple[int, int]:
+    """(trainable, total) parameter counts: the adapter and head against the whole model."""
+    return model.get_nb_trainable_parameters()
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+def model_meta(
+    label_names: list[str],
+    *,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: TrainArguments,
+    metrics: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The content of `lorasent.json`: enough to rebuild the base, reload the data and read the results."""
+    return {
+        "lorasent_version": lorasent.__version__,
+        "label_names": list(label_names),
+        "data": dataclasses.asdict(data_args),
+        "model": dataclasses.asdict(model_args),
+        "train": dataclasses.asdict(train_args),
+        "metrics": dict(metrics or {}),
+    }
+
+
+def write_meta(folder: str | Path, meta: dict[str, Any]) -> None:
+    """Write `lorasent.json` into a model folder (atomically, so a reader never sees half of it)."""
+    atomic_write_text(Path(folder) / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def save_model_dir(
+    model: PeftModel,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: TrainArguments,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Save adapter, tokenizer and `lorasent.json` to `out_dir`, all or nothing (write, then rename)."""
+    meta = model_meta(
+        data_args.label_names, data_args=data_args, model_args=model_args, train_args=train_args, metrics=metrics
+    )
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        tokenizer.save_pretrained(tmp)
+        write_meta(tmp, meta)
+    return Path(out_dir)
+
+
+@dataclass
+class LoadedModel:
+    """A model folder loaded for inference."""
+
+    model: PeftModel
+    tokenizer: Any
+    label_names: list[str]
+    meta: dict[str, Any]
+    path: Path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """`lorasent.json` of a model folder, checked; CheckpointError names what is wrong and the fix."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"Model folder {folder} does not exist or is not a folder. {_FIX_CHECKPOINT}")
+    meta_file = folder / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(
+            f"{folder} is not a lorasent model folder: {META_FILE} is missing (a folder written by lorasent "
+            f"training holds {META_FILE}, {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}). {_FIX_CHECKPOINT}"
+        )
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_file} is corrupt or truncated ({e}). {_FIX_CHECKPOINT}") from e
+    missing = [key for key in ("label_names", "model", "data") if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_file} lacks {missing}; it was not written by lorasent. {_FIX_CHECKPOINT}")
+    return meta
+
+
+def _check_adapter_files(folder: Path) -> None:
+    """Fail with a clear message on a missing or truncated adapter, before any model is built."""
+    config_file = folder / ADAPTER_CONFIG
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder} has no {ADAPTER_CONFIG}. {_FIX_CHECKPOINT}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file} is corrupt or truncated ({e}). {_FIX_CHECKPOINT}") from e
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no {ADAPTER_WEIGHTS} (the LoRA weights). {_FIX_CHECKPOINT}")
+    try:
+        with safe_open(weights, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable); reading every tensor catches truncation
+                f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights} is corrupt or truncated ({e}). {_FIX_CHECKPOINT}") from e
+
+
+def check_model_dir(path: str | Path) -> dict[str, Any]:
+    """Validate a model folder's files (lorasent.json, adapter config and weights) without building a model.
+
+    Returns its lorasent.json. Run before loading, resuming from or copying a folder, so that damage is a
+    CheckpointError naming the file and the fix rather than a stack trace from inside peft or safetensors.
+    """
+    meta = read_meta(path)
+    _check_adapter_files(Path(path))
+    return meta
+
+
+def default_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model_dir(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+    """Load a model folder for inference: base from `lorasent.json`, adapter and head from the folder.
+
+    The folder is validated first, so a missing or corrupt file is a CheckpointError naming the file and the fix
+    rather than a stack trace from inside peft or safetensors.
+    """
+    folder = Path(path)
+    meta = check_model_dir(folder)
+    try:
+        model_args = ModelArguments(**meta["model"])
+    except (TypeError, LorasentError) as e:
+        raise CheckpointError(f"{folder / META_FILE} holds invalid model arguments ({e}). {_FIX_CHECKPOINT}") from e
+    label_names = list(meta["label_names"])
+    base = _load_base(model_args, label_names)
+    try:
+        model = PeftModel.from_pretrained(base, folder, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. shapes that do not fit the base model
+        raise CheckpointError(
+            f"The adapter in {folder} does not fit the base model '{model_args.model_name_or_path}' ({e}). "
+            f"{_FIX_CHECKPOINT}"
+        ) from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"The tokenizer files in {folder} are missing or corrupt ({e}). {_FIX_CHECKPOINT}") from e
+    model.to(torch.device(device) if device is not None else default_device()).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, label_names=label_names, meta=meta, path=folder)
+
+
+def merge_and_export(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold the adapter into the base weights and save a plain transformers model (safetensors) with tokenizer.
+
+    The result loads with `AutoModelForSequenceClassification.from_pretrained(out_dir)`, without peft.
+    """
+    loaded = load_model_dir(model_dir, device="cpu")
+    merged = loaded.model.merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -1,0 +1,276 @@
+"""Predictions from a trained model folder: a `Predictor` for code and a command line for people.
+
+Inference sorts texts by length and pads each batch only to its longest member, so a batch of short reviews
+costs little; results come back in input order. Bad input (empty text, bytes that are not UTF-8) yields a
+`Prediction` carrying an error instead of failing the whole batch; over-long texts are truncated and flagged.
+
+    python -m lorasent.predict runs/train --text "Works great." --text "Broke after a day."
+    python -m lorasent.predict runs/train --input reviews.csv --text_column review --output predictions.csv
+    python -m lorasent.predict runs/train --interactive
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from lorasent.errors import ConfigError, DataError, LorasentError
+from lorasent.model import LoadedModel, load_model_dir
+from lorasent.paths import atomic_write_text
+from lorasent.tokenize import make_collator
+
+Text = str | bytes
+
+
+@dataclass
+class Prediction:
+    """The model's answer for one text; `error` is set (and the rest empty) when the text could not be scored."""
+
+    label: str | None = None
+    label_id: int | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False
+    error: str | None = None
+
+
+def _as_text(item: Any) -> tuple[str | None, str | None]:
+    """(text, None) for usable input, else (None, why not)."""
+    if isinstance(item, bytes):
+        try:
+            item = item.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, (
+                f"not valid UTF-8 (byte 0x{item[e.start]:02x} at offset {e.start}); re-encode the input as UTF-8"
+            )
+    if not isinstance(item, str):
+        return None, f"expected text, got {type(item).__name__}"
+    if not item.strip():
+        return None, "empty or whitespace-only text; nothing to classify"
+    return item, None
+
+
+class Predictor:
+    """Batched, length-sorted inference with a loaded model folder, on the CPU or a GPU."""
+
+    def __init__(self, loaded: LoadedModel, batch_size: int = 64, max_length: int | None = None) -> None:
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}. Pass --batch_size 1 or more.")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.label_names = loaded.label_names
+        self.batch_size = batch_size
+        trained_length = loaded.meta.get("data", {}).get("max_length") or self.tokenizer.model_max_length
+        self.max_length = min(max_length or trained_length, self.tokenizer.model_max_length)
+        self.device = next(self.model.parameters()).device
+        self.collate = make_collator(self.tokenizer, pad_to_multiple_of=8 if self.device.type == "cuda" else None)
+
+    @classmethod
+    def from_dir(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        max_length: int | None = None,
+    ) -> Predictor:
+        """Load a model folder (see `lorasent.model.load_model_dir`); max_length defaults to the trained one."""
+        return cls(load_model_dir(path, device=device), batch_size=batch_size, max_length=max_length)
+
+    def predict(self, texts: Sequence[Text], *, progress: bool = False) -> list[Prediction]:
+        """One `Prediction` per input, in input order; str or UTF-8 bytes accepted."""
+        predictions = [Prediction() for _ in texts]
+        valid: list[tuple[int, str]] = []
+        for i, item in enumerate(texts):
+            text, error = _as_text(item)
+            if error is not None:
+                predictions[i].error = error
+            else:
+                valid.append((i, text))
+        if not valid:
+            return predictions
+        encoded = self.tokenizer(  # exactly as in training (lorasent.tokenize): truncated, no token type ids
+            [text for _, text in valid], truncation=True, max_length=self.max_length, return_token_type_ids=False
+        )
+        # Longest first, so a memory problem shows on the first batch rather than after most of the work.
+        order = sorted(range(len(valid)), key=lambda k: len(encoded["input_ids"][k]), reverse=True)
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+            features = [{key: encoded[key][k] for key in encoded} for k in batch]
+            inputs = self.collate(features).to(self.device)
+            with torch.inference_mode():
+                probabilities = self.model(**inputs).logits.float().softmax(dim=-1).cpu()
+            for row, k in enumerate(batch):
+                prediction = predictions[valid[k][0]]
+                label_id = int(probabilities[row].argmax())
+                prediction.label_id = label_id
+                prediction.label = self.label_names[label_id]
+                prediction.probabilities = {
+                    name: float(p) for name, p in zip(self.label_names, probabilities[row].tolist(), strict=True)
+                }
+                prediction.truncated = bool(encoded.encodings[k].overflowing)
+        return predictions
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def _read_input(path: Path, text_column: str) -> Iterator[Text | DataError]:
+    """Texts from a .txt (one per line), .jsonl or .csv file; a row that cannot be read yields a DataError."""
+    if not path.is_file():
+        raise DataError(f"Input file {path} does not exist. Check the path passed to --input.")
+    suffix = path.suffix.lower()
+    raw = path.read_bytes()
+    if suffix == ".txt":
+        lines = raw.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        yield from (line.removesuffix(b"\r") for line in lines)
+    elif suffix == ".jsonl":
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield DataError(f"line {number} is not valid JSON in UTF-8 ({e})")
+                continue
+            if not isinstance(row, dict) or text_column not in row:
+                yield DataError(f"line {number} has no '{text_column}' field; set --text_column")
+                continue
+            yield row[text_column]
+    elif suffix == ".csv":
+        # surrogateescape keeps undecodable bytes, so one bad row is reported instead of failing the whole file.
+        reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="surrogateescape"), newline=""))
+        if text_column not in (reader.fieldnames or []):
+            raise DataError(
+                f"{path} has no column '{text_column}' (columns: {reader.fieldnames}). Set --text_column to the "
+                "column that holds the texts."
+            )
+        for row in reader:
+            text = row[text_column] or ""
+            yield text.encode("utf-8", errors="surrogateescape") if _has_surrogates(text) else text
+    else:
+        raise DataError(f"Cannot read {path}: use a .txt (one text per line), .jsonl or .csv file for --input.")
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _display(item: Text | DataError) -> str:
+    if isinstance(item, bytes):
+        return item.decode("utf-8", errors="replace")
+    return item if isinstance(item, str) else ""
+
+
+def _record(item: Text | DataError, prediction: Prediction, label_names: Sequence[str]) -> dict[str, Any]:
+    record: dict[str, Any] = {"text": _display(item), "label": prediction.label, "label_id": prediction.label_id}
+    record.update({f"prob_{name}": prediction.probabilities.get(name) for name in label_names})
+    record.update(truncated=prediction.truncated, error=prediction.error)
+    return record
+
+
+def predict_items(predictor: Predictor, items: Sequence[Text | DataError], progress: bool) -> list[Prediction]:
+    """Predictions for texts mixed with rows that already failed to read (their error carried over)."""
+    texts = [item for item in items if not isinstance(item, DataError)]
+    scored = iter(predictor.predict(texts, progress=progress))
+    return [Prediction(error=str(item)) if isinstance(item, DataError) else next(scored) for item in items]
+
+
+def _write_output(path: Path, records: list[dict[str, Any]]) -> None:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    elif suffix == ".csv":
+        import pandas as pd
+
+        frame = pd.DataFrame.from_records(records).astype({"label_id": "Int64"})  # ids stay ints beside empty rows
+        atomic_write_text(path, frame.to_csv(index=False))
+    else:
+        raise DataError(f"Cannot write {path}: use a .csv or .jsonl file for --output.")
+
+
+def _print_prediction(item: Text | DataError, prediction: Prediction) -> None:
+    if prediction.error is not None:
+        print(f"error  {prediction.error}: {_display(item)[:80]!r}")
+        return
+    flag = "  (truncated)" if prediction.truncated else ""
+    confidence = prediction.probabilities[prediction.label]
+    print(f"{prediction.label}  {confidence:.3f}  {_display(item)[:80]!r}{flag}")
+
+
+def _interactive(predictor: Predictor) -> None:
+    prompt = sys.stdin.isatty()
+    while True:
+        if prompt:
+            print("> ", end="", flush=True)
+        line = sys.stdin.buffer.readline()
+        if not line:
+            break
+        text = line.rstrip(b"\r\n")
+        _print_prediction(text, predictor.predict([text])[0])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lorasent.predict",
+        description="Classify texts with a trained lorasent model folder.",
+    )
+    parser.add_argument("model_dir", help="A model folder written by lorasent training (holds lorasent.json).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="A text to classify; repeat for more.")
+    source.add_argument("--input", type=Path, help="A .txt (one text per line), .jsonl or .csv file.")
+    source.add_argument("--interactive", action="store_true", help="Classify lines typed on stdin until EOF.")
+    parser.add_argument("--text_column", default="text", help="Text column/field of a .csv or .jsonl input.")
+    parser.add_argument("--output", type=Path, help="Write predictions to this .csv or .jsonl file.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Texts per forward pass.")
+    parser.add_argument("--max_length", type=int, help="Tokens kept per text (default: the trained max length).")
+    parser.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: a GPU if there is one).")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
+    args = parse_args(argv)
+    try:
+        predictor = Predictor.from_dir(
+            args.model_dir, device=args.device, batch_size=args.batch_size, max_length=args.max_length
+        )
+        if args.interactive:
+            _interactive(predictor)
+            return 0
+        items: list[Text | DataError] = (
+            list(args.text) if args.text else list(_read_input(args.input, args.text_column))
+        )
+        predictions = predict_items(predictor, items, progress=args.output is not None)
+        if args.output is not None:
+            records = [_record(i, p, predictor.label_names) for i, p in zip(items, predictions, strict=True)]
+            _write_output(args.output, records)
+            failed = sum(p.error is not None for p in predictions)
+            print(f"wrote {len(records)} predictions to {args.output} ({failed} rows with errors)")
+        else:
+            for item, prediction in zip(items, predictions, strict=True):
+                _print_prediction(item, prediction)
+    except LorasentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""One LoRA fine-tuning run through `transformers.Trainer`, reporting metrics and a model folder every epoch.
+
+`train()` is the single entry point used by the command line, the Ray Tune trainable and retrain-best:
+tokenised data comes from the on-disk cache (never re-tokenised per trial), every epoch ends with an
+evaluation and a checkpoint that is a self-contained model folder (adapter + tokenizer + lorasent.json, plus
+optimizer, scheduler and RNG state for an exact resume), and `on_epoch` hears about it. A run whose loss
+turns NaN or infinite stops cleanly and says so (`diverged`) instead of raising.
+
+    python -m lorasent.train --config run.yaml --learning_rate 1e-3 --num_train_epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+import datasets
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import SequentialSampler
+from transformers import (
+    HfArgumentParser,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging as hf_logging
+
+from lorasent.config import ARGUMENT_CLASSES, DataArguments, ModelArguments, Precision, TrainArguments
+from lorasent.data import SPLITS
+from lorasent.errors import CheckpointError, ConfigError, LorasentError
+from lorasent.metrics import metric_names, metrics_fn
+from lorasent.model import build_model, check_model_dir, model_meta, read_meta, save_model_dir, write_meta
+from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
+
+LOG_EVERY_STEPS = 50  # the training loss is read (one device sync) this often, and at every epoch end
+SAVE_TOTAL_LIMIT = 2  # checkpoints kept: the best and the latest
+_TRAINER_SPEED_KEYS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
+
+
+@dataclass
+class EpochReport:
+    """What `on_epoch` receives after every epoch."""
+
+    epoch: int  # 1-based
+    metrics: dict[str, float]  # validation metrics (no eval_ prefix), train_loss, epoch, diverged, throughput
+    checkpoint_dir: Path  # a self-contained model folder: load_model_dir / Predictor read it
+
+
+@dataclass
+class TrainResult:
+    """The outcome of `train()`. Throughput counts real (unpadded) tokens over pure training time."""
+
+    output_dir: Path | None  # the final model folder (None with save_final=False or nothing good to save)
+    history: list[dict[str, float]]  # one metrics dict per epoch, as reported to on_epoch
+    best_metrics: dict[str, float]
+    best_epoch: int
+    diverged: bool
+    train_seconds: float  # training steps only: no evaluation, checkpointing or start-up
+    train_samples_per_second: float
+    train_tokens_per_second: float
+    best_checkpoint: Path | None = None
+    wall_seconds: float = 0.0  # the whole call: data, model, training, evaluation, saving
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+
+
+# ------------------------------------------------------------------------------------------ device set-up
+
+
+def resolve_precision(train_args: TrainArguments) -> str:
+    """'auto' → bf16 on GPUs that support it, else fp16 on CUDA, else fp32; a forced choice is checked."""
+    cuda = torch.cuda.is_available() and not train_args.use_cpu
+    precision = train_args.precision
+    if precision not in get_args(Precision):
+        raise ConfigError(f"Unknown precision {precision!r}; valid: {', '.join(get_args(Precision))}.")
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("precision 'fp16' needs a CUDA GPU. Use --precision auto (fp32 on the CPU) or bf16.")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("This GPU does not support bf16. Use --precision auto (picks fp16 here) or fp32.")
+    return precision
+
+
+def training_arguments(train_args: TrainArguments, work_dir: Path, *, evaluate: bool) -> TrainingArguments:
+    """`TrainingArguments` for one run: epoch-wise eval and checkpoints, and little per-step overhead.
+
+    Per-step costs removed: the loss is read from the device every LOG_EVERY_STEPS steps, not every step
+    (Trainer's NaN filter would sync each step and also hide a diverging loss); no reporting integrations.
+    """
+    cuda = torch.cuda.is_available() and not train_args.use_cpu
+    precision = resolve_precision(train_args)
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        learning_rate=train_args.learning_rate,
+        per_device_train_batch_size=train_args.per_device_train_batch_size,
+        per_device_eval_batch_size=train_args.per_device_eval_batch_size,
+        num_train_epochs=train_args.num_train_epochs,
+        warmup_steps=train_args.warmup_ratio,  # a float in [0, 1) is a share of all steps
+        weight_decay=train_args.weight_decay,
+        lr_scheduler_type=train_args.lr_scheduler_type,
+        max_grad_norm=train_args.max_grad_norm,
+        seed=train_args.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        eval_strategy="epoch" if evaluate else "no",
+        save_strategy="epoch",
+        save_only_model=False,  # optimizer, scheduler and RNG state make a resume exact
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        load_best_model_at_end=evaluate,
+        metric_for_best_model=train_args.metric_for_best_model if evaluate else None,
+        logging_strategy="steps",
+        logging_steps=LOG_EVERY_STEPS,
+        logging_nan_inf_filter=False,
+        report_to="none",
+        train_sampling_strategy="group_by_length" if train_args.group_by_length else "random",
+        dataloader_num_workers=train_args.dataloader_num_workers,
+        dataloader_pin_memory=cuda,
+        use_cpu=train_args.use_cpu,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
+# ------------------------------------------------------------------------------------------ the Trainer
+
+
+class LorasentTrainer(Trainer):
+    """`Trainer` with three per-run costs removed.
+
+    - Length grouping reads the cached `length` column; Trainer would drop that column first and then
+      measure every example again in Python (minutes per trial on millions of reviews).
+    - Evaluation walks a length-sorted split in order, so dynamic padding pads almost nothing.
+    - The FLOP count that Trainer adds up every step uses a parameter count taken once, not recounted by
+      walking all modules on every step.
+    """
+
+    def __init__(self, *args: Any, train_lengths: list[int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._train_lengths = train_lengths
+        self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+
+    def _get_train_sampler(self, train_dataset: datasets.Dataset | None = None) -> torch.utils.data.Sampler | None:
+        if self.args.train_sampling_strategy == "group_by_length" and self._train_lengths is not None:
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=self._train_lengths
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset: datasets.Dataset) -> torch.utils.data.Sampler | None:
+        return SequentialSampler(eval_dataset)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        return 6 * inputs["input_ids"].numel() * self._flop_parameters
+
+
+class EpochCallback(TrainerCallback):
+    """Turns each epoch's checkpoint into a model folder, tracks loss and throughput, stops on divergence."""
+
+    def __init__(
+        self,
+        meta: dict[str, Any],
+        metric: str | None,
+        greater_is_better: bool,
+        tokens_per_epoch: int,
+        samples_per_epoch: int,
+        on_epoch: Callable[[EpochReport], None] | None,
+        history: list[dict[str, float]],
+    ) -> None:
+        self.meta = meta
+        self.metric = metric
+        self.worst = -math.inf if greater_is_better else math.inf
+        self.tokens_per_epoch = tokens_per_epoch
+        self.samples_per_epoch = samples_per_epoch
+        self.on_epoch = on_epoch
+        self.history = history
+        self.reports: dict[str, dict[str, float]] = {}  # checkpoint folder name -> metrics
+        self.diverged = False
+        self.train_seconds = 0.0
+        self.epochs_trained = 0.0
+        self._reset_epoch(0.0)
+
+    def _reset_epoch(self, epoch: float) -> None:
+        self._epoch_start_time = time.perf_counter()
+        self._epoch_start = epoch
+        self._epoch_seconds = 0.0
+        self._loss_sum = 0.0
+        self._loss_steps = 0
+        self._eval_metrics: dict[str, float] = {}
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._reset_epoch(state.epoch or 0.0)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # queued GPU work belongs to this epoch's time
+        self._epoch_seconds = time.perf_counter() - self._epoch_start_time
+        self.train_seconds += self._epoch_seconds
+        self.epochs_trained += state.epoch - self._epoch_start
+        control.should_log = True  # log the loss of the steps since the last log before evaluating
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_logged_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        steps = state.global_step - self._last_logged_step
+        self._last_logged_step = state.global_step
+        self._loss_sum += logs["loss"] * steps
+        self._loss_steps += steps
+        if not math.isfinite(logs["loss"]):
+            self.diverged = True
+            control.should_training_stop = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self._eval_metrics = {
+            key.removeprefix("eval_"): float(value)
+            for key, value in (metrics or {}).items()
+            if key.removeprefix("eval_") not in _TRAINER_SPEED_KEYS
+        }
+        if self.diverged and self.metric is not None:
+            # A diverged model must never become Trainer's best checkpoint, whatever its accuracy.
+            metrics[f"eval_{self.metric}"] = self.worst
+
+    def on_save(self, args, state, control, **kwargs):
+        epoch = max(1, math.ceil(round(state.epoch, 6)))
+        fraction = state.epoch - self._epoch_start
+        metrics = {
+            **self._eval_metrics,
+            "epoch": float(epoch),
+            "train_loss": self._loss_sum / self._loss_steps if self._loss_steps else math.nan,
+            "diverged": float(self.diverged),
+            "train_seconds": self._epoch_seconds,
+            "train_tokens_per_second": self.tokens_per_epoch * fraction / max(self._epoch_seconds, 1e-9),
+        }
+        self.history.append(metrics)
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        write_meta(checkpoint, {**self.meta, "metrics": metrics, "history": self.history})
+        self.reports[checkpoint.name] = metrics
+        if self.on_epoch is not None:
+            self.on_epoch(EpochReport(epoch=epoch, metrics=dict(metrics), checkpoint_dir=checkpoint))
+
+
+# ------------------------------------------------------------------------------------------ train()
+
+
+def _check_request(
+    data_args: DataArguments,
+    train_args: TrainArguments,
+    train_splits: Sequence[str],
+    eval_split: str | None,
+    resume_from_checkpoint: str | None,
+) -> None:
+    """Refuse impossible requests before any data is read or model loaded."""
+    valid_metrics = metric_names(data_args.label_names)
+    if train_args.metric_for_best_model.removeprefix("eval_") not in valid_metrics:
+        raise ConfigError(
+            f"Unknown metric_for_best_model {train_args.metric_for_best_model!r}; valid: {', '.join(valid_metrics)}."
+        )
+    unknown = [s for s in (*train_splits, eval_split) if s is not None and s not in SPLITS]
+    if unknown or not train_splits:
+        raise ConfigError(f"Unknown or no splits {unknown or list(train_splits)}; valid splits: {', '.join(SPLITS)}.")
+    if eval_split in train_splits:
+        raise ConfigError(f"eval_split {eval_split!r} is also trained on; its metrics would mean nothing.")
+    resolve_precision(train_args)
+    if resume_from_checkpoint is not None:
+        if not (Path(resume_from_checkpoint) / "trainer_state.json").is_file():
+            raise CheckpointError(
+                f"Cannot resume from {resume_from_checkpoint}: it is not a training checkpoint (no "
+                "trainer_state.json). Pass a checkpoint-<step> folder written by an earlier run of this training."
+            )
+        check_model_dir(resume_from_checkpoint)  # a truncated adapter fails here, not deep inside Trainer
+
+
+def _longest_first(split: datasets.Dataset) -> datasets.Dataset:
+    """The split ordered by length, longest first, so each evaluation batch pads little and memory peaks early.
+
+    The order is kept in memory: many trials share the cache folder, and an indices file written there would race.
+    """
+    order = np.argsort(-np.asarray(split["length"][:]), kind="stable")
+    return split.select(order, keep_in_memory=True)
+
+
+def _default_work_dir(train_args: TrainArguments) -> Path:
+    output = Path(train_args.output_dir)
+    return output.with_name(f"{output.name}-checkpoints")
+
+
+def train(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: TrainArguments,
+    *,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    resume_from_checkpoint: str | None = None,
+    train_splits: Sequence[str] = ("train",),
+    eval_split: str | None = "validation",
+    save_final: bool = True,
+    work_dir: str | None = None,
+) -> TrainResult:
+    """Fine-tune one LoRA adapter; evaluate and checkpoint every epoch; optionally save the best model.
+
+    `train_splits` are concatenated (retrain-best uses ("train", "validation") with eval_split=None: no
+    per-epoch evaluation, the last epoch is the result). Checkpoints go to `work_dir` (default: a sibling
+    `<output_dir>-checkpoints`); the final model folder to `train_args.output_dir`, written atomically.
+    """
+    started = time.perf_counter()
+    _check_request(data_args, train_args, train_splits, eval_split, resume_from_checkpoint)
+    if train_args.torch_threads:
+        torch.set_num_threads(train_args.torch_threads)
+    splits = tokenized_splits(data_args, model_args)
+    parts = [splits[name] for name in train_splits]
+    train_dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if train_args.per_device_train_batch_size > len(train_dataset):
+        raise ConfigError(
+            f"per_device_train_batch_size {train_args.per_device_train_batch_size} exceeds the {len(train_dataset)} "
+            f"training examples of {'+'.join(train_splits)}. Use a smaller batch or more data (max_train_samples)."
+        )
+    eval_dataset = _longest_first(splits[eval_split]) if eval_split else None
+    train_lengths = train_dataset["length"][:]
+
+    tokenizer = load_tokenizer(model_args)
+    set_seed(train_args.seed)  # the LoRA and head initialisation depend on it
+    model = build_model(model_args, data_args.label_names)
+    trainable, total = model.get_nb_trainable_parameters()
+
+    work = Path(work_dir) if work_dir is not None else _default_work_dir(train_args)
+    args = training_arguments(train_args, work, evaluate=eval_dataset is not None)
+    history = list(read_meta(resume_from_checkpoint).get("history", [])) if resume_from_checkpoint else []
+    callback = EpochCallback(
+        meta=model_meta(data_args.label_names, data_args=data_args, model_args=model_args, train_args=train_args),
+        metric=train_args.metric_for_best_model.removeprefix("eval_") if eval_dataset is not None else None,
+        greater_is_better=bool(args.greater_is_better),
+        tokens_per_epoch=int(sum(train_lengths)),
+        samples_per_epoch=len(train_dataset),
+        on_epoch=on_epoch,
+        history=history,
+    )
+    cuda = torch.cuda.is_available() and not train_args.use_cpu
+    trainer = LorasentTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=make_collator(tokenizer, pad_to_multiple_of=8 if cuda else None),
+        compute_metrics=metrics_fn(data_args.label_names),
+        callbacks=[callback],
+        train_lengths=train_lengths,
+    )
+    if args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)  # logs go to on_epoch and the result, not stdout dicts
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+
+    best_checkpoint = Path(trainer.state.best_model_checkpoint) if trainer.state.best_model_checkpoint else None
+    if best_checkpoint is not None and best_checkpoint.name in callback.reports:
+        best_metrics = callback.reports[best_checkpoint.name]
+    elif best_checkpoint is not None:  # chosen before a resume: its folder says how it scored
+        best_metrics = read_meta(best_checkpoint)["metrics"]
+    else:
+        best_metrics = history[-1] if history else {}
+    output_dir = None
+    # A run that diverged before any good epoch has nothing worth saving: its weights are NaN.
+    if save_final and not (callback.diverged and best_checkpoint is None):
+        output_dir = save_model_dir(
+            trainer.model,
+            tokenizer,
+            train_args.output_dir,
+            data_args=data_args,
+            model_args=model_args,
+            train_args=train_args,
+            metrics=best_metrics,
+        )
+    seconds = callback.train_seconds
+    return TrainResult(
+        output_dir=output_dir,
+        history=history,
+        best_metrics=best_metrics,
+        best_epoch=int(best_metrics.get("epoch", 0)),
+        diverged=callback.diverged,
+        train_seconds=seconds,
+        train_samples_per_second=callback.samples_per_epoch * callback.epochs_trained / max(seconds, 1e-9),
+        train_tokens_per_second=callback.tokens_per_epoch * callback.epochs_trained / max(seconds, 1e-9),
+        best_checkpoint=best_checkpoint,
+        wall_seconds=time.perf_counter() - started,
+        trainable_parameters=trainable,
+        total_parameters=total,
+    )
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+@dataclass
+class RunArguments:
+    """Options of the command line itself."""
+
+    config: str | None = field(
+        default=None, metadata={"help": "YAML file of arguments (flat keys); command-line flags override it."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint-<step> folder of an interrupted run to continue exactly."}
+    )
+
+
+def _yaml_defaults(path: str) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"Cannot read the config file {path}: {e}. Pass a readable YAML file to --config.") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of argument names to values, e.g. 'learning_rate: 1.0e-3'.")
+    valid = {f.name for cls in (*ARGUMENT_CLASSES, RunArguments) for f in dataclasses.fields(cls)} - {"config"}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in {path}. Valid keys: {', '.join(sorted(valid))}.")
+    # As strings, scalars go through the same type conversion as command-line values (so `epochs: 2.5` is refused).
+    return {key: str(value) if isinstance(value, (bool, int, float)) else value for key, value in values.items()}
+
+
+def parse_cli(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments, RunArguments]:
+    """Parse `--config file.yaml` (if any) into defaults, then the command line over them."""
+    parser = HfArgumentParser((*ARGUMENT_CLASSES, RunArguments), prog="python -m lorasent.train")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_yaml_defaults(known.config))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _format(metrics: dict[str, float]) -> str:
+    keys = ("accuracy", "f1_macro", "loss", "train_loss")
+    shown = " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+    return f"{shown} ({metrics.get('train_tokens_per_second', 0):,.0f} tokens/s)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
+    try:
+        data_args, model_args, train_args, run_args = parse_cli(argv)
+
+        def show(report: EpochReport) -> None:
+            flag = "  DIVERGED" if report.metrics.get("diverged") else ""
+            print(f"epoch {report.epoch}: {_format(report.metrics)}  -> {report.checkpoint_dir}{flag}", flush=True)
+
+        result = train(
+            data_args, model_args, train_args, on_epoch=show, resume_from_checkpoint=run_args.resume_from_checkpoint
+        )
+    except LorasentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.diverged:
+        print("training diverged (NaN/inf loss): lower the learning rate or raise warmup_ratio")
+    if result.output_dir is None:
+        print("no model saved: no epoch finished before the loss diverged")
+        return 1
+    share = 100 * result.trainable_parameters / max(result.total_parameters, 1)
+    print(f"trainable parameters: {result.trainable_parameters:,} of {result.total_parameters:,} ({share:.2f}%)")
+    print(f"best epoch {result.best_epoch}: {_format(result.best_metrics)}")
+    print(f"model saved to {result.output_dir}")
+    print(f"next: python -m lorasent.predict {result.output_dir} --text 'Works great, would buy again.'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

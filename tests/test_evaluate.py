@@ -1,0 +1,63 @@
+"""Final evaluation of a model folder on its own held-out test split: metrics, report, confusion matrix, files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lorasent import evaluate as evaluate_module
+from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
+from lorasent.errors import ConfigError
+from lorasent.evaluate import evaluate_model_dir
+from lorasent.train import train
+
+DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=40, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, vader_file: Path, tiny_model_dir: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("evaluate")
+    args = TrainArguments(output_dir=str(tmp / "model"), num_train_epochs=1, per_device_train_batch_size=8)
+    return train(DATA, ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4), args).output_dir
+
+
+def test_evaluation_on_the_saved_test_split(model_dir: Path, tmp_path: Path) -> None:
+    result = evaluate_model_dir(model_dir, batch_size=16, device="cpu")
+    assert result.split == "test" and result.label_names == ["negative", "positive"]
+    frame = result.predictions
+    assert len(frame) == 40  # the data arguments saved with the model rebuilt the same 40-review test split
+    assert list(frame.columns) == ["text", "label", "prediction", "prob_negative", "prob_positive", "correct"]
+    assert frame["correct"].mean() == pytest.approx(result.metrics["accuracy"])
+    matrix = result.confusion_matrix
+    assert sum(map(sum, matrix)) == 40 and matrix[0][0] + matrix[1][1] == frame["correct"].sum()
+    assert sum(matrix[1]) == (frame["label"] == "positive").sum()  # rows are true labels
+    assert result.report["positive"]["support"] == sum(matrix[1])
+    assert "negative" in result.report_text and "macro avg" in result.report_text
+
+    out = result.save(tmp_path / "evaluation")
+    summary = json.loads((out / "test_metrics.json").read_text())
+    assert summary["metrics"] == result.metrics and summary["confusion_matrix"] == matrix
+    assert summary["classification_report"]["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    saved = pd.read_csv(out / "test_predictions.csv")
+    assert len(saved) == 40 and saved["correct"].sum() == frame["correct"].sum()
+
+
+def test_other_data_and_splits(model_dir: Path) -> None:
+    result = evaluate_model_dir(model_dir, split="validation", device="cpu")
+    assert len(result.predictions) == 32
+    with pytest.raises(ConfigError, match="label names"):
+        evaluate_model_dir(model_dir, data_args=DataArguments(label_names=["bad", "good"]), device="cpu")
+    with pytest.raises(ConfigError, match="Unknown split"):
+        evaluate_model_dir(model_dir, split="dev")
+
+
+def test_cli_prints_the_report_and_writes_files(model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert evaluate_module.main([str(model_dir), "--output_dir", str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "macro avg" in out and "confusion matrix" in out
+    assert (tmp_path / "test_metrics.json").is_file() and (tmp_path / "test_predictions.csv").is_file()
+    assert evaluate_module.main([str(tmp_path / "no-model")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

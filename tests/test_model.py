@@ -1,0 +1,197 @@
+"""LoRA model: target modules by architecture, head training, save / load round trip, corrupt folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from lorasent.config import OFFLINE_MODEL, TINY_MODEL, DataArguments, ModelArguments, TrainArguments
+from lorasent.errors import CheckpointError, ConfigError
+from lorasent.model import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    META_FILE,
+    build_model,
+    load_model_dir,
+    merge_and_export,
+    resolve_target_modules,
+    save_model_dir,
+    trainable_parameters,
+)
+from lorasent.tokenize import load_tokenizer
+
+LABELS = ["negative", "positive"]
+TEXTS = ["Great value, works perfectly.", "Broke after two days, total waste of money and time.", "ok"]
+
+
+def _lora_modules(model) -> set[str]:
+    return set(model.peft_config["default"].target_modules)
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    inputs = tokenizer(TEXTS, padding=True, return_tensors="pt").to(model.device)
+    with torch.inference_mode():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tiny_model_dir: Path) -> ModelArguments:
+    return ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tiny_args: ModelArguments, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny model whose adapter and head hold non-trivial weights, saved as a model folder."""
+    torch.manual_seed(0)
+    model = build_model(tiny_args, LABELS)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # LoRA B starts at zero; a round trip of zeros would prove nothing
+                param.normal_(0, 0.5)
+    model.eval()
+    tokenizer = load_tokenizer(tiny_args)
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    save_model_dir(
+        model,
+        tokenizer,
+        folder,
+        data_args=DataArguments(),
+        model_args=tiny_args,
+        train_args=TrainArguments(),
+        metrics={"accuracy": 0.5},
+    )
+    return folder, _logits(model, tokenizer)
+
+
+def test_tiny_distilbert_auto_targets_q_lin_v_lin_and_trains_the_head(tiny_args: ModelArguments) -> None:
+    model = build_model(tiny_args, LABELS)
+    assert _lora_modules(model) == {"q_lin", "v_lin"}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("q_lin.lora_A" in name for name in trainable)
+    assert not any("k_lin" in name for name in trainable)
+    # DistilBERT's head is pre_classifier + classifier, both trained in full.
+    assert any("pre_classifier.modules_to_save" in name for name in trainable)
+    assert any("classifier.modules_to_save" in name for name in trainable)
+    n_trainable, total = trainable_parameters(model)
+    assert 0 < n_trainable < total
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_minilm_auto_targets_query_value_with_sdpa(offline_model_dir: Path) -> None:
+    model = build_model(ModelArguments(model_name_or_path=OFFLINE_MODEL), LABELS)
+    assert _lora_modules(model) == {"query", "value"}
+    assert model.config._attn_implementation == "sdpa"
+    n_trainable, total = trainable_parameters(model)
+    assert n_trainable / total < 0.02  # LoRA r=8 on q/v plus the head: about 0.3% of 22.7M
+
+
+def test_presets_resolve_to_explicit_module_names(tiny_model_dir: Path, offline_model_dir: Path) -> None:
+    tiny = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    assert sorted(resolve_target_modules(tiny, "attention")) == ["k_lin", "out_lin", "q_lin", "v_lin"]
+    # all-linear covers the feed-forward layers but never the head, which trains in full instead.
+    assert sorted(resolve_target_modules(tiny, "all-linear")) == ["k_lin", "lin1", "lin2", "out_lin", "q_lin", "v_lin"]
+    assert resolve_target_modules(tiny, " q_lin , lin1 ") == ["q_lin", "lin1"]
+    minilm = AutoModelForSequenceClassification.from_pretrained(offline_model_dir)
+    # BERT's attention output is `attention.output.dense`; a bare `dense` would also hit the feed-forward layers.
+    assert sorted(resolve_target_modules(minilm, "attention")) == ["attention.output.dense", "key", "query", "value"]
+
+
+def test_unknown_target_module_lists_the_valid_names(tiny_model_dir: Path) -> None:
+    tiny = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with pytest.raises(ConfigError, match=r"\['query'\].*q_lin.*v_lin.*presets"):
+        resolve_target_modules(tiny, "q_lin,query")
+    with pytest.raises(ConfigError, match="Unknown LoRA target"):
+        build_model(ModelArguments(model_name_or_path=TINY_MODEL, target_modules="classifier"), LABELS)
+
+
+@pytest.mark.parametrize(
+    ("cls", "changes", "message"),
+    [
+        (TrainArguments, {"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+        (TrainArguments, {"learning_rate": -1e-3}, "learning_rate"),
+        (TrainArguments, {"num_train_epochs": 0}, "num_train_epochs"),
+        (ModelArguments, {"lora_r": 0}, "lora_r"),
+        (ModelArguments, {"lora_dropout": 1.0}, "lora_dropout"),
+        (ModelArguments, {"target_modules": " , "}, "target_modules"),
+    ],
+)
+def test_impossible_values_are_refused_at_construction(cls, changes, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        cls(**changes)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"), [("offline:no-such-model", "Unknown built-in model"), ("./no/such/folder", "does not exist")]
+)
+def test_unknown_model_names_are_refused_before_loading(name: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_model(ModelArguments(model_name_or_path=name), LABELS)
+
+
+def test_save_load_round_trip_gives_identical_outputs(saved_tiny) -> None:
+    folder, expected = saved_tiny
+    assert {ADAPTER_WEIGHTS, ADAPTER_CONFIG, META_FILE, "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert not any(p.name.startswith(".") for p in folder.parent.iterdir())  # no temp folder left behind
+    loaded = load_model_dir(folder, device="cpu")
+    assert loaded.label_names == LABELS
+    assert loaded.meta["metrics"] == {"accuracy": 0.5}
+    assert loaded.meta["model"]["model_name_or_path"] == TINY_MODEL
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer), expected, rtol=0, atol=0)
+
+
+def test_merged_export_loads_without_peft(saved_tiny, tmp_path: Path) -> None:
+    folder, expected = saved_tiny
+    merged_dir = merge_and_export(folder, tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    loaded = load_model_dir(folder, device="cpu")
+    torch.testing.assert_close(_logits(merged, loaded.tokenizer), expected, rtol=1e-4, atol=1e-5)
+
+
+def _corrupt(folder: Path, tmp_path: Path, how: str) -> Path:
+    broken = tmp_path / how
+    shutil.copytree(folder, broken)
+    if how == "no-meta":
+        (broken / META_FILE).unlink()
+    elif how == "bad-json":
+        (broken / META_FILE).write_text('{"label_names": ["neg', encoding="utf-8")
+    elif how == "no-weights":
+        (broken / ADAPTER_WEIGHTS).unlink()
+    elif how == "truncated-weights":
+        data = (broken / ADAPTER_WEIGHTS).read_bytes()
+        (broken / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
+    elif how == "garbage-weights":
+        (broken / ADAPTER_WEIGHTS).write_bytes(b"\x00garbage" * 100)
+    elif how == "wrong-shapes":  # the adapter config claims another rank than the stored weights have
+        config = json.loads((broken / ADAPTER_CONFIG).read_text())
+        config["r"] = 2
+        (broken / ADAPTER_CONFIG).write_text(json.dumps(config))
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("no-meta", "lorasent.json is missing"),
+        ("bad-json", "corrupt or truncated"),
+        ("no-weights", "has no adapter_model.safetensors"),
+        ("truncated-weights", "adapter_model.safetensors is corrupt or truncated"),
+        ("garbage-weights", "adapter_model.safetensors is corrupt or truncated"),
+        ("wrong-shapes", "does not fit the base model"),
+    ],
+)
+def test_corrupt_model_folder_is_a_clear_checkpoint_error(saved_tiny, tmp_path: Path, how: str, message: str) -> None:
+    broken = _corrupt(saved_tiny[0], tmp_path, how)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_model_dir(broken, device="cpu")
+    assert str(broken) in str(info.value)
+    assert "Re-run the training" in str(info.value)
+
+
+def test_missing_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model_dir(tmp_path / "nothing-here")

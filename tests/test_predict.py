@@ -1,0 +1,159 @@
+"""Predictor and prediction CLI: batching keeps order and values, bad input is reported per text, files in
+every supported format, interactive use, and clean errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lorasent import predict as predict_module
+from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
+from lorasent.errors import CheckpointError
+from lorasent.model import build_model, save_model_dir
+from lorasent.predict import Predictor
+from lorasent.tokenize import load_tokenizer
+
+LABELS = ["negative", "positive"]
+TEXTS = [
+    "Great.",
+    "The battery died after a week and support never answered my emails.",
+    "ok",
+    "I would buy this again, the sound is clear and loud enough for the whole room.",
+    "meh",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model folder with a non-zero adapter, trained with max_length 32."""
+    model_args = ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4)
+    torch.manual_seed(0)
+    model = build_model(model_args, LABELS)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "classifier" in name:
+                param.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("predict") / "model"
+    return save_model_dir(
+        model,
+        load_tokenizer(model_args),
+        folder,
+        data_args=DataArguments(max_length=32),
+        model_args=model_args,
+        train_args=TrainArguments(),
+    )
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir: Path) -> Predictor:
+    return Predictor.from_dir(model_dir, device="cpu", batch_size=2)
+
+
+def test_length_sorted_batches_return_results_in_input_order(predictor: Predictor) -> None:
+    batched = predictor.predict(TEXTS)
+    one_by_one = [predictor.predict([text])[0] for text in TEXTS]
+    # Every text scores differently, so any mix-up of the order would show.
+    assert len({round(p.probabilities["positive"], 6) for p in batched}) == len(TEXTS)
+    for got, alone in zip(batched, one_by_one, strict=True):
+        assert got.label == alone.label and got.label_id == alone.label_id
+        for name in LABELS:
+            assert got.probabilities[name] == pytest.approx(alone.probabilities[name], abs=1e-5)
+        assert sum(got.probabilities.values()) == pytest.approx(1.0)
+
+
+def test_bad_inputs_get_an_error_and_never_break_the_batch(predictor: Predictor) -> None:
+    results = predictor.predict(["Lovely.", "", "   \t", b"caf\xe9 au lait", b"fine bytes", None, "Awful."])
+    errors = [r.error for r in results]
+    assert errors[0] is None and errors[4] is None and errors[6] is None
+    assert "empty" in errors[1] and "empty" in errors[2]
+    assert "not valid UTF-8" in errors[3] and "0xe9" in errors[3]
+    assert "expected text" in errors[5]
+    assert results[1].label is None and results[1].probabilities == {}
+    assert results[6].label in LABELS
+
+
+def test_very_long_texts_are_truncated_and_flagged(predictor: Predictor) -> None:
+    long, short = predictor.predict(["good value " * 5000, "good value"])
+    assert predictor.max_length == 32  # the trained max length from lorasent.json
+    assert long.truncated and not short.truncated
+    assert long.label in LABELS and long.error is None
+
+
+def test_predictor_on_a_corrupt_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError):
+        Predictor.from_dir(tmp_path)
+
+
+def test_cli_text_flags(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert predict_module.main([str(model_dir), "--text", "Great.", "--text", "  ", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].split()[0] in LABELS
+    assert lines[1].startswith("error") and "empty" in lines[1]
+
+
+def test_cli_txt_file_with_a_non_utf8_line(model_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "reviews.txt"
+    source.write_bytes(b"Works great.\r\nBad \xff\xfe bytes here\n\nStopped working.\n")
+    output = tmp_path / "out.csv"
+    assert predict_module.main([str(model_dir), "--input", str(source), "--output", str(output)]) == 0
+    frame = pd.read_csv(output, keep_default_na=False)
+    assert len(frame) == 4
+    assert list(frame.columns) == ["text", "label", "label_id", "prob_negative", "prob_positive", "truncated", "error"]
+    assert frame.loc[0, "text"] == "Works great." and frame.loc[0, "label"] in LABELS and frame.loc[0, "error"] == ""
+    assert "not valid UTF-8" in frame.loc[1, "error"] and "empty" in frame.loc[2, "error"]
+    assert frame.loc[3, "label"] in LABELS
+
+
+def test_cli_jsonl_and_csv_inputs(model_dir: Path, tmp_path: Path) -> None:
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes(b'{"review": "Nice."}\n{"review": "broken\n{"other": 1}\n{"review": "Terrible."}\n')
+    out = tmp_path / "out.jsonl"
+    args = [str(model_dir), "--input", str(jsonl), "--text_column", "review", "--output", str(out)]
+    assert predict_module.main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["error"] is None for r in rows] == [True, False, False, True]
+    assert "not valid JSON" in rows[1]["error"] and "no 'review' field" in rows[2]["error"]
+
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_bytes(b'id,review\n1,"Good, really good."\n2,caf\xe9\n3,"multi\nline"\n')
+    out_csv = tmp_path / "out.csv"
+    args = [str(model_dir), "--input", str(csv_file), "--text_column", "review", "--output", str(out_csv)]
+    assert predict_module.main(args) == 0
+    frame = pd.read_csv(out_csv, keep_default_na=False)
+    assert frame["text"].tolist()[0] == "Good, really good." and frame.loc[2, "text"] == "multi\nline"
+    assert frame.loc[1, "error"].startswith("not valid UTF-8") and frame.loc[2, "error"] == ""
+
+
+def test_cli_interactive_reads_until_eof(model_dir: Path, monkeypatch, capsys) -> None:
+    stdin = io.TextIOWrapper(io.BytesIO(b"Great phone.\n\nNever again.\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert predict_module.main([str(model_dir), "--interactive"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("error")
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda d, t: [str(t / "missing-model"), "--text", "x"], "does not exist"),
+        (lambda d, t: [str(d), "--input", str(t / "missing.txt")], "does not exist"),
+        (lambda d, t: [str(d), "--input", str(_write(t / "in.csv", b"a,b\n1,2\n"))], "no column 'text'"),
+        (lambda d, t: [str(d), "--input", str(_write(t / "in.xml", b"<x/>"))], "use a .txt"),
+    ],
+)
+def test_cli_errors_are_one_clean_line(model_dir: Path, tmp_path: Path, capsys, make_args, message) -> None:
+    assert predict_module.main(make_args(model_dir, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

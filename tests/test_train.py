@@ -1,0 +1,202 @@
+"""Training through the real `Trainer`: per-epoch reports and checkpoints, exact resume, reproducibility,
+divergence, early refusal of impossible requests, the command line, and a real fine-tune of the offline model."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorasent import train as train_module
+from lorasent.config import OFFLINE_MODEL, TINY_MODEL, DataArguments, ModelArguments, TrainArguments
+from lorasent.errors import CheckpointError, ConfigError
+from lorasent.evaluate import evaluate_model_dir
+from lorasent.model import load_model_dir
+from lorasent.predict import Predictor
+from lorasent.train import EpochReport, train
+
+# A few dozen real VADER sentences, short: each tiny run takes a second or two on a CPU.
+TINY_DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=32, max_length=32)
+TINY_MODEL_ARGS = ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4)
+
+
+def _train_args(tmp: Path, **changes) -> TrainArguments:
+    values = {"output_dir": str(tmp / "model"), "num_train_epochs": 2, "per_device_train_batch_size": 8}
+    values["learning_rate"] = 1e-3
+    return TrainArguments(**{**values, **changes})
+
+
+def _without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in h.items() if k not in ("train_seconds", "train_tokens_per_second")} for h in history]
+
+
+class Interrupt(Exception):
+    """Stands in for a killed process: raised out of on_epoch after the first checkpoint exists."""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, vader_file: Path, tiny_model_dir: Path):
+    """One uninterrupted 2-epoch tiny run with every report it made."""
+    tmp = tmp_path_factory.mktemp("reference")
+    reports: list[EpochReport] = []
+    result = train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp), on_epoch=reports.append)
+    return tmp, result, reports
+
+
+def test_each_epoch_reports_metrics_and_a_loadable_checkpoint(reference) -> None:
+    tmp, result, reports = reference
+    assert [r.epoch for r in reports] == [1, 2]
+    for report in reports:
+        assert {"accuracy", "f1_macro", "precision_positive", "recall_negative", "loss", "train_loss"} <= set(
+            report.metrics
+        )
+        assert report.metrics["diverged"] == 0.0 and report.metrics["epoch"] == report.epoch
+        assert math.isfinite(report.metrics["train_loss"])
+    # Trainer keeps the best and the latest checkpoint; each is a self-contained model folder.
+    loaded = load_model_dir(reports[-1].checkpoint_dir, device="cpu")
+    assert loaded.meta["metrics"]["epoch"] == 2
+    assert [h["epoch"] for h in loaded.meta["history"]] == [1, 2]
+    assert Predictor(loaded).predict(["Works well."])[0].label in ("negative", "positive")
+    assert result.history == [r.metrics for r in reports]
+    assert result.best_epoch in (1, 2) and not result.diverged
+    assert result.output_dir == tmp / "model"
+    assert load_model_dir(result.output_dir, device="cpu").meta["metrics"] == result.best_metrics
+    assert result.train_seconds > 0 and result.train_tokens_per_second > result.train_samples_per_second > 0
+    assert 0 < result.trainable_parameters < result.total_parameters
+
+
+def test_same_seed_gives_identical_metrics(reference, tmp_path: Path) -> None:
+    _, first, _ = reference
+    second = train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path), save_final=False)
+    assert second.output_dir is None
+    assert _without_timing(second.history) == _without_timing(first.history)
+
+
+def test_resume_from_a_mid_run_checkpoint_finishes_exactly(reference, tmp_path: Path) -> None:
+    _, uninterrupted, _ = reference
+    seen: list[EpochReport] = []
+
+    def stop_after_first(report: EpochReport) -> None:
+        seen.append(report)
+        raise Interrupt
+
+    args = _train_args(tmp_path)
+    with pytest.raises(Interrupt):
+        train(TINY_DATA, TINY_MODEL_ARGS, args, on_epoch=stop_after_first)
+    assert not Path(args.output_dir).exists()  # an interrupted run leaves no half-written final model
+    resumed_reports: list[EpochReport] = []
+    resumed = train(
+        TINY_DATA,
+        TINY_MODEL_ARGS,
+        args,
+        on_epoch=resumed_reports.append,
+        resume_from_checkpoint=str(seen[0].checkpoint_dir),
+    )
+    assert [r.epoch for r in resumed_reports] == [2]  # epoch 1 is not trained again
+    assert _without_timing(resumed.history) == _without_timing(uninterrupted.history)
+    assert load_model_dir(resumed.output_dir, device="cpu").meta["metrics"]["epoch"] == resumed.best_epoch
+
+
+def test_diverging_run_stops_cleanly_and_says_so(tmp_path: Path) -> None:
+    reports: list[EpochReport] = []
+    # An absurd learning rate drives the weights to inf within a step, so the loss turns NaN.
+    result = train(
+        TINY_DATA,
+        TINY_MODEL_ARGS,
+        _train_args(tmp_path, learning_rate=1e30, num_train_epochs=3),
+        on_epoch=reports.append,
+    )
+    assert result.diverged
+    assert len(reports) == 1 and reports[0].metrics["diverged"] == 1.0
+    assert math.isnan(reports[0].metrics["train_loss"])
+    assert "accuracy" in reports[0].metrics
+    assert result.output_dir is None and not (tmp_path / "model").exists()  # NaN weights are not saved as a model
+
+
+def test_retrain_on_train_plus_validation_reports_training_metrics(tmp_path: Path) -> None:
+    reports: list[EpochReport] = []
+    result = train(
+        TINY_DATA,
+        TINY_MODEL_ARGS,
+        _train_args(tmp_path, num_train_epochs=1),
+        on_epoch=reports.append,
+        train_splits=("train", "validation"),
+        eval_split=None,
+    )
+    assert len(reports) == 1 and "accuracy" not in reports[0].metrics
+    assert math.isfinite(reports[0].metrics["train_loss"])
+    assert result.best_epoch == 1 and result.best_metrics == reports[0].metrics
+    assert result.train_samples_per_second > 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "kwargs", "error", "message"),
+    [
+        ({"metric_for_best_model": "accuracyy"}, {}, ConfigError, "Unknown metric_for_best_model.*f1_macro"),
+        ({}, {"eval_split": "train"}, ConfigError, "also trained on"),
+        ({}, {"train_splits": ("train", "dev")}, ConfigError, "valid splits"),
+        ({"per_device_train_batch_size": 64}, {}, ConfigError, "exceeds the 48 training examples"),
+        ({}, {"resume_from_checkpoint": "/no/such/checkpoint"}, CheckpointError, "not a training checkpoint"),
+    ],
+)
+def test_impossible_requests_are_refused_before_training(tmp_path: Path, changes, kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, **changes), **kwargs)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model-checkpoints").exists()
+
+
+def test_minilm_trains_a_few_steps_on_query_value(offline_model_dir: Path, tmp_path: Path) -> None:
+    data = DataArguments(max_train_samples=32, max_eval_samples=16, max_test_samples=16, max_length=32)
+    result = train(data, ModelArguments(model_name_or_path=OFFLINE_MODEL), _train_args(tmp_path, num_train_epochs=1))
+    config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"query", "value"}
+    assert result.history[0]["train_loss"] > 0 and "accuracy" in result.history[0]
+
+
+def test_cli_reads_yaml_and_lets_flags_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "run.yaml"
+    values = {"model_name_or_path": TINY_MODEL, "lora_r": 4, "max_train_samples": 48, "max_eval_samples": 32}
+    values |= {"max_test_samples": 32, "max_length": 32, "num_train_epochs": 3, "per_device_train_batch_size": 8}
+    values |= {"learning_rate": "1e-3", "output_dir": str(tmp_path / "cli-model")}
+    config.write_text(yaml.safe_dump(values))
+    assert train_module.main(["--config", str(config), "--num_train_epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1:" in out and "epoch 2:" not in out  # the flag beat the file
+    assert "python -m lorasent.predict" in out
+    meta = load_model_dir(tmp_path / "cli-model", device="cpu").meta
+    assert meta["train"]["learning_rate"] == 1e-3 and meta["model"]["lora_r"] == 4
+
+
+@pytest.mark.parametrize(
+    ("content", "flags", "message"),
+    [
+        ({"learning_rat": 1e-3}, [], "Unknown key.*learning_rat.*Valid keys"),
+        ({"model_name_or_path": TINY_MODEL}, ["--lora_r", "0"], "lora_r must be a positive number"),
+        ({"model_name_or_path": "offline:nothing"}, [], "Unknown built-in model"),
+        ({"model_name_or_path": TINY_MODEL, "precision": "bf17"}, [], "Unknown precision 'bf17'"),
+    ],
+)
+def test_cli_errors_are_one_clean_line(tmp_path: Path, capsys, content, flags, message) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**content, "output_dir": str(tmp_path / "m")}))
+    assert train_module.main(["--config", str(config), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+
+
+@pytest.mark.slow
+def test_minilm_fine_tune_beats_chance_clearly_on_vader(offline_model_dir: Path, tmp_path: Path) -> None:
+    # Measured here (2 shared cores): validation 0.84 after epoch 1, 0.88 after epoch 2; test about 0.86.
+    data = DataArguments(max_train_samples=600, max_length=64)
+    args = _train_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=16, learning_rate=3e-3)
+    result = train(data, ModelArguments(model_name_or_path=OFFLINE_MODEL), args)
+    evaluation = evaluate_model_dir(result.output_dir)
+    print(f"MiniLM: {result.train_tokens_per_second:,.0f} tokens/s, test {evaluation.metrics}")
+    assert result.best_metrics["accuracy"] >= 0.75
+    assert evaluation.metrics["accuracy"] >= 0.75
