@@ -1,0 +1,139 @@
+"""Full scale (goal 4): tokenisation throughput on many reviews, and a large-batch training epoch's tokens/s.
+
+Prints, and writes to --out:
+  - lorasent's tokenisation (`tokenized_splits`, the cache every trial on a node reuses) of N synthetic
+    Amazon-like reviews (400k by default; the `full` preset's 3.6M reviews would take 9x as long): reading and
+    checking the file, tokenising (reviews/s; goal >= 100k/s on 16 cores), and the cache hit a second trial sees;
+  - a training epoch of lorasent `train()` at batch 256, bf16 where the GPU has it, length-grouped, on 20k reviews:
+    real (unpadded) tokens/s (goal >= 1M/s on one H100) and the share of the chip's bf16 peak that implies; the
+    hand-written loop at the same batch for comparison.
+
+    python bench/bench_scale.py --smoke
+    python bench/bench_scale.py --reviews 400000 --out results/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from data import Results, Workspace, add_common_args, section, timed, workspace
+
+BF16_PEAK = 790e12  # bf16 dense matmul FLOP/s measured on this workplace's H100 and H200 (KINDS.md)
+
+
+def tokenisation(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
+    from lorasent.config import DataArguments, ModelArguments
+    from lorasent.data import load_splits
+    from lorasent.tokenize import PARALLEL_ROWS, tokenized_cache_dir, tokenized_splits
+
+    held_out = min(2000, args.reviews // 10)
+    sizes = {"train": args.reviews - 2 * held_out, "validation": held_out, "test": held_out}
+    with timed() as gen:
+        data_file = ws.reviews("scale", sizes, suffix=".parquet")
+    data_args = DataArguments(dataset=str(data_file), max_length=512, cache_dir=str(ws.root / "cache"))
+    model_args = ModelArguments(model_name_or_path=str(ws.model_dir()))
+    from lorasent.tokenize import load_tokenizer
+
+    cache = tokenized_cache_dir(data_args, load_tokenizer(model_args))
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)  # measure a cold tokenisation, not a cache hit from an earlier run
+    with timed() as load:
+        load_splits(data_args)
+    with timed() as cold:
+        splits = tokenized_splits(data_args, model_args)
+    with timed() as warm:
+        tokenized_splits(data_args, model_args)
+    n = args.reviews
+    tokenise_s = max(cold["s"] - load["s"], 1e-9)
+    tokens = sum(sum(splits[s]["length"][:]) for s in splits)
+    cores = len(os.sched_getaffinity(0))
+    workers = min(8, cores) if sizes["train"] >= PARALLEL_ROWS else 1
+    results.add(f"synthetic reviews generated and written ({n:,})", gen["s"], "s", "not part of the figures below")
+    results.add("read + check the data file (load_splits)", n / load["s"], "reviews/s", f"{load['s']:.1f} s")
+    results.add(
+        "tokenisation (tokenized_splits cold, minus the read)",
+        n / tokenise_s,
+        "reviews/s",
+        f"goal >= 100k/s on 16 cores; {tokenise_s:.1f} s, {cores} cores, {workers} worker process(es), "
+        f"{tokens / n:.0f} tokens/review",
+    )
+    results.add(
+        "whole cold tokenized_splits (read + tokenise + save)", n / cold["s"], "reviews/s", f"{cold['s']:.1f} s"
+    )
+    results.add("cache hit (what every later trial on the node pays)", warm["s"], "s", "memory-mapped Arrow")
+    results.extra["tokenisation"] = {"reviews": n, "tokens": tokens, "load_s": load["s"], "cold_s": cold["s"],
+                                     "warm_s": warm["s"], "generate_s": gen["s"], "cores": cores}  # fmt: skip
+    results.extra["scale_file"] = str(data_file)
+
+
+def large_batch(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
+    import torch
+    from handloop import hand_loop
+
+    from lorasent.config import DataArguments, ModelArguments, TrainArguments
+    from lorasent.train import train
+
+    data_file = ws.reviews("epoch", {"train": args.epoch_reviews, "validation": 1000, "test": 100}, suffix=".parquet")
+    data_args = DataArguments(
+        dataset=str(data_file), max_length=512, max_eval_samples=1000, cache_dir=str(ws.root / "cache")
+    )
+    model_args = ModelArguments(model_name_or_path=str(ws.model_dir()), lora_r=8, lora_alpha=16)
+    train_args = TrainArguments(
+        output_dir=str(ws.run_dir("scale-train")),
+        learning_rate=1e-3,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=512,
+        num_train_epochs=2,
+    )
+    result = train(data_args, model_args, train_args, save_final=False)
+    steady = result.history[-1]
+    model = ws.model_size
+    # Frozen base: forward (2) + input gradients (2) FLOP per weight, as the issue counts (~170 MFLOP for DistilBERT).
+    flop_per_token = 4 * model.n_layers * (4 * model.dim**2 + 2 * model.dim * model.hidden_dim)
+    tps = steady["train_tokens_per_second"]
+    peak = f"{tps * flop_per_token / BF16_PEAK:.1%} of a {BF16_PEAK / 1e12:.0f} TFLOP/s bf16 peak"
+    chip = peak if torch.cuda.is_available() else "CPU"
+    results.add(
+        f"lorasent train() epoch, batch {args.batch_size}, length-grouped, {args.epoch_reviews:,} reviews",
+        tps,
+        "real tokens/s",
+        f"goal >= 1M/s on one H100; steady epoch {steady['train_seconds']:.1f} s; {chip} at "
+        f"{flop_per_token / 1e6:.1f} MFLOP/token",
+    )
+    hand = hand_loop(data_args, model_args, batch_size=args.batch_size, epochs=2, learning_rate=1e-3,
+                     pad_to_multiple_of=8 if torch.cuda.is_available() else None)  # fmt: skip
+    rates = hand.rates(-1)
+    results.add(
+        f"hand loop ({hand.precision}, fused AdamW), batch {args.batch_size}, same data",
+        rates["real_tokens_per_s"],
+        "real tokens/s",
+        f"steady epoch {rates['seconds']:.1f} s; padding {rates['padding_share']:.0%}; lorasent/hand "
+        f"{tps / rates['real_tokens_per_s']:.2f}",
+    )
+    results.extra["large_batch"] = {"history": result.history, "hand": hand.__dict__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, "results/bench_scale.json")
+    parser.add_argument("--reviews", type=int, default=None, help="Reviews to tokenise (default 400k; smoke 6k).")
+    parser.add_argument("--epoch_reviews", type=int, default=None, help="Reviews per training epoch (20k; smoke 1k).")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--parts", nargs="+", default=["tokenise", "epoch"], choices=["tokenise", "epoch"])
+    args = parser.parse_args()
+    args.reviews = args.reviews or (6000 if args.smoke else 400_000)
+    args.epoch_reviews = args.epoch_reviews or (1024 if args.smoke else 20_000)
+    ws = workspace(args)
+    results = Results("bench_scale", args.smoke)
+    parts = {"tokenise": tokenisation, "epoch": large_batch}
+    for name in args.parts:
+        section(results, args.out, name, lambda fn=parts[name]: fn(ws, args, results))
+    results.write(args.out)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

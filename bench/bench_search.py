@@ -1,0 +1,373 @@
+"""A whole search against the seed's way (goals 1 and 5), and trials packed on one GPU (goal 3).
+
+Parts (--parts picks; each prints its rows as soon as it has them and saves --out after each):
+  baseline  the seed-style sequential 9-config grid through a plain `Trainer` (fp32, padded to 512, 5 epochs,
+            eval each epoch, one process). To fit a short GPU lease it measures the seed's config (lr 5e-4,
+            batch 16) for all 5 epochs and one epoch + eval at batch 8 and 4, then EXTRAPOLATES to 9 configs x
+            5 epochs (printed as such); --full-baseline runs all 9 configs instead.
+  search    lorasent's search through `python tune/run.py --preset seed` on the same data and model: 27 trials
+            over lr {1e-3, 5e-4, 3e-4} x batch {4, 8, 16} x LoRA r {2, 4, 8}, up to 5 epochs, 1,000 training
+            reviews, ASHA + Optuna, fractional GPUs. Wall time of the whole command (Python start, tokenisation,
+            Ray start-up and shutdown included). Ratio to the baseline: goal <= 1/8. Best validation accuracy
+            next to the seed-style config's.
+  packing   8 trials x 3 epochs (batch 16, lr searched) at 1/8 GPU each, against trials given a whole GPU each
+            (so one at a time): trial throughput ratio, goal >= 5x.
+  quickstart  (goal 5, CPU; not in the default) `python tune/run.py` as shipped: wall time, goal <= 5 minutes.
+
+    python bench/bench_search.py --smoke                 # CPU: tiny sizes, every code path
+    python bench/bench_search.py --out results/search.json --gpus_per_trial 0.125
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from data import REPO, Results, Workspace, add_common_args, section, workspace
+
+SEARCH_SPACE = {  # the seed's lr x batch grid x three ranks, as tune/presets/seed.yaml has it
+    "learning_rate": {"choice": [1e-3, 5e-4, 3e-4]},
+    "per_device_train_batch_size": {"choice": [4, 8, 16]},
+    "lora_r": {"choice": [2, 4, 8]},
+}
+
+
+def sizes(args: argparse.Namespace) -> dict[str, int]:
+    if args.smoke:
+        return {"train": 32, "validation": 16, "test": 16, "epochs": 2, "trials": 6, "packed": 4, "sequential": 2}
+    return {
+        "train": 1000,
+        "validation": 1000,
+        "test": 200,
+        "epochs": 5,
+        "trials": args.num_samples,
+        "packed": 8,
+        "sequential": args.sequential_trials,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- baseline
+
+
+def baseline(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    from seed import SEED_BATCHES, SEED_BEST, SEED_LRS, seed_splits, seed_style_run
+
+    n = sizes(args)
+    epochs = n["epochs"]
+    model_dir = ws.model_dir()
+    splits, tokenizer, labels = seed_splits(data_file, model_dir, train=n["train"], eval_=n["validation"], pad_to=512)
+
+    def run(lr: float, batch: int, num_epochs: int, max_steps: int = -1) -> Any:
+        return seed_style_run(
+            model_dir,
+            splits,
+            tokenizer,
+            labels,
+            ws.run_dir("baseline"),
+            learning_rate=lr,
+            batch_size=batch,
+            epochs=num_epochs,
+            max_steps=max_steps,
+        )
+
+    run(5e-4, 16, 1, max_steps=3)  # warm-up (CUDA context, kernels): paid once by the real grid, left out here
+    runs = []
+    if args.full_baseline:
+        start = time.perf_counter()
+        runs = [run(lr, batch, epochs) for lr in SEED_LRS for batch in SEED_BATCHES]
+        grid_s = time.perf_counter() - start
+        seed_run = next(r for r in runs if (r.learning_rate, r.batch_size) == (5e-4, 16))
+        results.add(f"seed-style grid, 9 configs x {epochs} epochs (MEASURED)", grid_s, "s", "fp32, padded to 512")
+    else:
+        seed_run = run(SEED_BEST["learning_rate"], SEED_BEST["per_device_train_batch_size"], epochs)
+        runs = [seed_run] + [run(5e-4, batch, 1) for batch in SEED_BATCHES if batch != 16]
+        per_epoch = {r.batch_size: sum(r.epoch_with_eval_s) / len(r.epoch_with_eval_s) for r in runs}
+        setup = sum(r.setup_s for r in runs) / len(runs)
+        grid_s = sum(len(SEED_LRS) * epochs * per_epoch[b] + len(SEED_LRS) * setup for b in SEED_BATCHES)
+        for batch in SEED_BATCHES:
+            results.add(
+                f"seed-style epoch + eval, batch {batch} (measured)",
+                per_epoch[batch],
+                "s",
+                f"fp32, padded to 512, {n['train']} train / {n['validation']} eval reviews",
+            )
+        results.add(
+            f"seed-style grid, 9 configs x {epochs} epochs (EXTRAPOLATED)",
+            grid_s,
+            "s",
+            "from the measured epochs above, x3 learning rates x epochs, + model set-up per config; "
+            "--full-baseline measures it",
+        )
+    results.add(
+        "seed-style config validation accuracy (lr 5e-4, batch 16, r 4)",
+        seed_run.accuracy[-1],
+        "",
+        f"after {epochs} epochs; per epoch {[round(a, 4) for a in seed_run.accuracy]}",
+    )
+    results.extra["baseline"] = {
+        "grid_s": grid_s,
+        "extrapolated": not args.full_baseline,
+        "runs": [r.summary() for r in runs],
+    }
+
+
+# --------------------------------------------------------------------------------------------- tune/run.py
+
+
+def gpus_per_trial(args: argparse.Namespace) -> float:
+    import torch
+
+    return args.gpus_per_trial if torch.cuda.is_available() else 0.0
+
+
+def tune_command(ws: Workspace, data_file: Path, args: argparse.Namespace, name: str, *extra: str) -> list[str]:
+    """`python tune/run.py --preset seed` pointed at the benchmark's model and data, no dashboard."""
+    n = sizes(args)
+    command = [
+        sys.executable,
+        str(REPO / "tune" / "run.py"),
+        "--preset",
+        "seed",
+        "--dataset",
+        str(data_file),
+        "--model_name_or_path",
+        str(ws.model_dir()),
+        "--max_train_samples",
+        str(n["train"]),
+        "--max_eval_samples",
+        str(n["validation"]),
+        "--max_test_samples",
+        str(n["test"]),
+        "--num_train_epochs",
+        str(n["epochs"]),
+        "--cache_dir",
+        str(ws.root / "cache"),
+        "--storage_path",
+        str(ws.root / "tune"),
+        "--name",
+        name,
+        "--include_dashboard",
+        "false",
+        "--verbose",
+        "1",
+    ]
+    if args.smoke:
+        command += ["--num_cpus", "2", "--per_device_eval_batch_size", "32"]
+    return command + list(extra) + args.tune_args
+
+
+def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> dict[str, Any]:
+    """Run one search as a fresh process; its wall time covers Python start, tokenisation, Ray and shutdown."""
+    import shutil
+
+    from analysis.results import load_experiment
+
+    shutil.rmtree(ws.root / "tune" / name, ignore_errors=True)
+    print("$ " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    # Streamed, so a log cut short by a timeout still shows how far the search got.
+    proc = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line)
+    returncode = proc.wait()
+    watchdog.cancel()
+    wall = time.perf_counter() - start
+    output = "".join(lines)
+    try:  # a search cut short (timeout) still has finished trials worth reporting
+        exp = load_experiment(ws.root / "tune" / name)
+    except Exception as e:
+        raise RuntimeError(f"tune/run.py exited {returncode} after {wall:.0f} s:\n{output[-2000:]}") from e
+    trials, epochs = exp.trials, exp.epochs
+    starts = epochs["timestamp"] - epochs["time_total_s"]  # each trial's start, by its own clock
+    finished = re.search(r"Search finished in (\d+) s", output)
+    return {
+        "complete": returncode == 0,  # False: killed at the timeout or failed; the figures cover what finished
+        "wall_s": wall,
+        "search_s": float(finished.group(1)) if finished else None,  # tune/run.py's own count (after imports)
+        "trials_span_s": float(epochs["timestamp"].max() - starts.min()),  # first trial start to last result
+        "trials": len(trials),
+        "trial_epochs": len(epochs),
+        "early_stopped": int(trials["early_stopped"].sum()),
+        "errors": int(trials["error"].astype(bool).sum()),
+        "best_accuracy": float(exp.best_trial[exp.best_column]),
+        "best_config": exp.best_config,
+        "trial_table": trials[
+            [c for c in ("trial_id", "status", *exp.params, exp.best_column, "epochs") if c in trials]
+        ].to_dict("records"),
+        "experiment": str(exp.path),
+        "plan": next((line.strip() for line in lines if line.startswith("Resource plan")), ""),
+    }
+
+
+def incomplete(found: dict[str, Any]) -> str:
+    return "" if found["complete"] else " (INCOMPLETE: cut at the timeout or failed)"
+
+
+def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    n = sizes(args)
+    gpus = gpus_per_trial(args)
+    command = tune_command(
+        ws,
+        data_file,
+        args,
+        "search",
+        "--num_samples",
+        str(n["trials"]),
+        "--gpus_per_trial",
+        str(gpus),
+        "--search_space",
+        json.dumps(SEARCH_SPACE),
+    )
+    found = run_tune(command, ws, "search", args.timeout)
+    results.extra["search"] = found
+    results.add(
+        f"lorasent search, {found['trials']} trials (ASHA + Optuna), whole command{incomplete(found)}",
+        found["wall_s"],
+        "s",
+        f"{found['trial_epochs']} trial-epochs, {found['early_stopped']} stopped early, {found['errors']} "
+        f"errors; {found['plan']}",
+    )
+    grid = results.extra.get("baseline", {}).get("grid_s")
+    if grid:
+        kind = "extrapolated" if results.extra["baseline"]["extrapolated"] else "measured"
+        results.add(
+            "ratio search wall / seed-style grid",
+            found["wall_s"] / grid,
+            "x",
+            f"goal <= 0.125 (1/8); grid {grid:.0f} s ({kind})",
+        )
+    config = ", ".join(f"{k.split('/')[-1]}={v}" for k, v in found["best_config"].items())
+    results.add("lorasent search best validation accuracy", found["best_accuracy"], "", config)
+
+
+def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    n = sizes(args)
+    gpus = gpus_per_trial(args)
+    # Only the learning rate varies; batch 16 and rank 4 are pinned as one-value choices over the preset's lists.
+    space = {"learning_rate": {"loguniform": [3e-4, 1e-3]}, "per_device_train_batch_size": {"choice": [16]}}
+    space["lora_r"] = {"choice": [4]}
+    common = ["--scheduler", "none", "--searcher", "random", "--num_train_epochs", "3"]
+    common += ["--search_space", json.dumps(space), "--points_to_evaluate", "[]"]
+    packed_gpus, packed_concurrency = (args.pack_fraction, n["packed"]) if gpus else (0.0, 2)
+    cases = {
+        "packed": (n["packed"], packed_gpus, packed_concurrency),
+        "sequential": (n["sequential"], 1.0 if gpus else 0.0, 1),
+    }
+    found = {}
+    for name, (trials, fraction, concurrency) in cases.items():
+        command = tune_command(
+            ws,
+            data_file,
+            args,
+            f"pack-{name}",
+            *common,
+            "--num_samples",
+            str(trials),
+            "--gpus_per_trial",
+            str(fraction),
+            "--max_concurrent_trials",
+            str(concurrency),
+        )
+        found[name] = run_tune(command, ws, f"pack-{name}", args.timeout)
+        f = found[name]
+        results.add(
+            f"{name}: {trials} trials x 3 epochs, {fraction:g} GPU each, {concurrency} at once{incomplete(f)}",
+            f["trials"] / f["trials_span_s"] * 60,
+            "trials/min",
+            f"span {f['trials_span_s']:.1f} s (first trial start to last result); whole command {f['wall_s']:.1f} s",
+        )
+    packed, seq = found["packed"], found["sequential"]
+    # The same number of trials on both sides: the sequential wall is extended by its measured per-trial cost
+    # (first trial start to last result, over its trials) when it ran fewer trials than the packed case.
+    missing = packed["trials"] - seq["trials"]
+    seq_wall = seq["wall_s"] + max(missing, 0) * seq["trials_span_s"] / seq["trials"]
+    how = (
+        f"sequential wall extrapolated from {seq['trials']} to {packed['trials']} trials" if missing > 0 else "measured"
+    )
+    results.add(
+        "packing ratio: trial throughput packed / one GPU per trial (whole commands)",
+        seq_wall / packed["wall_s"],
+        "x",
+        f"goal >= 5; {packed['trials']} trials: {seq_wall:.0f} s vs {packed['wall_s']:.0f} s, Ray start-up "
+        f"included; {how}",
+    )
+    span_ratio = (seq["trials_span_s"] / seq["trials"]) / (packed["trials_span_s"] / packed["trials"])
+    results.add(
+        "packing ratio, trials only (first trial start to last result)",
+        span_ratio,
+        "x",
+        "excludes Ray start-up and the first cold start of each trial process",
+    )
+    results.extra["packing"] = found
+
+
+def quickstart(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    """Goal 5: `python tune/run.py` as a newcomer runs it (quick-start preset, offline, CPU) within 5 minutes."""
+    command = [sys.executable, str(REPO / "tune" / "run.py"), "--storage_path", str(ws.root / "tune")]
+    command += ["--name", "quickstart", "--include_dashboard", "false"]
+    if args.smoke:
+        command.append("--smoke-test")
+    found = run_tune(command + args.tune_args, ws, "quickstart", args.timeout)
+    results.extra["quickstart"] = found
+    results.add(
+        f"quick-start search{' (--smoke-test)' if args.smoke else ''}, whole command{incomplete(found)}",
+        found["wall_s"],
+        "s",
+        f"goal <= 300 s on 2 CPU cores; {found['trials']} trials, {found['trial_epochs']} trial-epochs, best "
+        f"accuracy {found['best_accuracy']:.3f}",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, "results/bench_search.json")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["baseline", "search", "packing"],
+        choices=["baseline", "search", "packing", "quickstart"],
+        help="quickstart (goal 5, CPU) is not in the default: it is the offline MiniLM search, not a GPU figure.",
+    )
+    parser.add_argument("--full-baseline", action="store_true", help="Run all 9 seed configs x 5 epochs.")
+    parser.add_argument("--num_samples", type=int, default=27, help="Trials of the search (>= 27 for goal 1).")
+    parser.add_argument("--gpus_per_trial", type=float, default=0.125, help="GPU share of a search trial.")
+    parser.add_argument("--pack_fraction", type=float, default=0.125, help="GPU share of a packed trial.")
+    parser.add_argument(
+        "--sequential_trials",
+        type=int,
+        default=3,
+        help="Trials of the one-GPU-per-trial case (fewer than 8 saves time; throughput is per trial).",
+    )
+    parser.add_argument("--timeout", type=float, default=600, help="Seconds one tune/run.py may take.")
+    parser.add_argument(
+        "--tune_args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="Everything after this is passed on to tune/run.py (e.g. --cpus_per_trial 2).",
+    )
+    args = parser.parse_args()
+    ws = workspace(args)
+    n = sizes(args)
+    data_file = ws.reviews("search", {"train": n["train"], "validation": n["validation"], "test": n["test"]})
+    results = Results("bench_search", args.smoke)
+    parts = {"baseline": baseline, "search": search, "packing": packing, "quickstart": quickstart}
+    for name in args.parts:
+        section(results, args.out, name, lambda fn=parts[name]: fn(ws, data_file, args, results))
+    results.write(args.out)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

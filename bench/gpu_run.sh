@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The one GPU run of the benchmarks. Installs the carried wheels (.whl/), prints the machine and the versions,
+# then runs the benchmarks in order of importance, each under a timeout cut to what is left of BUDGET_S
+# (a step that no longer fits is skipped), writing JSON results and this log into $OUT, and ends with all tables.
+#
+#   on the GPU machine:  bash bench/gpu_run.sh            (device run: carry [".whl"], timeout_s 560)
+#   CPU dry run here:    SMOKE=1 bash bench/gpu_run.sh    (tiny sizes, wheels not installed, OUT=/tmp/gpu-dry-run)
+#
+# Files in $OUT (flat, at most 8): gpu_log.txt, train.json, search.json, scale.json, packing.json, train_extra.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SMOKE=${SMOKE:-0}
+OUT=${OUT:-/tmp/gpu-dry-run}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_log.txt") 2>&1
+
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
+export HF_DATASETS_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_PROGRESS_BARS=1  # keep the log's tail for the figures
+export TOKENIZERS_PARALLELISM=true BENCH_WORKDIR=${BENCH_WORKDIR:-/tmp/lorasent-bench}
+export LORASENT_CACHE=${LORASENT_CACHE:-/tmp/lorasent-cache}
+# Ray on a 16-core box with no network: no usage stats, no uv hook, a small object store (trials pass only small
+# dicts; the tokenised data is read from lorasent's on-disk cache), no memory-monitor kills.
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 RAY_USAGE_STATS_ENABLED=0 RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION=0.02
+export RAY_memory_monitor_refresh_ms=0
+
+if [ "$SMOKE" = 1 ]; then
+  PY=${PY:-.venv/bin/python}
+  FLAGS=(--smoke)
+  SCALE=4  # a loaded 2-core CPU is slower than the GPU box
+  BUDGET_S=${BUDGET_S:-1800}
+  export PYTHONPATH=${EXTRA_PYTHONPATH:+$EXTRA_PYTHONPATH:}$PWD
+else
+  PY=${PY:-python3}
+  FLAGS=()
+  SCALE=1
+  BUDGET_S=${BUDGET_S:-480}
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "!!! WHEEL INSTALL FAILED: ray/optuna/datasets parts will fail"
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+  export BENCH_ASSETS=$PWD/.whl/bench-assets
+fi
+
+echo "=== machine $(date -u +%FT%TZ) budget ${BUDGET_S}s smoke=$SMOKE"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv \
+  2>/dev/null || echo "no nvidia-smi"
+echo "cpus: $(nproc)  mem: $(free -g | awk '/Mem:/{print $2 " GiB"}')  /dev/shm: $(df -h /dev/shm | awk 'NR==2{print $4}') free"
+timeout 120 "$PY" - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0], sys.executable)
+for name in ("torch", "transformers", "peft", "datasets", "ray", "optuna", "pydantic", "sqlalchemy", "tensorboardX",
+             "pyarrow", "pandas", "numpy", "sklearn", "huggingface_hub", "tokenizers", "safetensors", "accelerate",
+             "fsspec", "protobuf", "typing_extensions", "lorasent", "tune", "analysis"):
+    try:
+        module = importlib.import_module(name if name != "protobuf" else "google.protobuf")
+        print(f"  {name:18} {getattr(module, '__version__', '?'):14} {getattr(module, '__file__', '')}")
+    except Exception as e:  # report every missing piece, not just the first
+        print(f"  {name:18} IMPORT FAILED: {type(e).__name__}: {e}")
+try:
+    import ray.tune.search.optuna  # noqa: F401
+    import lorasent.train, tune.trainable, analysis.results  # noqa: E401, F401
+    print("  imports for the search: ok")
+except Exception as e:
+    print(f"  imports for the search FAILED: {type(e).__name__}: {e}")
+import torch
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"  cuda: {torch.cuda.get_device_name(0)}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
+          f"bf16 {torch.cuda.is_bf16_supported()}, torch cuda {torch.version.cuda}")
+EOF
+
+step() {  # step NAME MAX_SECONDS MIN_SECONDS COMMAND...: run under min(MAX, what is left of the budget)
+  local name=$1 max=$(($2 * SCALE)) min=$(($3 * SCALE)); shift 3
+  local left=$((BUDGET_S - SECONDS))
+  if [ "$left" -lt "$min" ]; then
+    echo "=== SKIP $name: ${left}s of the budget left, it needs ${min}s"
+    return
+  fi
+  local limit=$((left < max ? left : max)) started=$SECONDS
+  echo "=== $name: timeout ${limit}s ($(date +%T), ${left}s of the budget left)"
+  timeout -k 15 "$limit" "$@"
+  echo "=== $name: exit $? after $((SECONDS - started))s"
+  if [ "$SMOKE" != 1 ]; then  # the GPU machine is ours alone: leave no Ray behind for the next step
+    "$PY" -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
+  fi
+}
+
+# Most valuable and cheapest first. Each script saves its JSON after every part, so a cut step keeps what it did.
+step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip anchors precision census fresh --out "$OUT/train.json"
+step search 270 120 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts baseline search --timeout 210 \
+  --out "$OUT/search.json"
+step scale 120 45 "$PY" bench/bench_scale.py "${FLAGS[@]}" --out "$OUT/scale.json"
+step packing 160 70 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts packing --timeout 120 --out "$OUT/packing.json"
+step train_extra 130 40 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict --probe_timeout 100 \
+  --out "$OUT/train_extra.json"
+
+echo "=== all steps done after ${SECONDS}s"
+# The reply shows the log's last 12,000 characters: the most important table goes last.
+"$PY" bench/data.py summary "$OUT"/train_extra.json "$OUT"/scale.json "$OUT"/packing.json "$OUT"/train.json \
+  "$OUT"/search.json

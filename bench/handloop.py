@@ -1,0 +1,128 @@
+"""The hand-written training loop that lorasent's `Trainer` path is measured against (goal 2: >= 85% of it).
+
+Same model (lorasent's `build_model`), same tokenised data (`tokenized_splits`), same collator (dynamic
+padding), same batch order policy (transformers' `LengthGroupedSampler`, which `Trainer` uses under
+`group_by_length`), same gradient clipping. What it leaves out is everything a `Trainer` adds: callbacks,
+logging, the learning-rate schedule object, accelerate's wrapping. bf16 autocast on GPUs that support it,
+fp32 on the CPU; fused AdamW on CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from lorasent.config import DataArguments, ModelArguments
+from lorasent.model import build_model
+from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
+
+
+def autocast_dtype(precision: str = "auto") -> torch.dtype | None:
+    """bf16 where the GPU supports it (or when asked), else None (fp32)."""
+    if precision == "fp32" or not torch.cuda.is_available():
+        return None
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+@dataclass
+class LoopRun:
+    """What one hand-loop run measured; epoch 1 carries the warm-up, the last epoch is steady state."""
+
+    batch_size: int
+    precision: str
+    epoch_s: list[float] = field(default_factory=list)
+    samples: int = 0  # per epoch
+    real_tokens: int = 0  # per epoch, padding excluded
+    padded_tokens: int = 0  # per epoch, padding included
+    steps: int = 0  # per epoch
+    attention: str = ""  # the attention implementation transformers chose (sdpa, eager, ...)
+
+    def rates(self, epoch: int = -1) -> dict[str, float]:
+        seconds = self.epoch_s[epoch]
+        return {
+            "seconds": seconds,
+            "samples_per_s": self.samples / seconds,
+            "real_tokens_per_s": self.real_tokens / seconds,
+            "padding_share": 1 - self.real_tokens / max(self.padded_tokens, 1),
+        }
+
+
+def hand_loop(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    *,
+    batch_size: int,
+    epochs: int = 2,
+    learning_rate: float = 5e-4,
+    precision: str = "auto",
+    max_grad_norm: float = 1.0,
+    seed: int = 42,
+    pad_to_multiple_of: int | None = None,
+) -> LoopRun:
+    """Train `epochs` epochs of data_args' train split; each epoch is timed with the GPU synchronised."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    dtype = autocast_dtype(precision)
+    train = tokenized_splits(data_args, model_args)["train"]
+    lengths = train["length"][:]
+    train = train.remove_columns("length")
+    loader = DataLoader(
+        train,
+        batch_size=batch_size,
+        sampler=LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed)),
+        collate_fn=make_collator(load_tokenizer(model_args), pad_to_multiple_of=pad_to_multiple_of),
+        pin_memory=device.type == "cuda",  # as lorasent's Trainer does
+    )
+    model = build_model(model_args, data_args.label_names).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, fused=device.type == "cuda")
+    total_steps = epochs * len(loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
+    run = LoopRun(batch_size, str(dtype).removeprefix("torch.") if dtype else "fp32")
+    run.attention = model.get_base_model().config._attn_implementation
+    for _ in range(epochs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        steps = 0
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        run.epoch_s.append(time.perf_counter() - start)
+        run.steps = steps
+    run.samples = len(train)
+    run.real_tokens = int(sum(lengths))
+    run.padded_tokens = padded_token_count(lengths, batch_size, seed, pad_to_multiple_of)
+    return run
+
+
+def padded_token_count(lengths: list[int], batch_size: int, seed: int, multiple: int | None = None) -> int:
+    """Tokens an epoch processes, padding included, under the length-grouped order (one draw of it)."""
+    order = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed)))
+    total = 0
+    for start in range(0, len(order), batch_size):
+        longest = max(lengths[i] for i in order[start : start + batch_size])
+        if multiple:
+            longest = -(-longest // multiple) * multiple
+        total += longest * len(order[start : start + batch_size])
+    return total
+
+
+def describe(run: LoopRun) -> dict[str, Any]:
+    return {**run.__dict__, "steady": run.rates(-1), "first_epoch": run.rates(0)}

@@ -1,0 +1,246 @@
+"""The search's command line: presets, YAML and flags in their order of precedence, the search space, --help,
+and clear errors for unknown or impossible settings (all before Ray could start)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from lorasent.config import OFFLINE_DATASET, OFFLINE_MODEL, TINY_MODEL, ModelArguments, TrainArguments
+from lorasent.errors import ConfigError
+from tune.cluster import check_reachable
+from tune.config import (
+    METADATA_FILE,
+    SEARCHABLE,
+    apply_trial_config,
+    build_parser,
+    experiment_metadata,
+    parse_args,
+    parse_search_space,
+    preset_names,
+    read_yaml,
+)
+from tune.run import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _yaml(tmp_path: Path, values: dict, name: str = "search.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return str(path)
+
+
+def test_defaults_are_the_offline_quickstart() -> None:
+    args = parse_args([])
+    assert args.tune.preset == "quickstart"
+    assert args.data.dataset == OFFLINE_DATASET
+    assert args.model.model_name_or_path == OFFLINE_MODEL
+    assert set(args.tune.search_space) == {"learning_rate", "per_device_train_batch_size", "lora_r"}
+    assert (args.tune.searcher, args.tune.scheduler) == ("optuna", "asha")
+    assert args.tune.dashboard_host == "127.0.0.1"
+
+
+def test_every_preset_parses_and_the_seed_preset_starts_from_the_seed_config() -> None:
+    assert {"quickstart", "seed", "full", "smoke"} <= set(preset_names())
+    for name in preset_names():
+        assert parse_args(["--preset", name]).tune.preset == name
+    seed = parse_args(["--preset", "seed"])
+    assert (seed.data.dataset, seed.model.model_name_or_path) == ("amazon_polarity", "distilbert-base-uncased")
+    assert (seed.data.max_train_samples, seed.data.max_test_samples, seed.train.num_train_epochs) == (1000, 1000, 5)
+    assert seed.tune.search_space["learning_rate"] == {"choice": [1e-3, 5e-4, 3e-4]}
+    assert seed.tune.search_space["per_device_train_batch_size"] == {"choice": [4, 8, 16]}
+    assert seed.tune.points_to_evaluate == [{"learning_rate": 5e-4, "per_device_train_batch_size": 16, "lora_r": 4}]
+    assert (seed.model.lora_alpha, seed.model.lora_dropout, seed.model.target_modules) == (32, 0.01, "q_lin")
+
+
+def test_precedence_defaults_preset_yaml_flags(tmp_path: Path) -> None:
+    config = _yaml(
+        tmp_path,
+        # YAML 1.1 reads 3e-4 as a string: it must still become a float, as it would on the command line.
+        {"num_samples": 3, "learning_rate": "3e-4", "max_train_samples": 50, "search_space": {"lora_r": None}},
+    )
+    args = parse_args(["--preset", "smoke", "--config", config, "--num_samples", "5", "--seed", "7"])
+    assert args.model.model_name_or_path == TINY_MODEL  # preset over default
+    assert args.data.max_train_samples == 50  # YAML over preset
+    assert args.train.learning_rate == pytest.approx(3e-4)  # YAML, typed
+    assert args.tune.num_samples == 5  # flag over YAML
+    assert args.train.seed == 7
+    assert "lora_r" not in args.tune.search_space  # null removed it; the rest of the preset's space stays
+    assert "learning_rate" in args.tune.search_space
+
+
+def test_yaml_can_choose_the_preset_and_smoke_test_selects_smoke(tmp_path: Path) -> None:
+    assert parse_args(["--config", _yaml(tmp_path, {"preset": "seed"})]).tune.preset == "seed"
+    args = parse_args(["--smoke-test"])
+    assert args.tune.preset == "smoke" and args.model.model_name_or_path == TINY_MODEL
+
+
+def test_search_space_flag_merges_per_parameter() -> None:
+    flag = json.dumps({"lora_r": {"choice": [4, 8]}, "warmup_ratio": {"uniform": [0.0, 0.2]}, "lora_dropout": None})
+    space = parse_args(["--search_space", flag]).tune.search_space
+    assert space["lora_r"] == {"choice": [4, 8]}
+    assert space["warmup_ratio"] == {"uniform": [0.0, 0.2]}
+    assert "learning_rate" in space  # kept from the preset
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "nope"], "Unknown preset 'nope'. Presets: full, quickstart, seed, smoke"),
+        (["--searcher", "hyperopt"], "Unknown searcher 'hyperopt'. Valid: optuna, random, grid"),
+        (["--scheduler", "pbt"], "Unknown scheduler 'pbt'"),
+        (["--mode", "maximise"], "Unknown mode"),
+        (["--metric", "auc"], "Unknown metric 'auc'. Trials report: accuracy"),
+        (["--num_samples", "many"], "invalid int value"),
+        (["--gpus_per_trial", "1.5"], "gpus_per_trial must be a fraction"),
+        (["--reduction_factor", "1"], "reduction_factor must be > 1"),
+        (["--search_space", "{lora_r: 4"], "not valid JSON"),
+        (["--search_space", '{"rank": {"choice": [4]}}'], "unknown parameter 'rank'. Searchable: learning_rate"),
+        (["--search_space", '{"lora_r": {"normal": [4, 1]}}'], "expected one of {loguniform|uniform|choice|grid"),
+        (["--search_space", '{"lora_r": {"choice": []}}'], "expected a non-empty list"),
+        (["--search_space", '{"lora_r": {"choice": [4.5]}}'], "4.5 is not a valid int"),
+        (["--search_space", '{"learning_rate": {"loguniform": [0, 1e-3]}}'], "lower bound must be > 0"),
+        (["--search_space", '{"learning_rate": {"uniform": [1e-3, 1e-4]}}'], "low < high"),
+        (["--learning_rate", "-1"], "learning_rate must be a positive number"),
+        (["--no_such_flag", "1"], "Unrecognised arguments ['--no_such_flag', '1']"),
+    ],
+)
+def test_bad_flags_are_clear_config_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as caught:
+        parse_args(argv)
+    assert message in str(caught.value)
+
+
+def test_unknown_yaml_keys_list_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_args(["--config", _yaml(tmp_path, {"learning_rte": 1e-3, "num_samples": 2})])
+    message = str(caught.value)
+    assert "unknown key(s) ['learning_rte']" in message
+    assert "learning_rate" in message and "num_samples" in message and "lora_r" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"searcher": "bayes"}, "Unknown searcher 'bayes'"),
+        ({"num_samples": "ten"}, "num_samples='ten' is invalid"),
+        ({"precision": "fp64"}, "precision='fp64' is not one of"),
+        ({"search_space": ["lora_r"]}, "search_space=['lora_r'] is invalid"),
+    ],
+)
+def test_bad_yaml_values_are_clear_config_errors(tmp_path: Path, content: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_args(["--config", _yaml(tmp_path, content)])
+    assert message in str(caught.value)
+
+
+def test_unreadable_config_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="Cannot read config file"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(bad)
+    bad.write_text("- 1\n- 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        read_yaml(bad)
+
+
+def test_help_documents_every_option() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tune" / "run.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    parser = build_parser()
+    for action in parser._actions:
+        assert action.help, f"{action.dest} has no help string"
+        assert action.option_strings[0] in done.stdout
+    for preset in preset_names():
+        assert f"  {preset} " in done.stdout
+    assert "loguniform" in done.stdout and "--resume" in done.stdout
+
+
+def test_search_space_types_and_trial_config() -> None:
+    space = parse_search_space(
+        {
+            "learning_rate": {"loguniform": ["1e-4", 1e-2]},
+            "lora_r": {"grid": [2, "4"]},
+            "target_modules": {"choice": ["auto", "attention"]},
+        }
+    )
+    assert space["learning_rate"].values == (1e-4, 1e-2) and space["learning_rate"].is_range
+    assert space["lora_r"].values == (2, 4)
+    model, train = apply_trial_config(
+        ModelArguments(), TrainArguments(), {"learning_rate": 2e-3, "lora_r": 16, "target_modules": "attention"}
+    )
+    assert (model.lora_r, model.target_modules, train.learning_rate) == (16, "attention", 2e-3)
+    assert set(SEARCHABLE) >= {"learning_rate", "per_device_train_batch_size", "lora_r", "lora_alpha", "lora_dropout"}
+    with pytest.raises(ConfigError, match="lora_r must be a positive number"):
+        apply_trial_config(ModelArguments(), TrainArguments(), {"lora_r": 0})
+
+
+def test_resume_takes_the_saved_arguments_and_only_session_flags(tmp_path: Path) -> None:
+    original = parse_args(["--smoke-test", "--num_samples", "3", "--learning_rate", "2e-3"])
+    (tmp_path / METADATA_FILE).write_text(experiment_metadata(original), encoding="utf-8")
+    resumed = parse_args(["--resume", str(tmp_path), "--num_cpus", "1", "--address", "auto"])
+    assert resumed.data == original.data and resumed.model == original.model and resumed.train == original.train
+    assert resumed.tune.num_samples == 3 and resumed.tune.search_space == original.tune.search_space
+    assert (resumed.tune.resume, resumed.tune.num_cpus, resumed.tune.address) == (str(tmp_path), 1, "auto")
+    with pytest.raises(ConfigError, match=r"cannot change: \['learning_rate', 'num_samples'\]"):
+        parse_args(["--resume", str(tmp_path), "--num_samples", "9", "--learning_rate", "1e-3"])
+    with pytest.raises(ConfigError, match=f"Cannot read {tmp_path / 'nothing' / METADATA_FILE}"):
+        parse_args(["--resume", str(tmp_path / "nothing")])
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "nope"], "Unknown preset 'nope'"),
+        (["--searcher", "bogus"], "Unknown searcher 'bogus'"),
+        (["--search_space", '{"learning_rate": null, "lora_r": null, "per_device_train_batch_size": null}'], "empty"),
+        (["--searcher", "grid"], "Grid search needs a finite list of values"),
+        (["--max_concurrent_trials", "3", "--num_cpus", "2"], "max_concurrent_trials=3 needs 3 CPUs"),
+        (["--gpus_per_trial", "1", "--num_gpus", "0"], "--gpus_per_trial 0"),
+        (["--address", f"127.0.0.1:{_closed_port()}"], "is unreachable"),
+        (["--address", "http://127.0.0.1:8265"], "is a dashboard/job URL"),
+        (["--resume", "/nonexistent/experiment"], "Cannot read /nonexistent/experiment/lorasent_search.json"),
+    ],
+)
+def test_refused_before_ray_starts(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    started = time.perf_counter()
+    assert main(["--storage_path", str(tmp_path / "runs"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1  # one clean line, no traceback
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-written
+    assert time.perf_counter() - started < 30
+
+
+def test_unwritable_storage_path_is_refused(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["--smoke-test", "--storage_path", str(blocker / "runs")]) == 2
+    assert "Cannot create storage_path" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_unroutable_cluster_fails_within_seconds() -> None:
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="unreachable"):
+        check_reachable("192.0.2.123:6379", timeout=2.0)  # TEST-NET-1: nothing answers there
+    assert time.perf_counter() - started < 5

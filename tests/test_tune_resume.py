@@ -1,0 +1,114 @@
+"""`python tune/run.py` as users run it, in real processes: the --smoke-test path, and a search whose driver is
+killed with SIGKILL mid-search and then finished with --resume, keeping every finished trial as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parent.parent / "tune" / "run.py"
+pytestmark = pytest.mark.ray
+
+
+def _start(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    # A session of its own, so everything the run starts (its local Ray included) can be cleaned up by group id.
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, str(RUN), *argv], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _clean_up(proc: subprocess.Popen) -> None:
+    """Kill whatever is left of the run's process group (its Ray processes), by the group id we created."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _trial_states(experiment: Path) -> dict[str, str]:
+    """trial id -> status, from the newest experiment snapshot Tune wrote (what a resume starts from)."""
+    # Newest by the session time in the name, as Ray picks it (a resumed run copies the old files again: mtimes lie).
+    snapshots = sorted(experiment.glob("experiment_state-*.json"))
+    if not snapshots:
+        return {}
+    try:
+        state = json.loads(snapshots[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write: look again
+        return {}
+    trials = [json.loads(data) for data, _ in state["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def _results(experiment: Path, trial_id: str) -> bytes:
+    (folder,) = experiment.glob(f"*_{trial_id}_*")
+    return (folder / "result.json").read_bytes()
+
+
+def test_smoke_test_runs_end_to_end(tmp_path: Path) -> None:
+    log = tmp_path / "smoke.log"
+    proc = _start(["--smoke-test", "--storage_path", str(tmp_path / "runs"), "--name", "smoke"], tmp_path, log)
+    try:
+        assert proc.wait(timeout=400) == 0, log.read_text()
+    finally:
+        _clean_up(proc)
+    out = log.read_text()
+    experiment = tmp_path / "runs" / "smoke"
+    assert "Resource plan: 1 node(s)" in out and "Ray dashboard: http://127.0.0.1:" in out
+    if os.environ.get("RAY_AUTH_MODE", "token") == "token":  # Ray's default: say how to get the token
+        assert "ray get-auth-token" in out
+    assert "Best trial" in out and f"python -m analysis report {experiment}" in out
+    adapter = Path(re.search(r"adapter:\s+(\S+)", out).group(1))
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert f"python -m lorasent.predict {adapter}" in out
+    assert os.readlink(tmp_path / "runs" / "latest") == "smoke"
+    assert set(_trial_states(experiment).values()) == {"TERMINATED"}
+
+
+def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_path: Path) -> None:
+    storage = tmp_path / "runs"
+    experiment = storage / "killed"
+    argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "3", "--max_concurrent_trials", "1"]
+    first = _start([*argv, "--storage_path", str(storage), "--name", "killed"], tmp_path, tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 300
+        while sum(s == "TERMINATED" for s in _trial_states(experiment).values()) < 2:
+            log = (tmp_path / "first.log").read_text
+            assert first.poll() is None, f"the search ended before it was killed: {log()}"
+            assert time.monotonic() < deadline, f"no trial finished in time: {log()}"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGKILL)  # the driver dies at once: no handler, no last snapshot
+        first.wait(timeout=30)
+    finally:
+        _clean_up(first)
+
+    before = _trial_states(experiment)
+    finished = {tid for tid, status in before.items() if status == "TERMINATED"}
+    assert 2 <= len(finished) < 6
+    finished_results = {tid: _results(experiment, tid) for tid in finished}
+
+    log = tmp_path / "resume.log"
+    second = _start(["--resume", str(storage / "latest")], tmp_path, log)
+    try:
+        assert second.wait(timeout=400) == 0, log.read_text()
+    finally:
+        _clean_up(second)
+    out = log.read_text()
+    assert f"Resuming {experiment}" in out and "Search finished" in out
+
+    after = _trial_states(experiment)
+    assert len(after) == 6, f"trials were added or lost: {sorted(after)}"  # the searcher did not start over
+    assert set(after.values()) == {"TERMINATED"}
+    assert finished <= set(after)
+    for tid in finished:  # kept as they were: not re-run, not a single result row added
+        assert _results(experiment, tid) == finished_results[tid], f"finished trial {tid} was run again"
+    for tid in after:  # every trial reported each of its epochs
+        epochs = [json.loads(line)["training_iteration"] for line in _results(experiment, tid).splitlines()]
+        assert sorted(set(epochs)) == list(range(1, max(epochs) + 1)) and max(epochs) <= 3

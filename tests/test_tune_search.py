@@ -1,0 +1,194 @@
+"""The search on a real local Ray (2 CPUs) with the tiny model: ASHA + Optuna end to end, per-epoch reports and
+adapter-only checkpoints, a diverging trial that ends as a bad result; plus the searcher, scheduler, param-space
+and resource-plan factories on their own."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from lorasent.errors import ConfigError
+from lorasent.predict import Predictor
+from tune import search
+from tune.cluster import plan_resources
+from tune.config import METADATA_FILE, parse_args
+from tune.run import run_search
+from tune.trainable import require_gpu
+
+# ---------------------------------------------------------------------------------------------- factories (no Ray)
+
+
+def _args(*argv: str):
+    return parse_args(["--smoke-test", *argv])
+
+
+def test_param_space_per_searcher() -> None:
+    space_flag = json.dumps(
+        {
+            "learning_rate": {"loguniform": [1e-4, 1e-2]},
+            "lora_r": {"grid": [2, 4]},
+            "per_device_train_batch_size": {"choice": [8, 16]},
+            "lora_alpha": {"uniform": [8, 32]},
+        }
+    )
+    a = _args("--search_space", space_flag)
+    space, optuna_space = search.build_param_space(a.tune, a.model, a.train)
+    assert set(space) == {"learning_rate", "lora_r", "per_device_train_batch_size", "lora_alpha"}
+    assert isinstance(optuna_space["lora_r"], type(tune.choice([1])))  # Optuna samples grid lists
+    assert optuna_space["lora_alpha"].lower == 8 and optuna_space["lora_alpha"].upper == 33  # whole numbers, inclusive
+    r = _args("--searcher", "random", "--search_space", space_flag)
+    _, random_space = search.build_param_space(r.tune, r.model, r.train)
+    assert random_space["lora_r"] == {"grid_search": [2, 4]}  # random search expands grid lists...
+    assert not isinstance(random_space["per_device_train_batch_size"], dict)  # ...and samples choices
+    grid = _args("--searcher", "grid", "--search_space", json.dumps({"learning_rate": {"choice": [1e-3, 2e-3]}}))
+    _, grid_space = search.build_param_space(grid.tune, grid.model, grid.train)
+    assert grid_space["learning_rate"] == {"grid_search": [1e-3, 2e-3]}
+    assert search.num_samples(grid.tune) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--search_space", '{"learning_rate": null, "lora_r": null, "per_device_train_batch_size": null}'], "empty"),
+        (["--searcher", "grid"], "Grid search needs a finite list of values, but ['learning_rate'] are continuous"),
+        (["--search_space", '{"lora_r": {"choice": [4, 0]}}'], "search_space.lora_r: 0 is not allowed"),
+        (["--search_space", '{"lora_dropout": {"uniform": [0.1, 1.5]}}'], "search_space.lora_dropout: 1.5"),
+        (["--search_space", '{"target_modules": {"choice": ["auto", ""]}}'], "target_modules is empty"),
+    ],
+)
+def test_impossible_search_spaces(argv: list[str], message: str) -> None:
+    a = _args(*argv)
+    with pytest.raises(ConfigError) as caught:
+        search.build_param_space(a.tune, a.model, a.train)
+    assert message in str(caught.value)
+
+
+def test_searchers_and_scheduler() -> None:
+    a = _args("--points_to_evaluate", '[{"lora_r": 4}]', "--lora_r", "2", "--per_device_train_batch_size", "8")
+    space, _ = search.build_param_space(a.tune, a.model, a.train)
+    points = search.starting_points(a.tune, space, a.model, a.train)
+    # The point leaves learning_rate and batch size out: they come from the flags (learning_rate's default 5e-4).
+    assert points == [{"learning_rate": 5e-4, "per_device_train_batch_size": 8, "lora_r": 4}]
+    limited = search.build_searcher(a.tune, points, max_concurrent=2)
+    assert isinstance(limited, ConcurrencyLimiter) and isinstance(limited.searcher, OptunaSearch)
+    assert limited.max_concurrent == 2
+    random = search.build_searcher(_args("--searcher", "random").tune, points, max_concurrent=2)
+    assert isinstance(random, BasicVariantGenerator)
+    scheduler = search.build_scheduler(a.tune, epochs=3)
+    assert isinstance(scheduler, ASHAScheduler)
+    assert (scheduler._max_t, scheduler._time_attr) == (3, "training_iteration")
+    assert search.build_scheduler(_args("--scheduler", "none").tune, epochs=3) is None
+    with pytest.raises(ConfigError, match="grace_period=3 exceeds the 2 epoch"):
+        search.build_scheduler(_args("--grace_period", "3").tune, epochs=2)
+    with pytest.raises(ConfigError, match="lies outside its search space"):
+        search.starting_points(_args("--points_to_evaluate", '[{"lora_r": 64}]').tune, space, a.model, a.train)
+    with pytest.raises(ConfigError, match="which are not searched"):
+        search.starting_points(_args("--points_to_evaluate", '[{"lora_alpha": 8}]').tune, space, a.model, a.train)
+    epochs_searched = _args("--search_space", '{"num_train_epochs": {"choice": [2, 5]}}')
+    space, _ = search.build_param_space(epochs_searched.tune, epochs_searched.model, epochs_searched.train)
+    assert search.max_epochs(epochs_searched.tune, space, epochs_searched.train) == 5
+
+
+def test_resource_plans() -> None:
+    gpu_node = {"CPU": 8.0, "GPU": 1.0}
+    packed = plan_resources(_args("--gpus_per_trial", "0.25").tune, [gpu_node])
+    assert (packed.max_concurrent_trials, packed.trials_per_gpu) == (4, 4)
+    assert "4 trials per GPU" in packed.describe()
+    auto = plan_resources(_args().tune, [gpu_node, gpu_node])  # GPUs present: 0.25 GPU per trial by default
+    assert (auto.gpus_per_trial, auto.max_concurrent_trials, auto.nodes) == (0.25, 8, 2)
+    cpu = plan_resources(_args("--cpus_per_trial", "0.5").tune, [{"CPU": 2.0}])
+    assert (cpu.gpus_per_trial, cpu.max_concurrent_trials) == (0.0, 4)
+    with pytest.raises(ConfigError, match="max_concurrent_trials=3 needs 3 CPUs"):
+        plan_resources(_args("--max_concurrent_trials", "3").tune, [{"CPU": 2.0}])
+    with pytest.raises(ConfigError, match="has no GPU"):
+        plan_resources(_args("--gpus_per_trial", "1").tune, [{"CPU": 2.0}])
+    with pytest.raises(ConfigError, match="No node can hold one trial of 4 CPU"):
+        plan_resources(_args("--cpus_per_trial", "4").tune, [{"CPU": 2.0}, {"CPU": 2.0}])
+
+
+# ---------------------------------------------------------------------------------------------- real searches
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One real local Ray (2 CPUs, several processes) for this module's searches."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_search(local_ray, tmp_path_factory: pytest.TempPathFactory):
+    """6 trials, 3 epochs, ASHA (rungs at epochs 1 and 2) + Optuna TPE, on validation loss (it always differs)."""
+    storage = tmp_path_factory.mktemp("tune")
+    argv = ["--num_samples", "6", "--num_train_epochs", "3", "--metric", "loss", "--mode", "min"]
+    args = _args(*argv, "--storage_path", str(storage), "--name", "e2e", "--verbose", "0")
+    return run_search(args), storage
+
+
+@pytest.mark.ray
+def test_asha_optuna_search_end_to_end(tiny_search) -> None:
+    outcome, storage = tiny_search
+    results = outcome.results
+    assert len(results) == 6 and results.errors == []
+    assert outcome.epochs == 3
+    iterations = []
+    for result in results:
+        frame = result.metrics_dataframe
+        # one report per epoch, numbered 1..n, each with the validation metrics and a checkpoint
+        assert frame["training_iteration"].tolist() == list(range(1, len(frame) + 1))
+        assert frame["epoch"].tolist() == [float(i) for i in range(1, len(frame) + 1)]
+        assert {"loss", "accuracy", "f1_macro", "train_loss"} <= set(frame.columns)
+        assert frame["checkpoint_dir_name"].notna().all()
+        iterations.append(len(frame))
+    assert max(iterations) == 3
+    assert min(iterations) < 3, f"ASHA stopped no trial early: {iterations}"
+
+    best = results.get_best_result("loss", "min", scope="all")
+    checkpoint = best.get_best_checkpoint("loss", "min")
+    folder = Path(checkpoint.path)
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 5_000_000  # the adapter and small state, not a model
+    predictions = Predictor.from_dir(folder).predict(["I love it, works great.", "Broke after a day."])
+    assert len(predictions) == 2
+
+    experiment = storage / "e2e"
+    assert outcome.experiment_path == str(experiment)
+    assert (storage / "latest").resolve() == experiment.resolve()
+    saved = json.loads((experiment / METADATA_FILE).read_text())
+    assert saved["tune"]["num_samples"] == 6 and saved["model"]["model_name_or_path"] == "tiny:distilbert"
+    assert list(experiment.glob("*/events.out.tfevents.*")), "no TensorBoard logs"
+    assert tune.Tuner.can_restore(str(experiment))
+
+
+@pytest.mark.ray
+def test_diverging_trial_is_a_bad_result_not_an_error(local_ray, tmp_path: Path) -> None:
+    space = json.dumps({"learning_rate": {"grid": [1e30, 1e-3]}, "lora_r": None, "per_device_train_batch_size": None})
+    args = _args(
+        *("--searcher", "grid", "--scheduler", "none", "--search_space", space, "--num_train_epochs", "2"),
+        *("--metric", "loss", "--mode", "min", "--storage_path", str(tmp_path), "--name", "nan", "--verbose", "0"),
+    )
+    results = run_search(args).results
+    assert len(results) == 2 and results.errors == []
+    by_lr = {r.config["learning_rate"]: r for r in results}
+    diverged = by_lr[1e30].metrics_dataframe
+    assert len(diverged) == 1 and diverged["diverged"].tolist() == [1.0]
+    assert diverged["loss"].tolist() == [math.inf]  # the worst value under mode=min: never picked as best
+    assert by_lr[1e-3].metrics_dataframe["diverged"].tolist() == [0.0, 0.0]
+    assert results.get_best_result(scope="all").config["learning_rate"] == 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_trial_that_reserved_a_gpu_and_sees_none_fails_at_once() -> None:
+    with pytest.raises(RuntimeError, match=r"reserved 0.25 GPU but torch sees none.*--gpus_per_trial 0"):
+        require_gpu(0.25)
+    require_gpu(0)  # a CPU trial never asks

@@ -1,0 +1,542 @@
+"""What a search runs: `TuneArguments`, the search space, the named presets, and the command line that joins them.
+
+A search is four dataclasses: `TuneArguments` (how to search) plus lorasent's `DataArguments`, `ModelArguments`
+and `TrainArguments` (what each trial trains). `parse_args` fills them from layers, each overriding the one
+before: dataclass defaults < preset (`tune/presets/NAME.yaml`) < `--config FILE.yaml` < command-line flags.
+The search space merges parameter by parameter across the layers; a parameter set to null is removed.
+
+Every experiment directory keeps the four dataclasses in `lorasent_search.json`, so `--resume` and the analysis
+step rebuild exactly what the search ran.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+from transformers import HfArgumentParser
+
+from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace, to_dict
+from lorasent.errors import ConfigError
+from lorasent.metrics import metric_names
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_PRESET = "quickstart"
+SEARCHERS = ("optuna", "random", "grid")
+SCHEDULERS = ("asha", "none")
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+METADATA_FILE = "lorasent_search.json"
+
+# The searchable hyperparameters: the dataclass that owns each one, and the type of its values.
+SEARCHABLE: dict[str, tuple[type, type]] = {
+    "learning_rate": (TrainArguments, float),
+    "per_device_train_batch_size": (TrainArguments, int),
+    "num_train_epochs": (TrainArguments, int),
+    "warmup_ratio": (TrainArguments, float),
+    "weight_decay": (TrainArguments, float),
+    "lora_r": (ModelArguments, int),
+    "lora_alpha": (ModelArguments, int),
+    "lora_dropout": (ModelArguments, float),
+    "target_modules": (ModelArguments, str),
+}
+
+# Options that only say how to reach Ray; everything else is fixed once an experiment has started.
+SESSION_FIELDS = frozenset(
+    {"resume", "address", "num_cpus", "num_gpus", "include_dashboard", "dashboard_host", "dashboard_port", "verbose"}
+)
+
+SEARCH_SPACE_HELP = (
+    "Search space as a JSON/YAML mapping {parameter: {distribution: values}}. Distributions: "
+    "loguniform: [low, high], uniform: [low, high] (whole numbers for integer parameters, both ends included), "
+    "choice: [v1, v2, ...], grid: [v1, v2, ...] (every value; Optuna treats it as a choice). "
+    f"Parameters: {', '.join(SEARCHABLE)}. Layers merge per parameter and null removes one, e.g. "
+    '--search_space \'{"lora_r": {"choice": [4, 8]}, "lora_dropout": null}\'. '
+    "Parameters not searched take their flag's value (e.g. --lora_alpha)."
+)
+
+
+def _json(value: Any, kind: type) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {value!r}") from None
+    if not isinstance(value, kind):
+        raise argparse.ArgumentTypeError(f"expected a JSON {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+class JsonObject:
+    """Argparse type of `--search_space '{...}'`: builds a plain dict from JSON (or copies a YAML mapping)."""
+
+    def __new__(cls, value: Any = None) -> dict:  # type: ignore[misc]
+        return _json({} if value is None else value, dict)
+
+
+class JsonList:
+    """Argparse type of `--points_to_evaluate '[...]'`: builds a plain list from JSON (or copies a YAML list)."""
+
+    def __new__(cls, value: Any = None) -> list:  # type: ignore[misc]
+        return _json([] if value is None else value, list)
+
+
+@dataclass
+class TuneArguments:
+    """How to search: presets and config files, search space, searcher, scheduler, resources, Ray and storage."""
+
+    _argument_group_name = "search (Ray Tune)"
+
+    preset: str = field(
+        default=DEFAULT_PRESET,
+        metadata={"help": "Named starting configuration (tune/presets/NAME.yaml); see the list below."},
+    )
+    config: str | None = field(
+        default=None,
+        metadata={"help": "YAML file of option: value pairs (any option of this command); overrides the preset."},
+    )
+    smoke_test: bool = field(
+        default=False, metadata={"help": "Run the 'smoke' preset: a tiny model and a few samples, in seconds."}
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue an interrupted search from its experiment directory (or STORAGE_PATH/latest). "
+            "Finished trials are kept, unfinished and errored ones resume from their last checkpoint. Only the "
+            "Ray connection options may change."
+        },
+    )
+    search_space: JsonObject = field(default_factory=JsonObject, metadata={"help": SEARCH_SPACE_HELP})
+    points_to_evaluate: JsonList = field(
+        default_factory=JsonList,
+        metadata={
+            "help": "Configs to try first, as a JSON list of {parameter: value}; searched parameters a point "
+            "leaves out take their flag's value. Ignored by grid search, which tries every point anyway."
+        },
+    )
+    searcher: str = field(
+        default="optuna",
+        metadata={
+            "help": "optuna (TPE, seeded by --search_seed), random (seeded), or grid (every combination of the "
+            "choice/grid values once; --num_samples is ignored)."
+        },
+    )
+    scheduler: str = field(
+        default="asha",
+        metadata={"help": "asha (stop weak trials early at epoch rungs) or none (run every trial to the end)."},
+    )
+    num_samples: int = field(default=8, metadata={"help": "Trials to run (optuna and random searchers)."})
+    max_concurrent_trials: int | None = field(
+        default=None,
+        metadata={"help": "Trials running at once (None: as many as the cluster's CPUs and GPUs allow)."},
+    )
+    grace_period: int = field(default=1, metadata={"help": "ASHA: epochs every trial runs before it can be stopped."})
+    reduction_factor: float = field(
+        default=2.0, metadata={"help": "ASHA: keep the best 1/reduction_factor of the trials at each rung."}
+    )
+    max_epochs: int | None = field(
+        default=None,
+        metadata={"help": "ASHA: epoch budget of a trial (None: the largest num_train_epochs of the search)."},
+    )
+    metric: str = field(
+        default="accuracy",
+        metadata={"help": "Validation metric to optimise: accuracy, f1_macro, loss, precision_macro, ..."},
+    )
+    mode: str = field(default="max", metadata={"help": "max or min: whether a larger metric is better."})
+    search_seed: int = field(
+        default=0, metadata={"help": "Seed of the searcher (Optuna's TPE sampler, random search)."}
+    )
+    cpus_per_trial: float = field(
+        default=1.0, metadata={"help": "CPUs reserved per trial; torch uses this many threads unless --torch_threads."}
+    )
+    gpus_per_trial: float | None = field(
+        default=None,
+        metadata={
+            "help": "GPUs per trial; a fraction packs trials onto one GPU (0.25: four per GPU). None: 0 on a "
+            "cluster without GPUs, else 0.25. A trial that asks for a GPU and sees none fails at once."
+        },
+    )
+    max_failures: int = field(
+        default=2, metadata={"help": "Retries of a failed trial, each from its last checkpoint (FailureConfig)."}
+    )
+    keep_checkpoints: int = field(
+        default=2, metadata={"help": "LoRA-adapter checkpoints kept per trial: the best by --metric, plus the latest."}
+    )
+    storage_path: str = field(
+        default="runs/tune",
+        metadata={
+            "help": "Where experiments are written: a local folder (made absolute; a `latest` link points at the "
+            "newest experiment), or a URI (s3://, gs://) / shared folder for multi-node clusters."
+        },
+    )
+    name: str | None = field(
+        default=None, metadata={"help": "Experiment directory name under storage_path (None: PRESET-YYYYmmdd-HHMMSS)."}
+    )
+    address: str | None = field(
+        default=None,
+        metadata={
+            "help": "Ray cluster to join: 'auto', 'HOST:PORT' or 'ray://HOST:10001' (default: $RAY_ADDRESS, "
+            "else start a local Ray)."
+        },
+    )
+    num_cpus: int | None = field(default=None, metadata={"help": "CPUs of a local Ray (None: all of this machine's)."})
+    num_gpus: int | None = field(default=None, metadata={"help": "GPUs of a local Ray (None: all visible ones)."})
+    include_dashboard: bool = field(default=True, metadata={"help": "Start Ray's dashboard with a local Ray."})
+    dashboard_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Interface the local dashboard listens on; anything but loopback exposes it."},
+    )
+    dashboard_port: int | None = field(
+        default=None, metadata={"help": "Dashboard port (None: 8265, or the next free one)."}
+    )
+    reuse_actors: bool = field(
+        default=True, metadata={"help": "Run the next trial in a finished trial's process, saving its start-up."}
+    )
+    verbose: int = field(
+        default=1, metadata={"help": "Console output: 0 silent, 1 trial table, 2 every result and the trials' logs."}
+    )
+
+    def __post_init__(self) -> None:
+        for name, value, valid in (
+            ("searcher", self.searcher, SEARCHERS),
+            ("scheduler", self.scheduler, SCHEDULERS),
+            ("mode", self.mode, ("max", "min")),
+        ):
+            if value not in valid:
+                raise ConfigError(f"Unknown {name} {value!r}. Valid: {', '.join(valid)}.")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}.")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ConfigError("max_concurrent_trials must be >= 1, or unset to use the whole cluster.")
+        if self.grace_period < 1:
+            raise ConfigError(f"grace_period must be >= 1 epoch, got {self.grace_period}.")
+        if not self.reduction_factor > 1:
+            raise ConfigError(f"reduction_factor must be > 1, got {self.reduction_factor}.")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ConfigError(f"max_epochs must be >= 1, got {self.max_epochs}.")
+        if not (math.isfinite(self.cpus_per_trial) and self.cpus_per_trial > 0):
+            raise ConfigError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}.")
+        gpus = self.gpus_per_trial
+        if gpus is not None and not (gpus >= 0 and (gpus <= 1 or float(gpus).is_integer())):
+            raise ConfigError(
+                f"gpus_per_trial must be a fraction in [0, 1] or a whole number, got {gpus}. Use e.g. 0.25 to "
+                "pack four trials onto each GPU."
+            )
+        if self.max_failures < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("max_failures must be >= 0 and keep_checkpoints >= 1.")
+        if self.name is not None and (self.name in ("", "latest") or "/" in self.name):
+            raise ConfigError(f"name {self.name!r} is not allowed: give a plain folder name other than 'latest'.")
+        if not self.storage_path:
+            raise ConfigError("storage_path is empty. Give a folder (e.g. runs/tune) or a URI (s3://bucket/tune).")
+        parse_search_space({k: v for k, v in self.search_space.items() if v is not None})  # None: removed by a layer
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched hyperparameter: a distribution and its bounds or values."""
+
+    name: str
+    distribution: str  # one of DISTRIBUTIONS
+    values: tuple[Any, ...]  # (low, high) for loguniform/uniform; the candidates for choice/grid
+
+    @property
+    def is_range(self) -> bool:
+        return self.distribution in ("loguniform", "uniform")
+
+
+SearchSpace = dict[str, ParamSpec]
+
+
+class SearchArguments(NamedTuple):
+    """The four dataclasses of one search."""
+
+    tune: TuneArguments
+    data: DataArguments
+    model: ModelArguments
+    train: TrainArguments
+
+
+def typed_value(name: str, value: Any) -> Any:
+    """`value` as the type parameter `name` takes (YAML reads 1e-4 as a string, so numeric strings are accepted)."""
+    kind = SEARCHABLE[name][1]
+    try:
+        if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+            raise ValueError
+        if kind is int:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        return float(value) if kind is float else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {kind.__name__}. Give {kind.__name__} values.") from None
+
+
+def parse_search_space(raw: Mapping[str, Any]) -> SearchSpace:
+    """Validate the search-space mapping's shape and value types; values are checked against the dataclasses later."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"search_space must be a mapping {{parameter: {{distribution: values}}}}, got {raw!r}.")
+    space: SearchSpace = {}
+    for name, spec in raw.items():
+        if name not in SEARCHABLE:
+            raise ConfigError(f"search_space: unknown parameter {name!r}. Searchable: {', '.join(SEARCHABLE)}.")
+        if not (isinstance(spec, Mapping) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+            raise ConfigError(
+                f"search_space.{name}: expected one of {{{'|'.join(DISTRIBUTIONS)}: values}}, got {spec!r}. "
+                f'Example: {{"{name}": {{"choice": [...]}}}}.'
+            )
+        distribution, values = next(iter(spec.items()))
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"search_space.{name}.{distribution}: expected a non-empty list, got {values!r}.")
+        values = tuple(typed_value(name, v) for v in values)
+        if distribution in ("loguniform", "uniform"):
+            if SEARCHABLE[name][1] is str or len(values) != 2 or not values[0] < values[1]:
+                raise ConfigError(
+                    f"search_space.{name}.{distribution}: expected numeric [low, high] with low < high, got "
+                    f"{list(values)}."
+                )
+            if distribution == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"search_space.{name}.loguniform: the lower bound must be > 0, got {values[0]}.")
+        space[name] = ParamSpec(name, distribution, values)
+    return space
+
+
+def merge_search_spaces(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Later layers override earlier ones parameter by parameter; a parameter set to None is removed."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for name, spec in (layer or {}).items():
+            if spec is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = spec
+    return merged
+
+
+def apply_trial_config(
+    model_args: ModelArguments, train_args: TrainArguments, config: Mapping[str, Any]
+) -> tuple[ModelArguments, TrainArguments]:
+    """The arguments of one trial: the base arguments with the trial's sampled hyperparameters put in."""
+    unknown = sorted(set(config) - set(SEARCHABLE))
+    if unknown:
+        raise ConfigError(f"Trial config has unknown parameter(s) {unknown}. Searchable: {', '.join(SEARCHABLE)}.")
+    per_owner: dict[type, dict[str, Any]] = {ModelArguments: {}, TrainArguments: {}}
+    for name, value in config.items():
+        per_owner[SEARCHABLE[name][0]][name] = value
+    return replace(model_args, **per_owner[ModelArguments]), replace(train_args, **per_owner[TrainArguments])
+
+
+def check_metric(tune_args: TuneArguments, data_args: DataArguments) -> None:
+    """Refuse a metric no trial reports, before any trial has run."""
+    valid = [*metric_names(data_args.label_names), "train_loss"]
+    if tune_args.metric not in valid:
+        raise ConfigError(f"Unknown metric {tune_args.metric!r}. Trials report: {', '.join(valid)}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets and YAML
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"Unknown preset {name!r}. Presets: {', '.join(preset_names())}.")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; a missing, unparsable or non-mapping file is a ConfigError."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"Cannot read config file {path}: {e.strerror}. Check the --config path.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {path} is not valid YAML: {e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of option: value, got {type(values).__name__}.")
+    return values
+
+
+def _preset_summary(name: str) -> str:
+    first = preset_path(name).read_text(encoding="utf-8").splitlines()[0]
+    return first.lstrip("# ").strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show each option's default, and the epilog's preset list and examples as written."""
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser whose errors are ConfigErrors, so YAML and flags fail the same clean way."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message}. See `python tune/run.py --help`.")
+
+
+def build_parser() -> HfArgumentParser:
+    """The parser of `python tune/run.py`: TuneArguments plus the three lorasent dataclasses."""
+    presets = "\n".join(f"  {name:<11} {_preset_summary(name)}" for name in preset_names())
+    return _Parser(
+        (TuneArguments, DataArguments, ModelArguments, TrainArguments),
+        prog="python tune/run.py",
+        description="Ray Tune search over LoRA sentiment classifiers: parallel trials, ASHA early stopping, "
+        "Optuna TPE. Values come from: defaults < --preset < --config YAML < flags.",
+        epilog=f"presets (tune/presets/NAME.yaml; copy one as a --config starting point):\n{presets}\n\n"
+        "examples:\n"
+        "  python tune/run.py                                  # quick-start search, offline, CPU\n"
+        "  python tune/run.py --preset seed --gpus_per_trial 0.25\n"
+        "  python tune/run.py --config my.yaml --num_samples 32 --address auto\n"
+        '  python tune/run.py --search_space \'{"lora_r": {"choice": [4, 8, 16]}}\'\n'
+        "  python tune/run.py --resume runs/tune/latest",
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+    )
+
+
+def _dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def _coerce_layer(parser: argparse.ArgumentParser, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check a preset/YAML mapping's keys and convert its values exactly as the same flags would be."""
+    actions = _dests(parser)
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}. Valid keys: {', '.join(sorted(actions))}.")
+    coerced: dict[str, Any] = {}
+    for key, value in values.items():
+        action = actions[key]
+        try:
+            if value is None or action.type is None:
+                coerced[key] = value
+            elif action.nargs == "+":
+                items = value if isinstance(value, list) else [value]
+                coerced[key] = [action.type(str(v)) for v in items]
+            elif isinstance(value, (dict, list)):
+                coerced[key] = action.type(value)
+            else:
+                coerced[key] = action.type(str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"{source}: {key}={value!r} is invalid ({e}). See `python tune/run.py --help`.") from None
+        if action.choices is not None and coerced[key] not in action.choices:
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {list(action.choices)}.")
+    return coerced
+
+
+def _pre_parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Read the options that decide which layers apply, before the full parse."""
+    from transformers.hf_argparser import string_to_bool
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    pre.add_argument("--resume")
+    pre.add_argument("--smoke_test", "--smoke-test", nargs="?", const=True, type=string_to_bool)
+    known, _ = pre.parse_known_args(list(argv))
+    return known
+
+
+def _parse(parser: HfArgumentParser, argv: Sequence[str]) -> SearchArguments:
+    *parsed, remaining = parser.parse_args_into_dataclasses(
+        args=list(argv), return_remaining_strings=True, look_for_args_file=False
+    )
+    if remaining:
+        raise ConfigError(f"Unrecognised arguments {remaining}. See `python tune/run.py --help`.")
+    return SearchArguments(*parsed)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SearchArguments:
+    """Arguments of `python tune/run.py`: defaults < preset < YAML < flags, or a saved experiment's for --resume."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = _pre_parse(argv)
+    parser = build_parser()
+    if pre.resume:
+        return _resume_args(parser, argv, pre.resume)
+
+    yaml_values = read_yaml(pre.config) if pre.config else {}
+    preset = "smoke" if pre.smoke_test else (pre.preset or yaml_values.get("preset") or DEFAULT_PRESET)
+    layers = [
+        _coerce_layer(parser, read_yaml(preset_path(preset)), f"preset {preset!r}"),
+        _coerce_layer(parser, yaml_values, f"config file {pre.config}"),
+    ]
+    spaces = [layer.pop("search_space", None) for layer in layers]
+    defaults: dict[str, Any] = {}
+    for layer in layers:
+        defaults.update(layer)
+    parser.set_defaults(**{**defaults, "preset": preset})
+    args = _parse(parser, argv)
+    tune_args = replace(args.tune, preset=preset, search_space=merge_search_spaces(*spaces, args.tune.search_space))
+    check_metric(tune_args, args.data)
+    return args._replace(tune=tune_args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saved arguments of an experiment (for --resume and the analysis step)
+
+
+def experiment_metadata(args: SearchArguments) -> str:
+    """The JSON saved as `lorasent_search.json` in the experiment directory."""
+    return json.dumps({"version": 1, **{k: to_dict(v) for k, v in args._asdict().items()}}, indent=2)
+
+
+def arguments_from_metadata(text: str, source: str) -> SearchArguments:
+    """Rebuild (and re-validate) the four dataclasses from a saved `lorasent_search.json`."""
+    try:
+        saved = json.loads(text)
+        return SearchArguments(
+            TuneArguments(**saved["tune"]),
+            DataArguments(**saved["data"]),
+            ModelArguments(**saved["model"]),
+            TrainArguments(**saved["train"]),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{source} is not a readable lorasent search record ({type(e).__name__}: {e}). Was this experiment "
+            "started by `python tune/run.py`?"
+        ) from None
+
+
+def load_search_arguments(experiment_path: str) -> SearchArguments:
+    """The four dataclasses an experiment ran with, from its `lorasent_search.json` (local folder or URI)."""
+    from tune.cluster import read_experiment_file
+
+    text = read_experiment_file(experiment_path, METADATA_FILE)
+    return arguments_from_metadata(text, f"{experiment_path}/{METADATA_FILE}")
+
+
+def _resume_args(parser: HfArgumentParser, argv: Sequence[str], path: str) -> SearchArguments:
+    """The saved experiment's arguments, with only the Ray connection options taken from the command line."""
+    saved = load_search_arguments(path)
+    defaults: dict[str, Any] = {}
+    for args in saved:
+        defaults.update(to_dict(args))
+    parser.set_defaults(**defaults)
+    given = _parse(parser, argv)
+    changed = sorted(
+        f.name
+        for old, new in zip(saved, given, strict=True)
+        for f in dataclasses.fields(old)
+        if f.name not in SESSION_FIELDS and getattr(old, f.name) != getattr(new, f.name)
+    )
+    if changed:
+        raise ConfigError(
+            f"--resume continues the experiment exactly as it was started; these options cannot change: {changed}. "
+            f"Only {', '.join(sorted(SESSION_FIELDS - {'resume'}))} may. Start a new search to change the others."
+        )
+    return given

@@ -1,0 +1,240 @@
+"""Search LoRA sentiment classifiers with Ray Tune: parallel trials, ASHA early stopping, Optuna TPE.
+
+    python tune/run.py                          # quick-start: offline MiniLM + VADER sentences, CPU, ~4 min
+    python tune/run.py --smoke-test             # seconds: a tiny model, a few samples
+    python tune/run.py --preset seed --gpus_per_trial 0.25
+    python tune/run.py --resume runs/tune/latest
+    python tune/run.py --help                   # every option
+
+Flow: parse and validate everything (no Ray yet) -> tokenise once into the on-disk cache -> start or join Ray
+and plan resources -> Tuner.fit (or Tuner.restore) -> print the best trial, its adapter and the next commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+STARTED = time.perf_counter()  # the wall time users see includes the heavy imports below
+
+if __package__ in (None, ""):
+    # Run as `python tune/run.py`: import the `tune` package from the repository root, never this folder's
+    # modules as top-level names (Ray workers inherit the driver's sys.path).
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from lorasent.errors import ConfigError, ExperimentError, LorasentError  # noqa: E402
+from tune.config import METADATA_FILE, SearchArguments, experiment_metadata, parse_args  # noqa: E402
+
+EXAMPLE_TEXT = "Works great, would buy again."
+
+
+def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str, str]:
+    """(storage path, experiment name) of a new search; refuses to write into an existing experiment."""
+    from ray.tune import Tuner
+
+    from tune.cluster import is_uri
+
+    name = args.tune.name or f"{args.tune.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = f"{storage_path}/{name}" if is_uri(storage_path) else str(Path(storage_path) / name)
+    if Tuner.can_restore(path):
+        raise ConfigError(
+            f"Experiment {path} already exists. Continue it with --resume {path}, or pick another --name."
+        )
+    return storage_path, name
+
+
+def _resume_location(path: str) -> tuple[str, str]:
+    """(storage path, experiment name) of an experiment to resume; follows the `latest` link."""
+    from ray.tune import Tuner
+
+    from tune.cluster import is_uri
+
+    if not is_uri(path):
+        path = str(Path(path).expanduser().resolve())
+    if not Tuner.can_restore(path):
+        raise ConfigError(
+            f"Nothing to resume at {path}: no Ray Tune experiment state (tuner.pkl) there. Give the experiment "
+            "directory printed by the interrupted run, or STORAGE_PATH/latest."
+        )
+    if not is_uri(path):
+        _check_experiment_state(Path(path))
+    storage_path, _, name = path.rstrip("/").rpartition("/")
+    return storage_path, name
+
+
+def _damaged_state(path: str | Path, filename: str, error: BaseException) -> ExperimentError:
+    return ExperimentError(
+        f"Cannot resume {path}: its Ray Tune state file {filename} is damaged ({type(error).__name__}: {error}). "
+        f"The trials' own results and checkpoints are untouched: read them with `python -m analysis report {path}`, "
+        "and start a new search to go on (--points_to_evaluate can start it from the best config)."
+    )
+
+
+def _check_experiment_state(path: Path) -> None:
+    """Refuse an experiment whose newest experiment_state file does not parse: Ray would silently start it afresh."""
+    states = sorted(path.glob("experiment_state-*.json"))  # Ray restores from the newest name
+    if states:
+        try:
+            json.loads(states[-1].read_text(encoding="utf-8"))["trial_data"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise _damaged_state(path, states[-1].name, e) from None
+
+
+def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> int:
+    """Print the best trial, its adapter and the next commands.
+
+    Exit codes: 0 done; 1 no trial produced the metric; 130 interrupted (Ctrl-C), resumable.
+    """
+    results, experiment_path, epochs, expected = outcome
+    metric, mode = args.tune.metric, args.tune.mode
+    trials = list(results)
+    errors = [r for r in trials if r.error is not None]
+    early = [r for r in trials if r.error is None and r.metrics and r.metrics.get("training_iteration", 0) < epochs]
+    finished = results.num_terminated + results.num_errors
+    if finished < expected:
+        print(
+            f"\nSearch interrupted after {seconds:.0f} s with {finished} of {expected} trials finished; nothing is "
+            f"lost. Continue it with:\n  python tune/run.py --resume {experiment_path}",
+            file=sys.stderr,
+        )
+        return 130
+    print(
+        f"\nSearch finished in {seconds:.0f} s: {len(trials)} trials, {len(early)} stopped early, "
+        f"{len(errors)} errored."
+    )
+    for r in errors:
+        print(f"  errored: {r.path} ({type(r.error).__name__}); see error.txt there")
+    try:
+        best = results.get_best_result(metric, mode, scope="all", filter_nan_and_inf=True)
+    except RuntimeError:
+        print(f"error: no trial reported a finite {metric!r}; see the errors above.", file=sys.stderr)
+        return 1
+    checkpoint = best.get_best_checkpoint(metric, mode)
+    epoch_metrics = best.metrics_dataframe
+    row = epoch_metrics.loc[epoch_metrics[metric].idxmax() if mode == "max" else epoch_metrics[metric].idxmin()]
+    shown = dict.fromkeys((metric, "accuracy", "f1_macro", "loss"))  # ordered, without duplicates
+    print(f"Best trial {Path(best.path).name}, epoch {int(row['training_iteration'])}:")
+    config = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
+    print(f"  config:     {config}")
+    print("  validation: " + ", ".join(f"{k}={row[k]:.4f}" for k in shown if k in row))
+    print(f"  adapter:    {checkpoint.path if checkpoint else '(no checkpoint kept)'}")
+    print(f"Experiment:   {experiment_path}")
+    print("Next:")
+    print(f"  python -m analysis report {experiment_path}")
+    if checkpoint:
+        print(f'  python -m lorasent.predict {checkpoint.path} --text "{EXAMPLE_TEXT}"')
+    print(f"  tensorboard --logdir {experiment_path} --host 127.0.0.1")
+    return 0
+
+
+class SearchOutcome(NamedTuple):
+    results: Any  # ray.tune.ResultGrid
+    experiment_path: str
+    epochs: int  # the most epochs a trial could run
+    expected_trials: int  # fewer finished ones: the search was interrupted
+
+
+def run_search(args: SearchArguments) -> SearchOutcome:
+    """Validate everything, tokenise once, start or join Ray, then run (or resume) the search."""
+    from ray import tune
+
+    from lorasent.tokenize import tokenized_splits
+    from tune import cluster, search
+    from tune.trainable import make_trainable
+
+    t = args.tune
+    space, param_space = search.build_param_space(t, args.model, args.train)
+    epochs = search.max_epochs(t, space, args.train)
+    scheduler = search.build_scheduler(t, epochs)
+    points = search.starting_points(t, space, args.model, args.train)
+    plan = cluster.preflight(t)  # the address answers, or the local Ray's plan fits: before anything heavy
+    if t.resume:
+        storage_path, name = _resume_location(t.resume)
+    else:
+        storage_path, name = _experiment_location(args, cluster.resolve_storage_path(t.storage_path))
+    experiment_path = f"{storage_path}/{name}"
+
+    splits = tokenized_splits(args.data, args.model)  # once, here: trials load the cached splits, never re-tokenise
+    search.check_trials_fit(space, args.model, args.train, len(splits["train"]))
+    session = cluster.start_ray(t, plan)
+    try:
+        plan = session.plan
+        print(plan.describe())
+        cluster.warn_if_storage_not_shared(plan, storage_path)
+        trainable = make_trainable(
+            args.data,
+            args.model,
+            args.train,
+            metric=t.metric,
+            mode=t.mode,
+            cpus_per_trial=plan.cpus_per_trial,
+            gpus_per_trial=plan.gpus_per_trial,
+        )
+        if not cluster.is_uri(storage_path):
+            # A killed driver loses what happened since the last experiment snapshot: snapshot often (cheap locally,
+            # so Ray's warning about frequent snapshots, meant for cloud storage, is noise here).
+            os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+            os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        if t.resume:
+            print(f"Resuming {experiment_path}: finished trials are kept, the rest continue from their checkpoints.")
+            try:
+                tuner = tune.Tuner.restore(
+                    experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+                )
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+                raise _damaged_state(experiment_path, "tuner.pkl", e) from None  # Ray unpickles it as is
+        else:
+            cluster.write_experiment_file(experiment_path, METADATA_FILE, experiment_metadata(args))
+            latest = cluster.update_latest_link(storage_path, name)  # now, so a killed run resumes from `latest`
+            if latest is not None:
+                print(f"{latest} -> {name}")
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    metric=t.metric,
+                    mode=t.mode,
+                    search_alg=search.build_searcher(t, points, plan.max_concurrent_trials),
+                    scheduler=scheduler,
+                    num_samples=search.num_samples(t),
+                    reuse_actors=t.reuse_actors,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=storage_path,
+                    stop={"training_iteration": epochs},
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=t.keep_checkpoints,
+                        checkpoint_score_attribute=t.metric,
+                        checkpoint_score_order=t.mode,
+                    ),
+                    failure_config=tune.FailureConfig(max_failures=t.max_failures),
+                    verbose=t.verbose,
+                ),
+            )
+        results = tuner.fit()
+    finally:
+        session.shutdown()
+    return SearchOutcome(results, experiment_path, epochs, search.expected_trials(t, space))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python tune/run.py`: 0 done, 1 no trial produced a result, 2 a user error, 130 interrupted."""
+    try:
+        args = parse_args(argv)
+        outcome = run_search(args)
+    except LorasentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _summary(outcome, args, time.perf_counter() - STARTED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

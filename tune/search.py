@@ -1,0 +1,185 @@
+"""Search space, searcher and scheduler: the parts of a search that decide which trials run and which stop.
+
+Optuna's TPE (seeded, with starting points) proposes configs, ASHA stops the weak trials at epoch rungs. Every
+impossible combination is refused here, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from lorasent.config import ModelArguments, TrainArguments, replace
+from lorasent.errors import ConfigError
+from tune.config import SEARCHABLE, ParamSpec, SearchSpace, TuneArguments, parse_search_space, typed_value
+
+
+def _check_values(spec: ParamSpec, model_args: ModelArguments, train_args: TrainArguments) -> None:
+    """Run each candidate (or range end) through its dataclass's validation, so a bad value fails now."""
+    owner = model_args if SEARCHABLE[spec.name][0] is ModelArguments else train_args
+    for value in spec.values:
+        try:
+            replace(owner, **{spec.name: value})
+        except ConfigError as e:
+            raise ConfigError(f"search_space.{spec.name}: {value!r} is not allowed: {e}") from None
+
+
+def _domain(spec: ParamSpec, searcher: str) -> Any:
+    integer = SEARCHABLE[spec.name][1] is int
+    low, high = spec.values[0], spec.values[-1]
+    if spec.distribution == "loguniform":
+        return tune.lograndint(low, high + 1) if integer else tune.loguniform(low, high)
+    if spec.distribution == "uniform":
+        return tune.randint(low, high + 1) if integer else tune.uniform(low, high)
+    # Grid search walks every value of every list; random search expands `grid` lists; Optuna samples them.
+    if searcher == "grid" or (spec.distribution == "grid" and searcher == "random"):
+        return tune.grid_search(list(spec.values))
+    return tune.choice(list(spec.values))
+
+
+def build_param_space(
+    tune_args: TuneArguments, model_args: ModelArguments, train_args: TrainArguments
+) -> tuple[SearchSpace, dict[str, Any]]:
+    """The validated search space and Ray's `param_space` for the chosen searcher."""
+    space = parse_search_space(tune_args.search_space)
+    if not space:
+        raise ConfigError(
+            "The search space is empty: nothing to search. Give at least one parameter, e.g. "
+            '--search_space \'{"learning_rate": {"loguniform": [1e-4, 1e-2]}}\', or use a --preset.'
+        )
+    ranges = sorted(name for name, spec in space.items() if spec.is_range)
+    if tune_args.searcher == "grid" and ranges:
+        raise ConfigError(
+            f"Grid search needs a finite list of values, but {ranges} are continuous (loguniform/uniform). Give "
+            "them as grid or choice lists, or use --searcher optuna / random."
+        )
+    for spec in space.values():
+        _check_values(spec, model_args, train_args)
+    return space, {name: _domain(spec, tune_args.searcher) for name, spec in space.items()}
+
+
+def max_epochs(tune_args: TuneArguments, space: SearchSpace, train_args: TrainArguments) -> int:
+    """The most epochs any trial can run: ASHA's time budget."""
+    spec = space.get("num_train_epochs")
+    longest = max(spec.values) if spec else train_args.num_train_epochs
+    return tune_args.max_epochs or int(longest)
+
+
+def starting_points(
+    tune_args: TuneArguments, space: SearchSpace, model_args: ModelArguments, train_args: TrainArguments
+) -> list[dict[str, Any]]:
+    """`points_to_evaluate`, each completed with the base value of every searched parameter it leaves out."""
+    points = []
+    for i, point in enumerate(tune_args.points_to_evaluate):
+        if not isinstance(point, dict):
+            raise ConfigError(f"points_to_evaluate[{i}] must be a mapping {{parameter: value}}, got {point!r}.")
+        unknown = sorted(set(point) - set(space))
+        if unknown:
+            raise ConfigError(
+                f"points_to_evaluate[{i}] sets {unknown}, which are not searched. Searched: {', '.join(space)}."
+            )
+        full = {}
+        for name, spec in space.items():
+            owner = model_args if SEARCHABLE[name][0] is ModelArguments else train_args
+            value = typed_value(name, point.get(name, getattr(owner, name)))
+            inside = spec.values[0] <= value <= spec.values[1] if spec.is_range else value in spec.values
+            if not inside:
+                raise ConfigError(
+                    f"points_to_evaluate[{i}]: {name}={value!r} lies outside its search space {spec.distribution} "
+                    f"{list(spec.values)}. Add it to the space or change the point."
+                )
+            full[name] = value
+        points.append(full)
+    return points
+
+
+def build_searcher(
+    tune_args: TuneArguments, points: list[dict[str, Any]], max_concurrent: int
+) -> ConcurrencyLimiter | BasicVariantGenerator:
+    """Optuna TPE behind a ConcurrencyLimiter (TPE learns little from many pending trials), or seeded random/grid."""
+    if tune_args.searcher == "optuna":
+        import optuna
+
+        sampler = optuna.samplers.TPESampler(seed=tune_args.search_seed)
+        optuna_search = OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
+        return ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent)
+    return BasicVariantGenerator(
+        points_to_evaluate=(points or None) if tune_args.searcher == "random" else None,
+        max_concurrent=max_concurrent,
+        random_state=tune_args.search_seed,
+    )
+
+
+def build_scheduler(tune_args: TuneArguments, epochs: int) -> TrialScheduler | None:
+    """ASHA on epochs (`training_iteration` counts one per epoch report), or None for FIFO."""
+    if tune_args.scheduler == "none":
+        return None
+    if tune_args.grace_period > epochs:
+        raise ConfigError(
+            f"grace_period={tune_args.grace_period} exceeds the {epochs} epoch(s) a trial runs, so ASHA could never "
+            "stop a trial. Lower --grace_period or raise --num_train_epochs / --max_epochs."
+        )
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=tune_args.grace_period,
+        reduction_factor=tune_args.reduction_factor,
+    )
+
+
+def _architecture(model_args: ModelArguments) -> Any:
+    """The model's modules on the meta device: every name and layer type, without weights or memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from lorasent.assets import resolve_model_path
+
+    trust = model_args.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model_args.model_name_or_path), trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Cannot read the configuration of model '{model_args.model_name_or_path}': {e}") from None
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust)
+
+
+def check_trials_fit(
+    space: SearchSpace, model_args: ModelArguments, train_args: TrainArguments, train_examples: int
+) -> None:
+    """Refuse, before Ray starts, what every trial would fail on after its retries: a batch larger than the train
+    split, or LoRA target modules the model does not have."""
+    from lorasent.model import resolve_target_modules
+
+    batch = space.get("per_device_train_batch_size")
+    largest = int(max(batch.values)) if batch else train_args.per_device_train_batch_size
+    if largest > train_examples:
+        where = "search_space.per_device_train_batch_size" if batch else "per_device_train_batch_size"
+        raise ConfigError(
+            f"{where}: a batch of {largest} exceeds the {train_examples} training examples. Use smaller batches or "
+            "more data (max_train_samples)."
+        )
+    targets = space.get("target_modules")
+    architecture = _architecture(model_args)
+    for spec in targets.values if targets else (model_args.target_modules,):
+        try:
+            resolve_target_modules(architecture, spec)
+        except ConfigError as e:
+            raise ConfigError(f"search_space.target_modules: {spec!r}: {e}" if targets else str(e)) from None
+
+
+def expected_trials(tune_args: TuneArguments, space: SearchSpace) -> int:
+    """How many trials the finished search holds (at least): grid points times samples."""
+    if tune_args.searcher == "optuna":
+        return tune_args.num_samples
+    walked = [s for s in space.values() if tune_args.searcher == "grid" or s.distribution == "grid"]
+    return num_samples(tune_args) * math.prod(len(s.values) for s in walked)
+
+
+def num_samples(tune_args: TuneArguments) -> int:
+    """Grid search runs each grid point once; the other searchers run --num_samples trials."""
+    return 1 if tune_args.searcher == "grid" else tune_args.num_samples

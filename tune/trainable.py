@@ -1,0 +1,110 @@
+"""The function every Ray Tune trial runs: one `lorasent.train.train()` that reports and checkpoints each epoch.
+
+Only `ray.tune.*` APIs appear here (`tune.report`, `tune.get_checkpoint`, `tune.Checkpoint`): under Ray Train V2
+the `ray.train.*` ones raise inside a Tune function. The trial receives small dicts only; the tokenised data is
+read from lorasent's on-disk cache, which the driver fills once before the first trial starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from ray import tune
+
+from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace, to_dict
+from lorasent.metrics import metric_names
+from lorasent.train import EpochReport, train
+from tune.config import apply_trial_config
+
+LEADING_METRICS = ("f1_macro", "loss", "train_loss")  # after the search metric: the console table shows the first 4
+
+
+def require_gpu(gpus: float) -> None:
+    """A trial that reserved a GPU must not silently train on the CPU."""
+    import torch
+
+    if gpus > 0 and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"This trial reserved {gpus:g} GPU but torch sees none (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}). Install a CUDA build of torch "
+            "on every worker node, or run on CPUs with --gpus_per_trial 0."
+        )
+
+
+def _reporter(metric: str, mode: str) -> Callable[[EpochReport], None]:
+    """Report each epoch's metrics (search metric first) and its model folder as the trial's checkpoint."""
+    worst = -math.inf if mode == "max" else math.inf
+
+    def report(epoch: EpochReport) -> None:
+        metrics = dict(epoch.metrics)
+        if metrics.get("diverged"):
+            metrics[metric] = worst  # a NaN/inf-loss model must never be picked as best, whatever it predicts
+        order = [metric, *(k for k in LEADING_METRICS if k != metric)]
+        ordered = {k: metrics[k] for k in order if k in metrics} | metrics
+        tune.report(ordered, checkpoint=tune.Checkpoint.from_directory(str(epoch.checkpoint_dir)))
+
+    return report
+
+
+def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """One trial: the base arguments with `config` (the sampled hyperparameters) put in.
+
+    `base` holds the three lorasent dataclasses as dicts plus `metric`, `mode` and `gpus_per_trial`. A trial
+    restarted by Tune (retry, `--resume`) continues from its last reported checkpoint. A diverging trial reports
+    its last epoch with `diverged=1` and the worst metric, then returns: a bad result, not an error.
+    """
+    require_gpu(base["gpus_per_trial"])
+    model_args, train_args = apply_trial_config(
+        ModelArguments(**base["model"]), TrainArguments(**base["train"]), config
+    )
+    checkpoint = tune.get_checkpoint()
+    with (
+        tempfile.TemporaryDirectory(prefix="lorasent-trial-") as work_dir,
+        checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir,
+    ):
+        train(
+            DataArguments(**base["data"]),
+            model_args,
+            train_args,
+            on_epoch=_reporter(base["metric"], base["mode"]),
+            resume_from_checkpoint=resume_dir,
+            save_final=False,
+            work_dir=work_dir,
+        )
+
+
+def make_trainable(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: TrainArguments,
+    *,
+    metric: str,
+    mode: str,
+    cpus_per_trial: float,
+    gpus_per_trial: float,
+) -> Any:
+    """`train_trial` with its base arguments (small dicts, via the object store) and its per-trial resources."""
+    trial_train_args = replace(
+        train_args,
+        use_cpu=train_args.use_cpu or gpus_per_trial == 0,  # a CPU trial must not touch a GPU it did not reserve
+        torch_threads=train_args.torch_threads or max(1, math.floor(cpus_per_trial)),
+        # the epoch a trial calls best is the one Tune ranks it by (train_loss is not a validation metric)
+        metric_for_best_model=(
+            metric if metric in metric_names(data_args.label_names) else train_args.metric_for_best_model
+        ),
+    )
+    base = {
+        "data": to_dict(data_args),
+        "model": to_dict(model_args),
+        "train": to_dict(trial_train_args),
+        "metric": metric,
+        "mode": mode,
+        "gpus_per_trial": gpus_per_trial,
+    }
+    resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(train_trial, base=base), resources)
