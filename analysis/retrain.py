@@ -56,6 +56,7 @@ def retrain_best(
 ) -> Path:
     """Build, test and save the final model of a search; returns its folder."""
     from lorasent.evaluate import evaluate_model_dir
+    from lorasent.model import check_model_dir
     from lorasent.train import train
 
     exp = load_experiment(experiment_path)
@@ -76,6 +77,7 @@ def retrain_best(
                     f"Trial {best['trial_id']} kept no checkpoint of its best epoch {exp.best_epoch} in "
                     f"{best['trial_dir']}. Retrain instead (drop --use-checkpoint)."
                 )
+            check_model_dir(checkpoint)  # damage is reported against the checkpoint, not the temporary copy
             print(f"Evaluating trial {best['trial_id']}'s best checkpoint {checkpoint} on the {TEST_SPLIT} split")
             shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
             provenance["method"] = f"checkpoint of trial {best['trial_id']}, epoch {exp.best_epoch} (trained on train)"

@@ -1,0 +1,186 @@
+"""Bad input refused by the command lines: exit code 2, one `error:` line that names the fix, no traceback, and
+nothing half-written left behind.
+
+Three commands run as real subprocesses, started together (each spends most of its time importing torch and
+Ray); the rest call the same `main` in this process. Cases that other test files already cover (bad data files,
+bad flags and YAML, impossible search spaces, bad prediction strings, ...) are listed in docs/RELIABILITY.md,
+not repeated here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
+from lorasent.model import build_model, save_model_dir
+from lorasent.tokenize import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["tune/run.py", "--preset", "smoke", "--include_dashboard", "false", "--num_cpus", "2", "--name", "exp"]
+TINY_TRAIN = ["-m", "lorasent.train", "--model_name_or_path", TINY_MODEL, "--max_train_samples", "32"]
+
+
+def refused(done: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Assert a command refused its input cleanly and return its error line.
+
+    Exit code 2, no Python traceback, and exactly one `error:` line (argparse prefixes it with the program
+    name) that contains every fragment, e.g. the bad value and the option that fixes it.
+    """
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert len(errors) == 1, done.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) tiny LoRA model folder: enough to feed the prediction CLI bad input."""
+    model_args = ModelArguments(model_name_or_path=TINY_MODEL)
+    folder = tmp_path_factory.mktemp("model") / "model"
+    model = build_model(model_args, ["negative", "positive"])
+    save_model_dir(
+        model, load_tokenizer(model_args), folder, data_args=DataArguments(), model_args=model_args,
+        train_args=TrainArguments(),
+    )  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str, Any]:
+    """The subprocess cases, started together and then collected: name -> CompletedProcess, plus their folder."""
+    tmp = tmp_path_factory.mktemp("bad-input")
+    (tmp / "fast.yaml").write_text(f"model_name_or_path: {TINY_MODEL}\nlearning_rate: fast\n")
+    garbage = tmp / "garbage.txt"
+    garbage.write_bytes(bytes(range(256)) * 64 + b"\n\x00\xff\xfe binary \x89PNG\r\n\x1a\n")
+    cases = {
+        "unreachable_cluster": [*SMOKE, "--storage_path", str(tmp / "storage"), "--address", "127.0.0.1:1"],
+        "train_wrong_type": [*TINY_TRAIN, "--output_dir", str(tmp / "model"), "--config", str(tmp / "fast.yaml")],
+        "predict_binary_garbage": [
+            "-m", "lorasent.predict", str(model_dir), "--input", str(garbage), "--output", str(tmp / "out.csv"),
+        ],
+    }  # fmt: skip
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, args in cases.items()
+    }
+    done: dict[str, Any] = {"tmp": tmp}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=600)
+        done[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return done
+
+
+def _main_refused(
+    main: Callable[[list[str]], int], argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str
+) -> str:
+    """`refused` for a command run in this process through its `main` (same code path, without the import cost)."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    return refused(subprocess.CompletedProcess(argv, code, captured.out, captured.err), *fragments)
+
+
+def _search_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], *fragments: str) -> str:
+    """A refused `python tune/run.py` (in-process), which must leave at most an empty storage folder."""
+    from tune.run import main
+
+    storage = tmp_path / "storage"
+    error = _main_refused(main, [*SMOKE[1:], "--storage_path", str(storage), *args], capsys, *fragments)
+    assert not storage.exists() or not any(storage.iterdir()), sorted(storage.iterdir())
+    return error
+
+
+def _train_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], *fragments: str) -> str:
+    """A refused `python -m lorasent.train` (in-process), which must write neither the model nor checkpoints."""
+    from lorasent.train import main
+
+    error = _main_refused(main, [*TINY_TRAIN[2:], "--output_dir", str(tmp_path / "model"), *args], capsys, *fragments)
+    assert not any(tmp_path.iterdir()), sorted(tmp_path.iterdir())
+    return error
+
+
+# ----------------------------------------------------------------------------------------------- environment
+
+
+def test_unreachable_cluster_address(runs: dict[str, Any]) -> None:
+    refused(runs["unreachable_cluster"], "127.0.0.1:1 is unreachable", "drop --address")
+    storage = runs["tmp"] / "storage"
+    assert not storage.exists() or not any(storage.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_requested_but_absent_on_this_machine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _search_refused(tmp_path, capsys, ["--gpus_per_trial", "1"], "gpus_per_trial=1", "no GPU", "--gpus_per_trial 0")
+
+
+def test_unreachable_hub_through_the_search(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--model_name_or_path", "distilbert-base-uncased"]
+    _search_refused(tmp_path, capsys, args, "distilbert-base-uncased", "unreachable", "offline:all-MiniLM-L6-v2")
+
+
+def test_unwritable_cache_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    in_the_way = tmp_path / "cache"
+    in_the_way.write_text("a file, not a folder\n")
+    monkeypatch.setenv("LORASENT_CACHE", str(in_the_way))
+    out = tmp_path / "out"
+    out.mkdir()
+    _train_refused(out, capsys, [], str(in_the_way), "LORASENT_CACHE")
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def test_search_with_unknown_target_modules_is_refused_before_ray(tmp_path: Path, capsys) -> None:
+    from tune.run import main
+
+    code = main([*SMOKE[1:], "--storage_path", str(tmp_path / "storage"), "--target_modules", "q_lin,query"])
+    captured = capsys.readouterr()
+    assert "Resource plan" not in captured.out  # refused before Ray started, not by every trial after retries
+    refused(subprocess.CompletedProcess([], code, captured.out, captured.err), "['query']", "q_lin", "v_lin")
+
+
+def test_search_space_of_unknown_target_modules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = json.dumps({"target_modules": {"choice": ["auto", "query,value"]}})
+    _search_refused(tmp_path, capsys, ["--search_space", space], "search_space.target_modules: 'query,value'", "q_lin")
+
+
+def test_search_batch_larger_than_the_train_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = json.dumps({"per_device_train_batch_size": {"choice": [8, 128]}})
+    _search_refused(tmp_path, capsys, ["--search_space", space], "128", "64 training examples", "max_train_samples")
+
+
+def test_training_config_with_a_wrong_type(runs: dict[str, Any]) -> None:
+    refused(runs["train_wrong_type"], "--learning_rate", "invalid float value: 'fast'")
+    assert not (runs["tmp"] / "model").exists()
+
+
+def test_training_with_unknown_target_modules_writes_nothing(tmp_path: Path, capsys) -> None:
+    _train_refused(tmp_path, capsys, ["--target_modules", "query"], "['query']", "q_lin", "v_lin")
+
+
+# ----------------------------------------------------------------------------------------------- prediction input
+
+
+def test_binary_garbage_is_reported_per_row(runs: dict[str, Any]) -> None:
+    import pandas as pd
+
+    done = runs["predict_binary_garbage"]
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    frame = pd.read_csv(runs["tmp"] / "out.csv", keep_default_na=False)
+    errors = frame["error"].tolist()
+    assert "not valid UTF-8" in " ".join(errors)
+    # Every line either got a label or says why not; the run as a whole never fails on one bad line.
+    assert all((label != "") != (error != "") for label, error in zip(frame["label"], errors, strict=True))
