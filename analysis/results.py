@@ -375,9 +375,14 @@ def _summarise_trials(
     best_col, last_col = f"best_{metric}", f"last_{metric}"
     summary = pd.DataFrame(index=trials["trial_id"])
     if not epochs.empty:
-        by_trial = epochs.dropna(subset=[metric]).groupby("trial_id", sort=False)
-        best_idx = by_trial[metric].idxmax() if mode == "max" else by_trial[metric].idxmin()
-        best_rows = epochs.loc[best_idx].set_index("trial_id")
+        scored = epochs.dropna(subset=[metric])
+        by_trial = scored.groupby("trial_id", sort=False)
+        # Among epochs tied on the metric, prefer one whose checkpoint Ray kept (num_to_keep deletes the others).
+        kept = scored["checkpoint"].notna() if "checkpoint" in scored else pd.Series(False, index=scored.index)
+        ranked = scored.assign(_kept=kept).sort_values(
+            [metric, "_kept", "epoch"], ascending=[mode == "min", False, True], kind="stable"
+        )
+        best_rows = ranked.groupby("trial_id", sort=False).head(1).set_index("trial_id")
         summary[best_col] = best_rows[metric]
         summary["best_epoch"] = best_rows["epoch"]
         summary["best_checkpoint"] = best_rows.get("checkpoint")
