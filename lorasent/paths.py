@@ -8,6 +8,7 @@ write therefore goes to a temporary sibling first and is renamed into place only
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -72,8 +73,9 @@ def _commit_dir(tmp: Path, final: Path, *, replace: bool) -> None:
         try:
             tmp.rename(final)
             return
-        except OSError:
-            if not final.exists():
+        except OSError as e:
+            # Another writer put its folder in place after our look (and may move it aside again): look again.
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
         finally:
             if old is not None:
