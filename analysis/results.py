@@ -99,7 +99,10 @@ class Experiment:
 
     @property
     def resources(self) -> dict[str, float]:
-        """CPUs and GPUs each trial held, as the search recorded them (Ray's default, 1 CPU, if it did not)."""
+        """CPUs and GPUs each trial held, as the search resolved them (`resources`; older records only have the
+        requested tune arguments, where an automatic GPU share is None), else Ray's default of 1 CPU."""
+        if "resources" in self.search:
+            return {key: float(self.search["resources"][key]) for key in ("cpu", "gpu")}
         tune_args = self.search.get("tune", {})
         return {"cpu": float(tune_args.get("cpus_per_trial") or 1), "gpu": float(tune_args.get("gpus_per_trial") or 0)}
 

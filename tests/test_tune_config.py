@@ -4,6 +4,7 @@ and clear errors for unknown or impossible settings (all before Ray could start)
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import yaml
 
 from lorasent.config import OFFLINE_DATASET, OFFLINE_MODEL, TINY_MODEL, ModelArguments, TrainArguments
 from lorasent.errors import ConfigError
-from tune.cluster import check_reachable
+from tune.cluster import check_reachable, use_token_from_env
 from tune.config import (
     METADATA_FILE,
     SEARCHABLE,
@@ -199,6 +200,37 @@ def test_resume_takes_the_saved_arguments_and_only_session_flags(tmp_path: Path)
         parse_args(["--resume", str(tmp_path), "--num_samples", "9", "--learning_rate", "1e-3"])
     with pytest.raises(ConfigError, match=f"Cannot read {tmp_path / 'nothing' / METADATA_FILE}"):
         parse_args(["--resume", str(tmp_path / "nothing")])
+
+
+def test_resume_keeps_the_resolved_resources(tmp_path: Path) -> None:
+    """An automatic GPU share is recorded as resolved, and a resume (perhaps on other nodes) gives trials the same."""
+    original = parse_args(["--smoke-test"])
+    assert original.tune.gpus_per_trial is None
+    text = experiment_metadata(original, {"cpu": 1.0, "gpu": 0.25})
+    assert json.loads(text)["resources"] == {"cpu": 1.0, "gpu": 0.25}
+    (tmp_path / METADATA_FILE).write_text(text, encoding="utf-8")
+    assert parse_args(["--resume", str(tmp_path)]).tune.gpus_per_trial == 0.25
+    (tmp_path / METADATA_FILE).write_text(experiment_metadata(original), encoding="utf-8")  # an older record
+    assert parse_args(["--resume", str(tmp_path)]).tune.gpus_per_trial is None
+
+
+def test_token_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    with socket.socket() as listening:  # an address that answers, so the token check is what refuses
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+        (tmp_path / "empty").write_text("\n")
+        for path, problem in ((tmp_path / "missing", "it cannot be read"), (tmp_path / "empty", "it is empty")):
+            monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+            assert main(["--smoke-test", "--address", address, "--storage_path", str(tmp_path / "runs")]) == 2
+            err = capsys.readouterr().err
+            assert f"RAY_AUTH_TOKEN_PATH={path} names no token ({problem}" in err and "RAY_AUTH_TOKEN." in err
+            assert not ray.is_initialized()
+    # An explicit mode is the user's choice: a token in the environment does not override it.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    assert use_token_from_env() is None and os.environ["RAY_AUTH_MODE"] == "disabled"
 
 
 def _closed_port() -> int:

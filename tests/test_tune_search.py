@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
+import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
@@ -19,7 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 from lorasent.errors import ConfigError
 from lorasent.predict import Predictor
 from tune import search
-from tune.cluster import plan_resources
+from tune.cluster import Autoscaler, configured_node_types, find_autoscaler, launcher_max_resources, plan_resources
 from tune.config import METADATA_FILE, parse_args
 from tune.run import run_search
 from tune.trainable import require_gpu
@@ -115,6 +117,74 @@ def test_resource_plans() -> None:
         plan_resources(_args("--cpus_per_trial", "4").tune, [{"CPU": 2.0}, {"CPU": 2.0}])
 
 
+def test_autoscaling_resource_plans() -> None:
+    """A KubeRay / `ray up` cluster whose GPU workers are at zero: the head alone is up, with no CPU for trials."""
+    head = [{"CPU": 0.0}]
+    unknown = Autoscaler("autoscaler node types gpu-group, headgroup")  # v1/v2 status: no ceiling published
+    with pytest.raises(ConfigError, match="has no GPU"):  # a fixed cluster like this one is refused, as before
+        plan_resources(_args("--gpus_per_trial", "0.25").tune, head)
+    packed = plan_resources(_args("--gpus_per_trial", "0.25").tune, head, unknown)
+    assert (packed.gpus_per_trial, packed.max_concurrent_trials, packed.autoscaler) == (0.25, None, unknown)
+    assert (
+        "now 1 node(s), 0 CPUs, 0 GPUs" in packed.describe() and "as the autoscaler adds nodes for" in packed.describe()
+    )
+    assert packed.resources_per_trial == {"cpu": 1.0, "gpu": 0.25}
+    wanted = plan_resources(_args("--gpus_per_trial", "0.25", "--max_concurrent_trials", "16").tune, head, unknown)
+    assert wanted.max_concurrent_trials == 16  # beyond what is up now: the autoscaler is asked for it
+    with pytest.raises(ConfigError, match=r"does not publish which nodes.*--gpus_per_trial 0.25.*--gpus_per_trial 0"):
+        plan_resources(_args().tune, head, unknown)  # automatic GPUs: the answer depends on nodes nobody lists
+    assert plan_resources(_args().tune, [{"CPU": 8.0, "GPU": 1.0}], unknown).gpus_per_trial == 0.25  # GPUs up: use them
+
+    ceiling = Autoscaler("the autoscaler's cluster config", {"CPU": 32.0, "GPU": 8.0})
+    auto = plan_resources(_args().tune, head, ceiling)
+    assert (auto.gpus_per_trial, auto.max_concurrent_trials) == (0.25, 32)  # 8 GPUs × 4, within 32 CPUs
+    with pytest.raises(ConfigError, match="can reach at most 32 CPUs and 8 GPUs: 32 trial"):
+        plan_resources(_args("--max_concurrent_trials", "40").tune, head, ceiling)
+    cpu_only = Autoscaler("~/ray_bootstrap_config.yaml", {"CPU": 8.0})
+    assert plan_resources(_args().tune, head, cpu_only).gpus_per_trial == 0.0
+    with pytest.raises(ConfigError, match="not one trial of 1 CPU"):
+        plan_resources(_args("--gpus_per_trial", "1").tune, head, cpu_only)
+
+
+def test_autoscaler_evidence() -> None:
+    """What Ray 2.60 publishes (status JSON shapes as its v1 monitor writes them), and launcher configs."""
+    readonly_id = "7dde8c071abdd337c9283bb2bfd1bacec2a327648d5cedbb2a122a61"
+    hand_started = {  # `ray start --head` / a local Ray: Ray's read-only provider invents one type per node
+        "autoscaler_report": {
+            "active_nodes": {f"node_{readonly_id}": 1},
+            "pending_nodes": [],
+            "pending_launches": {},
+            "node_type_mapping": {readonly_id: f"node_{readonly_id}"},
+        }
+    }
+    assert configured_node_types(hand_started, [f"node_{readonly_id}"]) == []
+    autoscaled = {
+        "autoscaler_report": {
+            "active_nodes": {"headgroup": 1},
+            "pending_nodes": [["10.0.0.7", "gpu-group", "setting-up"]],
+            "pending_launches": {"gpu-group": 1},
+            "node_type_mapping": {"10.0.0.5": "headgroup"},
+        }
+    }
+    assert configured_node_types(autoscaled) == ["gpu-group", "headgroup"]
+    assert configured_node_types(None, ["ray.head.default", ""]) == ["ray.head.default"]  # v2: labelled node types
+
+    config = {
+        "max_workers": 3,
+        "head_node_type": "head",
+        "available_node_types": {
+            "head": {"resources": {"CPU": 4}, "max_workers": 0},
+            "a10g": {"resources": {"CPU": 4, "GPU": 1}, "min_workers": 0, "max_workers": 8},
+            "a100x8": {"resources": {"CPU": 96, "GPU": 8}, "min_workers": 0, "max_workers": 1},
+        },
+    }
+    # At most 3 workers: the head's 4 CPUs plus the A100 node and two A10G nodes, per resource.
+    assert launcher_max_resources(config) == {"CPU": 4 + 96 + 4 + 4, "GPU": 8 + 1 + 1}
+    aws = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "aws.yaml").read_text())
+    plan = plan_resources(_args().tune, [{"CPU": 0.0}], Autoscaler("aws.yaml", launcher_max_resources(aws)))
+    assert plan.gpus_per_trial == 0.25 and plan.max_concurrent_trials >= 8  # the repo's launcher config: GPU workers
+
+
 # ---------------------------------------------------------------------------------------------- real searches
 
 
@@ -149,6 +219,7 @@ def test_asha_optuna_search_end_to_end(tiny_search) -> None:
         assert frame["epoch"].tolist() == [float(i) for i in range(1, len(frame) + 1)]
         assert {"loss", "accuracy", "f1_macro", "train_loss"} <= set(frame.columns)
         assert frame["checkpoint_dir_name"].notna().all()
+        assert set(frame["node_id"]) == {ray.get_runtime_context().get_node_id()}  # the local Ray's one node
         iterations.append(len(frame))
     assert max(iterations) == 3
     assert min(iterations) < 3, f"ASHA stopped no trial early: {iterations}"
@@ -166,8 +237,22 @@ def test_asha_optuna_search_end_to_end(tiny_search) -> None:
     assert (storage / "latest").resolve() == experiment.resolve()
     saved = json.loads((experiment / METADATA_FILE).read_text())
     assert saved["tune"]["num_samples"] == 6 and saved["model"]["model_name_or_path"] == "tiny:distilbert"
+    assert saved["tune"]["gpus_per_trial"] is None and saved["resources"] == {"cpu": 1.0, "gpu": 0.0}  # as resolved
     assert list(experiment.glob("*/events.out.tfevents.*")), "no TensorBoard logs"
     assert tune.Tuner.can_restore(str(experiment))
+
+
+@pytest.mark.ray
+def test_a_local_ray_has_no_autoscaler(local_ray) -> None:
+    """Ray's monitor runs here too, with its read-only provider: its published status must not look autoscaled."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    for _ in range(100):  # the monitor publishes its first status about a second after start
+        if _internal_kv_get("__autoscaling_status"):
+            break
+        time.sleep(0.1)
+    assert json.loads(_internal_kv_get("__autoscaling_status"))["autoscaler_report"]["node_type_mapping"]
+    assert find_autoscaler() is None
 
 
 @pytest.mark.ray

@@ -7,10 +7,13 @@ local checks run before Ray itself starts.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import socket
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ TOKEN_HELP = (
     "paste it when the dashboard asks. On a trusted single-user machine you may turn it off with "
     "RAY_AUTH_MODE=disabled."
 )
+TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # where a client's token comes from, in Ray's order
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,30 +107,132 @@ def update_latest_link(storage_path: str, experiment_name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Autoscaling clusters
+
+# Ray's read-only node provider (a cluster started by hand with `ray start`, or a local Ray) names each node's type
+# `node_<node id>`; an autoscaler names them after its config (`gpu_worker`, a KubeRay worker group).
+_READONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]+")
+# The head of a `ray up` cluster keeps the launcher config here (Ray Tune's own autoscaling check reads it too).
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+@dataclass(frozen=True)
+class Autoscaler:
+    """An autoscaler that adds nodes for waiting trials: what showed it, and the most it can reach if known."""
+
+    evidence: str
+    max_resources: dict[str, float] | None = None  # cluster-wide ceiling per resource ("CPU", "GPU"), if known
+
+
+def configured_node_types(status: Mapping[str, Any] | None, node_types: Iterable[str] = ()) -> list[str]:
+    """Node types named by an autoscaler config, from autoscaler v1's status JSON (the GCS key
+    `__autoscaling_status`) and the node types autoscaler v2 lists; Ray's read-only `node_<id>` stand-ins dropped."""
+    report = (status or {}).get("autoscaler_report") or {}
+    seen = [
+        *node_types,
+        *(report.get("node_type_mapping") or {}).values(),
+        *(report.get("active_nodes") or {}),
+        *(report.get("pending_launches") or {}),
+        *(pending[1] for pending in report.get("pending_nodes") or ()),  # [ip, node type, status]
+    ]
+    return sorted({t for t in seen if t and not _READONLY_NODE_TYPE.fullmatch(t)})
+
+
+def launcher_max_resources(config: Mapping[str, Any]) -> dict[str, float]:
+    """The most of each resource a cluster-launcher config can reach: the head plus the worker types at their
+    max_workers, and no more than the config's max_workers workers in all (the largest ones, per resource)."""
+    cap = config.get("max_workers")
+    total: dict[str, float] = {}
+    workers: dict[str, list[float]] = {}
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        for key, amount in (node_type.get("resources") or {}).items():
+            if name == config.get("head_node_type"):
+                total[key] = total.get(key, 0.0) + amount
+            else:
+                workers.setdefault(key, []).extend([float(amount)] * node_type.get("max_workers", 0))
+    for key, amounts in workers.items():
+        largest = sorted(amounts, reverse=True)
+        total[key] = total.get(key, 0.0) + sum(largest if cap is None else largest[:cap])
+    return total
+
+
+def _detect_autoscaler() -> Autoscaler | None:
+    """Ray 2.60 has no one switch for "autoscaling": read what each kind of autoscaler leaves behind, the ones that
+    also tell how far the cluster can grow first."""
+    import ray
+    import yaml
+    from ray._private.state import state
+    from ray.autoscaler.v2.sdk import get_cluster_status
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    # The config an autoscaler reports to the GCS (what Ray Train and Ray Data read; not every Ray version writes it).
+    config = state.get_cluster_config()
+    groups = config.node_group_configs if config else ()
+    if any(g.max_count == -1 or g.max_count > g.min_count for g in groups if g.max_count and g.resources):
+        ceiling = state.get_max_resources_from_cluster_config() or {}
+        return Autoscaler("the autoscaler's cluster config", {k: float(v) for k, v in ceiling.items()})
+    launcher = Path(LAUNCHER_CONFIG).expanduser()
+    if launcher.is_file():
+        return Autoscaler(str(launcher), launcher_max_resources(yaml.safe_load(launcher.read_text(encoding="utf-8"))))
+    raw = _internal_kv_get("__autoscaling_status")  # autoscaler v1 (KubeRay's default), ray_constants' key
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)  # autoscaler v2 (`ray up`'s default)
+    v2_types = [
+        *(n.ray_node_type_name for n in (*status.active_nodes, *status.idle_nodes, *status.pending_nodes)),
+        *(launch.ray_node_type_name for launch in status.pending_launches),
+    ]
+    node_types = configured_node_types(json.loads(raw) if raw else None, v2_types)
+    return Autoscaler(f"autoscaler node types {', '.join(node_types)}") if node_types else None
+
+
+def find_autoscaler() -> Autoscaler | None:
+    """The autoscaler of the cluster this process is connected to; None for a fixed cluster or a local Ray."""
+    import ray
+
+    if ray.util.client.ray.is_connected():  # Ray Client: the GCS is reachable from inside the cluster only
+        return ray.get(ray.remote(num_cpus=0)(_detect_autoscaler).remote())
+    return _detect_autoscaler()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Resource plan
 
 
 @dataclass(frozen=True)
 class ResourcePlan:
-    """What the cluster has and how many trials run on it at once."""
+    """What the cluster has and how many trials run on it at once.
+
+    On an autoscaling cluster `max_concurrent_trials` may be None: every trial the search holds asks at once and the
+    autoscaler's own limits (max_workers) decide how many run.
+    """
 
     nodes: int
     cpus: float
     gpus: float
     cpus_per_trial: float
     gpus_per_trial: float
-    max_concurrent_trials: int
+    max_concurrent_trials: int | None
+    autoscaler: Autoscaler | None = None
 
     @property
     def trials_per_gpu(self) -> int | None:
         return math.floor(1 / self.gpus_per_trial + 1e-9) if 0 < self.gpus_per_trial <= 1 else None
 
+    @property
+    def resources_per_trial(self) -> dict[str, float]:
+        """As `tune.with_resources` takes them, and as `lorasent_search.json` records them for the analysis."""
+        return {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
+
     def describe(self) -> str:
         per_trial = f"{self.cpus_per_trial:g} CPU" + (f" + {self.gpus_per_trial:g} GPU" if self.gpus_per_trial else "")
         packing = f", {self.trials_per_gpu} trials per GPU" if self.trials_per_gpu else ""
+        now = "now " if self.autoscaler else ""
+        if self.max_concurrent_trials is None:
+            at_once = "as many trials at once as the autoscaler adds nodes for"
+        else:
+            at_once = f"up to {self.max_concurrent_trials} trial(s) at once"
         return (
-            f"Resource plan: {self.nodes} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs | per trial: {per_trial}"
-            f"{packing} | up to {self.max_concurrent_trials} trial(s) at once"
+            f"Resource plan: {now}{self.nodes} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs | per trial: "
+            f"{per_trial}{packing} | {at_once}"
         )
 
 
@@ -134,10 +240,18 @@ def _fits(have: float, need: float) -> float:
     return math.inf if need == 0 else math.floor(have / need + 1e-9)
 
 
-def plan_resources(tune_args: TuneArguments, nodes: list[dict[str, float]]) -> ResourcePlan:
-    """Check the per-trial request and the concurrency against the nodes' CPUs and GPUs."""
+def plan_resources(
+    tune_args: TuneArguments, nodes: list[dict[str, float]], autoscaler: Autoscaler | None = None
+) -> ResourcePlan:
+    """Check the per-trial request and the concurrency against the nodes' CPUs and GPUs.
+
+    With an autoscaler the nodes up now are not the limit: the plan follows the request (checked against the
+    autoscaler's ceiling when it publishes one), and waiting trials make it add nodes.
+    """
     cpus = sum(n.get("CPU", 0.0) for n in nodes)
     gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    if autoscaler is not None:
+        return _plan_autoscaling(tune_args, nodes, cpus, gpus, autoscaler)
     cpt = tune_args.cpus_per_trial
     gpt = tune_args.gpus_per_trial
     if gpt is None:
@@ -162,6 +276,42 @@ def plan_resources(tune_args: TuneArguments, nodes: list[dict[str, float]]) -> R
             "or --cpus_per_trial, or leave max_concurrent_trials unset to use what the cluster has."
         )
     return ResourcePlan(len(nodes), cpus, gpus, cpt, gpt, wanted or capacity)
+
+
+def _plan_autoscaling(
+    tune_args: TuneArguments, nodes: list[dict[str, float]], cpus: float, gpus: float, autoscaler: Autoscaler
+) -> ResourcePlan:
+    ceiling = autoscaler.max_resources
+    cpt = tune_args.cpus_per_trial
+    gpt = tune_args.gpus_per_trial
+    if gpt is None:
+        if gpus or (ceiling and ceiling.get("GPU")):
+            gpt = DEFAULT_GPU_FRACTION
+        elif ceiling is not None:
+            gpt = 0.0
+        else:
+            raise ConfigError(
+                f"gpus_per_trial is automatic, but this autoscaling cluster ({autoscaler.evidence}) has no GPU node up "
+                "yet and does not publish which nodes it can add. Say what a trial needs: --gpus_per_trial 0.25 (the "
+                "autoscaler adds GPU workers; four trials share each GPU) or --gpus_per_trial 0 (CPU trials)."
+            )
+    wanted = tune_args.max_concurrent_trials
+    if ceiling is None:
+        return ResourcePlan(len(nodes), cpus, gpus, cpt, gpt, wanted, autoscaler)
+    most = f"at most {ceiling.get('CPU', 0):g} CPUs and {ceiling.get('GPU', 0):g} GPUs"
+    capacity = int(min(_fits(ceiling.get("CPU", 0.0), cpt), _fits(ceiling.get("GPU", 0.0), gpt)))
+    if capacity == 0:
+        raise ConfigError(
+            f"The autoscaler ({autoscaler.evidence}) can reach {most}: not one trial of {cpt:g} CPU(s) and "
+            f"{gpt:g} GPU(s). Lower --cpus_per_trial or --gpus_per_trial, or add node types to the cluster config."
+        )
+    if wanted is not None and wanted > capacity:
+        raise ConfigError(
+            f"max_concurrent_trials={wanted} needs {wanted * cpt:g} CPUs and {wanted * gpt:g} GPUs, but the autoscaler "
+            f"({autoscaler.evidence}) can reach {most}: {capacity} trial(s) at once. Lower --max_concurrent_trials, "
+            "or leave it unset."
+        )
+    return ResourcePlan(len(nodes), cpus, gpus, cpt, gpt, wanted or capacity, autoscaler)
 
 
 def local_nodes(tune_args: TuneArguments) -> list[dict[str, float]]:
@@ -225,6 +375,19 @@ def _alive_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
+def _cluster_plan(tune_args: TuneArguments) -> ResourcePlan:
+    """The plan on the cluster this process is connected to, autoscaler included."""
+    autoscaler = find_autoscaler()
+    if autoscaler is not None:
+        warnings.warn(
+            f"The Ray cluster autoscales ({autoscaler.evidence}): the search is planned from what trials request, not "
+            "from the nodes up now, and waiting trials make the autoscaler add nodes. Trials that stay PENDING ask for "
+            "more than any node type offers: check `ray status` on the head.",
+            stacklevel=3,
+        )
+    return plan_resources(tune_args, _alive_nodes(), autoscaler)
+
+
 def _print_auth_and_dashboard(dashboard_url: str | None) -> None:
     if dashboard_url:
         print(f"Ray dashboard: http://{dashboard_url}")
@@ -234,6 +397,38 @@ def _print_auth_and_dashboard(dashboard_url: str | None) -> None:
 
 def cluster_address(tune_args: TuneArguments) -> str | None:
     return tune_args.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_token_file() -> None:
+    """A token file named by RAY_AUTH_TOKEN_PATH must be readable (Ray would only say it found no token)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.environ.get("RAY_AUTH_TOKEN"):  # RAY_AUTH_TOKEN, when set, is the token Ray uses
+        try:
+            problem = "it is empty" if not Path(path).expanduser().read_text(encoding="utf-8").strip() else ""
+        except (OSError, UnicodeDecodeError) as e:
+            problem = f"it cannot be read: {getattr(e, 'strerror', None) or e}"
+        if problem:
+            raise ConfigError(
+                f"RAY_AUTH_TOKEN_PATH={path} names no token ({problem}). Point it at a file holding the cluster's "
+                "token (`ray get-auth-token` on the head node prints it), or put the token itself in RAY_AUTH_TOKEN."
+            )
+
+
+def use_token_from_env() -> str | None:
+    """Turn token authentication on when the user gave a token (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) but no mode.
+
+    Ray sends a token to an explicit --address or $RAY_ADDRESS only with RAY_AUTH_MODE=token (it turns that mode on by
+    itself just for a local Ray and `auto`). An explicit RAY_AUTH_MODE is left as it is. Returns the variable whose
+    token will be sent, if this turned the mode on.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return None
+    given = next((name for name in TOKEN_ENV if os.environ.get(name)), None)
+    if given is not None:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()  # RAY_AUTH_MODE=token for this process, and Ray's cached config refreshed
+    return given
 
 
 def preflight(tune_args: TuneArguments) -> ResourcePlan | None:
@@ -246,6 +441,7 @@ def preflight(tune_args: TuneArguments) -> ResourcePlan | None:
     address = cluster_address(tune_args)
     if address:
         check_reachable(address)
+        check_token_file()
         return None
     if ray.is_initialized():
         return None
@@ -258,7 +454,7 @@ def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None) -> RaySession
     import ray
 
     if ray.is_initialized():  # the caller's own Ray (a notebook, a test): use it and leave it running
-        return RaySession(plan_resources(tune_args, _alive_nodes()), None, owned=False)
+        return RaySession(_cluster_plan(tune_args), None, owned=False)
     log_to_driver = tune_args.verbose >= 2
     if plan is not None:
         if tune_args.include_dashboard and tune_args.dashboard_host not in LOOPBACK:
@@ -269,6 +465,7 @@ def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None) -> RaySession
                 stacklevel=2,
             )
         context = ray.init(
+            address="local",  # a new local Ray, never silently a `ray start` cluster already on this machine
             num_cpus=int(plan.cpus),
             num_gpus=int(plan.gpus),
             include_dashboard=tune_args.include_dashboard,
@@ -281,30 +478,17 @@ def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None) -> RaySession
         return RaySession(plan, dashboard_url, owned=True)
 
     address = cluster_address(tune_args)
+    token_from = use_token_from_env()
+    if token_from:
+        print(f"{token_from} is set: sending its token to the cluster (RAY_AUTH_MODE=token).")
     from ray.exceptions import AuthenticationError
 
     try:
         context = ray.init(address=address, log_to_driver=log_to_driver)
-    except AuthenticationError as e:
-        raise ConfigError(
-            f"Ray at {address} refused this client's token ({e.message}). Set RAY_AUTH_MODE=token and give the "
-            "cluster's token: copy the head node's `ray get-auth-token` output into RAY_AUTH_TOKEN or "
-            "~/.ray/auth_token."
-        ) from None
-    except ConnectionError as e:
-        auth_hint = ""
-        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-            # Ray never sends a token to an explicit address unless told to, and then only says it cannot connect.
-            auth_hint = (
-                " If the cluster uses token authentication (Ray's default), set RAY_AUTH_MODE=token and give its "
-                "token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-token` on the "
-                "head node prints it)."
-            )
-        raise ConfigError(
-            f"Cannot join Ray at {address}: {e}. Check that the cluster is up (`ray status` on its head)." + auth_hint
-        ) from None
+    except (AuthenticationError, ConnectionError) as e:
+        raise _join_error(address, e) from None
     try:
-        plan = plan_resources(tune_args, _alive_nodes())
+        plan = _cluster_plan(tune_args)
     except ConfigError:
         ray.shutdown()
         raise
@@ -312,11 +496,31 @@ def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None) -> RaySession
     return RaySession(plan, context.dashboard_url, owned=True)
 
 
+def _join_error(address: str | None, error: Exception) -> ConfigError:
+    """Why joining failed, and the fix. Ray reports a refused token only in the cause, after ~20 s of retries."""
+    from ray.exceptions import AuthenticationError
+
+    token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    give_token = (
+        "Give the cluster's token (`ray get-auth-token` on the head node prints it) in RAY_AUTH_TOKEN or in a file "
+        "named by RAY_AUTH_TOKEN_PATH, and leave RAY_AUTH_MODE unset (this command then sets it to token) or token."
+    )
+    if isinstance(error, AuthenticationError) or "InvalidAuthToken" in str(error.__cause__):
+        sent = "a token the cluster does not accept" if token_mode else "no token (RAY_AUTH_MODE is not token)"
+        return ConfigError(f"Ray at {address} refused this client: it sent {sent}. {give_token}")
+    # Ray never sends a token to an explicit address unless in token mode, and may only say it cannot connect.
+    hint = "" if token_mode else f" If the cluster uses token authentication (Ray's default): {give_token}"
+    return ConfigError(
+        f"Cannot join Ray at {address}: {error}. Check that the cluster is up (`ray status` on its head).{hint}"
+    )
+
+
 def warn_if_storage_not_shared(plan: ResourcePlan, storage_path: str) -> None:
     """On several nodes, a node-local results folder leaves each trial's files on the node that ran it."""
-    if plan.nodes > 1 and not is_uri(storage_path):
+    if (plan.nodes > 1 or plan.autoscaler) and not is_uri(storage_path):
+        nodes = "an autoscaling cluster" if plan.autoscaler else f"{plan.nodes} nodes"
         warnings.warn(
-            f"The search runs on {plan.nodes} nodes but stores results in the local folder {storage_path}. Unless "
+            f"The search runs on {nodes} but stores results in the local folder {storage_path}. Unless "
             "that folder is a filesystem shared by every node at the same path (NFS), checkpoints written on other "
             "nodes will not be gathered here. Use --storage_path s3://BUCKET/PATH, gs://... or a shared mount.",
             stacklevel=2,

@@ -133,7 +133,10 @@ class TuneArguments:
     num_samples: int = field(default=8, metadata={"help": "Trials to run (optuna and random searchers)."})
     max_concurrent_trials: int | None = field(
         default=None,
-        metadata={"help": "Trials running at once (None: as many as the cluster's CPUs and GPUs allow)."},
+        metadata={
+            "help": "Trials running at once (None: as many as the cluster's CPUs and GPUs allow; on an autoscaling "
+            "cluster, as many as its autoscaler can reach, or every trial at once when it does not say)."
+        },
     )
     grace_period: int = field(default=1, metadata={"help": "ASHA: epochs every trial runs before it can be stopped."})
     reduction_factor: float = field(
@@ -157,8 +160,9 @@ class TuneArguments:
     gpus_per_trial: float | None = field(
         default=None,
         metadata={
-            "help": "GPUs per trial; a fraction packs trials onto one GPU (0.25: four per GPU). None: 0 on a "
-            "cluster without GPUs, else 0.25. A trial that asks for a GPU and sees none fails at once."
+            "help": "GPUs per trial; a fraction packs trials onto one GPU (0.25: four per GPU). None: 0.25 when the "
+            "cluster has GPUs (or its autoscaler can add them), else 0; an autoscaling cluster that does not say "
+            "which nodes it can add asks you to choose. A trial that asks for a GPU and sees none fails at once."
         },
     )
     max_failures: int = field(
@@ -181,7 +185,10 @@ class TuneArguments:
         default=None,
         metadata={
             "help": "Ray cluster to join: 'auto', 'HOST:PORT' or 'ray://HOST:10001' (default: $RAY_ADDRESS, "
-            "else start a local Ray)."
+            "else start a local Ray). A cluster with token authentication needs its token (`ray get-auth-token` on "
+            "the head) in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH; RAY_AUTH_MODE=token is then set for you unless "
+            "RAY_AUTH_MODE is set. On an autoscaling cluster the plan follows --cpus_per_trial/--gpus_per_trial, "
+            "not the nodes up at start."
         },
     )
     num_cpus: int | None = field(default=None, metadata={"help": "CPUs of a local Ray (None: all of this machine's)."})
@@ -490,17 +497,29 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchArguments:
 # Saved arguments of an experiment (for --resume and the analysis step)
 
 
-def experiment_metadata(args: SearchArguments) -> str:
-    """The JSON saved as `lorasent_search.json` in the experiment directory."""
-    return json.dumps({"version": 1, **{k: to_dict(v) for k, v in args._asdict().items()}}, indent=2)
+def experiment_metadata(args: SearchArguments, resources: Mapping[str, float] | None = None) -> str:
+    """The JSON saved as `lorasent_search.json` in the experiment directory: the four argument sets, plus the
+    per-trial `resources` ({"cpu": ..., "gpu": ...}) the search resolved, since `gpus_per_trial` stays None when
+    it was automatic."""
+    record: dict[str, Any] = {"version": 1, **{k: to_dict(v) for k, v in args._asdict().items()}}
+    if resources is not None:
+        record["resources"] = dict(resources)
+    return json.dumps(record, indent=2)
 
 
 def arguments_from_metadata(text: str, source: str) -> SearchArguments:
-    """Rebuild (and re-validate) the four dataclasses from a saved `lorasent_search.json`."""
+    """Rebuild (and re-validate) the four dataclasses from a saved `lorasent_search.json`.
+
+    An automatic `gpus_per_trial` comes back as the share the search resolved, so a resumed search (perhaps on
+    another cluster) gives its trials what the first run gave them.
+    """
     try:
         saved = json.loads(text)
+        tune_values = saved["tune"]
+        if tune_values.get("gpus_per_trial") is None and "resources" in saved:
+            tune_values = {**tune_values, "gpus_per_trial": saved["resources"]["gpu"]}
         return SearchArguments(
-            TuneArguments(**saved["tune"]),
+            TuneArguments(**tune_values),
             DataArguments(**saved["data"]),
             ModelArguments(**saved["model"]),
             TrainArguments(**saved["train"]),

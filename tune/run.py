@@ -191,17 +191,20 @@ def run_search(args: SearchArguments) -> SearchOutcome:
             except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
                 raise _damaged_state(experiment_path, "tuner.pkl", e) from None  # Ray unpickles it as is
         else:
-            cluster.write_experiment_file(experiment_path, METADATA_FILE, experiment_metadata(args))
+            metadata = experiment_metadata(args, plan.resources_per_trial)
+            cluster.write_experiment_file(experiment_path, METADATA_FILE, metadata)
             latest = cluster.update_latest_link(storage_path, name)  # now, so a killed run resumes from `latest`
             if latest is not None:
                 print(f"{latest} -> {name}")
+            # None on an autoscaling cluster that does not say its size: every trial asks, max_workers caps the cost.
+            max_concurrent = plan.max_concurrent_trials or search.expected_trials(t, space)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
                 tune_config=tune.TuneConfig(
                     metric=t.metric,
                     mode=t.mode,
-                    search_alg=search.build_searcher(t, points, plan.max_concurrent_trials),
+                    search_alg=search.build_searcher(t, points, max_concurrent),
                     scheduler=scheduler,
                     num_samples=search.num_samples(t),
                     reuse_actors=t.reuse_actors,

@@ -1,8 +1,9 @@
 """The function every Ray Tune trial runs: one `lorasent.train.train()` that reports and checkpoints each epoch.
 
-Only `ray.tune.*` APIs appear here (`tune.report`, `tune.get_checkpoint`, `tune.Checkpoint`): under Ray Train V2
-the `ray.train.*` ones raise inside a Tune function. The trial receives small dicts only; the tokenised data is
-read from lorasent's on-disk cache, which the driver fills once before the first trial starts.
+Only `ray.tune.*` APIs (and Ray core's runtime context) appear here (`tune.report`, `tune.get_checkpoint`,
+`tune.Checkpoint`): under Ray Train V2 the `ray.train.*` ones raise inside a Tune function. The trial receives small
+dicts only; the tokenised data is read from lorasent's on-disk cache, which the driver fills once before the first
+trial starts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import ray
 from ray import tune
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace, to_dict
@@ -37,15 +39,20 @@ def require_gpu(gpus: float) -> None:
 
 
 def _reporter(metric: str, mode: str) -> Callable[[EpochReport], None]:
-    """Report each epoch's metrics (search metric first) and its model folder as the trial's checkpoint."""
+    """Report each epoch's metrics (search metric first) and its model folder as the trial's checkpoint.
+
+    Every report also names the Ray node that ran the epoch (`node_id`): Tune's own `hostname` and `node_ip` cannot
+    tell nodes apart that share a machine, and a retried trial may move to another node.
+    """
     worst = -math.inf if mode == "max" else math.inf
+    node_id = ray.get_runtime_context().get_node_id()
 
     def report(epoch: EpochReport) -> None:
         metrics = dict(epoch.metrics)
         if metrics.get("diverged"):
             metrics[metric] = worst  # a NaN/inf-loss model must never be picked as best, whatever it predicts
         order = [metric, *(k for k in LEADING_METRICS if k != metric)]
-        ordered = {k: metrics[k] for k in order if k in metrics} | metrics
+        ordered = {k: metrics[k] for k in order if k in metrics} | metrics | {"node_id": node_id}
         tune.report(ordered, checkpoint=tune.Checkpoint.from_directory(str(epoch.checkpoint_dir)))
 
     return report
