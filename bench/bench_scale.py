@@ -3,7 +3,10 @@
 Prints, and writes to --out:
   - lorasent's tokenisation (`tokenized_splits`, the cache every trial on a node reuses) of N synthetic
     Amazon-like reviews (400k by default; the `full` preset's 3.6M reviews would take 9x as long): reading and
-    checking the file, tokenising (reviews/s; goal >= 100k/s on 16 cores), and the cache hit a second trial sees;
+    checking the file, tokenising (reviews/s; goal >= 100k/s on 16 cores) with and without the Rust tokenizer's
+    own thread pool, and the cache hit a second trial sees;
+  - (part `tokenise_map`, not run by default) the previous way on the same reviews, `datasets.map` over
+    `tokenizer(...)` in up to 8 processes, and the speed-up of lorasent's tokenisation over it;
   - a training epoch of lorasent `train()` at batch 256, bf16 where the GPU has it, length-grouped, on 20k reviews:
     real (unpadded) tokens/s (goal >= 1M/s on one H100) and the share of the chip's bf16 peak that implies; the
     hand-written loop at the same batch for comparison.
@@ -16,57 +19,132 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+from typing import Any
 
 from data import Results, Workspace, add_common_args, section, timed, workspace
 
 BF16_PEAK = 790e12  # bf16 dense matmul FLOP/s measured on this workplace's H100 and H200 (KINDS.md)
 
 
-def tokenisation(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
+def scale_args(ws: Workspace, args: argparse.Namespace) -> tuple[Any, Any, float]:
+    """Data and model arguments of the scale reviews file (built on first use) and the seconds building it took."""
     from lorasent.config import DataArguments, ModelArguments
-    from lorasent.data import load_splits
-    from lorasent.tokenize import PARALLEL_ROWS, tokenized_cache_dir, tokenized_splits
 
     held_out = min(2000, args.reviews // 10)
     sizes = {"train": args.reviews - 2 * held_out, "validation": held_out, "test": held_out}
     with timed() as gen:
         data_file = ws.reviews("scale", sizes, suffix=".parquet")
     data_args = DataArguments(dataset=str(data_file), max_length=512, cache_dir=str(ws.root / "cache"))
-    model_args = ModelArguments(model_name_or_path=str(ws.model_dir()))
-    from lorasent.tokenize import load_tokenizer
+    return data_args, ModelArguments(model_name_or_path=str(ws.model_dir())), gen["s"]
 
-    cache = tokenized_cache_dir(data_args, load_tokenizer(model_args))
-    if cache.exists():
-        import shutil
 
-        shutil.rmtree(cache)  # measure a cold tokenisation, not a cache hit from an earlier run
-    with timed() as load:
-        load_splits(data_args)
+def cold_tokenisation(data_args: Any, model_args: Any) -> tuple[Any, float]:
+    """`tokenized_splits` on an empty cache (a cache hit from an earlier run would measure nothing): splits, s."""
+    from lorasent.tokenize import load_tokenizer, tokenized_cache_dir, tokenized_splits
+
+    shutil.rmtree(tokenized_cache_dir(data_args, load_tokenizer(model_args)), ignore_errors=True)
     with timed() as cold:
         splits = tokenized_splits(data_args, model_args)
+    return splits, cold["s"]
+
+
+def tokenisation(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
+    from lorasent.data import load_splits
+    from lorasent.tokenize import tokenized_splits
+
+    data_args, model_args, generate_s = scale_args(ws, args)
+    with timed() as load:
+        load_splits(data_args)
+    splits, cold_s = cold_tokenisation(data_args, model_args)
     with timed() as warm:
         tokenized_splits(data_args, model_args)
+    # The same again with the Rust tokenizer's own thread pool off: lorasent's threads alone (how a process that
+    # set TOKENIZERS_PARALLELISM=false, or a forked one, tokenises).
+    rust_threads = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        _, threads_only_s = cold_tokenisation(data_args, model_args)
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM")
+        if rust_threads is not None:
+            os.environ["TOKENIZERS_PARALLELISM"] = rust_threads
     n = args.reviews
-    tokenise_s = max(cold["s"] - load["s"], 1e-9)
     tokens = sum(sum(splits[s]["length"][:]) for s in splits)
-    cores = len(os.sched_getaffinity(0))
-    workers = min(8, cores) if sizes["train"] >= PARALLEL_ROWS else 1
-    results.add(f"synthetic reviews generated and written ({n:,})", gen["s"], "s", "not part of the figures below")
+    cores = len(os.sched_getaffinity(0))  # lorasent tokenises with one thread per core it may run on
+    load_average = os.getloadavg()[0]  # other processes' share of those cores, on a shared machine
+
+    def rate_note(seconds: float) -> str:
+        return (
+            f"{seconds:.1f} s, {cores} cores ({n / seconds / cores:,.0f}/s per core), {tokens / n:.0f} tokens/review, "
+            f"{tokens / seconds / 1e6:.2f}M tokens/s; load average {load_average:.1f}"
+        )
+
+    tokenise_s = max(cold_s - load["s"], 1e-9)
+    threads_only_s = max(threads_only_s - load["s"], 1e-9)
+    results.add(f"synthetic reviews generated and written ({n:,})", generate_s, "s", "not part of the figures below")
     results.add("read + check the data file (load_splits)", n / load["s"], "reviews/s", f"{load['s']:.1f} s")
     results.add(
         "tokenisation (tokenized_splits cold, minus the read)",
         n / tokenise_s,
         "reviews/s",
-        f"goal >= 100k/s on 16 cores; {tokenise_s:.1f} s, {cores} cores, {workers} worker process(es), "
-        f"{tokens / n:.0f} tokens/review",
+        f"goal >= 100k/s on 16 cores; TOKENIZERS_PARALLELISM={rust_threads}; {rate_note(tokenise_s)}",
     )
     results.add(
-        "whole cold tokenized_splits (read + tokenise + save)", n / cold["s"], "reviews/s", f"{cold['s']:.1f} s"
+        "tokenisation, TOKENIZERS_PARALLELISM=false (lorasent's threads only)",
+        n / threads_only_s,
+        "reviews/s",
+        rate_note(threads_only_s),
     )
+    results.add("whole cold tokenized_splits (read + tokenise + save)", n / cold_s, "reviews/s", f"{cold_s:.1f} s")
     results.add("cache hit (what every later trial on the node pays)", warm["s"], "s", "memory-mapped Arrow")
-    results.extra["tokenisation"] = {"reviews": n, "tokens": tokens, "load_s": load["s"], "cold_s": cold["s"],
-                                     "warm_s": warm["s"], "generate_s": gen["s"], "cores": cores}  # fmt: skip
-    results.extra["scale_file"] = str(data_file)
+    results.extra["tokenisation"] = {"reviews": n, "tokens": tokens, "load_s": load["s"], "cold_s": cold_s,
+                                     "threads_only_cold_s": threads_only_s + load["s"], "warm_s": warm["s"],
+                                     "generate_s": generate_s, "cores": cores, "load_average": load_average,
+                                     "tokenizers_parallelism": rust_threads}  # fmt: skip
+    results.extra["scale_file"] = data_args.dataset
+
+
+def tokenisation_by_map(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
+    """The way lorasent tokenised before (run G1): `datasets.map` over `tokenizer(...)`, up to 8 processes."""
+    import datasets
+
+    from lorasent.data import load_splits
+    from lorasent.tokenize import effective_max_length, load_tokenizer
+
+    data_args, model_args, _ = scale_args(ws, args)
+    splits = load_splits(data_args)
+    tokenizer = load_tokenizer(model_args)
+    max_length = effective_max_length(data_args, tokenizer)
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+
+    workers = min(8, len(os.sched_getaffinity(0))) if len(splits["train"]) >= 50_000 else 1  # its old rule
+    with timed() as mapped:
+        for split in splits.values():
+            features = datasets.Features(
+                input_ids=datasets.List(datasets.Value("int32")),
+                attention_mask=datasets.List(datasets.Value("int8")),
+                label=split.features["label"],
+                length=datasets.Value("int32"),
+            )
+            split.map(encode, batched=True, batch_size=1000, remove_columns=["text"], features=features,
+                      num_proc=workers if len(split) >= 50_000 else None)  # fmt: skip
+    n = args.reviews
+    results.add(
+        f"previous tokenisation: datasets.map + tokenizer(), {workers} process(es) for train",
+        n / mapped["s"],
+        "reviews/s",
+        f"{mapped['s']:.1f} s, in memory (not saved); what run G1 measured at 18,250/s on the H200",
+    )
+    try:
+        now = results.value("tokenisation (tokenized_splits cold, minus the read)")
+    except StopIteration:  # the tokenise part did not run in this process
+        return
+    results.add("tokenisation speed-up: lorasent now / previous", now / (n / mapped["s"]), "x", "same data, same run")
 
 
 def large_batch(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
@@ -122,13 +200,15 @@ def main() -> None:
     parser.add_argument("--reviews", type=int, default=None, help="Reviews to tokenise (default 400k; smoke 6k).")
     parser.add_argument("--epoch_reviews", type=int, default=None, help="Reviews per training epoch (20k; smoke 1k).")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--parts", nargs="+", default=["tokenise", "epoch"], choices=["tokenise", "epoch"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["tokenise", "epoch"], choices=["tokenise", "tokenise_map", "epoch"]
+    )
     args = parser.parse_args()
     args.reviews = args.reviews or (6000 if args.smoke else 400_000)
     args.epoch_reviews = args.epoch_reviews or (1024 if args.smoke else 20_000)
     ws = workspace(args)
     results = Results("bench_scale", args.smoke)
-    parts = {"tokenise": tokenisation, "epoch": large_batch}
+    parts = {"tokenise": tokenisation, "tokenise_map": tokenisation_by_map, "epoch": large_batch}
     for name in args.parts:
         section(results, args.out, name, lambda fn=parts[name]: fn(ws, args, results))
     results.write(args.out)

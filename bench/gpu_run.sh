@@ -5,11 +5,22 @@
 #
 #   on the GPU machine:  bash bench/gpu_run.sh            (device run: carry [".whl"], timeout_s 560)
 #   CPU dry run here:    SMOKE=1 bash bench/gpu_run.sh    (tiny sizes, wheels not installed, OUT=/tmp/gpu-dry-run)
+#   a short re-measure:  PARTS="tokenise precision tokenise_map" BUDGET_S=150 bash bench/gpu_run.sh
 #
-# Files in $OUT (flat, at most 8): gpu_log.txt, train.json, search.json, scale.json, packing.json, train_extra.json.
+# PARTS picks the steps, in order (default: the full run). Each step writes $OUT/<step>.json:
+#   train        lorasent train() vs the hand loop, Predictor (goal 2)
+#   search       seed-style grid vs the lorasent search (goal 1)
+#   scale        tokenisation + a batch-256 epoch at scale (goal 4)
+#   packing      8 trials on one GPU vs one trial per GPU (goal 3)
+#   train_extra  the issue's anchors, bf16-vs-fp32 Trainer, kernel census, fresh-process cold start
+#   tokenise     tokenisation only (scale's first part)
+#   precision    bf16-vs-fp32 Trainer epochs + kernel census only (train_extra without anchors / fresh process)
+#   tokenise_map the previous tokenisation (datasets.map, 8 processes) on the same reviews, and the speed-up
+# Files in $OUT (flat, at most 8): gpu_log.txt and one JSON file per step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
+PARTS=${PARTS:-"train search scale packing train_extra"}
 OUT=${OUT:-/tmp/gpu-dry-run}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_log.txt") 2>&1
@@ -44,23 +55,29 @@ echo "=== machine $(date -u +%FT%TZ) budget ${BUDGET_S}s smoke=$SMOKE"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv \
   2>/dev/null || echo "no nvidia-smi"
 echo "cpus: $(nproc)  mem: $(free -g | awk '/Mem:/{print $2 " GiB"}')  /dev/shm: $(df -h /dev/shm | awk 'NR==2{print $4}') free"
+# Ray, Optuna and the tune / analysis layers take ~15 s to import: checked only when a step needs them.
+[[ " $PARTS " =~ \ (search|packing)\  ]] && export BENCH_CHECK_SEARCH=1
 timeout 120 "$PY" - <<'EOF'
-import importlib, sys
+import importlib, os, sys
+search = os.environ.get("BENCH_CHECK_SEARCH") == "1"
 print("python", sys.version.split()[0], sys.executable)
 for name in ("torch", "transformers", "peft", "datasets", "ray", "optuna", "pydantic", "sqlalchemy", "tensorboardX",
              "pyarrow", "pandas", "numpy", "sklearn", "huggingface_hub", "tokenizers", "safetensors", "accelerate",
              "fsspec", "protobuf", "typing_extensions", "lorasent", "tune", "analysis"):
+    if not search and name in ("ray", "optuna", "pydantic", "sqlalchemy", "tensorboardX", "tune", "analysis"):
+        continue
     try:
         module = importlib.import_module(name if name != "protobuf" else "google.protobuf")
         print(f"  {name:18} {getattr(module, '__version__', '?'):14} {getattr(module, '__file__', '')}")
     except Exception as e:  # report every missing piece, not just the first
         print(f"  {name:18} IMPORT FAILED: {type(e).__name__}: {e}")
-try:
-    import ray.tune.search.optuna  # noqa: F401
-    import lorasent.train, tune.trainable, analysis.results  # noqa: E401, F401
-    print("  imports for the search: ok")
-except Exception as e:
-    print(f"  imports for the search FAILED: {type(e).__name__}: {e}")
+if search:
+    try:
+        import ray.tune.search.optuna  # noqa: F401
+        import lorasent.train, tune.trainable, analysis.results  # noqa: E401, F401
+        print("  imports for the search: ok")
+    except Exception as e:
+        print(f"  imports for the search FAILED: {type(e).__name__}: {e}")
 import torch
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
@@ -79,21 +96,41 @@ step() {  # step NAME MAX_SECONDS MIN_SECONDS COMMAND...: run under min(MAX, wha
   echo "=== $name: timeout ${limit}s ($(date +%T), ${left}s of the budget left)"
   timeout -k 15 "$limit" "$@"
   echo "=== $name: exit $? after $((SECONDS - started))s"
-  if [ "$SMOKE" != 1 ]; then  # the GPU machine is ours alone: leave no Ray behind for the next step
+  if [ "$SMOKE" != 1 ] && [[ $name == search || $name == packing ]]; then  # leave no Ray behind (GPU box is ours)
     "$PY" -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
   fi
 }
 
+run_part() {  # the steps: name, longest and shortest useful time (s), command
+  case $1 in
+    train) step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip anchors precision census fresh \
+      --out "$OUT/train.json" ;;
+    search) step search 270 120 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts baseline search --timeout 210 \
+      --out "$OUT/search.json" ;;
+    scale) step scale 120 45 "$PY" bench/bench_scale.py "${FLAGS[@]}" --out "$OUT/scale.json" ;;
+    packing) step packing 160 70 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts packing --timeout 120 \
+      --out "$OUT/packing.json" ;;
+    train_extra) step train_extra 130 40 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict \
+      --probe_timeout 100 --out "$OUT/train_extra.json" ;;
+    tokenise) step tokenise 80 30 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts tokenise \
+      --out "$OUT/tokenise.json" ;;
+    precision) step precision 90 35 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict anchors fresh \
+      --out "$OUT/precision.json" ;;
+    tokenise_map) step tokenise_map 60 35 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts tokenise_map \
+      --out "$OUT/tokenise_map.json" ;;
+    *) echo "=== unknown part $1 (see the list at the top of $0)" ;;
+  esac
+}
+
 # Most valuable and cheapest first. Each script saves its JSON after every part, so a cut step keeps what it did.
-step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip anchors precision census fresh --out "$OUT/train.json"
-step search 270 120 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts baseline search --timeout 210 \
-  --out "$OUT/search.json"
-step scale 120 45 "$PY" bench/bench_scale.py "${FLAGS[@]}" --out "$OUT/scale.json"
-step packing 160 70 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts packing --timeout 120 --out "$OUT/packing.json"
-step train_extra 130 40 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict --probe_timeout 100 \
-  --out "$OUT/train_extra.json"
+for part in $PARTS; do
+  run_part "$part"
+done
 
 echo "=== all steps done after ${SECONDS}s"
-# The reply shows the log's last 12,000 characters: the most important table goes last.
-"$PY" bench/data.py summary "$OUT"/train_extra.json "$OUT"/scale.json "$OUT"/packing.json "$OUT"/train.json \
-  "$OUT"/search.json
+# The reply shows the log's last 12,000 characters: the first (most important) step's table goes last.
+summaries=()
+for part in $PARTS; do
+  [ -f "$OUT/$part.json" ] && summaries=("$OUT/$part.json" "${summaries[@]}")
+done
+[ ${#summaries[@]} -gt 0 ] && "$PY" bench/data.py summary "${summaries[@]}"

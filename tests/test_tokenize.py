@@ -10,7 +10,9 @@ import datasets
 import pytest
 
 import lorasent.tokenize as tokenize
+from lorasent.assets import resolve_model_path
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments
+from lorasent.data import load_splits
 from lorasent.errors import ConfigError, DataError
 from lorasent.tokenize import load_tokenizer, make_collator, tokenized_cache_dir, tokenized_splits
 
@@ -39,6 +41,63 @@ def test_splits_are_unpadded_and_truncated(data_args: DataArguments) -> None:
     assert min(lengths) < max(lengths) == 12  # varied lengths, the longest truncated at max_length
 
 
+TRICKY_TEXTS = [
+    "Café crème, naïve façade: ÉTÉ",
+    "great 👍👍 but 电池 broke",
+    "literal [SEP] and [CLS] and [UNK] markers",
+    "tabs\tand\nnewlines   and   spaces",
+    "x" * 300,  # one long word
+    "the battery broke after two weeks " * 40,  # truncated
+]
+
+
+@pytest.mark.parametrize("model", ["tiny", "minilm"])
+def test_tokens_equal_the_tokenizer_call(
+    model: str,
+    write_data: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The threaded Rust path stores exactly what `tokenizer(texts, truncation=True, max_length=...)` returns."""
+    folder = TINY_MODEL if model == "tiny" else str(request.getfixturevalue("offline_model_dir"))
+    model_args = ModelArguments(model_name_or_path=folder)
+    monkeypatch.setattr(tokenize, "ENCODE_ROWS", 7)  # many chunks on several threads: their order must hold
+    rows = [{"text": f"{TRICKY_TEXTS[i % len(TRICKY_TEXTS)]} #{i}", "label": i % 2} for i in range(90)]
+    data_args = DataArguments(dataset=str(write_data(rows)), cache_dir=str(tmp_path / "cache"), max_length=40)
+    splits = tokenized_splits(data_args, model_args)
+    texts = load_splits(data_args)
+    tokenizer = load_tokenizer(model_args)
+    for name, split in splits.items():
+        expected = tokenizer(list(texts[name]["text"]), truncation=True, max_length=40)
+        assert list(split["input_ids"]) == expected["input_ids"]
+        assert list(split["attention_mask"]) == expected["attention_mask"]
+        assert list(split["length"]) == [len(ids) for ids in expected["input_ids"]]
+        assert list(split["label"]) == list(texts[name]["label"])
+    assert max(splits["train"]["length"]) == 40
+
+
+def test_truncation_side_and_python_level_tokenizers_are_honoured() -> None:
+    """Left truncation goes through the fast path; a class that changes encoding in Python keeps its own call."""
+    texts = TRICKY_TEXTS
+    left = load_tokenizer(TINY)
+    left.truncation_side = "left"
+
+    class Prefixed(type(left)):  # type: ignore[misc]
+        def _encode_plus(self, text: object, *args: object, **kwargs: object) -> object:
+            return super()._encode_plus([f"review : {t}" for t in text], *args, **kwargs)  # type: ignore[attr-defined]
+
+    prefixed = Prefixed.from_pretrained(resolve_model_path(TINY_MODEL))
+    for tokenizer in (left, prefixed):
+        expected = tokenizer(texts, truncation=True, max_length=12)["input_ids"]
+        lengths, ids = tokenize._batch_encoder(tokenizer, 12)(texts)
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert ids.tolist() == [i for e in expected for i in e]
+    plain = load_tokenizer(TINY)(texts, truncation=True, max_length=12)["input_ids"]
+    assert prefixed(texts, truncation=True, max_length=12)["input_ids"] != plain  # the override does change ids
+    assert left(texts, truncation=True, max_length=12)["input_ids"] != plain
+
+
 def test_second_call_reuses_the_cache_without_reading_or_tokenising(
     data_args: DataArguments, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -50,7 +109,7 @@ def test_second_call_reuses_the_cache_without_reading_or_tokenising(
         raise AssertionError("the cached tokenisation was redone")
 
     monkeypatch.setattr(tokenize, "load_splits", forbidden)
-    monkeypatch.setattr(datasets.Dataset, "map", forbidden)
+    monkeypatch.setattr(tokenize, "_tokenize", forbidden)
     again = tokenized_splits(data_args, TINY)
     for name in first:
         assert again[name]["input_ids"] == first[name]["input_ids"]
