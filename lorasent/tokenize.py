@@ -113,13 +113,16 @@ def tokenized_cache_dir(data_args: DataArguments, tokenizer: PreTrainedTokenizer
     return cache_root(data_args.cache_dir) / "tokenized" / digest
 
 
-def tokenized_splits(data_args: DataArguments, model_args: ModelArguments) -> datasets.DatasetDict:
+def tokenized_splits(
+    data_args: DataArguments, model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None
+) -> datasets.DatasetDict:
     """train / validation / test as input_ids, attention_mask, label, length (tokens), unpadded.
 
     The first call tokenises and saves atomically; every later call with the same key (in any process)
-    memory-maps the saved splits and neither reads the source data nor tokenises again.
+    memory-maps the saved splits and neither reads the source data nor tokenises again. Pass the model's
+    `tokenizer` when the caller already loaded it (`load_tokenizer(model_args)`), so it is not loaded twice.
     """
-    tokenizer = load_tokenizer(model_args)
+    tokenizer = tokenizer or load_tokenizer(model_args)
     folder = tokenized_cache_dir(data_args, tokenizer)
     # One tokeniser per node: trials that start together wait for the first instead of all tokenising.
     locks = folder.parent.parent / "locks"

@@ -324,7 +324,8 @@ def train(
     _check_request(data_args, train_args, train_splits, eval_split, resume_from_checkpoint)
     if train_args.torch_threads:
         torch.set_num_threads(train_args.torch_threads)
-    splits = tokenized_splits(data_args, model_args)
+    tokenizer = load_tokenizer(model_args)
+    splits = tokenized_splits(data_args, model_args, tokenizer)
     parts = [splits[name] for name in train_splits]
     train_dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if train_args.per_device_train_batch_size > len(train_dataset):
@@ -335,7 +336,6 @@ def train(
     eval_dataset = _longest_first(splits[eval_split]) if eval_split else None
     train_lengths = train_dataset["length"][:]
 
-    tokenizer = load_tokenizer(model_args)
     set_seed(train_args.seed)  # the LoRA and head initialisation depend on it
     model = build_model(model_args, data_args.label_names)
     trainable, total = model.get_nb_trainable_parameters()
