@@ -4,7 +4,7 @@ One grid search of two trials runs once for this module (a local Ray, tiny Disti
 - trial A's worker process gets SIGKILL early in its second epoch → retried from its last checkpoint;
 - trial B's worker process is held to a memory limit (RLIMIT_AS below what it maps already) after the first
   epoch of each attempt → real allocation failures; retried once (from its checkpoint), then marked ERROR
-  while A completes.
+  while A completes. B has many epochs left when it is hurt, so the injector may see its reports late.
 The other tests damage copies of that experiment (checkpoints, tuner.pkl, experiment state) and run predict,
 analysis and --resume on them, and SIGKILL a model save and a results write halfway.
 
@@ -36,7 +36,8 @@ from analysis.results import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 LR_KILLED, LR_OOM = 1e-3, 3e-3
-EPOCHS = 3
+EPOCHS = 4  # trial A's
+OOM_EPOCHS = 12  # trial B's: it fails long before, however late the injector sees an epoch on a loaded machine
 MAX_FAILURES = 1
 
 pytestmark = pytest.mark.ray
@@ -83,9 +84,13 @@ class FaultInjector(threading.Thread):
         self.killed: list[int] = []  # pids of trial A's workers that got SIGKILL
         self.limited: list[int] = []  # pids of trial B's workers that got a memory limit
         self.errors: list[BaseException] = []
+        self._checked: dict[int, bool] = {}
 
     def _ours(self, pid: int) -> bool:
-        return any(child.pid == pid for child in self.driver.children(recursive=True))
+        """Whether pid descends from the driver (asked once per pid: walking the process tree is slow)."""
+        if pid not in self._checked:
+            self._checked[pid] = any(child.pid == pid for child in self.driver.children(recursive=True))
+        return self._checked[pid]
 
     def _latest_rows(self) -> dict[float, dict[int, dict[str, Any]]]:
         """learning rate -> {worker pid -> the latest result row that worker reported}."""
@@ -125,12 +130,15 @@ def faulty_search(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run the two-trial search with its faults; return what the tests check."""
     storage = tmp_path_factory.mktemp("faults")
     name = f"faults-{uuid.uuid4().hex[:8]}"
-    space = {"learning_rate": {"grid": [LR_KILLED, LR_OOM]}, "per_device_train_batch_size": None}
-    space |= {"lora_r": None}
+    space = {"learning_rate": {"choice": [LR_KILLED, LR_OOM]}, "num_train_epochs": {"choice": [EPOCHS, OOM_EPOCHS]}}
+    space |= {"per_device_train_batch_size": None, "lora_r": None}
+    trials = [{"learning_rate": LR_KILLED, "num_train_epochs": EPOCHS}]
+    trials += [{"learning_rate": LR_OOM, "num_train_epochs": OOM_EPOCHS}]
     command = [
         sys.executable, "tune/run.py", "--preset", "smoke", "--storage_path", str(storage), "--name", name,
-        "--num_cpus", "2", "--include_dashboard", "false", "--verbose", "1", "--searcher", "grid",
-        "--scheduler", "none", "--search_space", json.dumps(space), "--num_train_epochs", str(EPOCHS),
+        "--num_cpus", "2", "--include_dashboard", "false", "--verbose", "1", "--searcher", "random",
+        "--num_samples", "2", "--points_to_evaluate", json.dumps(trials),
+        "--scheduler", "none", "--search_space", json.dumps(space),
         "--max_train_samples", "1200", "--per_device_train_batch_size", "8", "--max_failures", str(MAX_FAILURES),
         "--metric", "loss", "--mode", "min",  # no ties, so the best epoch's checkpoint is always one Tune keeps
         "--reuse_actors", "false",  # a hurt worker process must never be handed the next trial
