@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,7 @@ RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
 ERROR_FILE = "error.txt"
 STATE_GLOB = "experiment_state-*.json"
+FAILURE_HEADER = re.compile(r"^Failure # \d+", re.MULTILINE)  # one per failed attempt in a trial's error.txt
 TUNE_COMMAND = "python tune/run.py"
 
 # Ray's bookkeeping in every result row: kept in the epochs table, but never a hyperparameter or a metric.
@@ -124,7 +126,8 @@ def load_experiment(path: str | os.PathLike[str] = DEFAULT_EXPERIMENT) -> Experi
 
     trial_rows, epoch_frames, configs = [], [], {}
     for name, trial_state in trial_dirs.items():
-        config, row, epochs = _read_trial(root / name, trial_state)
+        max_failures = search.get("tune", {}).get("max_failures")
+        config, row, epochs = _read_trial(root / name, trial_state, max_failures)
         configs[row["trial_id"]] = config
         trial_rows.append(row)
         epoch_frames.append(epochs)
@@ -237,16 +240,24 @@ def _trial_dirs(root: Path, state: dict[str, Any]) -> dict[str, dict[str, Any] |
 
 
 def _read_trial(
-    trial_dir: Path, trial_state: dict[str, Any] | None
+    trial_dir: Path, trial_state: dict[str, Any] | None, max_failures: int | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
-    """(flattened config, trial row, epochs table) of one trial folder."""
+    """(flattened config, trial row, epochs table) of one trial folder.
+
+    Ray's experiment state can lag the trial's own error.txt (its last snapshot may predate a trial's last
+    failure): a trial whose error.txt records failures the state has not seen, beyond the retries the search allows
+    (`max_failures`), ended in ERROR.
+    """
     results = _read_results(trial_dir / RESULT_FILE)
     config = _flatten(_read_json(trial_dir / PARAMS_FILE) or (trial_state or {}).get("config") or {})
     trial_id = (trial_state or {}).get("trial_id") or (results[-1]["trial_id"] if results else trial_dir.name)
     error = (trial_dir / ERROR_FILE).read_text(errors="replace").strip() if (trial_dir / ERROR_FILE).exists() else ""
-    if trial_state:
+    known = (trial_state or {}).get("num_failures", 0)
+    failures = max(len(FAILURE_HEADER.findall(error)), known)
+    out_of_retries = failures > known and max_failures is not None and 0 <= max_failures < failures
+    if trial_state and not (out_of_retries and trial_state["status"] in ("RUNNING", "PENDING", "PAUSED")):
         status = trial_state["status"]
-    elif error:
+    elif out_of_retries or (error and not trial_state):
         status = "ERROR"
     elif results:
         status = "TERMINATED" if results[-1].get("done") else "RUNNING"
@@ -258,7 +269,7 @@ def _read_trial(
     row.update(
         {
             "trial_dir": str(trial_dir),
-            "num_failures": (trial_state or {}).get("num_failures", 0),
+            "num_failures": failures,
             # A retried trial keeps the error.txt of its failed attempt: only a trial that ended in error shows it.
             "error": error.splitlines()[-1] if error and status == "ERROR" else "",
             "node": results[-1].get("hostname", "") if results else "",

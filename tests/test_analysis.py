@@ -121,6 +121,34 @@ def test_interrupted_experiment_statuses_are_inferred(search: tuple[Path, str], 
     assert exp.trials.set_index("trial_dir").loc[str(running), "epochs"] == len(lines) - 1
 
 
+def test_failure_the_state_snapshot_missed_makes_the_trial_errored(search: tuple[Path, str], tmp_path: Path) -> None:
+    """Ray's last experiment snapshot can predate a trial's last failure: error.txt has the final word."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    max_failures = json.loads((copy / "lorasent_search.json").read_text())["tune"]["max_failures"]
+    state_file = sorted(copy.glob("experiment_state-*.json"))[-1]
+    state = json.loads(state_file.read_text())
+    trial, metadata = (json.loads(part) for part in state["trial_data"][0])
+    error_file = copy / trial["relative_logdir"] / "error.txt"
+
+    def snapshot(num_failures: int, failures_in_error_file: int) -> str:
+        """The trial's status as read when the snapshot says RUNNING after num_failures, error.txt more."""
+        trial["status"], metadata["num_failures"] = "RUNNING", num_failures
+        state["trial_data"][0] = [json.dumps(trial), json.dumps(metadata)]
+        state_file.write_text(json.dumps(state))
+        lines = [f"Failure # {i} (occurred at 2026-11-26_10-13-4{i})\nRuntimeError: boom {i}" for i in range(1, 9)]
+        error_file.write_text("\n".join(lines[:failures_in_error_file]) + "\n")
+        row = load_experiment(copy).trials.set_index("trial_id").loc[trial["trial_id"]]
+        assert row["num_failures"] == max(num_failures, failures_in_error_file)
+        return row["status"] + (f": {row['error']}" if row["error"] else "")
+
+    # The snapshot saw the last retry start; error.txt shows that retry failed too.
+    assert snapshot(max_failures, max_failures + 1) == f"ERROR: RuntimeError: boom {max_failures + 1}"
+    # error.txt is no further than the snapshot, or retries are left: the snapshot's RUNNING stands.
+    assert snapshot(max_failures + 1, max_failures + 1) == "RUNNING"
+    assert snapshot(0, 0) == "RUNNING"
+
+
 def test_diverged_trial_is_never_best(search: tuple[Path, str], tmp_path: Path) -> None:
     """A trial whose loss went NaN reports diverged=1 and the worst metric (as tune/trainable.py does)."""
     copy = tmp_path / "exp"

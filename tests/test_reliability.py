@@ -58,8 +58,11 @@ def _rows(result_file: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _vm_bytes(pid: int) -> int:
-    return psutil.Process(pid).memory_info().vms
+def _memory_limits_in_use(pid: int) -> list[tuple[int, int]]:
+    """(limit, bytes in use) for RLIMIT_AS (all mappings) and RLIMIT_DATA (private writable memory: it also counts
+    malloc arenas that grow inside address space they reserved earlier, which RLIMIT_AS does not see)."""
+    info = psutil.Process(pid).memory_info()
+    return [(resource.RLIMIT_AS, info.vms), (resource.RLIMIT_DATA, info.data)]
 
 
 class FaultInjector(threading.Thread):
@@ -116,9 +119,9 @@ class FaultInjector(threading.Thread):
                         self.killed.append(pid)
                 for pid in rows.get(LR_OOM, {}):
                     if pid not in self.limited and self._ours(pid):
-                        # Below what the process maps already: its next allocation that needs memory fails.
-                        limit = _vm_bytes(pid) - (1 << 20)
-                        resource.prlimit(pid, resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+                        # Below what the process uses already: its next allocation that needs memory fails.
+                        for kind, used in _memory_limits_in_use(pid):
+                            resource.prlimit(pid, kind, (used - (1 << 20), resource.RLIM_INFINITY))
                         self.limited.append(pid)
                 time.sleep(0.05)
         except BaseException as e:  # surfaced by the fixture
@@ -143,9 +146,10 @@ def faulty_search(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "--metric", "loss", "--mode", "min",  # no ties, so the best epoch's checkpoint is always one Tune keeps
         "--reuse_actors", "false",  # a hurt worker process must never be handed the next trial
     ]  # fmt: skip
-    # glibc serves allocations >= 64 KiB with fresh mappings (instead of reusing freed heap), so a limited worker's
-    # next activation tensor fails at once rather than whenever its heap happens to grow.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    # glibc serves allocations >= 4 KiB with fresh mappings (instead of reusing freed heap), so a limited worker's
+    # next activation tensor fails at once rather than whenever its heap happens to grow. (The tiny model's
+    # activations are 1 KiB per token of a batch of 8: with glibc's 64 KiB-and-up default they often fit in freed heap.)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 1024)}
     started = time.perf_counter()
     driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     injector = FaultInjector(driver, name, storage)
@@ -203,6 +207,7 @@ def test_killed_worker_is_retried_from_its_last_checkpoint(faulty_search: dict[s
 
 def test_out_of_memory_trial_is_marked_failed_and_the_rest_continue(faulty_search: dict[str, Any]) -> None:
     trial = faulty_search["trials"][LR_OOM]
+    assert faulty_search["limited"], "the injector never saw the trial's first epoch"
     assert trial["status"] == "ERROR" and trial["num_failures"] == MAX_FAILURES + 1
     incarnations = _incarnations(trial["trial_dir"])
     assert [group[0]["pid"] for group in incarnations] == faulty_search["limited"]
