@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-from transformers import EvalPrediction
+
+if TYPE_CHECKING:
+    from transformers import EvalPrediction
 
 MACRO_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
 
@@ -24,6 +26,8 @@ def metric_names(label_names: Sequence[str]) -> list[str]:
 
 def scores(label_ids: np.ndarray, predicted_ids: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
     """Metrics of predicted label ids against true ones; a class never predicted scores 0, not a warning."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support  # here: `--help` needs no sklearn
+
     labels = list(range(len(label_names)))
     result = {"accuracy": float(accuracy_score(label_ids, predicted_ids))}
     precision, recall, f1, _ = precision_recall_fscore_support(
