@@ -3,8 +3,8 @@
 Prints, and writes to --out:
   - lorasent's tokenisation (`tokenized_splits`, the cache every trial on a node reuses) of N synthetic
     Amazon-like reviews (400k by default; the `full` preset's 3.6M reviews would take 9x as long): reading and
-    checking the file, tokenising (reviews/s; goal >= 100k/s on 16 cores) with and without the Rust tokenizer's
-    own thread pool, and the cache hit a second trial sees;
+    checking the file, tokenising (reviews/s; goal >= 100k/s on 16 cores) as users get it, then forced into threads
+    of one process and into encoder processes, and the cache hit a second trial sees;
   - (part `tokenise_map`, not run by default) the previous way on the same reviews, `datasets.map` over
     `tokenizer(...)` in up to 8 processes, and the speed-up of lorasent's tokenisation over it;
   - a training epoch of lorasent `train()` at batch 256, bf16 where the GPU has it, length-grouped, on 20k reviews:
@@ -39,13 +39,22 @@ def scale_args(ws: Workspace, args: argparse.Namespace) -> tuple[Any, Any, float
     return data_args, ModelArguments(model_name_or_path=str(ws.model_dir())), gen["s"]
 
 
-def cold_tokenisation(data_args: Any, model_args: Any) -> tuple[Any, float]:
-    """`tokenized_splits` on an empty cache (a cache hit from an earlier run would measure nothing): splits, s."""
-    from lorasent.tokenize import load_tokenizer, tokenized_cache_dir, tokenized_splits
+def cold_tokenisation(data_args: Any, model_args: Any, workers: str = "auto") -> tuple[Any, float]:
+    """`tokenized_splits` on an empty cache (a cache hit from an earlier run would measure nothing): splits, s.
 
-    shutil.rmtree(tokenized_cache_dir(data_args, load_tokenizer(model_args)), ignore_errors=True)
-    with timed() as cold:
-        splits = tokenized_splits(data_args, model_args)
+    workers: "auto" (what users get: processes for large splits on 4+ cores), "threads" or "processes".
+    """
+    import lorasent.tokenize as tokenize
+
+    shutil.rmtree(tokenize.tokenized_cache_dir(data_args, tokenize.load_tokenizer(model_args)), ignore_errors=True)
+    rule = tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES
+    if workers != "auto":
+        tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES = (0, 1) if workers == "processes" else (1 << 62, 1)
+    try:
+        with timed() as cold:
+            splits = tokenize.tokenized_splits(data_args, model_args)
+    finally:
+        tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES = rule
     return splits, cold["s"]
 
 
@@ -59,19 +68,11 @@ def tokenisation(ws: Workspace, args: argparse.Namespace, results: Results) -> N
     splits, cold_s = cold_tokenisation(data_args, model_args)
     with timed() as warm:
         tokenized_splits(data_args, model_args)
-    # The same again with the Rust tokenizer's own thread pool off: lorasent's threads alone (how a process that
-    # set TOKENIZERS_PARALLELISM=false, or a forked one, tokenises).
-    rust_threads = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        _, threads_only_s = cold_tokenisation(data_args, model_args)
-    finally:
-        os.environ.pop("TOKENIZERS_PARALLELISM")
-        if rust_threads is not None:
-            os.environ["TOKENIZERS_PARALLELISM"] = rust_threads
+    # Both ways on the same machine: threads of one process (GIL-bound beyond a few cores) and encoder processes.
+    forced = {workers: cold_tokenisation(data_args, model_args, workers)[1] for workers in ("threads", "processes")}
     n = args.reviews
     tokens = sum(sum(splits[s]["length"][:]) for s in splits)
-    cores = len(os.sched_getaffinity(0))  # lorasent tokenises with one thread per core it may run on
+    cores = len(os.sched_getaffinity(0))  # lorasent tokenises with one worker per core it may run on
     load_average = os.getloadavg()[0]  # other processes' share of those cores, on a shared machine
 
     def rate_note(seconds: float) -> str:
@@ -81,27 +82,24 @@ def tokenisation(ws: Workspace, args: argparse.Namespace, results: Results) -> N
         )
 
     tokenise_s = max(cold_s - load["s"], 1e-9)
-    threads_only_s = max(threads_only_s - load["s"], 1e-9)
     results.add(f"synthetic reviews generated and written ({n:,})", generate_s, "s", "not part of the figures below")
     results.add("read + check the data file (load_splits)", n / load["s"], "reviews/s", f"{load['s']:.1f} s")
     results.add(
         "tokenisation (tokenized_splits cold, minus the read)",
         n / tokenise_s,
         "reviews/s",
-        f"goal >= 100k/s on 16 cores; TOKENIZERS_PARALLELISM={rust_threads}; {rate_note(tokenise_s)}",
+        f"goal >= 100k/s on 16 cores; {rate_note(tokenise_s)}",
     )
-    results.add(
-        "tokenisation, TOKENIZERS_PARALLELISM=false (lorasent's threads only)",
-        n / threads_only_s,
-        "reviews/s",
-        rate_note(threads_only_s),
-    )
+    for workers, seconds in forced.items():
+        results.add(
+            f"tokenisation in {workers} (forced)", n / max(seconds - load["s"], 1e-9), "reviews/s", rate_note(seconds)
+        )
     results.add("whole cold tokenized_splits (read + tokenise + save)", n / cold_s, "reviews/s", f"{cold_s:.1f} s")
     results.add("cache hit (what every later trial on the node pays)", warm["s"], "s", "memory-mapped Arrow")
     results.extra["tokenisation"] = {"reviews": n, "tokens": tokens, "load_s": load["s"], "cold_s": cold_s,
-                                     "threads_only_cold_s": threads_only_s + load["s"], "warm_s": warm["s"],
-                                     "generate_s": generate_s, "cores": cores, "load_average": load_average,
-                                     "tokenizers_parallelism": rust_threads}  # fmt: skip
+                                     "threads_cold_s": forced["threads"], "processes_cold_s": forced["processes"],
+                                     "warm_s": warm["s"], "generate_s": generate_s, "cores": cores,
+                                     "load_average": load_average}  # fmt: skip
     results.extra["scale_file"] = data_args.dataset
 
 

@@ -5,32 +5,32 @@ Texts are truncated but never padded here; `make_collator` pads each batch to it
 The cache key covers everything that changes the tokens: the data arguments and source, the tokenizer
 itself (its full serialisation, not just its name), the effective max length and the lorasent version.
 
-Tokenising is one process, many threads: the Rust tokenizer releases the GIL, so threads encode chunks of
-texts on every core while Arrow arrays are built straight from flat numpy buffers and streamed to disk. This
-skips what `datasets.map` + `tokenizer(...)` cost on top of the Rust encoder (BatchEncoding dicts of Python
-lists, hashing the mapped function for a fingerprint, worker processes that each pay start-up and pickling).
+Chunks of texts are encoded on every core (threads; processes for large splits, see lorasent/encoding.py)
+straight into flat numpy buffers, whose Arrow arrays are streamed to disk. This skips what `datasets.map` +
+`tokenizer(...)` cost on top of the Rust encoder (BatchEncoding dicts of Python lists, hashing the mapped
+function for a fingerprint, worker processes that each import transformers and get a pickled shard).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sized
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 from filelock import FileLock
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, TokenizersBackend
@@ -38,6 +38,7 @@ from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy
 
 import lorasent
+from lorasent import encoding
 from lorasent.assets import VADER_FILE_SHA256, resolve_model_path
 from lorasent.config import OFFLINE_DATASET, DataArguments, ModelArguments
 from lorasent.data import load_splits
@@ -48,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the stored columns or their types change
 ENCODE_ROWS = 1_000  # texts per encoder call: amortises the call, yet spreads a split over every thread
+# From this many texts on (and 4+ cores), encoder processes instead of threads: their start-up (~1 s) is then
+# repaid by encoding free of the GIL (see lorasent/encoding.py).
+PROCESS_MIN_ROWS = 200_000
+PROCESS_MIN_CORES = 4
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
@@ -161,17 +166,45 @@ def _describe(data_args: DataArguments, model_args: ModelArguments) -> dict[str,
 
 
 def _tokenize(
-    splits: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int, staging: Path
+    splits: datasets.DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    staging: Path,
+    processes: bool | None = None,
 ) -> datasets.DatasetDict:
-    """Each split as input_ids, attention_mask, label, length, written to `staging` and memory-mapped from there."""
-    encode_chunk = functools.partial(_encode_chunk, encode=_batch_encoder(tokenizer, max_length))
-    # One thread per core this process may use (macOS has no affinity call: all cores there).
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Each split as input_ids, attention_mask, label, length, written to `staging` and memory-mapped from there.
+
+    `processes`: encode in processes (True), threads (False), or choose by size and cores (None).
+    """
+    encode, backend = _batch_encoder(tokenizer, max_length)
+    # One worker per core this process may use (macOS has no affinity call: all cores there).
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    rows = sum(len(split) for split in splits.values())
+    if processes is None:
+        processes = rows >= PROCESS_MIN_ROWS and workers >= PROCESS_MIN_CORES
+    # Forked processes start at once and import nothing; spawned ones would re-run the caller's main script (which
+    # then needs an `if __name__ == "__main__"` guard), so where fork is missing (macOS, Windows) threads it is.
+    # A Python-level tokenizer class keeps its own call, in threads.
+    processes = processes and backend is not None and "fork" in multiprocessing.get_all_start_methods()
+    pool: Executor
+    if processes:
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=encoding.start_encoder_process,
+            initargs=(backend.to_str(),),
+        )
+        encode_chunk: Callable[[Any], Any] = encoding.encode_chunk_in_process
+    else:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="lorasent-tokenize")
+        encode_chunk = functools.partial(encoding.encode_chunk, encode=encode)
     staging.mkdir(parents=True)
-    started, rows = time.perf_counter(), sum(len(split) for split in splits.values())
-    logger.info("Tokenising %d texts on %d threads into the cache (once per node and key).", rows, threads)
+    started = time.perf_counter()
+    kind = "processes" if processes else "threads"
+    logger.info("Tokenising %d texts in %d %s into the cache (once per node and key).", rows, workers, kind)
     result = {}
-    with ThreadPoolExecutor(threads, thread_name_prefix="lorasent-tokenize") as pool:
+    # One encoder thread per process (and no warning from tokenizers in each forked child about its threads).
+    with pool, _environ_default("TOKENIZERS_PARALLELISM", "false" if processes else None):
         for name, split in splits.items():
             features = datasets.Features(
                 input_ids=datasets.List(datasets.Value("int32")),
@@ -181,21 +214,34 @@ def _tokenize(
             )
             path = staging / f"{name}.arrow"
             chunks = split.select_columns(["text", "label"]).with_format("arrow").iter(batch_size=ENCODE_ROWS)
+            if processes:
+                chunks = map(encoding.compact, chunks)
             with ArrowWriter(features=features, path=str(path)) as writer:
-                for table in _in_order(pool, encode_chunk, chunks, ahead=4 * threads):
+                for table in _in_order(pool, encode_chunk, chunks, ahead=4 * workers):
                     writer.write_table(table)
                 writer.finalize()
             result[name] = datasets.Dataset.from_file(str(path))
     seconds = time.perf_counter() - started
-    logger.info("Tokenised %d texts in %.1f s (%.0f/s, %d threads).", rows, seconds, rows / seconds, threads)
+    logger.info("Tokenised %d texts in %.1f s (%.0f/s, %d %s).", rows, seconds, rows / seconds, workers, kind)
     return datasets.DatasetDict(result)
 
 
-def _batch_encoder(
-    tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> Callable[[list[str]], tuple[np.ndarray, np.ndarray]]:
-    """texts -> (tokens per text, all token ids end to end), the ids exactly those of
-    `tokenizer(texts, truncation=True, max_length=max_length)`.
+@contextlib.contextmanager
+def _environ_default(name: str, value: str | None) -> Iterator[None]:
+    """Set an environment variable the user left unset, for the duration of the block."""
+    if value is None or name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _batch_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[encoding.Encode, Any]:
+    """(texts -> (tokens per text, all token ids end to end), the Rust backend it uses or None): the ids exactly
+    those of `tokenizer(texts, truncation=True, max_length=max_length)`.
 
     A plain fast tokenizer goes straight to its Rust backend's `encode_batch_fast` (no offsets, no
     BatchEncoding), configured by transformers' own `set_truncation_and_padding` as a call would configure it;
@@ -208,9 +254,9 @@ def _batch_encoder(
         def encode_by_call(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
             ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
                             return_token_type_ids=False)["input_ids"]  # fmt: skip
-            return _flatten(ids, ids)
+            return encoding.flatten(ids, ids)
 
-        return encode_by_call
+        return encode_by_call, None
     tokenizer.set_truncation_and_padding(
         padding_strategy=PaddingStrategy.DO_NOT_PAD,
         truncation_strategy=TruncationStrategy.LONGEST_FIRST,
@@ -220,34 +266,7 @@ def _batch_encoder(
         padding_side=None,
     )
     backend = tokenizer.backend_tokenizer  # split_special_tokens was set on it when the tokenizer was loaded
-
-    def encode_by_backend(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encodings = backend.encode_batch_fast(texts)  # releases the GIL: the threads encode in parallel
-        return _flatten(encodings, (encoding.ids for encoding in encodings))
-
-    return encode_by_backend
-
-
-def _flatten(sequences: Sized, ids: Iterable[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Lengths and concatenated ids as int32 arrays, without an intermediate list of lists."""
-    lengths = np.fromiter(map(len, sequences), np.int32, len(sequences))
-    return lengths, np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
-
-
-def _encode_chunk(chunk: pa.Table, encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]) -> pa.Table:
-    """One chunk of text + label rows as the stored columns; the attention mask is ones over each text's tokens."""
-    lengths, ids = encode(chunk.column("text").to_pylist())
-    offsets = np.zeros(len(lengths) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    bounds = pa.array(offsets)
-    return pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(bounds, pa.array(ids)),
-            "attention_mask": pa.ListArray.from_arrays(bounds, pa.array(np.ones(len(ids), np.int8))),
-            "label": chunk.column("label"),
-            "length": pa.array(lengths),
-        }
-    )
+    return encoding.backend_encoder(backend), backend
 
 
 def _in_order(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -51,21 +52,29 @@ TRICKY_TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("model", ["tiny", "minilm"])
+@pytest.mark.parametrize(("model", "workers"), [("tiny", "threads"), ("minilm", "threads"), ("minilm", "processes")])
 def test_tokens_equal_the_tokenizer_call(
     model: str,
+    workers: str,
     write_data: Callable[..., Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The threaded Rust path stores exactly what `tokenizer(texts, truncation=True, max_length=...)` returns."""
+    """The Rust path, in threads or encoder processes, stores exactly what `tokenizer(texts, truncation=True,
+    max_length=...)` returns."""
     folder = TINY_MODEL if model == "tiny" else str(request.getfixturevalue("offline_model_dir"))
     model_args = ModelArguments(model_name_or_path=folder)
-    monkeypatch.setattr(tokenize, "ENCODE_ROWS", 7)  # many chunks on several threads: their order must hold
+    monkeypatch.setattr(tokenize, "ENCODE_ROWS", 7)  # many chunks on several workers: their order must hold
+    if workers == "processes":  # what a large split on a many-core node gets
+        monkeypatch.setattr(tokenize, "PROCESS_MIN_ROWS", 0)
+        monkeypatch.setattr(tokenize, "PROCESS_MIN_CORES", 1)
     rows = [{"text": f"{TRICKY_TEXTS[i % len(TRICKY_TEXTS)]} #{i}", "label": i % 2} for i in range(90)]
     data_args = DataArguments(dataset=str(write_data(rows)), cache_dir=str(tmp_path / "cache"), max_length=40)
-    splits = tokenized_splits(data_args, model_args)
+    with caplog.at_level(logging.INFO, logger=tokenize.__name__):
+        splits = tokenized_splits(data_args, model_args)
+    assert f" {workers} into the cache" in caplog.text
     texts = load_splits(data_args)
     tokenizer = load_tokenizer(model_args)
     for name, split in splits.items():
@@ -90,7 +99,8 @@ def test_truncation_side_and_python_level_tokenizers_are_honoured() -> None:
     prefixed = Prefixed.from_pretrained(resolve_model_path(TINY_MODEL))
     for tokenizer in (left, prefixed):
         expected = tokenizer(texts, truncation=True, max_length=12)["input_ids"]
-        lengths, ids = tokenize._batch_encoder(tokenizer, 12)(texts)
+        encode, _ = tokenize._batch_encoder(tokenizer, 12)
+        lengths, ids = encode(texts)
         assert lengths.tolist() == [len(e) for e in expected]
         assert ids.tolist() == [i for e in expected for i in e]
     plain = load_tokenizer(TINY)(texts, truncation=True, max_length=12)["input_ids"]
