@@ -187,3 +187,34 @@ def test_model_folder_without_tokenizer_is_refused(tmp_path: Path, tiny_model_di
     (tmp_path / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
     with pytest.raises(ConfigError, match="tokenizer files"):
         load_tokenizer(ModelArguments(model_name_or_path=str(tmp_path)))
+
+
+@pytest.mark.ray
+def test_encoder_processes_fork_from_a_ray_worker(data_args: DataArguments) -> None:
+    """A trial that is first on its node tokenises inside a Ray worker: its encoder processes fork from there."""
+    import ray
+
+    def tokenise_in_worker(data_args: DataArguments) -> tuple[dict[str, list[list[int]]], str]:
+        import io
+        import logging
+
+        import lorasent.tokenize as tokenize
+
+        tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES = 0, 1
+        log = io.StringIO()
+        logging.getLogger(tokenize.__name__).addHandler(logging.StreamHandler(log))
+        logging.getLogger(tokenize.__name__).setLevel(logging.INFO)
+        splits = tokenize.tokenized_splits(data_args, ModelArguments(model_name_or_path=TINY_MODEL))
+        return {name: list(split["input_ids"]) for name, split in splits.items()}, log.getvalue()
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        ids, log = ray.get(ray.remote(tokenise_in_worker).remote(data_args), timeout=120)
+    finally:
+        ray.shutdown()
+    assert " processes into the cache" in log
+    tokenizer = load_tokenizer(TINY)
+    texts = load_splits(data_args)
+    for name, split_ids in ids.items():
+        expected = tokenizer(list(texts[name]["text"]), truncation=True, max_length=data_args.max_length)
+        assert split_ids == expected["input_ids"]
