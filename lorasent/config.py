@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from lorasent.errors import ConfigError
 
@@ -204,3 +207,22 @@ def replace(args: Any, **changes: Any) -> Any:
     if unknown:
         raise ConfigError(f"Unknown {type(args).__name__} field(s) {unknown}; valid fields: {sorted(known)}.")
     return dataclasses.replace(args, **changes)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; a missing, unparsable or non-mapping file is a ConfigError."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"Cannot read config file {path}: {e.strerror}. Check the --config path.") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"Config file {path} is not valid YAML: {e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"Config file {path} must hold a mapping of option: value (e.g. 'learning_rate: 1.0e-3'), "
+            f"got {type(values).__name__}."
+        )
+    return values

@@ -24,7 +24,6 @@ from typing import Any, get_args
 import datasets
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import SequentialSampler
 from transformers import (
     HfArgumentParser,
@@ -38,7 +37,14 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as hf_logging
 
-from lorasent.config import ARGUMENT_CLASSES, DataArguments, ModelArguments, Precision, TrainArguments
+from lorasent.config import (
+    ARGUMENT_CLASSES,
+    DataArguments,
+    ModelArguments,
+    Precision,
+    TrainArguments,
+    read_yaml,
+)
 from lorasent.data import SPLITS
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import metric_names, metrics_fn
@@ -420,12 +426,7 @@ class RunArguments:
 
 
 def _yaml_defaults(path: str) -> dict[str, Any]:
-    try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"Cannot read the config file {path}: {e}. Pass a readable YAML file to --config.") from e
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of argument names to values, e.g. 'learning_rate: 1.0e-3'.")
+    values = read_yaml(path)
     valid = {f.name for cls in (*ARGUMENT_CLASSES, RunArguments) for f in dataclasses.fields(cls)} - {"config"}
     unknown = sorted(set(values) - valid)
     if unknown:

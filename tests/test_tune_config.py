@@ -15,7 +15,7 @@ import pytest
 import ray
 import yaml
 
-from lorasent.config import OFFLINE_DATASET, OFFLINE_MODEL, TINY_MODEL, ModelArguments, TrainArguments
+from lorasent.config import OFFLINE_DATASET, OFFLINE_MODEL, TINY_MODEL, ModelArguments, TrainArguments, read_yaml
 from lorasent.errors import ConfigError
 from tune.cluster import check_reachable, use_token_from_env
 from tune.config import (
@@ -27,7 +27,6 @@ from tune.config import (
     parse_args,
     parse_search_space,
     preset_names,
-    read_yaml,
 )
 from tune.run import main
 
@@ -154,6 +153,9 @@ def test_unreadable_config_files(tmp_path: Path) -> None:
     bad.write_text("- 1\n- 2\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         read_yaml(bad)
+    bad.write_bytes("learning_rate: 1.0e-3  # caf\u00e9".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_args(["--config", str(bad)])
 
 
 def test_help_documents_every_option() -> None:

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
 from transformers import HfArgumentParser
 
-from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace, to_dict
+from lorasent.config import DataArguments, ModelArguments, TrainArguments, read_yaml, replace, to_dict
 from lorasent.errors import ConfigError
 from lorasent.metrics import metric_names
 
@@ -358,22 +357,6 @@ def preset_path(name: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"Unknown preset {name!r}. Presets: {', '.join(preset_names())}.")
     return path
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML config file as a mapping; a missing, unparsable or non-mapping file is a ConfigError."""
-    path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"Cannot read config file {path}: {e.strerror}. Check the --config path.") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Config file {path} is not valid YAML: {e}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping of option: value, got {type(values).__name__}.")
-    return values
 
 
 def _preset_summary(name: str) -> str:
