@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the stored columns or their types change
 ENCODE_ROWS = 1_000  # texts per encoder call: amortises the call, yet spreads a split over every thread
-# From this many texts on (and 4+ cores), encoder processes instead of threads: their start-up (~1 s) is then
-# repaid by encoding free of the GIL (see lorasent/encoding.py).
+# From this many texts on (and 4+ cores), encoder processes instead of threads: sending them the chunks then costs
+# less than the GIL that the threads share (see lorasent/encoding.py).
 PROCESS_MIN_ROWS = 200_000
 PROCESS_MIN_CORES = 4
 
@@ -170,22 +170,21 @@ def _tokenize(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     staging: Path,
-    processes: bool | None = None,
 ) -> datasets.DatasetDict:
-    """Each split as input_ids, attention_mask, label, length, written to `staging` and memory-mapped from there.
-
-    `processes`: encode in processes (True), threads (False), or choose by size and cores (None).
-    """
+    """Each split as input_ids, attention_mask, label, length, written to `staging` and memory-mapped from there."""
     encode, backend = _batch_encoder(tokenizer, max_length)
     # One worker per core this process may use (macOS has no affinity call: all cores there).
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     rows = sum(len(split) for split in splits.values())
-    if processes is None:
-        processes = rows >= PROCESS_MIN_ROWS and workers >= PROCESS_MIN_CORES
     # Forked processes start at once and import nothing; spawned ones would re-run the caller's main script (which
     # then needs an `if __name__ == "__main__"` guard), so where fork is missing (macOS, Windows) threads it is.
     # A Python-level tokenizer class keeps its own call, in threads.
-    processes = processes and backend is not None and "fork" in multiprocessing.get_all_start_methods()
+    processes = (
+        rows >= PROCESS_MIN_ROWS
+        and workers >= PROCESS_MIN_CORES
+        and backend is not None
+        and "fork" in multiprocessing.get_all_start_methods()
+    )
     pool: Executor
     if processes:
         pool = ProcessPoolExecutor(
