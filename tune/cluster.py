@@ -316,7 +316,9 @@ def _plan_autoscaling(
 
 def local_nodes(tune_args: TuneArguments) -> list[dict[str, float]]:
     """The one node a local Ray would have, counted before Ray starts."""
-    cpus = tune_args.num_cpus or len(os.sched_getaffinity(0))
+    cpus = tune_args.num_cpus or (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     if tune_args.num_gpus is not None:
         gpus = tune_args.num_gpus
     else:
