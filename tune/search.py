@@ -19,9 +19,14 @@ from lorasent.errors import ConfigError
 from tune.config import SEARCHABLE, ParamSpec, SearchSpace, TuneArguments, parse_search_space, typed_value
 
 
+def _owner(name: str, model_args: ModelArguments, train_args: TrainArguments) -> ModelArguments | TrainArguments:
+    """The arguments object that holds searchable parameter `name`."""
+    return model_args if SEARCHABLE[name][0] is ModelArguments else train_args
+
+
 def _check_values(spec: ParamSpec, model_args: ModelArguments, train_args: TrainArguments) -> None:
     """Run each candidate (or range end) through its dataclass's validation, so a bad value fails now."""
-    owner = model_args if SEARCHABLE[spec.name][0] is ModelArguments else train_args
+    owner = _owner(spec.name, model_args, train_args)
     for value in spec.values:
         try:
             replace(owner, **{spec.name: value})
@@ -85,8 +90,7 @@ def starting_points(
             )
         full = {}
         for name, spec in space.items():
-            owner = model_args if SEARCHABLE[name][0] is ModelArguments else train_args
-            value = typed_value(name, point.get(name, getattr(owner, name)))
+            value = typed_value(name, point.get(name, getattr(_owner(name, model_args, train_args), name)))
             inside = spec.values[0] <= value <= spec.values[1] if spec.is_range else value in spec.values
             if not inside:
                 raise ConfigError(
