@@ -125,8 +125,8 @@ def load_experiment(path: str | os.PathLike[str] = DEFAULT_EXPERIMENT) -> Experi
         raise ExperimentError(_no_trials_message(source, root))
 
     trial_rows, epoch_frames, configs = [], [], {}
+    max_failures = search.get("tune", {}).get("max_failures")
     for name, trial_state in trial_dirs.items():
-        max_failures = search.get("tune", {}).get("max_failures")
         config, row, epochs = _read_trial(root / name, trial_state, max_failures)
         configs[row["trial_id"]] = config
         trial_rows.append(row)
