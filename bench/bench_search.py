@@ -208,7 +208,28 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
         ].to_dict("records"),
         "experiment": str(exp.path),
         "plan": next((line.strip() for line in lines if line.startswith("Resource plan")), ""),
+        "time_split": time_split(epochs),
     }
+
+
+def time_split(epochs: Any) -> dict[str, float]:
+    """Trial-seconds summed over every reported epoch, split by what `train()` says it spent them on.
+
+    `other` is what lies outside train(): the checkpoint write, Tune's report round trip, the trial's start.
+    """
+    total = float(epochs["time_this_iter_s"].sum())
+    split = {key: float(epochs[key].sum()) if key in epochs else 0.0 for key in SPLIT_KEYS}
+    return {"trial_seconds": total, **split, "other_seconds": total - sum(split.values())}
+
+
+SPLIT_KEYS = ("setup_seconds", "train_seconds", "eval_seconds")
+
+
+def describe_split(split: dict[str, float]) -> str:
+    total = max(split["trial_seconds"], 1e-9)
+    parts = [f"{key.removesuffix('_seconds')} {split[key]:.0f} s ({split[key] / total:.0%})"
+             for key in (*SPLIT_KEYS, "other_seconds")]  # fmt: skip
+    return ", ".join(parts)
 
 
 def incomplete(found: dict[str, Any]) -> str:
@@ -248,6 +269,8 @@ def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Re
             "x",
             f"goal <= 0.125 (1/8); grid {grid:.0f} s ({kind})",
         )
+    results.add("where the trials' time went", found["time_split"]["trial_seconds"], "trial-s",
+                describe_split(found["time_split"]))  # fmt: skip
     config = ", ".join(f"{k.split('/')[-1]}={v}" for k, v in found["best_config"].items())
     results.add("lorasent search best validation accuracy", found["best_accuracy"], "", config)
 
@@ -286,7 +309,8 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
             f"{name}: {trials} trials x 3 epochs, {fraction:g} GPU each, {concurrency} at once{incomplete(f)}",
             f["trials"] / f["trials_span_s"] * 60,
             "trials/min",
-            f"span {f['trials_span_s']:.1f} s (first trial start to last result); whole command {f['wall_s']:.1f} s",
+            f"span {f['trials_span_s']:.1f} s (first trial start to last result); whole command {f['wall_s']:.1f} s; "
+            + f"{f['time_split']['trial_seconds']:.0f} trial-seconds: {describe_split(f['time_split'])}",
         )
     packed, seq = found["packed"], found["sequential"]
     # The same number of trials on both sides: the sequential wall is extended by its measured per-trial cost

@@ -378,6 +378,36 @@ def ws_data(ws: Workspace, args: argparse.Namespace) -> Path:
     return ws.reviews("reviews", sizes)
 
 
+def repeated_trial(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    """The seed config's one-epoch trial three times in one process, as a Ray worker reused by Tune runs them.
+
+    Run first in its own process: the first call pays what a fresh trial process pays (CUDA start, the first launch
+    of every kernel); the later ones are what every further trial on a reused actor pays. Wall = set-up + training
+    + evaluation + checkpoint.
+    """
+    from lorasent.config import replace
+    from lorasent.train import train
+
+    n = size(args, "anchor")  # a seed-search trial: 1,000 training and 1,000 validation reviews
+    data_args, model_args, train_args = lorasent_args(ws, data_file, n, n)
+    runs = []
+    for attempt in range(3):
+        with timed() as wall:
+            result = train(data_args, model_args, replace(train_args, num_train_epochs=1), save_final=False)
+        epoch = result.history[0]
+        runs.append({"wall_s": wall["s"], **{k: epoch.get(k) for k in ("setup_seconds", "train_seconds",
+                                                                        "eval_seconds")}})  # fmt: skip
+        results.add(
+            f"one-epoch trial in one process, call {attempt + 1} of 3 ({'cold' if attempt == 0 else 'warm'})",
+            wall["s"],
+            "s",
+            f"set-up {epoch['setup_seconds']:.2f} s, training {epoch['train_seconds']:.2f} s, evaluation "
+            f"{epoch.get('eval_seconds', float('nan')):.2f} s, rest (checkpoint) "
+            f"{wall['s'] - epoch['setup_seconds'] - epoch['train_seconds'] - epoch.get('eval_seconds', 0):.2f} s",
+        )
+    results.extra["repeated_trial"] = runs
+
+
 SPAWN_ENV = "BENCH_SPAWN_TIME"  # when the parent spawned the fresh process (epoch seconds)
 
 
@@ -387,7 +417,10 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the fresh-process half
     parser.add_argument("--probe_timeout", type=float, default=240, help="Seconds the fresh process may take.")
     parser.add_argument(
-        "--skip", nargs="*", default=[], help="Parts to skip: train, predict, anchors, precision, census, fresh."
+        "--skip",
+        nargs="*",
+        default=[],
+        help="Parts to skip: repeat, train, predict, anchors, precision, census, fresh.",
     )
     args = parser.parse_args()
     if args.probe:
@@ -400,6 +433,7 @@ def main() -> None:
         ws.model_dir()
     results.extra["prep_seconds"] = prep["s"]
     parts: dict[str, Callable[[], Any]] = {
+        "repeat": lambda: repeated_trial(ws, data_file, args, results),  # first: CUDA must still be cold
         "train": lambda: lorasent_vs_hand_loop(ws, data_file, args, results),
         "predict": lambda: predictor(ws, data_file, args, results),
         "anchors": lambda: anchors(ws, data_file, args, results),

@@ -9,6 +9,7 @@
 #
 # PARTS picks the steps, in order (default: the full run). Each step writes $OUT/<step>.json:
 #   train        lorasent train() vs the hand loop, Predictor (goal 2)
+#   repeat       one seed-config trial (1 epoch) three times in a fresh process: cold vs warm per-trial cost
 #   search       seed-style grid vs the lorasent search (goal 1)
 #   scale        tokenisation + a batch-256 epoch at scale (goal 4)
 #   packing      8 trials on one GPU vs one trial per GPU (goal 3)
@@ -16,6 +17,8 @@
 #   tokenise     tokenisation only (scale's first part)
 #   precision    bf16-vs-fp32 Trainer epochs + kernel census only (train_extra without anchors / fresh process)
 #   tokenise_map the previous tokenisation (datasets.map, 8 processes) on the same reviews, and the speed-up
+#   epoch        batch-256 epochs: lorasent as shipped, the hand loop, fp32 base weights, a step's kernels (goals 2, 4)
+#   epoch_compile  the same lorasent epoch with torch_compile (epoch 1 includes compiling)
 # Files in $OUT (flat, at most 8): gpu_log.txt and one JSON file per step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +86,9 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"  cuda: {torch.cuda.get_device_name(0)}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
           f"bf16 {torch.cuda.is_bf16_supported()}, torch cuda {torch.version.cuda}")
+    # A device whose sm_XY is missing from the build runs PTX that the driver JIT-compiles at each kernel's first use
+    print(f"  capability sm_{p.major}{p.minor}; torch built for {' '.join(torch.cuda.get_arch_list())}; "
+          f"CUDA_MODULE_LOADING={os.environ.get('CUDA_MODULE_LOADING', '(unset: lazy)')}")
 EOF
 
 step() {  # step NAME MAX_SECONDS MIN_SECONDS COMMAND...: run under min(MAX, what is left of the budget)
@@ -103,21 +109,26 @@ step() {  # step NAME MAX_SECONDS MIN_SECONDS COMMAND...: run under min(MAX, wha
 
 run_part() {  # the steps: name, longest and shortest useful time (s), command
   case $1 in
-    train) step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip anchors precision census fresh \
+    train) step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat anchors precision census fresh \
       --out "$OUT/train.json" ;;
+    repeat) step repeat 60 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict anchors precision census \
+      fresh --out "$OUT/repeat.json" ;;
     search) step search 270 120 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts baseline search --timeout 210 \
       --out "$OUT/search.json" ;;
     scale) step scale 120 45 "$PY" bench/bench_scale.py "${FLAGS[@]}" --out "$OUT/scale.json" ;;
     packing) step packing 160 70 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts packing --timeout 120 \
       --out "$OUT/packing.json" ;;
-    train_extra) step train_extra 130 40 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict \
+    train_extra) step train_extra 130 40 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat train predict \
       --probe_timeout 100 --out "$OUT/train_extra.json" ;;
     tokenise) step tokenise 80 30 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts tokenise \
       --out "$OUT/tokenise.json" ;;
-    precision) step precision 90 35 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict anchors fresh \
+    precision) step precision 90 35 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat train predict anchors fresh \
       --out "$OUT/precision.json" ;;
     tokenise_map) step tokenise_map 60 35 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts tokenise_map \
       --out "$OUT/tokenise_map.json" ;;
+    epoch) step epoch 120 50 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts epoch --out "$OUT/epoch.json" ;;
+    epoch_compile) step epoch_compile 200 60 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts epoch_compile \
+      --out "$OUT/epoch_compile.json" ;;
     *) echo "=== unknown part $1 (see the list at the top of $0)" ;;
   esac
 }

@@ -43,6 +43,7 @@ class LoopRun:
     padded_tokens: int = 0  # per epoch, padding included
     steps: int = 0  # per epoch
     attention: str = ""  # the attention implementation transformers chose (sdpa, eager, ...)
+    half_precision_base: bool = False  # frozen base weights stored in the autocast dtype
 
     def rates(self, epoch: int = -1) -> dict[str, float]:
         seconds = self.epoch_s[epoch]
@@ -65,8 +66,12 @@ def hand_loop(
     max_grad_norm: float = 1.0,
     seed: int = 42,
     pad_to_multiple_of: int | None = None,
+    half_precision_base: bool = True,
 ) -> LoopRun:
-    """Train `epochs` epochs of data_args' train split; each epoch is timed with the GPU synchronised."""
+    """Train `epochs` epochs of data_args' train split; each epoch is timed with the GPU synchronised.
+
+    half_precision_base: frozen base weights stored in the autocast dtype, as lorasent's `train()` does by default.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     dtype = autocast_dtype(precision)
@@ -80,12 +85,13 @@ def hand_loop(
         collate_fn=make_collator(load_tokenizer(model_args), pad_to_multiple_of=pad_to_multiple_of),
         pin_memory=device.type == "cuda",  # as lorasent's Trainer does
     )
-    model = build_model(model_args, data_args.label_names).to(device).train()
+    frozen = dtype if half_precision_base else None
+    model = build_model(model_args, data_args.label_names, frozen_dtype=frozen).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, fused=device.type == "cuda")
     total_steps = epochs * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
-    run = LoopRun(batch_size, str(dtype).removeprefix("torch.") if dtype else "fp32")
+    run = LoopRun(batch_size, str(dtype).removeprefix("torch.") if dtype else "fp32", half_precision_base=bool(frozen))
     run.attention = model.get_base_model().config._attn_implementation
     for _ in range(epochs):
         if device.type == "cuda":

@@ -165,6 +165,21 @@ class TrainArguments:
         default="auto",
         metadata={"help": "'auto': bf16 on GPUs that support it, else fp16 on CUDA, else fp32; or force one."},
     )
+    half_precision_base: bool = field(
+        default=True,
+        metadata={
+            "help": "Under bf16/fp16 training, store the frozen base weights (Linear, Embedding) in that precision: "
+            "autocast casts them every step anyway, so this saves the casts and half their memory. LayerNorms, the "
+            "LoRA adapter and the head stay fp32."
+        },
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile the model with torch.compile (inductor): fused kernels for long runs on a GPU, after a "
+            "compile of a minute or more per process; not worth it for short trials."
+        },
+    )
     group_by_length: bool = field(
         default=True, metadata={"help": "Batch texts of similar length together so dynamic padding pads little."}
     )

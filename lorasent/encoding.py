@@ -9,6 +9,7 @@ therefore encoded by forked processes that each run `encode_chunk_in_process` (s
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterable, Sized
 
 import numpy as np
@@ -60,8 +61,13 @@ def compact(chunk: pa.Table) -> pa.Table:
 
 
 def start_encoder_process(tokenizer_json: str) -> None:
-    """Initializer of an encoder process: the serialised backend tokenizer, truncation settings included."""
+    """Initializer of an encoder process: the serialised backend tokenizer, truncation settings included.
+
+    The process encodes on its one thread. Whatever TOKENIZERS_PARALLELISM the user set: a forked child whose parent
+    had already used the Rust thread pool inherits that pool without its threads, and waits on it forever.
+    """
     global _process_encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust side on every call
     backend = Tokenizer.from_str(tokenizer_json)
     _process_encoder = backend_encoder(backend)
 

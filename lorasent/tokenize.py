@@ -33,6 +33,7 @@ import datasets
 import numpy as np
 from datasets.arrow_writer import ArrowWriter
 from filelock import FileLock
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, TokenizersBackend
 from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy
@@ -79,12 +80,17 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the tokenizer's full serialisation, minus the truncation/padding state that calls change."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
-    identity = {"class": type(tokenizer).__name__, "spec": spec, "special": tokenizer.special_tokens_map}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of the tokenizer's full serialisation, minus the truncation/padding state that calls change.
+
+    Every trial computes it: the copy's state is reset and serialised in Rust (~20 ms for a 30k vocabulary, where
+    re-encoding the parsed JSON in Python took ~0.3 s).
+    """
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    identity = json.dumps({"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map}, sort_keys=True,
+                          default=str)  # fmt: skip
+    return hashlib.sha256(f"{identity}\n{backend.to_str()}".encode()).hexdigest()
 
 
 def effective_max_length(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase) -> int:

@@ -61,7 +61,9 @@ class EpochReport:
     """What `on_epoch` receives after every epoch."""
 
     epoch: int  # 1-based
-    metrics: dict[str, float]  # validation metrics (no eval_ prefix), train_loss, epoch, diverged, throughput
+    # validation metrics (no eval_ prefix), train_loss, epoch, diverged, throughput, and where the time went:
+    # train_seconds and eval_seconds of the epoch, setup_seconds (call to first step) on a process's first report
+    metrics: dict[str, float]
     checkpoint_dir: Path  # a self-contained model folder: load_model_dir / Predictor read it
 
 
@@ -103,6 +105,13 @@ def resolve_precision(train_args: TrainArguments) -> str:
     return precision
 
 
+def frozen_dtype(train_args: TrainArguments) -> torch.dtype | None:
+    """The dtype the frozen base weights are stored in: the autocast dtype (see `half_precision_base`), or None."""
+    if not train_args.half_precision_base:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(train_args))
+
+
 def training_arguments(train_args: TrainArguments, work_dir: Path, *, evaluate: bool) -> TrainingArguments:
     """`TrainingArguments` for one run: epoch-wise eval and checkpoints, and little per-step overhead.
 
@@ -136,9 +145,10 @@ def training_arguments(train_args: TrainArguments, work_dir: Path, *, evaluate: 
         logging_nan_inf_filter=False,
         report_to="none",
         train_sampling_strategy="group_by_length" if train_args.group_by_length else "random",
+        torch_compile=train_args.torch_compile,
         dataloader_num_workers=train_args.dataloader_num_workers,
         dataloader_pin_memory=cuda,
-        use_cpu=train_args.use_cpu,
+        use_cpu=not cuda,  # said outright: transformers refuses bf16 on a CPU-only machine unless told
         disable_tqdm=not sys.stderr.isatty(),
     )
 
@@ -187,8 +197,11 @@ class EpochCallback(TrainerCallback):
         samples_per_epoch: int,
         on_epoch: Callable[[EpochReport], None] | None,
         history: list[dict[str, float]],
+        started: float,
     ) -> None:
         self.meta = meta
+        self.started = started  # perf_counter() when train() was called
+        self.setup_seconds: float | None = None  # until reported once
         self.metric = metric
         self.worst = -math.inf if greater_is_better else math.inf
         self.tokens_per_epoch = tokens_per_epoch
@@ -222,6 +235,7 @@ class EpochCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_logged_step = state.global_step
+        self.setup_seconds = time.perf_counter() - self.started  # data, model, Trainer, resumed state
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -240,6 +254,8 @@ class EpochCallback(TrainerCallback):
             for key, value in (metrics or {}).items()
             if key.removeprefix("eval_") not in _TRAINER_SPEED_KEYS
         }
+        if metrics and "eval_runtime" in metrics:
+            self._eval_metrics["eval_seconds"] = float(metrics["eval_runtime"])
         if self.diverged and self.metric is not None:
             # A diverged model must never become Trainer's best checkpoint, whatever its accuracy.
             metrics[f"eval_{self.metric}"] = self.worst
@@ -255,6 +271,9 @@ class EpochCallback(TrainerCallback):
             "train_seconds": self._epoch_seconds,
             "train_tokens_per_second": self.tokens_per_epoch * fraction / max(self._epoch_seconds, 1e-9),
         }
+        if self.setup_seconds is not None:
+            metrics["setup_seconds"] = self.setup_seconds
+            self.setup_seconds = None
         self.history.append(metrics)
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         write_meta(checkpoint, {**self.meta, "metrics": metrics, "history": self.history})
@@ -343,7 +362,7 @@ def train(
     train_lengths = train_dataset["length"][:]
 
     set_seed(train_args.seed)  # the LoRA and head initialisation depend on it
-    model = build_model(model_args, data_args.label_names)
+    model = build_model(model_args, data_args.label_names, frozen_dtype=frozen_dtype(train_args))
     trainable, total = model.get_nb_trainable_parameters()
 
     work = Path(work_dir) if work_dir is not None else _default_work_dir(train_args)
@@ -357,6 +376,7 @@ def train(
         samples_per_epoch=len(train_dataset),
         on_epoch=on_epoch,
         history=history,
+        started=started,
     )
     cuda = torch.cuda.is_available() and not train_args.use_cpu
     trainer = LorasentTrainer(

@@ -82,6 +82,26 @@ def test_tiny_distilbert_auto_targets_q_lin_v_lin_and_trains_the_head(tiny_args:
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
 
+def test_half_precision_base_keeps_what_is_trained_in_fp32(tiny_args: ModelArguments) -> None:
+    torch.manual_seed(0)
+    full = build_model(tiny_args, LABELS)
+    torch.manual_seed(0)
+    half = build_model(tiny_args, LABELS, frozen_dtype=torch.bfloat16)
+    dtypes = {name: (p.dtype, p.requires_grad) for name, p in half.named_parameters()}
+    assert {dtype for dtype, trained in dtypes.values() if trained} == {torch.float32}  # adapter and head
+    assert dtypes["base_model.model.distilbert.transformer.layer.0.attention.k_lin.weight"][0] == torch.bfloat16
+    assert dtypes["base_model.model.distilbert.transformer.layer.0.attention.q_lin.base_layer.weight"][0] == (
+        torch.bfloat16
+    )
+    assert dtypes["base_model.model.distilbert.embeddings.word_embeddings.weight"][0] == torch.bfloat16
+    assert dtypes["base_model.model.distilbert.embeddings.LayerNorm.weight"][0] == torch.float32
+    # Under autocast the matmuls see bf16 weights either way: the outputs agree to bf16 rounding.
+    tokenizer = load_tokenizer(tiny_args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = _logits(full.eval(), tokenizer), _logits(half.eval(), tokenizer)
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.05, rtol=0.05)
+
+
 def test_minilm_auto_targets_query_value_with_sdpa(offline_model_dir: Path) -> None:
     model = build_model(ModelArguments(model_name_or_path=OFFLINE_MODEL), LABELS)
     assert _lora_modules(model) == {"query", "value"}

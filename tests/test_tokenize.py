@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -218,3 +222,36 @@ def test_encoder_processes_fork_from_a_ray_worker(data_args: DataArguments) -> N
     for name, split_ids in ids.items():
         expected = tokenizer(list(texts[name]["text"]), truncation=True, max_length=data_args.max_length)
         assert split_ids == expected["input_ids"]
+
+
+FORK_AFTER_PARALLEL_USE = """
+import sys
+import lorasent.tokenize as tokenize
+from lorasent.config import TINY_MODEL, DataArguments, ModelArguments
+
+model_args = ModelArguments(model_name_or_path=TINY_MODEL)
+backend = tokenize.load_tokenizer(model_args).backend_tokenizer
+backend.encode_batch(["the battery broke after two weeks"] * 2000)  # the Rust thread pool now runs
+tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES = 0, 1
+splits = tokenize.tokenized_splits(DataArguments(dataset=sys.argv[1], cache_dir=sys.argv[2], max_length=12), model_args)
+print(sum(len(split) for split in splits.values()))
+"""
+
+
+def test_encoder_processes_finish_after_the_parent_used_rust_threads(
+    data_args: DataArguments, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TOKENIZERS_PARALLELISM=true (a common way to silence tokenizers' fork warning) and a parent whose Rust
+    thread pool already ran: forked encoders must not wait on the pool's threads, which a child does not have."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    command = [sys.executable, "-c", FORK_AFTER_PARALLEL_USE, data_args.dataset, data_args.cache_dir]
+    # Its own process group, so a hang (as before the fix) leaves no encoder processes behind.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("tokenisation in encoder processes hung after the parent had used the Rust thread pool")
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split()[-1] == "60"

@@ -9,13 +9,15 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from lorasent import train as train_module
 from lorasent.config import OFFLINE_MODEL, TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
 from lorasent.evaluate import evaluate_model_dir
-from lorasent.model import load_model_dir
+from lorasent.model import ADAPTER_WEIGHTS, load_model_dir
 from lorasent.predict import Predictor
 from lorasent.train import EpochReport, train
 
@@ -30,8 +32,11 @@ def _train_args(tmp: Path, **changes) -> TrainArguments:
     return TrainArguments(**{**values, **changes})
 
 
+TIMING_KEYS = ("train_seconds", "train_tokens_per_second", "eval_seconds", "setup_seconds")
+
+
 def _without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
-    return [{k: v for k, v in h.items() if k not in ("train_seconds", "train_tokens_per_second")} for h in history]
+    return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in history]
 
 
 class Interrupt(Exception):
@@ -56,6 +61,9 @@ def test_each_epoch_reports_metrics_and_a_loadable_checkpoint(reference) -> None
         )
         assert report.metrics["diverged"] == 0.0 and report.metrics["epoch"] == report.epoch
         assert math.isfinite(report.metrics["train_loss"])
+        assert report.metrics["eval_seconds"] > 0 and report.metrics["train_seconds"] > 0
+    # Where a run's time went: its set-up (data, model, Trainer) is reported once, with the first epoch.
+    assert reports[0].metrics["setup_seconds"] > 0 and "setup_seconds" not in reports[1].metrics
     # Trainer keeps the best and the latest checkpoint; each is a self-contained model folder.
     loaded = load_model_dir(reports[-1].checkpoint_dir, device="cpu")
     assert loaded.meta["metrics"]["epoch"] == 2
@@ -147,6 +155,36 @@ def test_impossible_requests_are_refused_before_training(tmp_path: Path, changes
     with pytest.raises(error, match=message):
         train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, **changes), **kwargs)
     assert not (tmp_path / "model").exists() and not (tmp_path / "model-checkpoints").exists()
+
+
+def test_bf16_training_stores_the_frozen_base_in_bf16_and_saves_fp32(tmp_path: Path) -> None:
+    """bf16 autocast (here on the CPU) with the frozen base in bf16: finite loss, an fp32 adapter that loads."""
+    seen = {}
+
+    def inspect(report: EpochReport) -> None:
+        seen[report.epoch] = load_model_dir(report.checkpoint_dir, device="cpu")
+
+    result = train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, precision="bf16"), on_epoch=inspect)
+    assert train_module.frozen_dtype(_train_args(tmp_path, precision="bf16")) == torch.bfloat16
+    assert train_module.frozen_dtype(_train_args(tmp_path, precision="bf16", half_precision_base=False)) is None
+    assert train_module.frozen_dtype(_train_args(tmp_path)) is None  # 'auto' on the CPU is fp32
+    assert not result.diverged and all(math.isfinite(h["train_loss"]) for h in result.history)
+    adapter = load_file(result.output_dir / ADAPTER_WEIGHTS)
+    assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
+    assert Predictor(seen[2]).predict(["Works well."])[0].label in ("negative", "positive")
+
+
+def test_torch_compile_trains_and_saves_the_same_adapter_layout(reference, tmp_path: Path) -> None:
+    """A compiled model's checkpoints must hold peft's own names (no `_orig_mod.` prefix), so they load as usual."""
+    _, eager, _ = reference
+    result = train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, num_train_epochs=1, torch_compile=True))
+    assert not result.diverged and math.isfinite(result.history[0]["train_loss"])
+    compiled_keys = set(load_file(result.output_dir / ADAPTER_WEIGHTS))
+    assert compiled_keys == set(load_file(eager.output_dir / ADAPTER_WEIGHTS))
+    assert Predictor(load_model_dir(result.output_dir, device="cpu")).predict(["Fine."])[0].label in (
+        "negative",
+        "positive",
+    )
 
 
 def test_minilm_trains_a_few_steps_on_query_value(offline_model_dir: Path, tmp_path: Path) -> None:
