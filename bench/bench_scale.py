@@ -9,9 +9,11 @@ Prints, and writes to --out:
     `tokenizer(...)` in up to 8 processes, and the speed-up of lorasent's tokenisation over it;
   - (part `epoch`) a training epoch of lorasent `train()` at batch 256, bf16 where the GPU has it, length-grouped,
     on 20k reviews: real (unpadded) tokens/s (goal >= 1M/s on one H100) and the share of the chip's bf16 peak that
-    implies; the hand-written loop at the same batch; the same epoch with fp32 base weights (lorasent before
-    `half_precision_base`); and the kernels that take a step's GPU time;
-  - (part `epoch_compile`, not run by default) the same epoch with `torch_compile`.
+    implies; the hand-written loop at the same batch; the same epoch with `half_precision_base`; and the kernels
+    that take a step's GPU time (after an untimed warm-up epoch);
+  - (part `epoch_compile`, not run by default) the same epoch with `torch_compile`;
+  - (part `cores`, not run by default) the tokenizer alone in one process and in one process per core: how many
+    cores' worth of throughput the machine really gives.
 
     python bench/bench_scale.py --smoke
     python bench/bench_scale.py --reviews 400000 --out results/scale.json
@@ -103,6 +105,51 @@ def tokenisation(ws: Workspace, args: argparse.Namespace, results: Results) -> N
                                      "warm_s": warm["s"], "generate_s": generate_s, "cores": cores,
                                      "load_average": load_average}  # fmt: skip
     results.extra["scale_file"] = data_args.dataset
+
+
+def _encode_texts(texts: list[str]) -> float:
+    """Seconds one process takes to encode `texts` with the Rust backend on one thread (fork-inherited tokenizer)."""
+    import time
+
+    start = time.perf_counter()
+    for begin in range(0, len(texts), 1000):
+        _CORE_TOKENIZER.encode_batch_fast(texts[begin : begin + 1000])
+    return time.perf_counter() - start
+
+
+_CORE_TOKENIZER: Any = None  # set before forking the probe processes
+
+
+def core_scaling(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
+    """How many cores' worth of tokenizer throughput this machine gives: the tokenisation goal's ceiling.
+
+    The same texts encoded by one process, then by one process per core at once (forked, one Rust thread each).
+    A cgroup CPU quota or shared hyperthreads show as a total far below cores x the one-process rate.
+    """
+    import multiprocessing
+    from pathlib import Path
+
+    from data import load_tokenizer, synthetic_reviews
+
+    global _CORE_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = load_tokenizer(ws.model_dir())
+    texts, _ = synthetic_reviews(2_000 if args.smoke else 20_000, tokenizer)
+    _CORE_TOKENIZER = tokenizer.backend_tokenizer
+    one = _encode_texts(texts)
+    cores = len(os.sched_getaffinity(0))
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        many = pool.map(_encode_texts, [texts] * cores)
+    wall = max(many)
+    quota = Path("/sys/fs/cgroup/cpu.max")
+    results.add("tokenizer, one process, one thread", len(texts) / one, "reviews/s", f"{len(texts):,} reviews")
+    results.add(
+        f"tokenizer, {cores} processes at once (one per core)",
+        cores * len(texts) / wall,
+        "reviews/s",
+        f"{cores * len(texts) / wall / (len(texts) / one):.1f} cores' worth of the one-process rate; slowest process "
+        f"{wall:.1f} s; cgroup cpu.max: {quota.read_text().strip() if quota.exists() else 'n/a'}",
+    )
 
 
 def tokenisation_by_map(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
@@ -199,14 +246,20 @@ def lorasent_epoch(ws: Workspace, args: argparse.Namespace, results: Results, la
 
 
 def large_batch(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
-    """lorasent's epoch as shipped, the hand loop on the same data, the previous fp32 base, and a step's kernels."""
+    """lorasent's epoch as shipped, the hand loop on the same data, bf16 base weights, and a step's kernels.
+
+    An untimed hand-loop epoch goes first: every kernel and shape of this data is then loaded and tuned in this
+    process, so no variant pays that for the others (run G4 measured its first variant with that cost in it).
+    """
     import torch
     from handloop import hand_loop
 
-    tps = lorasent_epoch(ws, args, results, "as shipped (bf16 base weights on a GPU)")
     data_args, model_args, _ = epoch_args(ws, args)
+    multiple = 8 if torch.cuda.is_available() else None
+    hand_loop(data_args, model_args, batch_size=args.batch_size, epochs=1, pad_to_multiple_of=multiple)  # warm-up
+    tps = lorasent_epoch(ws, args, results, "as shipped (fp32 base weights)")
     hand = hand_loop(data_args, model_args, batch_size=args.batch_size, epochs=2, learning_rate=1e-3,
-                     pad_to_multiple_of=8 if torch.cuda.is_available() else None)  # fmt: skip
+                     pad_to_multiple_of=multiple)  # fmt: skip
     rates = hand.rates(-1)
     results.add(
         f"hand loop ({hand.precision}, fused AdamW), batch {args.batch_size}, same data",
@@ -216,7 +269,7 @@ def large_batch(ws: Workspace, args: argparse.Namespace, results: Results) -> No
         f"{tps / rates['real_tokens_per_s']:.2f} (goal 2: >= 0.85)",
     )
     results.extra["hand_loop"] = hand.__dict__
-    lorasent_epoch(ws, args, results, "fp32 base weights (as before)", half_precision_base=False)
+    lorasent_epoch(ws, args, results, "half_precision_base (bf16 base weights)", half_precision_base=True)
     step_profile(ws, args, results)
 
 
@@ -243,7 +296,7 @@ def step_profile(ws: Workspace, args: argparse.Namespace, results: Results) -> N
     collate = make_collator(load_tokenizer(model_args), pad_to_multiple_of=8)
     batch = {k: v.to(device) for k, v in collate(list(rows)).items()}
     dtype = autocast_dtype()
-    model = build_model(model_args, data_args.label_names, frozen_dtype=dtype).to(device).train()
+    model = build_model(model_args, data_args.label_names).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=cuda)
 
@@ -290,7 +343,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["tokenise", "epoch"],
-        choices=["tokenise", "tokenise_map", "epoch", "epoch_compile"],
+        choices=["tokenise", "tokenise_map", "epoch", "epoch_compile", "cores"],
     )
     args = parser.parse_args()
     args.reviews = args.reviews or (6000 if args.smoke else 400_000)
@@ -302,6 +355,7 @@ def main() -> None:
         "tokenise_map": tokenisation_by_map,
         "epoch": large_batch,
         "epoch_compile": compiled_epoch,
+        "cores": core_scaling,
     }
     for name in args.parts:
         section(results, args.out, name, lambda fn=parts[name]: fn(ws, args, results))

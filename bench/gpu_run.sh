@@ -17,8 +17,9 @@
 #   tokenise     tokenisation only (scale's first part)
 #   precision    bf16-vs-fp32 Trainer epochs + kernel census only (train_extra without anchors / fresh process)
 #   tokenise_map the previous tokenisation (datasets.map, 8 processes) on the same reviews, and the speed-up
-#   epoch        batch-256 epochs: lorasent as shipped, the hand loop, fp32 base weights, a step's kernels (goals 2, 4)
+#   epoch        batch-256 epochs: lorasent as shipped, the hand loop, bf16 base weights, a step's kernels (goals 2, 4)
 #   epoch_compile  the same lorasent epoch with torch_compile (epoch 1 includes compiling)
+#   cores        the tokenizer in 1 process and in 1 process per core: the machine's real tokenisation ceiling
 # Files in $OUT (flat, at most 8): gpu_log.txt and one JSON file per step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -126,6 +127,7 @@ run_part() {  # the steps: name, longest and shortest useful time (s), command
       --out "$OUT/precision.json" ;;
     tokenise_map) step tokenise_map 60 35 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts tokenise_map \
       --out "$OUT/tokenise_map.json" ;;
+    cores) step cores 40 15 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts cores --out "$OUT/cores.json" ;;
     epoch) step epoch 120 50 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts epoch --out "$OUT/epoch.json" ;;
     epoch_compile) step epoch_compile 200 60 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts epoch_compile \
       --out "$OUT/epoch_compile.json" ;;

@@ -66,11 +66,11 @@ def hand_loop(
     max_grad_norm: float = 1.0,
     seed: int = 42,
     pad_to_multiple_of: int | None = None,
-    half_precision_base: bool = True,
+    half_precision_base: bool = False,
 ) -> LoopRun:
     """Train `epochs` epochs of data_args' train split; each epoch is timed with the GPU synchronised.
 
-    half_precision_base: frozen base weights stored in the autocast dtype, as lorasent's `train()` does by default.
+    half_precision_base: frozen base weights stored in the autocast dtype (lorasent's `half_precision_base`).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)

@@ -166,11 +166,12 @@ class TrainArguments:
         metadata={"help": "'auto': bf16 on GPUs that support it, else fp16 on CUDA, else fp32; or force one."},
     )
     half_precision_base: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "Under bf16/fp16 training, store the frozen base weights (Linear, Embedding) in that precision: "
-            "autocast casts them every step anyway, so this saves the casts and half their memory. LayerNorms, the "
-            "LoRA adapter and the head stay fp32."
+            "half their GPU memory, and no per-step weight casts (autocast computes with that precision anyway). "
+            "LayerNorms, the LoRA adapter and the head stay fp32. Off by default: on an H100 it was not faster at "
+            "batch 256 (bench/RESULTS.md)."
         },
     )
     torch_compile: bool = field(

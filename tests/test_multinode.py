@@ -6,6 +6,7 @@ running afterwards.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -188,6 +189,11 @@ def test_killed_worker_node_its_trial_is_rescheduled_and_the_search_completes(tm
     victim_results = _results(experiment)[victim]
     epochs_seen = [round(r["epoch"]) for r in victim_results]
     assert epochs_seen[-1] == epochs, f"it ran to the end: {epochs_seen}"
-    assert epochs_seen == sorted(set(epochs_seen)), f"resumed from its checkpoint, not from scratch: {epochs_seen}"
+    # Resumed from its last registered checkpoint, not from scratch. Ray Tune registers a function trainable's
+    # checkpoint in a second step after logging its result: a node that dies between the two leaves that one
+    # epoch logged but not restorable, so it is trained once more (seen in 1 of ~4 runs here).
+    repeated = [epoch for epoch, after in itertools.pairwise(epochs_seen) if after == epoch]
+    assert epochs_seen == sorted(epochs_seen) and sorted(set(epochs_seen)) == list(range(1, epochs + 1)), epochs_seen
+    assert len(repeated) <= 1, f"at most the epoch in flight is trained twice: {epochs_seen}"
     assert [r["training_iteration"] for r in victim_results] == list(range(1, len(victim_results) + 1))
     assert lc.cluster_processes(run_dir) == [], "nothing of the cluster left running"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
+from transformers import DataCollatorWithPadding
 
 import lorasent.tokenize as tokenize
 from lorasent.assets import resolve_model_path
@@ -185,6 +187,23 @@ def test_collator_pads_each_batch_to_its_longest(data_args: DataArguments) -> No
     batch = make_collator(load_tokenizer(TINY))(features)
     assert batch["input_ids"].shape == (4, longest) and batch["labels"].shape == (4,)
     assert make_collator(load_tokenizer(TINY), pad_to_multiple_of=8)(features)["input_ids"].shape[1] % 8 == 0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_collator_gives_what_transformers_collator_gives(side: str, multiple: int | None) -> None:
+    """The numpy collator is a faster DataCollatorWithPadding: the same tensors, key for key."""
+    tokenizer = load_tokenizer(TINY)
+    tokenizer.padding_side = side
+    texts = [text * (1 + i % 3) for i, text in enumerate(TRICKY_TEXTS)]
+    encoded = tokenizer(texts, truncation=True, max_length=30, return_token_type_ids=True)
+    rows = [{**{key: encoded[key][i] for key in encoded}, "label": i % 2} for i in range(len(TRICKY_TEXTS))]
+    assert "token_type_ids" in rows[0]  # padded with the tokenizer's own pad type id
+    expected = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")(rows)
+    got = make_collator(tokenizer, pad_to_multiple_of=multiple)(rows)
+    assert sorted(got) == sorted(expected) == ["attention_mask", "input_ids", "labels", "token_type_ids"]
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
 
 
 def test_model_folder_without_tokenizer_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -164,9 +164,10 @@ def test_bf16_training_stores_the_frozen_base_in_bf16_and_saves_fp32(tmp_path: P
     def inspect(report: EpochReport) -> None:
         seen[report.epoch] = load_model_dir(report.checkpoint_dir, device="cpu")
 
-    result = train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, precision="bf16"), on_epoch=inspect)
-    assert train_module.frozen_dtype(_train_args(tmp_path, precision="bf16")) == torch.bfloat16
-    assert train_module.frozen_dtype(_train_args(tmp_path, precision="bf16", half_precision_base=False)) is None
+    half = _train_args(tmp_path, precision="bf16", half_precision_base=True)
+    result = train(TINY_DATA, TINY_MODEL_ARGS, half, on_epoch=inspect)
+    assert train_module.frozen_dtype(half) == torch.bfloat16
+    assert train_module.frozen_dtype(_train_args(tmp_path, precision="bf16")) is None  # off by default
     assert train_module.frozen_dtype(_train_args(tmp_path)) is None  # 'auto' on the CPU is fp32
     assert not result.diverged and all(math.isfinite(h["train_loss"]) for h in result.history)
     adapter = load_file(result.output_dir / ADAPTER_WEIGHTS)
