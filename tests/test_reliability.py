@@ -33,6 +33,7 @@ import pytest
 from test_bad_input import refused
 
 from analysis.results import load_experiment
+from tune.trainable import work_root
 
 REPO = Path(__file__).resolve().parents[1]
 LR_KILLED, LR_OOM = 1e-3, 3e-3
@@ -203,6 +204,8 @@ def test_killed_worker_is_retried_from_its_last_checkpoint(faulty_search: dict[s
     assert epochs == list(range(1, EPOCHS + 1))
     assert after[0]["epoch"] == before[-1]["epoch"] + 1
     assert re.search(r"SIGKILL|died", Path(trial["trial_dir"], "error.txt").read_text())
+    # The killed process could not remove its work folder; its retry did.
+    assert not list(work_root().glob(f"{faulty_search['killed'][0]}-*"))
 
 
 def test_out_of_memory_trial_is_marked_failed_and_the_rest_continue(faulty_search: dict[str, Any]) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from tune import search
 from tune.cluster import Autoscaler, configured_node_types, find_autoscaler, launcher_max_resources, plan_resources
 from tune.config import METADATA_FILE, parse_args
 from tune.run import run_search
-from tune.trainable import require_gpu
+from tune.trainable import require_gpu, sweep_abandoned_work_dirs
 
 # ---------------------------------------------------------------------------------------------- factories (no Ray)
 
@@ -281,3 +284,13 @@ def test_trial_that_reserved_a_gpu_and_sees_none_fails_at_once() -> None:
     with pytest.raises(RuntimeError, match=r"reserved 0.25 GPU but torch sees none.*--gpus_per_trial 0"):
         require_gpu(0.25)
     require_gpu(0)  # a CPU trial never asks
+
+
+def test_work_folders_of_dead_trial_processes_are_swept(tmp_path: Path) -> None:
+    """A SIGKILLed worker leaves its `<pid>-<random>` folder; the next trial on the machine removes it."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = tmp_path / f"{ended.stdout.strip()}-abc", tmp_path / f"{os.getpid()}-def"
+    for folder in (dead, alive, tmp_path / "not-a-pid"):
+        (folder / "checkpoint-1").mkdir(parents=True)
+    assert sweep_abandoned_work_dirs(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "not-a-pid"])

@@ -13,10 +13,13 @@ import functools
 import gc
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from ray import tune
 
@@ -60,6 +63,27 @@ def _reporter(metric: str, mode: str) -> Callable[[EpochReport], None]:
     return report
 
 
+def work_root() -> Path:
+    """Where trials on this machine keep their Trainer checkpoints until Tune has copied them to storage."""
+    user = os.getuid() if hasattr(os, "getuid") else "user"  # a uid: containers often run one without a name
+    return Path(tempfile.gettempdir()) / f"lorasent-trials-{user}"
+
+
+def sweep_abandoned_work_dirs(root: Path) -> list[Path]:
+    """Remove the work folders (`<pid>-<random>`) of trial processes that no longer run, and return them.
+
+    A worker killed by SIGKILL or the out-of-memory killer cannot remove its own folder; its retry (or the next
+    trial on the machine) does. Tune has already copied every reported checkpoint to storage, so nothing is lost.
+    """
+    removed = []
+    for folder in root.iterdir():
+        pid = folder.name.split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 @functools.cache
 def _freeze_import_time_objects() -> None:
     """Once per worker process (Tune reuses it for trial after trial): exempt what imports created from every later
@@ -81,8 +105,11 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         ModelArguments(**base["model"]), TrainArguments(**base["train"]), config
     )
     checkpoint = tune.get_checkpoint()
+    root = work_root()
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_abandoned_work_dirs(root)
     with (
-        tempfile.TemporaryDirectory(prefix="lorasent-trial-") as work_dir,
+        tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-", dir=root) as work_dir,
         checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir,
     ):
         train(
