@@ -280,33 +280,21 @@ def compiled_epoch(ws: Workspace, args: argparse.Namespace, results: Results) ->
 def step_profile(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
     """Where a batch-256 training step's time goes: the kernels (CPU ops without a GPU) with the most self time."""
     import torch
-    from handloop import autocast_dtype
+    from handloop import autocast_dtype, one_batch_setup, train_step
     from torch.profiler import ProfilerActivity, profile
 
-    from lorasent.model import build_model
-    from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
+    from lorasent.tokenize import tokenized_splits
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     data_args, model_args, _ = epoch_args(ws, args)
-    train = tokenized_splits(data_args, model_args)["train"]
-    lengths = train["length"][:]
-    typical = sorted(range(len(train)), key=lengths.__getitem__)[len(train) // 2 :][: args.batch_size]  # median up
-    rows = train.remove_columns("length").select(typical)
-    collate = make_collator(load_tokenizer(model_args), pad_to_multiple_of=8)
-    batch = {k: v.to(device) for k, v in collate(list(rows)).items()}
+    lengths = tokenized_splits(data_args, model_args)["train"]["length"][:]
+    typical = sorted(range(len(lengths)), key=lengths.__getitem__)[len(lengths) // 2 :][: args.batch_size]  # median up
+    model, optimizer, params, batch = one_batch_setup(data_args, model_args, typical, learning_rate=1e-3, device=device)
     dtype = autocast_dtype()
-    model = build_model(model_args, data_args.label_names).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=cuda)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, params, batch, dtype)
         if cuda:
             torch.cuda.synchronize()
 

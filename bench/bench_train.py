@@ -245,30 +245,19 @@ def trainer_precision(
 def kernel_census(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
     """CUDA kernels and host (CPU) time per training step at fp32 and bf16: is a step launch-bound?"""
     import torch
-    from handloop import autocast_dtype
+    from handloop import autocast_dtype, one_batch_setup, train_step
     from torch.profiler import ProfilerActivity, profile
-
-    from lorasent.model import build_model
-    from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
 
     if not torch.cuda.is_available():
         results.add("kernel census", "skipped", "", "needs CUDA")
         return
     data_args, model_args, _ = lorasent_args(ws, data_file, size(args, "anchor"), size(args, "validation"))
-    train = tokenized_splits(data_args, model_args)["train"].remove_columns("length")
-    collate = make_collator(load_tokenizer(model_args), pad_to_multiple_of=8)
-    batch = {k: v.cuda() for k, v in collate([train[i] for i in range(16)]).items()}
-    model = build_model(model_args, data_args.label_names).cuda().train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, fused=True)
+    model, optimizer, params, batch = one_batch_setup(
+        data_args, model_args, range(16), learning_rate=5e-4, device=torch.device("cuda")
+    )
 
     def step(dtype: torch.dtype | None) -> None:
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, params, batch, dtype)
 
     census = {}
     for precision in ("fp32", "bf16"):

@@ -10,6 +10,7 @@ fp32 on the CPU; fused AdamW on CUDA.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,13 +101,8 @@ def hand_loop(
         steps = 0
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
+            train_step(model, optimizer, params, batch, dtype, max_grad_norm)
             schedule.step()
-            optimizer.zero_grad(set_to_none=True)
             steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -116,6 +112,42 @@ def hand_loop(
     run.real_tokens = int(sum(lengths))
     run.padded_tokens = padded_token_count(lengths, batch_size, seed, pad_to_multiple_of)
     return run
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    batch: dict[str, torch.Tensor],
+    dtype: torch.dtype | None,
+    max_grad_norm: float = 1.0,
+) -> None:
+    """One optimizer step of the hand loop: forward under autocast (none when dtype is None), backward, clipping."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def one_batch_setup(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    indices: Sequence[int],
+    *,
+    learning_rate: float,
+    device: torch.device,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[torch.nn.Parameter], dict[str, torch.Tensor]]:
+    """(model, AdamW, its parameters, one batch of the train split's rows `indices` padded to a multiple of 8) on
+    `device`, for timing or profiling single `train_step`s."""
+    rows = tokenized_splits(data_args, model_args)["train"].remove_columns("length").select(indices)
+    collate = make_collator(load_tokenizer(model_args), pad_to_multiple_of=8)
+    batch = {k: v.to(device) for k, v in collate(list(rows)).items()}
+    model = build_model(model_args, data_args.label_names).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, fused=device.type == "cuda")
+    return model, optimizer, params, batch
 
 
 def padded_token_count(lengths: list[int], batch_size: int, seed: int, multiple: int | None = None) -> int:
