@@ -211,7 +211,8 @@ def _tokenize(
     kind = "processes" if processes else "threads"
     logger.info("Tokenising %d texts in %d %s into the cache (once per node and key).", rows, workers, kind)
     result = {}
-    # One encoder thread per process (and no warning from tokenizers in each forked child about its threads).
+    # Unset, tokenizers would warn in each forked child that its parent used threads (the children encode on one
+    # thread whatever the variable says: see encoding.start_encoder_process).
     with pool, _environ_default("TOKENIZERS_PARALLELISM", "false" if processes else None):
         for name, split in splits.items():
             features = datasets.Features(
@@ -277,7 +278,7 @@ def _batch_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple
     return encoding.backend_encoder(backend), backend
 
 
-def _in_order(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:
+def _in_order(pool: Executor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:
     """fn over items on the pool, results in input order, at most `ahead` in flight (memory stays bounded)."""
     pending: deque[Future[Any]] = deque()
     for item in items:
