@@ -209,6 +209,8 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
         "experiment": str(exp.path),
         "plan": next((line.strip() for line in lines if line.startswith("Resource plan")), ""),
         "time_split": time_split(epochs),
+        # GPU trials only: the most memory any trial's allocator held (NaN on CPUs)
+        "gpu_memory_peak_gib": float(epochs["gpu_memory_peak_gib"].max()) if "gpu_memory_peak_gib" in epochs else None,
     }
 
 
@@ -273,6 +275,28 @@ def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Re
                 describe_split(found["time_split"]))  # fmt: skip
     config = ", ".join(f"{k.split('/')[-1]}={v}" for k, v in found["best_config"].items())
     results.add("lorasent search best validation accuracy", found["best_accuracy"], "", config)
+    memory_check(ws, args, found, results)
+
+
+def memory_check(ws: Workspace, args: argparse.Namespace, found: dict[str, Any], results: Results) -> None:
+    """The footprint the automatic GPU plan would assume for this search, against the peak its trials reported."""
+    from lorasent.config import ModelArguments
+    from lorasent.footprint import GIB, training_footprint
+
+    footprint = training_footprint(
+        ModelArguments(model_name_or_path=str(ws.model_dir()), lora_r=max(SEARCH_SPACE["lora_r"]["choice"])),
+        batch_size=max(SEARCH_SPACE["per_device_train_batch_size"]["choice"]),
+        max_length=512,  # the seed preset's
+        eval_batch_size=32 if args.smoke else 128,  # as tune_command runs it
+    )
+    planned = footprint.total / GIB
+    results.add("planned GPU memory per trial (estimate, upper bound)", planned, "GiB", footprint.describe())
+    peak = found["gpu_memory_peak_gib"]
+    if peak is not None and peak == peak:  # measured on a GPU; the allocator's peak excludes the CUDA context
+        estimate = (footprint.total - footprint.runtime) / GIB
+        results.add("measured GPU memory peak of the hungriest trial", peak, "GiB",
+                    f"allocator peak; the estimate without the runtime allowance is {estimate:.2f} GiB "
+                    f"({estimate / max(peak, 1e-9):.2f}x the peak)")  # fmt: skip
 
 
 def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:

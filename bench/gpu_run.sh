@@ -92,6 +92,18 @@ if torch.cuda.is_available():
           f"CUDA_MODULE_LOADING={os.environ.get('CUDA_MODULE_LOADING', '(unset: lazy)')}")
 EOF
 
+# The automatic GPU plan reads device properties in the driver (tune/cluster.py local_gpu_memory): that must not
+# create a CUDA context there, which would hold GPU memory for the whole search.
+timeout 60 "$PY" - <<'EOF'
+import os, subprocess, torch
+if torch.cuda.device_count():
+    total = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.splitlines()
+    mine = [line for line in apps if line.split(",")[0].strip() == str(os.getpid())]
+    print(f"  device query as the plan does it: {total / 2**30:.1f} GiB; this process holds GPU memory: {mine or 'no'}")
+EOF
+
 step() {  # step NAME MAX_SECONDS MIN_SECONDS COMMAND...: run under min(MAX, what is left of the budget)
   local name=$1 max=$(($2 * SCALE)) min=$(($3 * SCALE)); shift 3
   local left=$((BUDGET_S - SECONDS))

@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.tuners_utils import _find_minimal_target_modules
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 import lorasent
@@ -157,6 +157,24 @@ def build_model(
     `frozen_dtype` (e.g. bf16 under bf16 autocast) stores the frozen Linear and Embedding weights in that dtype.
     """
     base = _load_base(model_args, label_names)
+    model = add_lora(base, model_args)
+    if frozen_dtype is not None:
+        store_frozen_weights_in(model, frozen_dtype)
+    trainable, total = trainable_parameters(model)
+    logger.info(
+        "LoRA r=%d on %s: %s of %s parameters trainable (%.2f%%), attention: %s",
+        model_args.lora_r,
+        model.peft_config["default"].target_modules,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+        base.config._attn_implementation,
+    )
+    return model
+
+
+def add_lora(base: PreTrainedModel, model_args: ModelArguments) -> PeftModel:
+    """`base` wrapped by peft: LoRA on the target modules, the classification head trained in full."""
     lora_config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=model_args.lora_r,
@@ -165,20 +183,23 @@ def build_model(
         target_modules=resolve_target_modules(base, model_args.target_modules),
         modules_to_save=head_module_names(base),
     )
-    model = get_peft_model(base, lora_config)
-    if frozen_dtype is not None:
-        store_frozen_weights_in(model, frozen_dtype)
-    trainable, total = trainable_parameters(model)
-    logger.info(
-        "LoRA r=%d on %s: %s of %s parameters trainable (%.2f%%), attention: %s",
-        model_args.lora_r,
-        lora_config.target_modules,
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-        base.config._attn_implementation,
-    )
-    return model
+    return get_peft_model(base, lora_config)
+
+
+def meta_model(model_args: ModelArguments, num_labels: int = 2) -> PreTrainedModel:
+    """The base model on the meta device: every module, shape and dtype from its config, no weights or memory.
+
+    For checks before anything is loaded (target modules, memory footprint); reads only config.json.
+    """
+    trust = model_args.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_model_path(model_args.model_name_or_path), num_labels=num_labels, trust_remote_code=trust
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Cannot read the configuration of model '{model_args.model_name_or_path}': {e}") from None
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust)
 
 
 def store_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -62,7 +62,8 @@ class EpochReport:
 
     epoch: int  # 1-based
     # validation metrics (no eval_ prefix), train_loss, epoch, diverged, throughput, and where the time went:
-    # train_seconds and eval_seconds of the epoch, setup_seconds (call to first step) on a process's first report
+    # train_seconds and eval_seconds of the epoch, setup_seconds (call to first step) on a process's first report;
+    # on a GPU, gpu_memory_peak_gib (the most the allocator held since the run started)
     metrics: dict[str, float]
     checkpoint_dir: Path  # a self-contained model folder: load_model_dir / Predictor read it
 
@@ -235,6 +236,8 @@ class EpochCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_logged_step = state.global_step
+        if args.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(args.device)  # a reused trial process reports this run's peak only
         self.setup_seconds = time.perf_counter() - self.started  # data, model, Trainer, resumed state
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -271,6 +274,8 @@ class EpochCallback(TrainerCallback):
             "train_seconds": self._epoch_seconds,
             "train_tokens_per_second": self.tokens_per_epoch * fraction / max(self._epoch_seconds, 1e-9),
         }
+        if args.device.type == "cuda":  # what the caching allocator held at most: checks the planned footprint
+            metrics["gpu_memory_peak_gib"] = torch.cuda.max_memory_reserved(args.device) / 2**30
         if self.setup_seconds is not None:
             metrics["setup_seconds"] = self.setup_seconds
             self.setup_seconds = None

@@ -13,16 +13,28 @@ import os
 import re
 import socket
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorasent.errors import ConfigError
 from lorasent.paths import atomic_write_text
 from tune.config import TuneArguments
 
-DEFAULT_GPU_FRACTION = 0.25  # LoRA trials of small encoders leave most of a GPU idle: pack four per GPU
+if TYPE_CHECKING:  # the footprint module imports torch and peft; the plan only reads the numbers
+    from lorasent.footprint import TrainingFootprint
+
+GIB = 2**30
+
+# gpus_per_trial left automatic: as many trials per GPU as fit in its memory, at most MAX_TRIALS_PER_GPU (the most
+# measured: 8 trials on one H100 gave ~1.8x one trial's throughput, bench/RESULTS.md), within GPU_MEMORY_USABLE of it
+# (the rest is headroom for fragmentation and other processes). Where GPU memory is not known before trials start (a
+# joined or autoscaling cluster), DEFAULT_GPU_FRACTION.
+MAX_TRIALS_PER_GPU = 8
+GPU_MEMORY_USABLE = 0.9
+DEFAULT_GPU_FRACTION = 0.25
+UNKNOWN_GPU_MEMORY = "GPU memory not known before trials start: 0.25 GPU per trial (--gpus_per_trial chooses)"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_HELP = (
     "Ray token authentication is on: the dashboard and every client need the cluster's token. Print it with "
@@ -212,6 +224,7 @@ class ResourcePlan:
     gpus_per_trial: float
     max_concurrent_trials: int | None
     autoscaler: Autoscaler | None = None
+    gpu_sharing: str = ""  # why gpus_per_trial is what it is, when it was automatic
 
     @property
     def trials_per_gpu(self) -> int | None:
@@ -230,9 +243,10 @@ class ResourcePlan:
             at_once = "as many trials at once as the autoscaler adds nodes for"
         else:
             at_once = f"up to {self.max_concurrent_trials} trial(s) at once"
+        why = f"\n  {self.gpu_sharing}" if self.gpu_sharing else ""
         return (
             f"Resource plan: {now}{self.nodes} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs | per trial: "
-            f"{per_trial}{packing} | {at_once}"
+            f"{per_trial}{packing} | {at_once}{why}"
         )
 
 
@@ -240,13 +254,37 @@ def _fits(have: float, need: float) -> float:
     return math.inf if need == 0 else math.floor(have / need + 1e-9)
 
 
+def trials_per_gpu(gpu_memory: int, trial_memory: int) -> int:
+    """How many trials share one GPU of `gpu_memory` bytes when each needs `trial_memory`: 1 to MAX_TRIALS_PER_GPU."""
+    return max(1, min(MAX_TRIALS_PER_GPU, int(GPU_MEMORY_USABLE * gpu_memory) // max(trial_memory, 1)))
+
+
+def automatic_gpu_sharing(gpu_memory: int, footprint: TrainingFootprint) -> tuple[float, str]:
+    """(gpus_per_trial, why) for an automatic gpus_per_trial on GPUs of `gpu_memory` bytes."""
+    n = trials_per_gpu(gpu_memory, footprint.total)
+    why = f"{n} trial(s) per GPU of {gpu_memory / GIB:.0f} GiB: each needs {footprint.describe()}"
+    if footprint.total > GPU_MEMORY_USABLE * gpu_memory:
+        warnings.warn(
+            f"One trial may not fit a GPU of {gpu_memory / GIB:.0f} GiB: it needs {footprint.describe()}, an upper "
+            "bound. Lower per_device_train_batch_size, per_device_eval_batch_size or max_length, or use "
+            "--half_precision_base; each trial gets a whole GPU.",
+            stacklevel=2,
+        )
+    return 1 / n, why
+
+
 def plan_resources(
-    tune_args: TuneArguments, nodes: list[dict[str, float]], autoscaler: Autoscaler | None = None
+    tune_args: TuneArguments,
+    nodes: list[dict[str, float]],
+    autoscaler: Autoscaler | None = None,
+    *,
+    gpu_sharing: tuple[float, str] = (DEFAULT_GPU_FRACTION, UNKNOWN_GPU_MEMORY),
 ) -> ResourcePlan:
     """Check the per-trial request and the concurrency against the nodes' CPUs and GPUs.
 
-    With an autoscaler the nodes up now are not the limit: the plan follows the request (checked against the
-    autoscaler's ceiling when it publishes one), and waiting trials make it add nodes.
+    `gpu_sharing` is (gpus_per_trial, why) for an automatic gpus_per_trial (`automatic_gpu_sharing`). With an
+    autoscaler the nodes up now are not the limit: the plan follows the request (checked against the autoscaler's
+    ceiling when it publishes one), and waiting trials make it add nodes.
     """
     cpus = sum(n.get("CPU", 0.0) for n in nodes)
     gpus = sum(n.get("GPU", 0.0) for n in nodes)
@@ -254,8 +292,9 @@ def plan_resources(
         return _plan_autoscaling(tune_args, nodes, cpus, gpus, autoscaler)
     cpt = tune_args.cpus_per_trial
     gpt = tune_args.gpus_per_trial
+    why = ""
     if gpt is None:
-        gpt = DEFAULT_GPU_FRACTION if gpus else 0.0
+        gpt, why = gpu_sharing if gpus else (0.0, "")
     where = f"{len(nodes)} node(s) with {cpus:g} CPUs and {gpus:g} GPUs"
     if gpt > 0 and gpus == 0:
         raise ConfigError(
@@ -275,7 +314,7 @@ def plan_resources(
             f"({where}) fits {capacity} trial(s) of {cpt:g} CPU + {gpt:g} GPU at once. Lower --max_concurrent_trials "
             "or --cpus_per_trial, or leave max_concurrent_trials unset to use what the cluster has."
         )
-    return ResourcePlan(len(nodes), cpus, gpus, cpt, gpt, wanted or capacity)
+    return ResourcePlan(len(nodes), cpus, gpus, cpt, gpt, wanted or capacity, gpu_sharing=why)
 
 
 def _plan_autoscaling(
@@ -284,9 +323,10 @@ def _plan_autoscaling(
     ceiling = autoscaler.max_resources
     cpt = tune_args.cpus_per_trial
     gpt = tune_args.gpus_per_trial
+    why = ""
     if gpt is None:
         if gpus or (ceiling and ceiling.get("GPU")):
-            gpt = DEFAULT_GPU_FRACTION
+            gpt, why = DEFAULT_GPU_FRACTION, UNKNOWN_GPU_MEMORY
         elif ceiling is not None:
             gpt = 0.0
         else:
@@ -297,7 +337,7 @@ def _plan_autoscaling(
             )
     wanted = tune_args.max_concurrent_trials
     if ceiling is None:
-        return ResourcePlan(len(nodes), cpus, gpus, cpt, gpt, wanted, autoscaler)
+        return ResourcePlan(len(nodes), cpus, gpus, cpt, gpt, wanted, autoscaler, why)
     most = f"at most {ceiling.get('CPU', 0):g} CPUs and {ceiling.get('GPU', 0):g} GPUs"
     capacity = int(min(_fits(ceiling.get("CPU", 0.0), cpt), _fits(ceiling.get("GPU", 0.0), gpt)))
     if capacity == 0:
@@ -311,7 +351,15 @@ def _plan_autoscaling(
             f"({autoscaler.evidence}) can reach {most}: {capacity} trial(s) at once. Lower --max_concurrent_trials, "
             "or leave it unset."
         )
-    return ResourcePlan(len(nodes), cpus, gpus, cpt, gpt, wanted or capacity, autoscaler)
+    return ResourcePlan(len(nodes), cpus, gpus, cpt, gpt, wanted or capacity, autoscaler, why)
+
+
+def local_gpu_memory() -> int | None:
+    """Bytes of the smallest GPU this process sees (None without one). Reads device properties, allocates nothing."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) if count else None
 
 
 def local_nodes(tune_args: TuneArguments) -> list[dict[str, float]]:
@@ -433,10 +481,13 @@ def use_token_from_env() -> str | None:
     return given
 
 
-def preflight(tune_args: TuneArguments) -> ResourcePlan | None:
+def preflight(
+    tune_args: TuneArguments, footprint: Callable[[], TrainingFootprint] | None = None
+) -> ResourcePlan | None:
     """Checks that need no Ray: the cluster address answers, or the local Ray's plan fits this machine.
 
-    Returns the local plan, or None when joining a cluster (planned once joined) or the caller's own Ray.
+    `footprint` gives one trial's memory, asked for only to share local GPUs automatically (without it, 0.25 GPU per
+    trial). Returns the local plan, or None when joining a cluster (planned once joined) or the caller's own Ray.
     """
     import ray
 
@@ -447,7 +498,11 @@ def preflight(tune_args: TuneArguments) -> ResourcePlan | None:
         return None
     if ray.is_initialized():
         return None
-    return plan_resources(tune_args, local_nodes(tune_args))
+    nodes = local_nodes(tune_args)
+    memory = local_gpu_memory() if any(n["GPU"] for n in nodes) else None  # None also where torch sees no GPU
+    if footprint is not None and tune_args.gpus_per_trial is None and memory is not None:
+        return plan_resources(tune_args, nodes, gpu_sharing=automatic_gpu_sharing(memory, footprint()))
+    return plan_resources(tune_args, nodes)
 
 
 def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None) -> RaySession:

@@ -159,9 +159,11 @@ class TuneArguments:
     gpus_per_trial: float | None = field(
         default=None,
         metadata={
-            "help": "GPUs per trial; a fraction packs trials onto one GPU (0.25: four per GPU). None: 0.25 when the "
-            "cluster has GPUs (or its autoscaler can add them), else 0; an autoscaling cluster that does not say "
-            "which nodes it can add asks you to choose. A trial that asks for a GPU and sees none fails at once."
+            "help": "GPUs per trial; a fraction packs trials onto one GPU (0.25: four per GPU). None: on a local "
+            "Ray's GPUs, as many trials per GPU as fit its memory (up to 8), from one trial's estimated footprint "
+            "(largest batch and LoRA rank, max_length, eval batch); on a cluster's GPUs 0.25; without GPUs 0. An "
+            "autoscaling cluster that does not say which nodes it can add asks you to choose. A trial that asks for "
+            "a GPU and sees none fails at once."
         },
     )
     max_failures: int = field(

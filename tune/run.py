@@ -154,7 +154,8 @@ def run_search(args: SearchArguments) -> SearchOutcome:
     epochs = search.max_epochs(t, space, args.train)
     scheduler = search.build_scheduler(t, epochs)
     points = search.starting_points(t, space, args.model, args.train)
-    plan = cluster.preflight(t)  # the address answers, or the local Ray's plan fits: before anything heavy
+    # The address answers, or the local Ray's plan fits (trials per GPU from one trial's memory): before anything heavy.
+    plan = cluster.preflight(t, lambda: search.trial_footprint(space, args.data, args.model, args.train))
     if t.resume:
         storage_path, name = _resume_location(t.resume)
     else:

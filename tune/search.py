@@ -7,16 +7,19 @@ impossible combination is refused here, before Ray starts.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from lorasent.config import ModelArguments, TrainArguments, replace
+from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace
 from lorasent.errors import ConfigError
 from tune.config import SEARCHABLE, ParamSpec, SearchSpace, TuneArguments, parse_search_space, typed_value
+
+if TYPE_CHECKING:
+    from lorasent.footprint import TrainingFootprint
 
 
 def _owner(name: str, model_args: ModelArguments, train_args: TrainArguments) -> ModelArguments | TrainArguments:
@@ -136,28 +139,12 @@ def build_scheduler(tune_args: TuneArguments, epochs: int) -> TrialScheduler | N
     )
 
 
-def _architecture(model_args: ModelArguments) -> Any:
-    """The model's modules on the meta device: every name and layer type, without weights or memory."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from lorasent.assets import resolve_model_path
-
-    trust = model_args.trust_remote_code
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(model_args.model_name_or_path), trust_remote_code=trust)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"Cannot read the configuration of model '{model_args.model_name_or_path}': {e}") from None
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust)
-
-
 def check_trials_fit(
     space: SearchSpace, model_args: ModelArguments, train_args: TrainArguments, train_examples: int
 ) -> None:
     """Refuse, before Ray starts, what every trial would fail on after its retries: a batch larger than the train
     split, or LoRA target modules the model does not have."""
-    from lorasent.model import resolve_target_modules
+    from lorasent.model import meta_model, resolve_target_modules
 
     batch = space.get("per_device_train_batch_size")
     largest = int(max(batch.values)) if batch else train_args.per_device_train_batch_size
@@ -168,12 +155,34 @@ def check_trials_fit(
             "more data (max_train_samples)."
         )
     targets = space.get("target_modules")
-    architecture = _architecture(model_args)
+    architecture = meta_model(model_args)
     for spec in targets.values if targets else (model_args.target_modules,):
         try:
             resolve_target_modules(architecture, spec)
         except ConfigError as e:
             raise ConfigError(f"search_space.target_modules: {spec!r}: {e}" if targets else str(e)) from None
+
+
+def trial_footprint(
+    space: SearchSpace, data_args: DataArguments, model_args: ModelArguments, train_args: TrainArguments
+) -> TrainingFootprint:
+    """The GPU memory of the hungriest trial the space holds: its largest batch and LoRA rank."""
+    import torch
+
+    from lorasent.footprint import training_footprint
+
+    def largest(name: str, base: int) -> int:
+        spec = space.get(name)
+        return int(max(spec.values)) if spec else base
+
+    return training_footprint(
+        replace(model_args, lora_r=largest("lora_r", model_args.lora_r)),
+        batch_size=largest("per_device_train_batch_size", train_args.per_device_train_batch_size),
+        max_length=data_args.max_length,
+        eval_batch_size=train_args.per_device_eval_batch_size,
+        num_labels=len(data_args.label_names),
+        frozen_dtype=torch.bfloat16 if train_args.half_precision_base else None,  # 2 bytes, as fp16 would be
+    )
 
 
 def expected_trials(tune_args: TuneArguments, space: SearchSpace) -> int:

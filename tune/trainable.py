@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import ray
+import torch
 from ray import tune
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace, to_dict
@@ -33,8 +34,6 @@ LEADING_METRICS = ("f1_macro", "loss", "train_loss")  # after the search metric:
 
 def require_gpu(gpus: float) -> None:
     """A trial that reserved a GPU must not silently train on the CPU."""
-    import torch
-
     if gpus > 0 and not torch.cuda.is_available():
         raise RuntimeError(
             f"This trial reserved {gpus:g} GPU but torch sees none (CUDA_VISIBLE_DEVICES="
@@ -112,15 +111,24 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-", dir=root) as work_dir,
         checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir,
     ):
-        train(
-            DataArguments(**base["data"]),
-            model_args,
-            train_args,
-            on_epoch=_reporter(base["metric"], base["mode"]),
-            resume_from_checkpoint=resume_dir,
-            save_final=False,
-            work_dir=work_dir,
-        )
+        try:
+            train(
+                DataArguments(**base["data"]),
+                model_args,
+                train_args,
+                on_epoch=_reporter(base["metric"], base["mode"]),
+                resume_from_checkpoint=resume_dir,
+                save_final=False,
+                work_dir=work_dir,
+            )
+        except torch.OutOfMemoryError as e:
+            share = base["gpus_per_trial"]
+            raise RuntimeError(
+                f"The GPU ran out of memory with {share:g} GPU per trial ({e}). Give each trial a larger share "
+                f"(--gpus_per_trial {min(1.0, 2 * share):g}), or lower per_device_train_batch_size, "
+                "per_device_eval_batch_size or max_length, or use --half_precision_base. Each epoch's "
+                "gpu_memory_peak_gib in the results says what finished trials needed."
+            ) from e
 
 
 def make_trainable(

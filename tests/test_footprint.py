@@ -1,0 +1,94 @@
+"""One trial's GPU memory, estimated on the meta device, and the automatic number of trials per GPU built on it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lorasent.config import OFFLINE_MODEL, TINY_MODEL, ModelArguments
+from lorasent.footprint import (
+    GIB,
+    RUNTIME_BYTES,
+    FusedAttention,
+    peak_forward_bytes,
+    saved_bytes,
+    training_footprint,
+)
+from lorasent.model import add_lora, build_model, meta_model
+from tune.cluster import MAX_TRIALS_PER_GPU, automatic_gpu_sharing, plan_resources, preflight, trials_per_gpu
+from tune.config import TuneArguments
+
+LABELS = ["negative", "positive"]
+
+
+@pytest.mark.parametrize("model_name", [TINY_MODEL, OFFLINE_MODEL])  # DistilBERT (q_lin) and BERT (query/value)
+def test_meta_pass_counts_what_a_real_pass_keeps(model_name: str) -> None:
+    model_args = ModelArguments(model_name_or_path=model_name, target_modules="auto")
+    real = build_model(model_args, LABELS).train()
+    meta = add_lora(meta_model(model_args, len(LABELS)), model_args).train()
+    for batch, length in [(4, 32), (2, 48)]:
+        # Training with attention dropout: the CPU runs SDPA's math path, as the meta device does.
+        real_saved = saved_bytes(real, batch, length)
+        assert saved_bytes(meta, batch, length) == real_saved > 0
+        with FusedAttention():  # what a GPU's fused kernel keeps instead: no attention probabilities
+            assert 0 < saved_bytes(meta, batch, length) < real_saved
+    real.eval()
+    meta.eval()
+    # Without gradients the CPU runs a fused (flash) SDPA kernel, which FusedAttention stands in for on meta.
+    for batch, length in [(8, 32), (2, 256)]:
+        with FusedAttention():
+            fused = peak_forward_bytes(meta, batch, length)
+        assert fused == peak_forward_bytes(real, batch, length) > 0
+    assert peak_forward_bytes(meta, 2, 256) > fused  # long reviews: the math path's probabilities dominate
+
+
+def test_footprint_follows_batch_length_and_weight_dtype() -> None:
+    model_args = ModelArguments(model_name_or_path=OFFLINE_MODEL)
+    small = training_footprint(model_args, batch_size=8, max_length=64, eval_batch_size=8)
+    assert small.runtime == RUNTIME_BYTES and small.total == small.weights + small.optimizer + small.activations + GIB
+    assert training_footprint(model_args, batch_size=16, max_length=64, eval_batch_size=8).activations > (
+        1.9 * small.activations
+    )
+    assert training_footprint(model_args, batch_size=8, max_length=128, eval_batch_size=8).activations > (
+        1.9 * small.activations
+    )
+    # A large evaluation batch can need more than training does: the estimate takes the larger of the two.
+    assert training_footprint(model_args, batch_size=8, max_length=64, eval_batch_size=512).activations > (
+        small.activations
+    )
+    half = training_footprint(model_args, batch_size=8, max_length=64, eval_batch_size=8, frozen_dtype=torch.bfloat16)
+    assert small.weights / 2 < half.weights < 0.6 * small.weights  # frozen Linear/Embedding halved, the rest fp32
+    assert half.optimizer == small.optimizer > 0
+    assert "GiB per trial" in small.describe()
+
+
+def test_trials_per_gpu_follow_memory() -> None:
+    assert trials_per_gpu(80 * GIB, 2 * GIB) == MAX_TRIALS_PER_GPU  # 36 would fit; 8 is the most measured
+    assert trials_per_gpu(16 * GIB, 2 * GIB) == 7  # 90% of 16 GiB
+    assert trials_per_gpu(8 * GIB, 20 * GIB) == 1
+
+    footprint = training_footprint(
+        ModelArguments(model_name_or_path=OFFLINE_MODEL), batch_size=32, max_length=512, eval_batch_size=128
+    )
+    share, why = automatic_gpu_sharing(16 * GIB, footprint)
+    expected = trials_per_gpu(16 * GIB, footprint.total)
+    assert share == 1 / expected and f"{expected} trial(s) per GPU of 16 GiB" in why
+    plan = plan_resources(TuneArguments(), [{"CPU": 16.0, "GPU": 1.0}], gpu_sharing=(share, why))
+    assert (plan.trials_per_gpu, plan.max_concurrent_trials) == (expected, expected)
+    assert why in plan.describe()
+    with pytest.warns(UserWarning, match="One trial may not fit a GPU of 2 GiB"):
+        assert automatic_gpu_sharing(2 * GIB, footprint)[0] == 1.0
+    explicit = plan_resources(TuneArguments(gpus_per_trial=0.5), [{"CPU": 16.0, "GPU": 1.0}], gpu_sharing=(share, why))
+    assert explicit.gpus_per_trial == 0.5 and why not in explicit.describe()
+
+
+def test_cpu_only_plan_never_estimates_memory() -> None:
+    def must_not_run():
+        raise AssertionError("the footprint was computed for a machine without GPUs")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = preflight(TuneArguments(num_cpus=2, num_gpus=0), must_not_run)
+    assert (plan.gpus_per_trial, plan.gpu_sharing) == (0.0, "")
