@@ -20,6 +20,8 @@
 #   epoch        batch-256 epochs: lorasent as shipped, the hand loop, bf16 base weights, a step's kernels (goals 2, 4)
 #   epoch_compile  the same lorasent epoch with torch_compile (epoch 1 includes compiling)
 #   cores        the tokenizer in 1 process and in 1 process per core: the machine's real tokenisation ceiling
+#   imports      what tune/run.py's imports cost on this box (python -X importtime, the 15 slowest): G3's driver spent
+#                ~27 s before ray.init here, ~6 s on the 2-core CPU
 # Files in $OUT (flat, at most 8): gpu_log.txt and one JSON file per step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -122,6 +124,8 @@ step() {  # step NAME MAX_SECONDS MIN_SECONDS COMMAND...: run under min(MAX, wha
 
 run_part() {  # the steps: name, longest and shortest useful time (s), command
   case $1 in
+    imports) step imports 60 20 bash -c '"$0" -X importtime -c "import tune.run, tune.search, tune.cluster, \
+      tune.trainable, lorasent.tokenize, lorasent.footprint" 2>&1 >/dev/null | sort -t"|" -k2 -n | tail -15' "$PY" ;;
     train) step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat anchors precision census fresh \
       --out "$OUT/train.json" ;;
     repeat) step repeat 60 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict anchors precision census \

@@ -167,6 +167,22 @@ def test_diverged_trial_is_never_best(search: tuple[Path, str], tmp_path: Path) 
         assert plot(exp).axes, plot.__name__  # draws the others, no inf on any axis
 
 
+def test_gpu_memory_peak_per_trial(search: tuple[Path, str], tmp_path: Path) -> None:
+    """GPU trials report gpu_memory_peak_gib each epoch; the trial table shows each trial's largest. CPU: no column."""
+    assert "gpu_memory_peak_gib" not in trial_table(load_experiment(search[0]))
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    expected = {}
+    for k, result in enumerate(sorted(copy.glob("*/result.json"))):
+        rows = [json.loads(line) for line in result.read_text().splitlines()]
+        peaks = [1.0 + k + 0.25 * i for i in range(len(rows))]  # grows by epoch, differs by trial
+        lines = [json.dumps(row | {"gpu_memory_peak_gib": peak}) for row, peak in zip(rows, peaks, strict=True)]
+        result.write_text("\n".join(lines) + "\n")
+        expected[rows[0]["trial_id"]] = max(peaks)
+    table = trial_table(load_experiment(copy)).set_index("trial_id")
+    assert table["gpu_memory_peak_gib"].to_dict() == expected
+
+
 def test_storage_uri_is_mirrored(search: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An fsspec URI (here fsspec's in-memory filesystem standing in for a bucket) reads like the local folder."""
     monkeypatch.setenv("LORASENT_CACHE", str(tmp_path / "cache"))

@@ -17,7 +17,14 @@ from lorasent.footprint import (
     training_footprint,
 )
 from lorasent.model import add_lora, build_model, meta_model
-from tune.cluster import MAX_TRIALS_PER_GPU, automatic_gpu_sharing, plan_resources, preflight, trials_per_gpu
+from tune.cluster import (
+    DEFAULT_GPU_FRACTION,
+    MAX_TRIALS_PER_GPU,
+    automatic_gpu_sharing,
+    plan_resources,
+    preflight,
+    trials_per_gpu,
+)
 from tune.config import TuneArguments
 
 LABELS = ["negative", "positive"]
@@ -84,7 +91,7 @@ def test_trials_per_gpu_follow_memory() -> None:
     assert explicit.gpus_per_trial == 0.5 and why not in explicit.describe()
 
 
-def test_cpu_only_plan_never_estimates_memory() -> None:
+def test_plan_without_visible_gpus_never_estimates_memory() -> None:
     def must_not_run():
         raise AssertionError("the footprint was computed for a machine without GPUs")
 
@@ -92,3 +99,6 @@ def test_cpu_only_plan_never_estimates_memory() -> None:
         warnings.simplefilter("error")
         plan = preflight(TuneArguments(num_cpus=2, num_gpus=0), must_not_run)
     assert (plan.gpus_per_trial, plan.gpu_sharing) == (0.0, "")
+    # GPUs declared (--num_gpus) that torch does not see: their memory is unknown, so the fixed share, said so.
+    declared = preflight(TuneArguments(num_cpus=2, num_gpus=1), must_not_run)
+    assert declared.gpus_per_trial == DEFAULT_GPU_FRACTION and "not known" in declared.describe()

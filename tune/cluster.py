@@ -499,8 +499,9 @@ def preflight(
     if ray.is_initialized():
         return None
     nodes = local_nodes(tune_args)
-    memory = local_gpu_memory() if any(n["GPU"] for n in nodes) else None  # None also where torch sees no GPU
-    if footprint is not None and tune_args.gpus_per_trial is None and memory is not None:
+    automatic = footprint is not None and tune_args.gpus_per_trial is None and any(n["GPU"] for n in nodes)
+    memory = local_gpu_memory() if automatic else None  # None also where torch sees no GPU (--num_gpus given)
+    if memory is not None:
         return plan_resources(tune_args, nodes, gpu_sharing=automatic_gpu_sharing(memory, footprint()))
     return plan_resources(tune_args, nodes)
 
