@@ -112,11 +112,39 @@ def baseline(ws: Workspace, data_file: Path, args: argparse.Namespace, results: 
         "",
         f"after {epochs} epochs; per epoch {[round(a, 4) for a in seed_run.accuracy]}",
     )
+    curves = seed_config_through_lorasent(ws, data_file, n)
+    results.add(
+        "the seed config through lorasent's train(): validation accuracy",
+        curves["length-grouped"][-1],
+        "",
+        f"per epoch {curves['length-grouped']} (length-grouped batches, as trials run), {curves['random order']} "
+        f"(random order), seed-style {[round(a, 4) for a in seed_run.accuracy]}: whether a search's best falls "
+        "short of the seed config because of ASHA or because of how lorasent trains",
+    )
     results.extra["baseline"] = {
         "grid_s": grid_s,
         "extrapolated": not args.full_baseline,
         "runs": [r.summary() for r in runs],
+        "lorasent_seed_config": curves,
     }
+
+
+def seed_config_through_lorasent(ws: Workspace, data_file: Path, n: dict[str, int]) -> dict[str, list[float]]:
+    """Per-epoch validation accuracy of the seed config trained by `lorasent.train.train()` (bf16 on GPUs, dynamic
+    padding), with length-grouped batches as trials run and in random order, outside any search."""
+    from bench_train import lorasent_args
+
+    from lorasent.config import replace
+    from lorasent.train import train
+
+    curves = {}
+    for name, grouped in (("length-grouped", True), ("random order", False)):
+        data_args, model_args, train_args = lorasent_args(ws, data_file, n["train"], n["validation"])
+        run_dir = ws.run_dir("seed-config-lorasent")
+        train_args = replace(train_args, output_dir=str(run_dir), num_train_epochs=n["epochs"], group_by_length=grouped)
+        result = train(data_args, model_args, train_args, save_final=False, work_dir=str(run_dir / "work"))
+        curves[name] = [round(epoch["accuracy"], 4) for epoch in result.history]
+    return curves
 
 
 # --------------------------------------------------------------------------------------------- tune/run.py

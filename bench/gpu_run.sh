@@ -130,7 +130,7 @@ run_part() {  # the steps: name, longest and shortest useful time (s), command
       --out "$OUT/train.json" ;;
     repeat) step repeat 60 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict anchors precision census \
       fresh --out "$OUT/repeat.json" ;;
-    search) step search 270 120 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts baseline search --timeout 210 \
+    search) step search 300 120 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts baseline search --timeout 210 \
       --out "$OUT/search.json" ;;
     scale) step scale 120 45 "$PY" bench/bench_scale.py "${FLAGS[@]}" --out "$OUT/scale.json" ;;
     packing) step packing 160 70 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts packing --timeout 120 \

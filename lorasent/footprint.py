@@ -46,7 +46,7 @@ class TrainingFootprint:
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in self.__dataclass_fields__)
-        return f"~{self.total / GIB:.1f} GiB per trial ({parts} GiB)"
+        return f"~{self.total / GIB:.1f} GiB ({parts} GiB)"
 
 
 def training_footprint(

@@ -262,7 +262,7 @@ def trials_per_gpu(gpu_memory: int, trial_memory: int) -> int:
 def automatic_gpu_sharing(gpu_memory: int, footprint: TrainingFootprint) -> tuple[float, str]:
     """(gpus_per_trial, why) for an automatic gpus_per_trial on GPUs of `gpu_memory` bytes."""
     n = trials_per_gpu(gpu_memory, footprint.total)
-    why = f"{n} trial(s) per GPU of {gpu_memory / GIB:.0f} GiB: each needs {footprint.describe()}"
+    why = f"{n} trial(s) per GPU of {gpu_memory / GIB:.0f} GiB: each trial needs {footprint.describe()}"
     if footprint.total > GPU_MEMORY_USABLE * gpu_memory:
         warnings.warn(
             f"One trial may not fit a GPU of {gpu_memory / GIB:.0f} GiB: it needs {footprint.describe()}, an upper "
