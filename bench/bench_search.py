@@ -150,10 +150,17 @@ def seed_config_through_lorasent(ws: Workspace, data_file: Path, n: dict[str, in
 # --------------------------------------------------------------------------------------------- tune/run.py
 
 
-def gpus_per_trial(args: argparse.Namespace) -> float:
+def on_gpu() -> bool:
     import torch
 
-    return args.gpus_per_trial if torch.cuda.is_available() else 0.0
+    return torch.cuda.is_available()
+
+
+def search_share(args: argparse.Namespace) -> list[str]:
+    """The search's `--gpus_per_trial` flag: none by default, so the plan shares GPUs by memory as users get it."""
+    if not on_gpu():
+        return ["--gpus_per_trial", "0"]
+    return [] if args.gpus_per_trial is None else ["--gpus_per_trial", str(args.gpus_per_trial)]
 
 
 def tune_command(ws: Workspace, data_file: Path, args: argparse.Namespace, name: str, *extra: str) -> list[str]:
@@ -235,11 +242,20 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
             [c for c in ("trial_id", "status", *exp.params, exp.best_column, "epochs") if c in trials]
         ].to_dict("records"),
         "experiment": str(exp.path),
-        "plan": next((line.strip() for line in lines if line.startswith("Resource plan")), ""),
+        "plan": resource_plan(lines),
         "time_split": time_split(epochs),
         # GPU trials only: the most memory any trial's allocator held (NaN on CPUs)
         "gpu_memory_peak_gib": float(epochs["gpu_memory_peak_gib"].max()) if "gpu_memory_peak_gib" in epochs else None,
     }
+
+
+def resource_plan(lines: list[str]) -> str:
+    """The plan tune/run.py printed: its first line, and the indented line saying how GPUs are shared, if any."""
+    for i, line in enumerate(lines):
+        if line.startswith("Resource plan"):
+            why = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].startswith("  ") else ""
+            return line.strip() + (f"; {why}" if why else "")
+    return ""
 
 
 def time_split(epochs: Any) -> dict[str, float]:
@@ -268,7 +284,6 @@ def incomplete(found: dict[str, Any]) -> str:
 
 def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
     n = sizes(args)
-    gpus = gpus_per_trial(args)
     command = tune_command(
         ws,
         data_file,
@@ -276,8 +291,7 @@ def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Re
         "search",
         "--num_samples",
         str(n["trials"]),
-        "--gpus_per_trial",
-        str(gpus),
+        *search_share(args),
         "--search_space",
         json.dumps(SEARCH_SPACE),
     )
@@ -329,7 +343,7 @@ def memory_check(ws: Workspace, args: argparse.Namespace, found: dict[str, Any],
 
 def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
     n = sizes(args)
-    gpus = gpus_per_trial(args)
+    gpus = on_gpu()
     # Only the learning rate varies; batch 16 and rank 4 are pinned as one-value choices over the preset's lists.
     space = {"learning_rate": {"loguniform": [3e-4, 1e-3]}, "per_device_train_batch_size": {"choice": [16]}}
     space["lora_r"] = {"choice": [4]}
@@ -418,7 +432,12 @@ def main() -> None:
     )
     parser.add_argument("--full-baseline", action="store_true", help="Run all 9 seed configs x 5 epochs.")
     parser.add_argument("--num_samples", type=int, default=27, help="Trials of the search (>= 27 for goal 1).")
-    parser.add_argument("--gpus_per_trial", type=float, default=0.125, help="GPU share of a search trial.")
+    parser.add_argument(
+        "--gpus_per_trial",
+        type=float,
+        default=None,
+        help="GPU share of a search trial; default: automatic, the plan's share from GPU memory (at most 8 per GPU).",
+    )
     parser.add_argument("--pack_fraction", type=float, default=0.125, help="GPU share of a packed trial.")
     parser.add_argument(
         "--sequential_trials",
