@@ -102,3 +102,11 @@ def test_plan_without_visible_gpus_never_estimates_memory() -> None:
     # GPUs declared (--num_gpus) that torch does not see: their memory is unknown, so the fixed share, said so.
     declared = preflight(TuneArguments(num_cpus=2, num_gpus=1), must_not_run)
     assert declared.gpus_per_trial == DEFAULT_GPU_FRACTION and "not known" in declared.describe()
+
+
+def test_out_of_memory_help_names_the_next_share() -> None:
+    from tune.trainable import out_of_memory_help
+
+    assert "--gpus_per_trial 0.25" in out_of_memory_help(0.125)
+    assert "--gpus_per_trial" not in out_of_memory_help(1.0)  # a whole GPU already: only smaller work helps
+    assert "per_device_train_batch_size" in out_of_memory_help(1.0)

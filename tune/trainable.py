@@ -42,6 +42,16 @@ def require_gpu(gpus: float) -> None:
         )
 
 
+def out_of_memory_help(gpus_per_trial: float) -> str:
+    """What to change when a trial ran out of GPU memory (Tune retries it as it is, so it would fail again)."""
+    larger = f"give each trial a larger share (--gpus_per_trial {min(1.0, 2 * gpus_per_trial):g}), or "
+    return (
+        f"The GPU ran out of memory with {gpus_per_trial:g} GPU per trial: {larger if gpus_per_trial < 1 else ''}"
+        "lower per_device_train_batch_size, per_device_eval_batch_size or max_length, or use --half_precision_base. "
+        "Each epoch's gpu_memory_peak_gib in the results says what finished trials needed."
+    )
+
+
 def _reporter(metric: str, mode: str) -> Callable[[EpochReport], None]:
     """Report each epoch's metrics (search metric first) and its model folder as the trial's checkpoint.
 
@@ -122,13 +132,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
                 work_dir=work_dir,
             )
         except torch.OutOfMemoryError as e:
-            share = base["gpus_per_trial"]
-            raise RuntimeError(
-                f"The GPU ran out of memory with {share:g} GPU per trial ({e}). Give each trial a larger share "
-                f"(--gpus_per_trial {min(1.0, 2 * share):g}), or lower per_device_train_batch_size, "
-                "per_device_eval_batch_size or max_length, or use --half_precision_base. Each epoch's "
-                "gpu_memory_peak_gib in the results says what finished trials needed."
-            ) from e
+            raise RuntimeError(out_of_memory_help(base["gpus_per_trial"])) from e
 
 
 def make_trainable(
