@@ -132,6 +132,8 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
                 work_dir=work_dir,
             )
         except torch.OutOfMemoryError as e:
+            if not base["gpus_per_trial"]:  # another accelerator's (MPS): its own message is all there is to say
+                raise
             raise RuntimeError(out_of_memory_help(base["gpus_per_trial"])) from e
 
 
