@@ -406,9 +406,9 @@ def _summarise_trials(
         all_by_trial = epochs.groupby("trial_id", sort=False)
         summary["epochs"] = all_by_trial["epoch"].max()
         summary["diverged"] = all_by_trial["diverged"].any() if "diverged" in epochs else False
-        if "gpu_memory_peak_gib" in epochs:  # GPU trials: what the search's GPU sharing really needed
-            summary["gpu_memory_peak_gib"] = all_by_trial["gpu_memory_peak_gib"].max()
-            trials["gpu_memory_peak_gib"] = summary["gpu_memory_peak_gib"].reindex(trials["trial_id"]).to_numpy()
+        if "gpu_memory_peak_gib" in epochs:  # GPU trials only: what the search's GPU sharing really needed
+            peaks = all_by_trial["gpu_memory_peak_gib"].max()
+            trials["gpu_memory_peak_gib"] = peaks.reindex(trials["trial_id"]).to_numpy()
     for column, default in ((best_col, math.nan), (last_col, math.nan), ("best_epoch", math.nan),
                             ("best_checkpoint", None), ("epochs", 0), ("diverged", False)):  # fmt: skip
         values = summary[column] if column in summary else pd.Series(default, index=summary.index)

@@ -317,20 +317,19 @@ def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Re
                 describe_split(found["time_split"]))  # fmt: skip
     config = ", ".join(f"{k.split('/')[-1]}={v}" for k, v in found["best_config"].items())
     results.add("lorasent search best validation accuracy", found["best_accuracy"], "", config)
-    memory_check(ws, args, found, results)
+    memory_check(command, found, results)
 
 
-def memory_check(ws: Workspace, args: argparse.Namespace, found: dict[str, Any], results: Results) -> None:
-    """The footprint the automatic GPU plan would assume for this search, against the peak its trials reported."""
-    from lorasent.config import ModelArguments
-    from lorasent.footprint import GIB, training_footprint
+def memory_check(command: list[str], found: dict[str, Any], results: Results) -> None:
+    """The footprint the automatic GPU plan computes for this search (from the search's own arguments), against the
+    peak its trials reported."""
+    from lorasent.footprint import GIB
+    from tune.config import parse_args
+    from tune.search import build_param_space, trial_footprint
 
-    footprint = training_footprint(
-        ModelArguments(model_name_or_path=str(ws.model_dir()), lora_r=max(SEARCH_SPACE["lora_r"]["choice"])),
-        batch_size=max(SEARCH_SPACE["per_device_train_batch_size"]["choice"]),
-        max_length=512,  # the seed preset's
-        eval_batch_size=32 if args.smoke else 128,  # as tune_command runs it
-    )
+    searched = parse_args(command[2:])  # [python, tune/run.py, *flags]
+    space, _ = build_param_space(searched.tune, searched.model, searched.train)
+    footprint = trial_footprint(space, searched.data, searched.model, searched.train)
     planned = footprint.total / GIB
     results.add("planned GPU memory per trial (estimate, upper bound)", planned, "GiB", footprint.describe())
     peak = found["gpu_memory_peak_gib"]

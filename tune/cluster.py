@@ -25,8 +25,6 @@ from tune.config import TuneArguments
 if TYPE_CHECKING:  # the footprint module imports torch and peft; the plan only reads the numbers
     from lorasent.footprint import TrainingFootprint
 
-GIB = 2**30
-
 # gpus_per_trial left automatic: as many trials per GPU as fit in its memory, at most MAX_TRIALS_PER_GPU (the most
 # measured: 8 trials on one H100 gave ~1.8x one trial's throughput, bench/RESULTS.md), within GPU_MEMORY_USABLE of it
 # (the rest is headroom for fragmentation and other processes). Where GPU memory is not known before trials start (a
@@ -261,6 +259,8 @@ def trials_per_gpu(gpu_memory: int, trial_memory: int) -> int:
 
 def automatic_gpu_sharing(gpu_memory: int, footprint: TrainingFootprint) -> tuple[float, str]:
     """(gpus_per_trial, why) for an automatic gpus_per_trial on GPUs of `gpu_memory` bytes."""
+    from lorasent.footprint import GIB  # imported already: the footprint was computed
+
     n = trials_per_gpu(gpu_memory, footprint.total)
     why = f"{n} trial(s) per GPU of {gpu_memory / GIB:.0f} GiB: each trial needs {footprint.describe()}"
     if footprint.total > GPU_MEMORY_USABLE * gpu_memory:
