@@ -107,44 +107,52 @@ def tokenisation(ws: Workspace, args: argparse.Namespace, results: Results) -> N
     results.extra["scale_file"] = data_args.dataset
 
 
-def _encode_texts(texts: list[str]) -> float:
-    """Seconds one process takes to encode `texts` with the Rust backend on one thread (fork-inherited tokenizer)."""
+def _encode_texts(texts: list[str], encode: Any = None) -> float:
+    """Seconds one process takes to encode `texts` on one thread, by `encode` or else the fork-inherited one."""
     import time
 
+    encode = encode or _CORE_ENCODER
     start = time.perf_counter()
     for begin in range(0, len(texts), 1000):
-        _CORE_TOKENIZER.encode_batch_fast(texts[begin : begin + 1000])
+        encode(texts[begin : begin + 1000])
     return time.perf_counter() - start
 
 
-_CORE_TOKENIZER: Any = None  # set before forking the probe processes
+_CORE_ENCODER: Any = None  # set before forking the probe processes
 
 
 def core_scaling(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
-    """How many cores' worth of tokenizer throughput this machine gives: the tokenisation goal's ceiling.
+    """How many cores' worth of encoder throughput this machine gives: the tokenisation goal's ceiling.
 
-    The same texts encoded by one process, then by one process per core at once (forked, one Rust thread each).
-    A cgroup CPU quota or shared hyperthreads show as a total far below cores x the one-process rate.
+    The same texts encoded in one process by the Rust tokenizer alone and by lorasent's encoder (which sends
+    printable ASCII texts to a twin without BERT's normaliser), then by lorasent's encoder in one process per core
+    at once (forked, one Rust thread each). A cgroup CPU quota or shared hyperthreads show as a total far below
+    cores x the one-process rate.
     """
     import multiprocessing
     from pathlib import Path
 
     from data import load_tokenizer, synthetic_reviews
 
-    global _CORE_TOKENIZER
+    from lorasent.encoding import backend_encoder
+
+    global _CORE_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = load_tokenizer(ws.model_dir())
+    backend = tokenizer.backend_tokenizer
     texts, _ = synthetic_reviews(2_000 if args.smoke else 20_000, tokenizer)
-    _CORE_TOKENIZER = tokenizer.backend_tokenizer
+    raw = _encode_texts(texts, backend.encode_batch_fast)
+    _CORE_ENCODER = backend_encoder(backend)
     one = _encode_texts(texts)
     cores = len(os.sched_getaffinity(0))
     with multiprocessing.get_context("fork").Pool(cores) as pool:
         many = pool.map(_encode_texts, [texts] * cores)
     wall = max(many)
     quota = Path("/sys/fs/cgroup/cpu.max")
-    results.add("tokenizer, one process, one thread", len(texts) / one, "reviews/s", f"{len(texts):,} reviews")
+    results.add("tokenizer alone, one process, one thread", len(texts) / raw, "reviews/s", f"{len(texts):,} reviews")
+    results.add("lorasent's encoder, one process, one thread", len(texts) / one, "reviews/s", "printable ASCII twin")
     results.add(
-        f"tokenizer, {cores} processes at once (one per core)",
+        f"lorasent's encoder, {cores} processes at once (one per core)",
         cores * len(texts) / wall,
         "reviews/s",
         f"{cores * len(texts) / wall / (len(texts) / one):.1f} cores' worth of the one-process rate; slowest process "

@@ -4,11 +4,16 @@ The Rust encoder itself releases the GIL, but handing it a chunk of Python strin
 per text do not. On one core that is a few percent of the work (ids read back at ~240k texts/s, texts encoded at
 ~8k/s on a 2-core AMD EPYC); on 16 cores threads of one process reached only 39-47k reviews/s. Large splits are
 therefore encoded by forked processes that each run `encode_chunk_in_process` (see lorasent/tokenize.py).
+
+BERT's normalizer (control characters, CJK spacing, accents, lower case: NFD and Unicode tables on every text)
+was a third of the encoder's time. On printable ASCII it changes nothing but the case, so such texts, most
+English reviews, are encoded by a twin tokenizer that only lower-cases: the same ids, 1.3-1.4x as fast.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Callable, Iterable, Sized
 
@@ -27,12 +32,42 @@ def flatten(sequences: Sized, ids: Iterable[list[int]]) -> tuple[np.ndarray, np.
     return lengths, np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
 
 
+def printable_ascii_twin(backend: Tokenizer) -> Tokenizer | None:
+    """A copy of `backend` that encodes printable ASCII text to the same ids with less work, or None.
+
+    `BertNormalizer` removes control characters, maps whitespace to spaces, spaces out CJK characters, strips
+    accents and lower-cases. Printable ASCII (U+0020..U+007E) has none of those but case, so for it the normalizer
+    equals `Lowercase` (or nothing, for a cased model) and everything after it sees the same string.
+    """
+    config = json.loads(backend.to_str())
+    normalizer = config.get("normalizer") or {}
+    if normalizer.get("type") != "BertNormalizer":
+        return None
+    config["normalizer"] = {"type": "Lowercase"} if normalizer.get("lowercase", True) else None
+    return Tokenizer.from_str(json.dumps(config))
+
+
+def _printable_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
 def backend_encoder(backend: Tokenizer) -> Encode:
     """texts -> (tokens per text, all ids end to end) by the Rust backend's `encode_batch_fast` (no offsets), with
-    the truncation the backend is configured with."""
+    the truncation the backend is configured with; printable ASCII texts by its `printable_ascii_twin`."""
+    twin = printable_ascii_twin(backend)
 
     def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encodings = backend.encode_batch_fast(texts)
+        simple = [_printable_ascii(text) for text in texts] if twin is not None else []
+        if twin is None or not any(simple):
+            encodings = backend.encode_batch_fast(texts)
+        elif all(simple):
+            encodings = twin.encode_batch_fast(texts)
+        else:  # each text by the encoder it needs, back in the chunk's order
+            encodings = [None] * len(texts)
+            for encoder, wanted in ((twin, True), (backend, False)):
+                rows = [i for i, is_simple in enumerate(simple) if is_simple == wanted]
+                for i, encoded in zip(rows, encoder.encode_batch_fast([texts[i] for i in rows]), strict=True):
+                    encodings[i] = encoded
         return flatten(encodings, (encoding.ids for encoding in encodings))
 
     return encode

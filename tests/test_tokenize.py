@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,9 +16,11 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from tokenizers import Tokenizer
 from transformers import DataCollatorWithPadding
 
 import lorasent.tokenize as tokenize
+from lorasent import encoding
 from lorasent.assets import resolve_model_path
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments
 from lorasent.data import load_splits
@@ -53,6 +57,8 @@ TRICKY_TEXTS = [
     "great 👍👍 but 电池 broke",
     "literal [SEP] and [CLS] and [UNK] markers",
     "tabs\tand\nnewlines   and   spaces",
+    "LOUD, Mixed-Case review: 5/5 STARS!!! Wouldn't buy #again",  # printable ASCII: the encoder's twin
+    "BELL\x07 VT\x0b DEL\x7f Control Characters",  # ASCII, not printable: the full normaliser
     "x" * 300,  # one long word
     "the battery broke after two weeks " * 40,  # truncated
 ]
@@ -90,6 +96,29 @@ def test_tokens_equal_the_tokenizer_call(
         assert list(split["length"]) == [len(ids) for ids in expected["input_ids"]]
         assert list(split["label"]) == list(texts[name]["label"])
     assert max(splits["train"]["length"]) == 40
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_printable_ascii_twin_encodes_to_the_same_ids(lowercase: bool, offline_model_dir: Path) -> None:
+    """Every printable ASCII character, in random strings and in real sentences, upper-cased too: the twin (lower
+    case only) gives BERT's normaliser's ids, for an uncased and a cased vocabulary."""
+    config = json.loads(
+        load_tokenizer(ModelArguments(model_name_or_path=str(offline_model_dir))).backend_tokenizer.to_str()
+    )
+    config["normalizer"]["lowercase"] = lowercase
+    backend = Tokenizer.from_str(json.dumps(config))
+    twin = encoding.printable_ascii_twin(backend)
+    assert twin is not None
+    assert (twin.normalizer is not None) == lowercase  # Lowercase, or no normaliser at all for a cased model
+    rng = random.Random(0)
+    printable = [chr(c) for c in range(0x20, 0x7F)]
+    sentence = "The [SEP] battery's life: GREAT, 10/10 -- wouldn't buy again ##ing un-believable!"
+    texts = ["".join(rng.choices(printable, k=rng.randint(0, 80))) for _ in range(3000)]
+    texts += [sentence, sentence.upper(), sentence.swapcase(), "".join(printable)]
+    assert all(text.isascii() and text.isprintable() for text in texts)
+    assert [e.ids for e in twin.encode_batch_fast(texts)] == [e.ids for e in backend.encode_batch_fast(texts)]
+    config["normalizer"] = {"type": "NFC"}  # another normaliser: no twin
+    assert encoding.printable_ascii_twin(Tokenizer.from_str(json.dumps(config))) is None
 
 
 def test_truncation_side_and_python_level_tokenizers_are_honoured() -> None:
