@@ -32,6 +32,13 @@ def _positive(name: str, value: float | int | None, *, allow_none: bool = False)
         raise ConfigError(f"{name} must be a positive number, got {value!r}. Set {name} to a value > 0.")
 
 
+def _absolute_if_local(value: str) -> str:
+    """`value` made absolute if it names something here: Ray runs each trial in its own folder, where a relative
+    path would name nothing (or something else)."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
 def _fraction(name: str, value: float, *, upper_inclusive: bool = False) -> None:
     ok = 0 <= value <= 1 if upper_inclusive else 0 <= value < 1
     if not ok:
@@ -97,6 +104,9 @@ class DataArguments:
     def __post_init__(self) -> None:
         if not self.dataset:
             raise ConfigError(f"dataset is empty. Use '{OFFLINE_DATASET}', 'amazon_polarity' or a file path.")
+        self.dataset = _absolute_if_local(self.dataset)
+        if self.cache_dir:
+            self.cache_dir = str(Path(self.cache_dir).expanduser().resolve())
         if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names):
             raise ConfigError(f"label_names must hold at least two distinct names, got {self.label_names!r}.")
         _fraction("validation_fraction", self.validation_fraction)
@@ -139,9 +149,12 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if not self.model_name_or_path:
             raise ConfigError(f"model_name_or_path is empty. Use '{OFFLINE_MODEL}', a hub name or a folder.")
+        self.model_name_or_path = _absolute_if_local(self.model_name_or_path)
         _positive("lora_r", self.lora_r)
         _positive("lora_alpha", self.lora_alpha)
         _fraction("lora_dropout", self.lora_dropout)
+        if isinstance(self.target_modules, (list, tuple)):  # a YAML list of module names
+            self.target_modules = ",".join(map(str, self.target_modules))
         if not self.target_modules.strip(" ,"):
             raise ConfigError("target_modules is empty. Use 'auto', 'attention', 'all-linear' or module names.")
 

@@ -336,7 +336,7 @@ def _subset(ds: datasets.Dataset, limit: int | None, split: str, data_args: Data
     if limit > len(ds):
         raise DataError(
             f"{option}={limit} but the {split} split of {data_args.dataset} has only {len(ds)} rows. Lower "
-            f"--{option} to at most {len(ds)}, or omit it to use every row."
+            f"--{option} to at most {len(ds)}, or --{option} none to use every row."
         )
     return _stratified_split(ds, limit, data_args.data_seed)[1]
 

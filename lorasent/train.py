@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import (
-    HfArgumentParser,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -34,9 +33,10 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 from transformers.utils import logging as hf_logging
 
+from lorasent.cli import ArgumentParser
 from lorasent.config import (
     ARGUMENT_CLASSES,
     DataArguments,
@@ -104,6 +104,13 @@ def resolve_precision(train_args: TrainArguments) -> str:
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("This GPU does not support bf16. Use --precision auto (picks fp16 here) or fp32.")
     return precision
+
+
+def check_schedule(train_args: TrainArguments) -> None:
+    """Refuse a learning-rate schedule transformers does not have (it would fail only once training starts)."""
+    schedules = [schedule.value for schedule in SchedulerType]
+    if train_args.lr_scheduler_type not in schedules:
+        raise ConfigError(f"Unknown lr_scheduler_type {train_args.lr_scheduler_type!r}; valid: {', '.join(schedules)}.")
 
 
 def frozen_dtype(train_args: TrainArguments) -> torch.dtype | None:
@@ -309,6 +316,7 @@ def _check_request(
     if eval_split in train_splits:
         raise ConfigError(f"eval_split {eval_split!r} is also trained on; its metrics would mean nothing.")
     resolve_precision(train_args)
+    check_schedule(train_args)
     if resume_from_checkpoint is not None:
         if not (Path(resume_from_checkpoint) / "trainer_state.json").is_file():
             raise CheckpointError(
@@ -462,13 +470,13 @@ def _yaml_defaults(path: str) -> dict[str, Any]:
 
 def parse_cli(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments, RunArguments]:
     """Parse `--config file.yaml` (if any) into defaults, then the command line over them."""
-    parser = HfArgumentParser((*ARGUMENT_CLASSES, RunArguments), prog="python -m lorasent.train")
+    parser = ArgumentParser((*ARGUMENT_CLASSES, RunArguments), prog="python -m lorasent.train")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**_yaml_defaults(known.config))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_dataclasses(sys.argv[1:] if argv is None else argv)
 
 
 def _format(metrics: dict[str, float]) -> str:

@@ -171,6 +171,18 @@ def test_training_with_unknown_target_modules_writes_nothing(tmp_path: Path, cap
     _train_refused(tmp_path, capsys, ["--target_modules", "query"], "['query']", "q_lin", "v_lin")
 
 
+def test_training_with_an_unknown_flag_or_schedule(tmp_path: Path, capsys) -> None:
+    _train_refused(tmp_path, capsys, ["--learning_rte", "1e-3"], "Unrecognised arguments ['--learning_rte', '1e-3']")
+    _train_refused(tmp_path, capsys, ["--lr_scheduler_type", "cosin"], "Unknown lr_scheduler_type 'cosin'", "cosine")
+
+
+def test_training_config_may_list_target_modules(tmp_path: Path, capsys) -> None:
+    """A YAML list of module names means the comma-separated option (here refused for the wrong architecture)."""
+    config = tmp_path.parent / f"{tmp_path.name}-modules.yaml"
+    config.write_text("target_modules: [query, value]\n")
+    _train_refused(tmp_path, capsys, ["--config", str(config)], "['query', 'value']", "q_lin", "v_lin")
+
+
 # ----------------------------------------------------------------------------------------------- prediction input
 
 

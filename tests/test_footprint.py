@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lorasent.config import OFFLINE_MODEL, TINY_MODEL, ModelArguments
+from lorasent.errors import ConfigError
 from lorasent.footprint import (
     GIB,
     RUNTIME_BYTES,
@@ -18,7 +19,6 @@ from lorasent.footprint import (
 )
 from lorasent.model import add_lora, build_model, meta_model
 from tune.cluster import (
-    DEFAULT_GPU_FRACTION,
     MAX_TRIALS_PER_GPU,
     automatic_gpu_sharing,
     plan_resources,
@@ -99,9 +99,10 @@ def test_plan_without_visible_gpus_never_estimates_memory() -> None:
         warnings.simplefilter("error")
         plan = preflight(TuneArguments(num_cpus=2, num_gpus=0), must_not_run)
     assert (plan.gpus_per_trial, plan.gpu_sharing) == (0.0, "")
-    # GPUs declared (--num_gpus) that torch does not see: their memory is unknown, so the fixed share, said so.
-    declared = preflight(TuneArguments(num_cpus=2, num_gpus=1), must_not_run)
-    assert declared.gpus_per_trial == DEFAULT_GPU_FRACTION and "not known" in declared.describe()
+    # GPUs declared (--num_gpus) that torch does not see: refused before Ray hands trials GPUs that are not there.
+    visible = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=rf"--num_gpus {visible + 1}, but torch sees {visible} GPU"):
+        preflight(TuneArguments(num_cpus=2, num_gpus=visible + 1), must_not_run)
 
 
 def test_out_of_memory_help_names_the_next_share() -> None:

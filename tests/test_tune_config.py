@@ -82,6 +82,29 @@ def test_yaml_can_choose_the_preset_and_smoke_test_selects_smoke(tmp_path: Path)
     assert parse_args(["--config", _yaml(tmp_path, {"preset": "seed"})]).tune.preset == "seed"
     args = parse_args(["--smoke-test"])
     assert args.tune.preset == "smoke" and args.model.model_name_or_path == TINY_MODEL
+    args = parse_args(["--config", _yaml(tmp_path, {"smoke_test": True})])
+    assert args.tune.preset == "smoke" and args.model.model_name_or_path == TINY_MODEL
+
+
+def test_a_preset_limit_can_be_lifted_and_yaml_lists_join(tmp_path: Path) -> None:
+    assert parse_args([]).data.max_train_samples == 600  # the quick-start preset's subset
+    args = parse_args(["--max_train_samples", "none", "--max_eval_samples", "None"])
+    assert args.data.max_train_samples is None and args.data.max_eval_samples is None
+    args = parse_args(["--config", _yaml(tmp_path, {"target_modules": ["query", "value"]})])
+    assert args.model.target_modules == "query,value"
+
+
+def test_local_paths_are_made_absolute_for_the_trials(tmp_path: Path, monkeypatch, write_data) -> None:
+    """Ray runs each trial in its own folder; paths that exist here reach it absolute, names stay names."""
+    write_data([{"text": "fine", "label": 1}], "reviews.csv")
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--dataset", "reviews.csv", "--model_name_or_path", "my-model", "--cache_dir", "cache"])
+    assert args.data.dataset == str(tmp_path / "reviews.csv")
+    assert args.model.model_name_or_path == str(tmp_path / "my-model")
+    assert args.data.cache_dir == str(tmp_path / "cache")
+    args = parse_args(["--dataset", "amazon_polarity", "--model_name_or_path", "distilbert-base-uncased"])
+    assert (args.data.dataset, args.model.model_name_or_path) == ("amazon_polarity", "distilbert-base-uncased")
 
 
 def test_search_space_flag_merges_per_parameter() -> None:
@@ -99,6 +122,11 @@ def test_search_space_flag_merges_per_parameter() -> None:
         (["--searcher", "hyperopt"], "Unknown searcher 'hyperopt'. Valid: optuna, random, grid"),
         (["--scheduler", "pbt"], "Unknown scheduler 'pbt'"),
         (["--mode", "maximise"], "Unknown mode"),
+        (
+            ["--metric", "loss", "--mode", "max"],
+            "mode 'max' would search for the worst 'loss', which is better smaller",
+        ),
+        (["--mode", "min"], "mode 'min' would search for the worst 'accuracy'"),
         (["--metric", "auc"], "Unknown metric 'auc'. Trials report: accuracy"),
         (["--num_samples", "many"], "invalid int value"),
         (["--gpus_per_trial", "1.5"], "gpus_per_trial must be a fraction"),
@@ -112,12 +140,23 @@ def test_search_space_flag_merges_per_parameter() -> None:
         (["--search_space", '{"learning_rate": {"uniform": [1e-3, 1e-4]}}'], "low < high"),
         (["--learning_rate", "-1"], "learning_rate must be a positive number"),
         (["--no_such_flag", "1"], "Unrecognised arguments ['--no_such_flag', '1']"),
+        (["--output_dir", "models/best"], "--output_dir has no effect in a search: a search writes into"),
+        (["--metric_for_best_model", "f1_macro"], "--metric also picks each trial's best epoch"),
     ],
 )
 def test_bad_flags_are_clear_config_errors(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=None) as caught:
         parse_args(argv)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("metric", "mode"), [("accuracy", "max"), ("f1_macro", "max"), ("loss", "min"), ("train_loss", "min")]
+)
+def test_mode_follows_the_metric(metric: str, mode: str) -> None:
+    """A loss is minimised, a score maximised, without --mode (as transformers decides greater_is_better)."""
+    assert parse_args(["--metric", metric]).tune.mode == mode
+    assert parse_args(["--metric", metric, "--mode", mode]).tune.mode == mode
 
 
 def test_unknown_yaml_keys_list_the_valid_ones(tmp_path: Path) -> None:
@@ -135,6 +174,8 @@ def test_unknown_yaml_keys_list_the_valid_ones(tmp_path: Path) -> None:
         ({"num_samples": "ten"}, "num_samples='ten' is invalid"),
         ({"precision": "fp64"}, "precision='fp64' is not one of"),
         ({"search_space": ["lora_r"]}, "search_space=['lora_r'] is invalid"),
+        ({"resume": "runs/tune/latest"}, "['resume'] can only be given on the command line (--resume)"),
+        ({"config": "other.yaml"}, "['config'] can only be given on the command line (--config)"),
     ],
 )
 def test_bad_yaml_values_are_clear_config_errors(tmp_path: Path, content: dict, message: str) -> None:
@@ -253,6 +294,13 @@ def _closed_port() -> int:
         (["--address", f"127.0.0.1:{_closed_port()}"], "is unreachable"),
         (["--address", "http://127.0.0.1:8265"], "is a dashboard/job URL"),
         (["--resume", "/nonexistent/experiment"], "Cannot read /nonexistent/experiment/lorasent_search.json"),
+        (["--num_gpus", "99"], "--num_gpus 99, but torch sees"),
+        (["--precision", "fp16", "--gpus_per_trial", "0"], "precision 'fp16' needs a CUDA GPU"),
+        (["--lr_scheduler_type", "cosin"], "Unknown lr_scheduler_type 'cosin'; valid: linear, cosine"),
+        (
+            ["--storage_path", f"s3://lorasent/runs?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http"],
+            "Cannot reach the experiment storage s3://lorasent/runs/",  # the name before the URI's query
+        ),
     ],
 )
 def test_refused_before_ray_starts(argv: list[str], message: str, tmp_path: Path, capsys) -> None:

@@ -112,3 +112,29 @@ def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_p
     for tid in after:  # every trial reported each of its epochs
         epochs = [json.loads(line)["training_iteration"] for line in _results(experiment, tid).splitlines()]
         assert sorted(set(epochs)) == list(range(1, max(epochs) + 1)) and max(epochs) <= 3
+
+
+def test_interrupted_search_says_so_and_counts_what_finished(tmp_path: Path) -> None:
+    """Ctrl-C: Ray saves the state, then marks the trials it stops TERMINATED in memory; the summary must go by
+    the saved state (exit 130, the finished count, the resume command), never report a finished search."""
+    storage = tmp_path / "runs"
+    experiment = storage / "interrupted"
+    argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "20", "--scheduler", "none"]
+    argv += ["--max_concurrent_trials", "1"]  # trials long enough that Ctrl-C comes with some unfinished
+    log = tmp_path / "run.log"
+    proc = _start([*argv, "--storage_path", str(storage), "--name", "interrupted"], tmp_path, log)
+    try:
+        deadline = time.monotonic() + 300
+        while "TERMINATED" not in _trial_states(experiment).values():
+            assert proc.poll() is None, f"the search ended before it was interrupted: {log.read_text()}"
+            assert time.monotonic() < deadline, f"no trial finished in time: {log.read_text()}"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()
+    finally:
+        _clean_up(proc)
+    out = log.read_text()
+    finished = sum(status in ("TERMINATED", "ERROR") for status in _trial_states(experiment).values())
+    assert 1 <= finished < 6
+    assert f"with {finished} of 6 trials finished" in out and "Search finished" not in out
+    assert f"python tune/run.py --resume {experiment}" in out

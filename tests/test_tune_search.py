@@ -279,6 +279,19 @@ def test_diverging_trial_is_a_bad_result_not_an_error(local_ray, tmp_path: Path)
     assert results.get_best_result(scope="all").config["learning_rate"] == 1e-3
 
 
+@pytest.mark.ray
+def test_relative_paths_reach_every_trial(local_ray, tmp_path: Path, monkeypatch, write_data) -> None:
+    """Ray runs each trial in its own folder: a relative --dataset must still name the user's file there."""
+    words = {0: ["broke at once", "waste of money"], 1: ["works great", "love it"]}
+    write_data([{"text": f"{words[i % 2][i % 3 % 2]} #{i}", "label": i % 2} for i in range(300)], "reviews.csv")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "reviews.csv", "--num_samples", "1", "--num_train_epochs", "1", "--scheduler", "none"]
+    results = run_search(_args(*argv, "--storage_path", "runs", "--name", "relative", "--verbose", "0")).results
+    assert len(results) == 1 and results.errors == []
+    saved = json.loads((tmp_path / "runs" / "relative" / METADATA_FILE).read_text())
+    assert saved["data"]["dataset"] == str(tmp_path / "reviews.csv")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_trial_that_reserved_a_gpu_and_sees_none_fails_at_once() -> None:
     with pytest.raises(RuntimeError, match=r"reserved 0.25 GPU but torch sees none.*--gpus_per_trial 0"):

@@ -51,6 +51,21 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def join_location(storage_path: str, name: str) -> str:
+    """`storage_path`/`name`; in a URI the name goes before its query (`s3://b/runs?endpoint_override=...`)."""
+    if not is_uri(storage_path):
+        return str(Path(storage_path) / name)
+    base, question, query = storage_path.partition("?")
+    return f"{base.rstrip('/')}/{name}{question}{query}"
+
+
+def split_location(experiment_path: str) -> tuple[str, str]:
+    """(storage path, experiment name) of an experiment path or URI: the inverse of `join_location`."""
+    base, question, query = experiment_path.partition("?") if is_uri(experiment_path) else (experiment_path, "", "")
+    storage_path, _, name = base.rstrip("/").rpartition("/")
+    return f"{storage_path}{question}{query}", name
+
+
 def resolve_storage_path(storage_path: str) -> str:
     """A URI as given; a local folder made absolute, created, and checked to be writable."""
     if is_uri(storage_path):
@@ -102,6 +117,30 @@ def read_experiment_file(experiment_path: str, filename: str) -> str:
             return f.read().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"Cannot read {experiment_path}/{filename}: {e}. Check the experiment URI.") from None
+
+
+def saved_trial_statuses(experiment_path: str) -> list[str] | None:
+    """Each trial's status in the experiment's newest saved state, or None when there is none to read.
+
+    After Ctrl-C, Ray saves the state and then marks the trials it stops TERMINATED in memory only: the saved state
+    is the one that says which trials had finished.
+    """
+    import pyarrow.fs
+
+    try:
+        fs, root = _filesystem(experiment_path if is_uri(experiment_path) else str(Path(experiment_path).resolve()))
+        names = [
+            info.path
+            for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
+            if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json")
+        ]
+        if not names:
+            return None
+        with fs.open_input_stream(max(names)) as f:  # Ray restores from the newest name too
+            trial_data = json.loads(f.read().decode("utf-8"))["trial_data"]
+        return [json.loads(trial_json)["status"] for trial_json, _ in trial_data]
+    except (ConfigError, OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def update_latest_link(storage_path: str, experiment_name: str) -> Path | None:
@@ -367,12 +406,16 @@ def local_nodes(tune_args: TuneArguments) -> list[dict[str, float]]:
     cpus = tune_args.num_cpus or (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
-    if tune_args.num_gpus is not None:
-        gpus = tune_args.num_gpus
-    else:
-        import torch
+    import torch
 
-        gpus = torch.cuda.device_count()
+    visible = torch.cuda.device_count()
+    gpus = visible if tune_args.num_gpus is None else tune_args.num_gpus
+    if gpus > visible:  # Ray would hand trials GPUs that are not there, and each would fail on start
+        raise ConfigError(
+            f"--num_gpus {gpus}, but torch sees {visible} GPU(s) here (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Use --num_gpus {visible} or leave it unset; GPUs of "
+            "other machines join through a Ray cluster (--address)."
+        )
     return [{"CPU": float(cpus), "GPU": float(gpus)}]
 
 
@@ -500,7 +543,7 @@ def preflight(
         return None
     nodes = local_nodes(tune_args)
     automatic = footprint is not None and tune_args.gpus_per_trial is None and any(n["GPU"] for n in nodes)
-    memory = local_gpu_memory() if automatic else None  # None also where torch sees no GPU (--num_gpus given)
+    memory = local_gpu_memory() if automatic else None
     if memory is not None:
         return plan_resources(tune_args, nodes, gpu_sharing=automatic_gpu_sharing(memory, footprint()))
     return plan_resources(tune_args, nodes)

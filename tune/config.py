@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from transformers import HfArgumentParser
-
+from lorasent.cli import ArgumentParser
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, read_yaml, replace, to_dict
 from lorasent.errors import ConfigError
 from lorasent.metrics import metric_names
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "quickstart"
+COMMAND_LINE_ONLY = frozenset({"config", "resume"})
 SEARCHERS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "none")
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
@@ -149,7 +149,10 @@ class TuneArguments:
         default="accuracy",
         metadata={"help": "Validation metric to optimise: accuracy, f1_macro, loss, precision_macro, ..."},
     )
-    mode: str = field(default="max", metadata={"help": "max or min: whether a larger metric is better."})
+    mode: str | None = field(
+        default=None,
+        metadata={"help": "max or min: whether a larger metric is better (None: min for a loss, max otherwise)."},
+    )
     search_seed: int = field(
         default=0, metadata={"help": "Seed of the searcher (Optuna's TPE sampler, random search)."}
     )
@@ -210,6 +213,7 @@ class TuneArguments:
     )
 
     def __post_init__(self) -> None:
+        self.mode = self.mode or natural_mode(self.metric)
         for name, value, valid in (
             ("searcher", self.searcher, SEARCHERS),
             ("scheduler", self.scheduler, SCHEDULERS),
@@ -339,15 +343,42 @@ def apply_trial_config(
     return replace(model_args, **per_owner[ModelArguments]), replace(train_args, **per_owner[TrainArguments])
 
 
+def natural_mode(metric: str) -> str:
+    """min for a loss, max for a score: transformers' rule for greater_is_better."""
+    return "min" if metric.endswith("loss") else "max"
+
+
 def check_metric(tune_args: TuneArguments, data_args: DataArguments) -> None:
-    """Refuse a metric no trial reports, before any trial has run."""
+    """Refuse a metric no trial reports, or a mode that searches for its worst value, before any trial has run."""
     valid = [*metric_names(data_args.label_names), "train_loss"]
     if tune_args.metric not in valid:
         raise ConfigError(f"Unknown metric {tune_args.metric!r}. Trials report: {', '.join(valid)}.")
+    natural = natural_mode(tune_args.metric)
+    if tune_args.mode != natural:
+        better = "smaller" if natural == "min" else "larger"
+        raise ConfigError(
+            f"mode {tune_args.mode!r} would search for the worst {tune_args.metric!r}, which is better {better}. Use "
+            f"--mode {natural}, or leave --mode unset to have it follow the metric."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Presets and YAML
+
+
+# Options of `python -m lorasent.train` that a search replaces, and what replaces them.
+TRAINING_ONLY = {
+    "output_dir": "a search writes into --storage_path/--name; `python -m analysis retrain` writes the final model",
+    "metric_for_best_model": "--metric also picks each trial's best epoch",
+}
+
+
+def _refuse_training_only_options(train_args: TrainArguments) -> None:
+    """Refuse an option a search would silently ignore."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArguments)}
+    for name, instead in TRAINING_ONLY.items():
+        if getattr(train_args, name) != defaults[name]:
+            raise ConfigError(f"--{name} has no effect in a search: {instead}.")
 
 
 def preset_names() -> list[str]:
@@ -374,17 +405,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Show each option's default, and the epilog's preset list and examples as written."""
 
 
-class _Parser(HfArgumentParser):
-    """HfArgumentParser whose errors are ConfigErrors, so YAML and flags fail the same clean way."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message}. See `python tune/run.py --help`.")
-
-
-def build_parser() -> HfArgumentParser:
+def build_parser() -> ArgumentParser:
     """The parser of `python tune/run.py`: TuneArguments plus the three lorasent dataclasses."""
     presets = "\n".join(f"  {name:<11} {_preset_summary(name)}" for name in preset_names())
-    return _Parser(
+    return ArgumentParser(
         (TuneArguments, DataArguments, ModelArguments, TrainArguments),
         prog="python tune/run.py",
         description="Ray Tune search over LoRA sentiment classifiers: parallel trials, ASHA early stopping, "
@@ -411,6 +435,10 @@ def _coerce_layer(parser: argparse.ArgumentParser, values: Mapping[str, Any], so
     unknown = sorted(set(values) - set(actions))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}. Valid keys: {', '.join(sorted(actions))}.")
+    misplaced = sorted(set(values) & COMMAND_LINE_ONLY)
+    if misplaced:  # they choose the layers (or the saved experiment), so a layer cannot set them
+        flags = " / ".join(f"--{key}" for key in misplaced)
+        raise ConfigError(f"{source}: {misplaced} can only be given on the command line ({flags}).")
     coerced: dict[str, Any] = {}
     for key, value in values.items():
         action = actions[key]
@@ -420,6 +448,8 @@ def _coerce_layer(parser: argparse.ArgumentParser, values: Mapping[str, Any], so
             elif action.nargs == "+":
                 items = value if isinstance(value, list) else [value]
                 coerced[key] = [action.type(str(v)) for v in items]
+            elif isinstance(value, list) and action.type is str:  # a YAML list for a comma-separated option
+                coerced[key] = ",".join(map(str, value))
             elif isinstance(value, (dict, list)):
                 coerced[key] = action.type(value)
             else:
@@ -444,13 +474,8 @@ def _pre_parse(argv: Sequence[str]) -> argparse.Namespace:
     return known
 
 
-def _parse(parser: HfArgumentParser, argv: Sequence[str]) -> SearchArguments:
-    *parsed, remaining = parser.parse_args_into_dataclasses(
-        args=list(argv), return_remaining_strings=True, look_for_args_file=False
-    )
-    if remaining:
-        raise ConfigError(f"Unrecognised arguments {remaining}. See `python tune/run.py --help`.")
-    return SearchArguments(*parsed)
+def _parse(parser: ArgumentParser, argv: Sequence[str]) -> SearchArguments:
+    return SearchArguments(*parser.parse_dataclasses(argv))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SearchArguments:
@@ -462,7 +487,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchArguments:
         return _resume_args(parser, argv, pre.resume)
 
     yaml_values = read_yaml(pre.config) if pre.config else {}
-    preset = "smoke" if pre.smoke_test else (pre.preset or yaml_values.get("preset") or DEFAULT_PRESET)
+    smoke_test = pre.smoke_test if pre.smoke_test is not None else yaml_values.get("smoke_test")
+    preset = "smoke" if smoke_test else (pre.preset or yaml_values.get("preset") or DEFAULT_PRESET)
     layers = [
         _coerce_layer(parser, read_yaml(preset_path(preset)), f"preset {preset!r}"),
         _coerce_layer(parser, yaml_values, f"config file {pre.config}"),
@@ -475,6 +501,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchArguments:
     args = _parse(parser, argv)
     tune_args = replace(args.tune, preset=preset, search_space=merge_search_spaces(*spaces, args.tune.search_space))
     check_metric(tune_args, args.data)
+    _refuse_training_only_options(args.train)
     return args._replace(tune=tune_args)
 
 
@@ -524,7 +551,7 @@ def load_search_arguments(experiment_path: str) -> SearchArguments:
     return arguments_from_metadata(text, f"{experiment_path}/{METADATA_FILE}")
 
 
-def _resume_args(parser: HfArgumentParser, argv: Sequence[str], path: str) -> SearchArguments:
+def _resume_args(parser: ArgumentParser, argv: Sequence[str], path: str) -> SearchArguments:
     """The saved experiment's arguments, with only the Ray connection options taken from the command line."""
     saved = load_search_arguments(path)
     defaults: dict[str, Any] = {}

@@ -35,15 +35,26 @@ from tune.config import METADATA_FILE, SearchArguments, experiment_metadata, par
 EXAMPLE_TEXT = "Works great, would buy again."
 
 
-def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str, str]:
-    """(storage path, experiment name) of a new search; refuses to write into an existing experiment."""
+def _can_restore(path: str) -> bool:
+    """Whether `path` holds a Ray Tune experiment; storage that does not answer is a ConfigError, before Ray starts."""
     from ray.tune import Tuner
 
-    from tune.cluster import is_uri
+    try:
+        return Tuner.can_restore(path)
+    except OSError as e:  # an unknown bucket, no credentials, no network: pyarrow says which
+        raise ConfigError(
+            f"Cannot reach the experiment storage {path}: {e}. Check the URI, your network and the storage "
+            "credentials, or use a local --storage_path."
+        ) from None
+
+
+def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str, str]:
+    """(storage path, experiment name) of a new search; refuses to write into an existing experiment."""
+    from tune.cluster import join_location
 
     name = args.tune.name or f"{args.tune.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = f"{storage_path}/{name}" if is_uri(storage_path) else str(Path(storage_path) / name)
-    if Tuner.can_restore(path):
+    path = join_location(storage_path, name)
+    if _can_restore(path):
         raise ConfigError(
             f"Experiment {path} already exists. Continue it with --resume {path}, or pick another --name."
         )
@@ -52,21 +63,18 @@ def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str,
 
 def _resume_location(path: str) -> tuple[str, str]:
     """(storage path, experiment name) of an experiment to resume; follows the `latest` link."""
-    from ray.tune import Tuner
-
-    from tune.cluster import is_uri
+    from tune.cluster import is_uri, split_location
 
     if not is_uri(path):
         path = str(Path(path).expanduser().resolve())
-    if not Tuner.can_restore(path):
+    if not _can_restore(path):
         raise ConfigError(
             f"Nothing to resume at {path}: no Ray Tune experiment state (tuner.pkl) there. Give the experiment "
             "directory printed by the interrupted run, or STORAGE_PATH/latest."
         )
     if not is_uri(path):
         _check_experiment_state(Path(path))
-    storage_path, _, name = path.rstrip("/").rpartition("/")
-    return storage_path, name
+    return split_location(path)
 
 
 def _damaged_state(path: str | Path, filename: str, error: BaseException) -> ExperimentError:
@@ -92,22 +100,32 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
 
     Exit codes: 0 done; 1 no trial produced the metric; 130 interrupted (Ctrl-C), resumable.
     """
-    results, experiment_path, epochs, expected = outcome
+    from tune.cluster import saved_trial_statuses
+
+    results, experiment_path = outcome.results, outcome.experiment_path
     metric, mode = args.tune.metric, args.tune.mode
-    trials = list(results)
-    errors = [r for r in trials if r.error is not None]
-    early = [r for r in trials if r.error is None and r.metrics and r.metrics.get("training_iteration", 0) < epochs]
-    finished = results.num_terminated + results.num_errors
-    if finished < expected:
+    statuses = saved_trial_statuses(experiment_path)
+    if statuses is None:  # no saved state to read: Ray's own count
+        finished = results.num_terminated + results.num_errors
+    else:
+        finished = sum(status in ("TERMINATED", "ERROR") for status in statuses)
+    if finished < outcome.expected_trials:
         print(
-            f"\nSearch interrupted after {seconds:.0f} s with {finished} of {expected} trials finished; nothing is "
-            f"lost. Continue it with:\n  python tune/run.py --resume {experiment_path}",
+            f"\nSearch interrupted after {seconds:.0f} s with {finished} of {outcome.expected_trials} trials "
+            f"finished; nothing is lost. Continue it with:\n  python tune/run.py --resume {experiment_path}",
             file=sys.stderr,
         )
         return 130
+    trials = list(results)
+    errors = [r for r in trials if r.error is not None]
+    last = {r.path: r.metrics or {} for r in trials if r.error is None}
+    diverged = [path for path, m in last.items() if m.get("diverged")]
+    # ASHA's work: trials that ended before their own epochs (searched or fixed), without diverging
+    planned = {r.path: r.config.get("num_train_epochs", args.train.num_train_epochs) for r in trials}
+    early = [p for p, m in last.items() if p not in diverged and m.get("training_iteration", 0) < planned[p]]
     print(
         f"\nSearch finished in {seconds:.0f} s: {len(trials)} trials, {len(early)} stopped early, "
-        f"{len(errors)} errored."
+        f"{len(diverged)} diverged, {len(errors)} errored."
     )
     for r in errors:
         print(f"  errored: {r.path} ({type(r.error).__name__}); see error.txt there")
@@ -117,13 +135,16 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
         print(f"error: no trial reported a finite {metric!r}; see the errors above.", file=sys.stderr)
         return 1
     checkpoint = best.get_best_checkpoint(metric, mode)
-    epoch_metrics = best.metrics_dataframe
-    row = epoch_metrics.loc[epoch_metrics[metric].idxmax() if mode == "max" else epoch_metrics[metric].idxmin()]
+    if checkpoint is not None:  # the metrics of the epoch whose adapter is shown, even where epochs tie
+        shown_metrics = next(m for c, m in best.best_checkpoints if c.path == checkpoint.path)
+    else:
+        frame = best.metrics_dataframe
+        shown_metrics = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()].to_dict()
     shown = dict.fromkeys((metric, "accuracy", "f1_macro", "loss"))  # ordered, without duplicates
-    print(f"Best trial {Path(best.path).name}, epoch {int(row['training_iteration'])}:")
+    print(f"Best trial {Path(best.path).name}, epoch {int(shown_metrics['training_iteration'])}:")
     config = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
     print(f"  config:     {config}")
-    print("  validation: " + ", ".join(f"{k}={row[k]:.4f}" for k in shown if k in row))
+    print("  validation: " + ", ".join(f"{k}={shown_metrics[k]:.4f}" for k in shown if k in shown_metrics))
     print(f"  adapter:    {checkpoint.path if checkpoint else '(no checkpoint kept)'}")
     print(f"Experiment:   {experiment_path}")
     print("Next:")
@@ -145,22 +166,28 @@ def run_search(args: SearchArguments) -> SearchOutcome:
     """Validate everything, tokenise once, start or join Ray, then run (or resume) the search."""
     from ray import tune
 
+    from lorasent.paths import CACHE_ENV
     from lorasent.tokenize import tokenized_splits
     from tune import cluster, search
-    from tune.trainable import make_trainable
+    from tune.trainable import make_trainable, trial_train_arguments
 
     t = args.tune
+    if os.environ.get(CACHE_ENV):  # trials run in their own folders, where a relative path names another cache
+        os.environ[CACHE_ENV] = str(Path(os.environ[CACHE_ENV]).expanduser().resolve())
     space, param_space = search.build_param_space(t, args.model, args.train)
     epochs = search.max_epochs(t, space, args.train)
     scheduler = search.build_scheduler(t, epochs)
     points = search.starting_points(t, space, args.model, args.train)
     # The address answers, or the local Ray's plan fits (trials per GPU from one trial's memory): before anything heavy.
     plan = cluster.preflight(t, lambda: search.trial_footprint(space, args.data, args.model, args.train))
+    if plan is not None:  # a local Ray: its trials' resources are known, so is what they can train with
+        resources = {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial}
+        trial_train_arguments(args.data, args.train, metric=t.metric, **resources)
     if t.resume:
         storage_path, name = _resume_location(t.resume)
     else:
         storage_path, name = _experiment_location(args, cluster.resolve_storage_path(t.storage_path))
-    experiment_path = f"{storage_path}/{name}"
+    experiment_path = cluster.join_location(storage_path, name)
 
     splits = tokenized_splits(args.data, args.model)  # once, here: trials load the cached splits, never re-tokenise
     search.check_trials_fit(space, args.model, args.train, len(splits["train"]))

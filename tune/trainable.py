@@ -26,7 +26,7 @@ from ray import tune
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace, to_dict
 from lorasent.metrics import metric_names
-from lorasent.train import EpochReport, train
+from lorasent.train import EpochReport, check_schedule, resolve_precision, train
 from tune.config import apply_trial_config
 
 LEADING_METRICS = ("f1_macro", "loss", "train_loss")  # after the search metric: the console table shows the first 4
@@ -137,6 +137,25 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
             raise RuntimeError(out_of_memory_help(base["gpus_per_trial"])) from e
 
 
+def trial_train_arguments(
+    data_args: DataArguments, train_args: TrainArguments, *, metric: str, cpus_per_trial: float, gpus_per_trial: float
+) -> TrainArguments:
+    """What each trial trains with; refused here, on the driver, when no trial could train with it."""
+    trial_train_args = replace(
+        train_args,
+        use_cpu=train_args.use_cpu or gpus_per_trial == 0,  # a CPU trial must not touch a GPU it did not reserve
+        torch_threads=train_args.torch_threads or max(1, math.floor(cpus_per_trial)),
+        # the epoch a trial calls best is the one Tune ranks it by (train_loss is not a validation metric)
+        metric_for_best_model=(
+            metric if metric in metric_names(data_args.label_names) else train_args.metric_for_best_model
+        ),
+    )
+    check_schedule(trial_train_args)
+    if trial_train_args.use_cpu:  # GPU trials may run on GPUs the driver lacks: only they can check their precision
+        resolve_precision(trial_train_args)
+    return trial_train_args
+
+
 def make_trainable(
     data_args: DataArguments,
     model_args: ModelArguments,
@@ -148,14 +167,8 @@ def make_trainable(
     gpus_per_trial: float,
 ) -> Any:
     """`train_trial` with its base arguments (small dicts, via the object store) and its per-trial resources."""
-    trial_train_args = replace(
-        train_args,
-        use_cpu=train_args.use_cpu or gpus_per_trial == 0,  # a CPU trial must not touch a GPU it did not reserve
-        torch_threads=train_args.torch_threads or max(1, math.floor(cpus_per_trial)),
-        # the epoch a trial calls best is the one Tune ranks it by (train_loss is not a validation metric)
-        metric_for_best_model=(
-            metric if metric in metric_names(data_args.label_names) else train_args.metric_for_best_model
-        ),
+    trial_train_args = trial_train_arguments(
+        data_args, train_args, metric=metric, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial
     )
     base = {
         "data": to_dict(data_args),
