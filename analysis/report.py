@@ -18,7 +18,7 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from analysis.results import Experiment, load_experiment
-from analysis.retrain import FINAL_MODEL_DIR
+from analysis.retrain import FINAL_MODEL_DIR, final_model_mismatch
 from lorasent.errors import LorasentError
 from lorasent.paths import atomic_write_text
 
@@ -36,6 +36,7 @@ class ReportPaths:
     notebook: Path
     html: Path | None  # None when the notebook was not executed
     final_model: Path  # the final model folder the report reads (it may not exist yet)
+    final_model_mismatch: str = ""  # why that final model is not the current best trial's ('' when it is)
 
 
 def _code(source: str, **kwargs) -> nbformat.NotebookNode:
@@ -145,6 +146,9 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
             if final is None:
                 display(Markdown(f"No final model at `{{FINAL_MODEL}}` yet. Create it with `{retrain_cmd}`."))
             else:
+                mismatch = retrain.final_model_mismatch(exp, FINAL_MODEL)
+                if mismatch:
+                    display(Markdown(f"**Warning: not the current best.** {{mismatch}}"))
                 display(Markdown(final.summary_markdown()))
                 display(final.per_class)
                 display(plots.confusion_matrix_plot(final.confusion_matrix, final.label_names))
@@ -163,7 +167,7 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
 
 def build_notebook(exp: Experiment, final_model: Path) -> nbformat.NotebookNode:
     """A fresh, unexecuted report notebook for an experiment (a storage URI stays a URI, to re-read it fresh)."""
-    nb = new_notebook(cells=_cells(exp.source if "://" in exp.source else str(exp.path), final_model))
+    nb = new_notebook(cells=_cells(exp.location, final_model))
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     return nb
@@ -230,19 +234,32 @@ def write_report(
     """Generate the report notebook, execute it and export HTML into `output_dir` (default <experiment>/report).
 
     Both files are written atomically; when a cell fails, the partly executed notebook is still written (for its
-    traceback) and ReportError is raised.
+    traceback) and ReportError is raised. An HTML page of an earlier run is removed whenever no new one replaces
+    it (`execute=False`, a failed cell), so it never passes for the report of the notebook beside it.
     """
     exp = load_experiment(experiment)
     final = Path(final_model or exp.path / FINAL_MODEL_DIR).resolve()
     nb = build_notebook(exp, final)
     out = Path(output_dir) if output_dir else exp.path / REPORT_DIR
     notebook_path, html_path = out / NOTEBOOK_NAME, out / HTML_NAME
+    mismatch = final_model_mismatch(exp, final)
     if not execute:
         atomic_write_text(notebook_path, nbformat.writes(nb))
-        return ReportPaths(notebook_path, None, final)
+        _remove_stale_html(html_path, "this notebook is not executed (--no-execute); run the report without it")
+        return ReportPaths(notebook_path, None, final, mismatch)
     try:
         execute_notebook(nb, timeout=timeout)
+    except BaseException:
+        _remove_stale_html(html_path, "this run did not finish; fix what stopped it and run the report again")
+        raise
     finally:
         atomic_write_text(notebook_path, nbformat.writes(nb))
     atomic_write_text(html_path, to_html(nb))
-    return ReportPaths(notebook_path, html_path, final)
+    return ReportPaths(notebook_path, html_path, final, mismatch)
+
+
+def _remove_stale_html(html_path: Path, why: str) -> None:
+    """Delete an earlier run's HTML that no new page replaces, and say so (it would not match the new notebook)."""
+    if html_path.exists():
+        html_path.unlink()
+        print(f"Removed {html_path}, an earlier run's report: {why}.")

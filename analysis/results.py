@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +42,11 @@ _BOOKKEEPING = {
 }  # fmt: skip
 
 
+class ExperimentWarning(UserWarning):
+    """Something about an experiment or its final model that skews what the analysis shows (a damaged file read
+    around, an unfinished search, a final model of another trial); the message names the fix."""
+
+
 @dataclass
 class Experiment:
     """One search, as tables. `trials` has one row per trial, `epochs` one row per reported epoch."""
@@ -56,6 +62,12 @@ class Experiment:
     config_columns: list[str]  # every config column (sampled and constant), nested keys as 'a/b'
     configs: dict[str, dict[str, Any]]  # trial_id -> its config exactly as Ray recorded it (flattened)
     search: dict[str, Any] = field(default_factory=dict)  # lorasent_search.json, {} when absent
+
+    @property
+    def location(self) -> str:
+        """Where to read this experiment again: its storage URI, or its resolved local folder (never a `latest`
+        link, which a later search re-points)."""
+        return str(self.path) if _is_local(self.source) else self.source
 
     @property
     def best_column(self) -> str:
@@ -160,9 +172,13 @@ def trial_table(exp: Experiment) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+def _is_local(source: str) -> bool:
+    return "://" not in source or source.startswith("file://")
+
+
 def _local_root(source: str) -> Path:
     """A local folder holding the experiment: the path itself, or a cache mirror of a storage URI."""
-    if "://" not in source or source.startswith("file://"):
+    if _is_local(source):
         root = Path(source.removeprefix("file://")).expanduser()
         if not root.exists():
             raise ExperimentError(
@@ -251,7 +267,7 @@ def _read_trial(
     (`max_failures`), ended in ERROR.
     """
     results = _read_results(trial_dir / RESULT_FILE)
-    config = _flatten(_read_json(trial_dir / PARAMS_FILE) or (trial_state or {}).get("config") or {})
+    config = _flatten(_trial_config(trial_dir / PARAMS_FILE, (trial_state or {}).get("config") or {}))
     trial_id = (trial_state or {}).get("trial_id") or (results[-1]["trial_id"] if results else trial_dir.name)
     error = (trial_dir / ERROR_FILE).read_text(errors="replace").strip() if (trial_dir / ERROR_FILE).exists() else ""
     known = (trial_state or {}).get("num_failures", 0)
@@ -290,17 +306,42 @@ def _read_trial(
     return config, row, epochs
 
 
+def _trial_config(path: Path, state_config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's params.json, else its config in Ray's experiment state; one damaged file must not sink the report."""
+    try:
+        return _read_json(path) or state_config
+    except ExperimentError as e:
+        fallback = (
+            "Using the trial's config from Ray's experiment state instead."
+            if state_config
+            else "Ray's experiment state holds no config for it either, so its hyperparameters are left blank."
+        )
+        warnings.warn(f"{e} {fallback}", ExperimentWarning, stacklevel=2)
+        return state_config
+
+
 def _read_results(path: Path) -> list[dict[str, Any]]:
-    """result.json rows; a line that does not parse (the last one, while the trial writes it) is skipped."""
+    """result.json rows. A last line that does not parse is skipped quietly (the trial is still writing it); any
+    other is skipped with a warning, since it hides a reported epoch."""
     if not path.exists():
         return []
+    lines = [
+        (number, line)
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        if line.strip()
+    ]
     rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for number, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number != lines[-1][0]:
+                warnings.warn(
+                    f"{path} line {number} is not valid JSON ({e}); skipped that result row, so an epoch of this "
+                    "trial may be missing from the tables.",
+                    ExperimentWarning,
+                    stacklevel=2,
+                )
     return rows
 
 
@@ -520,8 +561,9 @@ def grid_levels(exp: Experiment, continuous_levels: int = 3) -> dict[str, int]:
 
 
 def compute_spent(exp: Experiment, continuous_levels: int = 3) -> pd.DataFrame:
-    """Trial-epochs and device-hours this search used, against running its configs without early stopping
-    and against the equivalent full grid (`grid_levels`) × max epochs, at the search's measured cost per epoch.
+    """Trial-epochs and device-hours this search used, against running its configs without early stopping (each
+    for its own planned epochs, which differ when the search samples epochs) and against the equivalent full grid
+    (`grid_levels`) × max epochs, at the search's measured cost per epoch.
     """
     resources = exp.resources
     used_epochs = int(exp.trials["epochs"].sum())
@@ -530,7 +572,7 @@ def compute_spent(exp: Experiment, continuous_levels: int = 3) -> pd.DataFrame:
     grid = math.prod(grid_levels(exp, continuous_levels).values())
     rows = [
         ("this search", len(exp.trials), used_epochs, used_hours),
-        ("same trials, no early stopping", len(exp.trials), len(exp.trials) * exp.max_epochs, math.nan),
+        ("same trials, no early stopping", len(exp.trials), int(exp.trials["max_epochs"].sum()), math.nan),
         ("full grid", grid, grid * exp.max_epochs, math.nan),
     ]
     table = pd.DataFrame(rows, columns=["run", "configs", "trial_epochs", "trial_hours"]).set_index("run")

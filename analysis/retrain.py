@@ -7,7 +7,8 @@ best checkpoint instead: faster, but trained on less data.
 
 The final model folder (default <experiment>/final_model) is a normal lorasent model folder (adapter,
 tokenizer, lorasent.json) plus test_metrics.json, test_predictions.csv and final_model.json (where it came
-from); it appears all at once or not at all.
+from, and which splits it learnt from); it appears all at once or not at all. It never holds a pickle: from a
+checkpoint only the model's own files are copied, not the Trainer's optimizer, scheduler and RNG state.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from analysis.results import SEARCH_FILE, Experiment, load_experiment
+from analysis.results import PARAMS_FILE, SEARCH_FILE, Experiment, ExperimentWarning, load_experiment
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace
 from lorasent.errors import CheckpointError, ExperimentError
 from lorasent.paths import atomic_dir, atomic_write_text
@@ -32,6 +34,11 @@ FINAL_MODEL_DIR = "final_model"
 PROVENANCE_FILE = "final_model.json"
 TEST_SPLIT = "test"
 EXAMPLE_TEXT = "Works great, would buy again."
+UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
+# What a model folder needs: adapter weights (safetensors), adapter config, tokenizer and lorasent.json (json), and
+# tokenizer vocabularies (txt, sentencepiece .model). A checkpoint's Trainer state (optimizer.pt, scheduler.pt,
+# rng_state.pth, training_args.bin) is pickled: it is never copied into a final model.
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 
 
 def best_arguments(exp: Experiment) -> tuple[DataArguments, ModelArguments, TrainArguments]:
@@ -42,6 +49,14 @@ def best_arguments(exp: Experiment) -> tuple[DataArguments, ModelArguments, Trai
         raise ExperimentError(
             f"{exp.source} has no {SEARCH_FILE}, so the arguments of its trials are unknown. Retraining needs an "
             "experiment started by `python tune/run.py`; or evaluate the best checkpoint with --use-checkpoint."
+        )
+    best = exp.best_trial
+    unknown = [name for name in exp.params if name not in exp.configs[best["trial_id"]]]
+    if unknown:
+        raise ExperimentError(
+            f"The hyperparameters {unknown} of the best trial {best['trial_id']} are unknown: its {PARAMS_FILE} is "
+            f"damaged and Ray's experiment state lacks its config. Restore {best['trial_dir']}/{PARAMS_FILE}, or "
+            "evaluate the trial's own checkpoint with --use-checkpoint."
         )
     saved = arguments_from_metadata(json.dumps(exp.search), str(exp.path / SEARCH_FILE))
     model_args, train_args = apply_trial_config(saved.model, saved.train, exp.best_config)
@@ -61,9 +76,10 @@ def retrain_best(
 
     exp = load_experiment(experiment_path)
     best = exp.best_trial
+    _warn_if_unfinished(exp)
     out = Path(out_dir) if out_dir else exp.path / FINAL_MODEL_DIR
     provenance: dict[str, Any] = {
-        "experiment": exp.source,
+        "experiment": exp.location,
         "trial_id": best["trial_id"],
         "config": exp.best_config,
         f"validation_{exp.metric}": float(best[exp.best_column]),
@@ -79,9 +95,12 @@ def retrain_best(
                 )
             check_model_dir(checkpoint)  # damage is reported against the checkpoint, not the temporary copy
             print(f"Evaluating trial {best['trial_id']}'s best checkpoint {checkpoint} on the {TEST_SPLIT} split")
-            shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+            for file in checkpoint.iterdir():
+                if file.is_file() and file.suffix in MODEL_FILE_SUFFIXES:
+                    shutil.copy2(file, tmp / file.name)
             provenance["method"] = f"checkpoint of trial {best['trial_id']}, epoch {exp.best_epoch} (trained on train)"
             provenance["checkpoint"] = str(checkpoint)
+            provenance["train_splits"] = ["train"]
         else:
             data_args, model_args, train_args = best_arguments(exp)
             train_args = replace(train_args, num_train_epochs=exp.best_epoch, output_dir=str(tmp))
@@ -104,12 +123,72 @@ def retrain_best(
                     "Evaluate the best trial's own checkpoint with --use-checkpoint, or lower the learning rate."
                 )
             provenance["method"] = f"retrained on train + validation for {exp.best_epoch} epoch(s)"
+            provenance["train_splits"] = ["train", "validation"]
         evaluation = dataclasses.replace(evaluate_model_dir(tmp, split=TEST_SPLIT), model_dir=out)
         evaluation.save(tmp)
         atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
     print(f"Final model: {out}")
     print(f"  test accuracy {evaluation.metrics['accuracy']:.4f}, macro F1 {evaluation.metrics['f1_macro']:.4f}")
     return out
+
+
+def _warn_if_unfinished(exp: Experiment) -> None:
+    """Retraining mid-search is allowed, but its 'best' is only the best so far."""
+    unfinished = exp.trials["status"].isin(UNFINISHED)
+    if unfinished.any():
+        warnings.warn(
+            f"{unfinished.sum()} of {len(exp.trials)} trials of {exp.location} are unfinished "
+            f"({', '.join(UNFINISHED)}): this final model is the best so far, trial {exp.best_trial['trial_id']}, "
+            f"and the best may change. Let the search finish (`python tune/run.py --resume {exp.location}` "
+            "continues an interrupted one), then retrain.",
+            ExperimentWarning,
+            stacklevel=3,
+        )
+
+
+def read_provenance(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """A final model folder's final_model.json; {} for a folder that has none (a plain model or checkpoint)."""
+    path = Path(model_dir) / PROVENANCE_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({e}). Recreate the final model with `python -m analysis retrain "
+            f"EXPERIMENT --output {model_dir}`."
+        ) from e
+
+
+def final_model_mismatch(exp: Experiment, model_dir: str | os.PathLike[str]) -> str:
+    """Why a final model is not that of the experiment's current best trial and epoch, or '' when it is (or when
+    there is no final model or no best yet). A resumed search can find a better trial after retraining."""
+    provenance = read_provenance(model_dir)
+    if "trial_id" not in provenance or exp.scored_trials.empty:
+        return ""
+    best = exp.best_trial
+    if (provenance["trial_id"], provenance.get("epochs")) == (best["trial_id"], exp.best_epoch):
+        return ""
+    output = "" if Path(model_dir).resolve() == exp.path / FINAL_MODEL_DIR else f" --output {model_dir}"
+    return (
+        f"The final model {model_dir} was built from trial {provenance['trial_id']}, epoch "
+        f"{provenance.get('epochs', '?')}, but the best of {exp.location} is now trial {best['trial_id']}, epoch "
+        f"{exp.best_epoch} ({exp.metric} {best[exp.best_column]:.4f}): the search went on after retraining, or the "
+        f"model belongs to another experiment. Its test figures are not the current best's. Rerun `python -m "
+        f"analysis retrain {exp.location}{output}`."
+    )
+
+
+def warn_if_trained_on(model_dir: str | os.PathLike[str], split: str) -> None:
+    """Scores on a split the model learnt from are optimistic (a retrained final model learnt from validation)."""
+    trained_on = read_provenance(model_dir).get("train_splits", [])
+    if split in trained_on:
+        warnings.warn(
+            f"{model_dir} was trained on {' + '.join(trained_on)} ({PROVENANCE_FILE}), so its {split} scores are "
+            f"optimistic: it has seen those texts. Evaluate on a split it never saw: --split {TEST_SPLIT}.",
+            ExperimentWarning,
+            stacklevel=2,
+        )
 
 
 @dataclass
@@ -164,8 +243,7 @@ def load_final_evaluation(path: str | os.PathLike[str]) -> FinalEvaluation | Non
             f"{folder} holds no readable test evaluation ({e}). Recreate it with `python -m analysis retrain "
             f"EXPERIMENT --output {folder}`."
         ) from e
-    provenance_file = folder / PROVENANCE_FILE
-    provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file.exists() else {}
+    provenance = read_provenance(folder)
     return FinalEvaluation(
         path=folder.resolve(),
         label_names=list(summary["label_names"]),

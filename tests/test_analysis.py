@@ -22,18 +22,20 @@ from analysis import plots
 from analysis.__main__ import main as analysis_main
 from analysis.report import write_report
 from analysis.results import (
+    ExperimentWarning,
     compute_spent,
     grid_levels,
     load_experiment,
     param_importances,
     trial_table,
 )
-from analysis.retrain import PROVENANCE_FILE, load_final_evaluation, retrain_best
+from analysis.retrain import PROVENANCE_FILE, final_model_mismatch, load_final_evaluation, retrain_best
 from lorasent.errors import ExperimentError
 from lorasent.predict import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 PLOT_CALLS = ("plots.learning_curves", "plots.lr_vs_metric", "plots.lr_batch_heatmap", "plots.rank_effect")
+NO_EXPERIMENT_WARNING = pytest.mark.filterwarnings("error::analysis.results.ExperimentWarning")
 
 pytestmark = pytest.mark.ray
 
@@ -55,6 +57,12 @@ def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def final_model(search: tuple[Path, str]) -> Path:
     """The best config retrained on train + validation and tested once (the default <experiment>/final_model)."""
     return retrain_best(search[0])
+
+
+def _rewrite_results(result: Path, **changes: float) -> None:
+    """Set `changes` in every row of a trial's result.json (what the trial would have reported)."""
+    rows = [json.loads(line) for line in result.read_text().splitlines()]
+    result.write_text("".join(json.dumps(row | changes) + "\n" for row in rows))
 
 
 def test_tables_match_what_the_search_reported(search: tuple[Path, str]) -> None:
@@ -96,6 +104,7 @@ def test_tables_match_what_the_search_reported(search: tuple[Path, str]) -> None
     assert spent.loc["full grid", "trial_epochs"] == 12 * 2
 
 
+@NO_EXPERIMENT_WARNING  # a torn last result line is a trial still writing, nothing to warn about
 def test_interrupted_experiment_statuses_are_inferred(search: tuple[Path, str], tmp_path: Path) -> None:
     """Without Ray's state file (a search killed early): ended trials, one still writing, one not started."""
     copy = tmp_path / "exp"
@@ -119,6 +128,48 @@ def test_interrupted_experiment_statuses_are_inferred(search: tuple[Path, str], 
     assert {status[d.name] for d in ended} == {"TERMINATED"}
     assert status[pending.name] == "PENDING"
     assert exp.trials.set_index("trial_dir").loc[str(running), "epochs"] == len(lines) - 1
+
+
+def test_corrupt_result_line_before_the_last_warns_and_names_it(search: tuple[Path, str], tmp_path: Path) -> None:
+    """A damaged line that is not the last one hides an epoch for good: the reader skips it, but says so."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    result = next(r for r in sorted(copy.glob("*/result.json")) if len(r.read_text().splitlines()) >= 2)
+    lines = result.read_text().splitlines()
+    result.write_text("\n".join(['{"accuracy": 0.5, "epo', *lines[1:]]) + "\n")
+    with pytest.warns(ExperimentWarning, match=rf"{re.escape(str(result))} line 1 is not valid JSON"):
+        exp = load_experiment(copy)
+    trial_id = json.loads(lines[-1])["trial_id"]
+    assert list(exp.epochs.loc[exp.epochs["trial_id"] == trial_id, "epoch"]) == list(range(2, len(lines) + 1))
+
+
+def test_corrupt_params_json_falls_back_to_rays_state(search: tuple[Path, str], tmp_path: Path) -> None:
+    """One truncated params.json: the trial's config comes from Ray's experiment state, with a warning naming the
+    file; without that state its hyperparameters are blank, and retraining it is refused rather than guessed."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    best_dir = Path(load_experiment(copy).best_trial["trial_dir"])
+    _rewrite_results(best_dir / "result.json", accuracy=1.0)  # the best, however the tied smoke scores are ordered
+    exp = load_experiment(copy)
+    best_id = exp.best_trial["trial_id"]
+    params = best_dir / "params.json"
+    params.write_text(params.read_text()[:10])
+
+    with pytest.warns(
+        ExperimentWarning, match=rf"{re.escape(str(params))} is not valid JSON .* Ray's experiment state"
+    ):
+        damaged = load_experiment(copy)
+    assert damaged.best_trial["trial_id"] == best_id and damaged.best_config == exp.best_config
+
+    for state in copy.glob("experiment_state-*.json"):
+        state.unlink()
+    with pytest.warns(ExperimentWarning, match=rf"{re.escape(str(params))} is not valid JSON .* left blank"):
+        blind = load_experiment(copy)
+    assert blind.trials.set_index("trial_id").loc[best_id, exp.params].isna().all()
+    assert len(blind.trials) == len(exp.trials)
+    refused = r"unknown: its params\.json is damaged .* --use-checkpoint"
+    with pytest.raises(ExperimentError, match=refused), pytest.warns(ExperimentWarning):
+        retrain_best(copy, tmp_path / "final")
 
 
 def test_failure_the_state_snapshot_missed_makes_the_trial_errored(search: tuple[Path, str], tmp_path: Path) -> None:
@@ -154,9 +205,7 @@ def test_diverged_trial_is_never_best(search: tuple[Path, str], tmp_path: Path) 
     copy = tmp_path / "exp"
     shutil.copytree(search[0], copy)
     best = load_experiment(copy).best_trial
-    result = Path(best["trial_dir"].replace(str(search[0]), str(copy))) / "result.json"
-    rows = [json.loads(line) for line in result.read_text().splitlines()]
-    result.write_text("".join(json.dumps(r | {"diverged": 1.0, "accuracy": -math.inf}) + "\n" for r in rows))
+    _rewrite_results(Path(best["trial_dir"]) / "result.json", diverged=1.0, accuracy=-math.inf)
 
     exp = load_experiment(copy)
     diverged = exp.trials.set_index("trial_id").loc[best["trial_id"]]
@@ -181,6 +230,25 @@ def test_gpu_memory_peak_per_trial(search: tuple[Path, str], tmp_path: Path) -> 
         expected[rows[0]["trial_id"]] = max(peaks)
     table = trial_table(load_experiment(copy)).set_index("trial_id")
     assert table["gpu_memory_peak_gib"].to_dict() == expected
+
+
+def test_no_early_stopping_baseline_counts_each_trials_own_epochs(search: tuple[Path, str], tmp_path: Path) -> None:
+    """With epochs searched, each trial plans its own epoch count: running them all without early stopping costs
+    the sum of those, not trials x the largest."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    ran = load_experiment(copy).trials.set_index("trial_dir")["epochs"]
+    for trial_dir, epochs in ran.items():  # each trial planned exactly the epochs it ran: none stopped early
+        params = Path(trial_dir) / "params.json"
+        params.write_text(json.dumps(json.loads(params.read_text()) | {"num_train_epochs": int(epochs)}))
+
+    exp = load_experiment(copy)
+    assert not exp.trials["early_stopped"].any() and ran.sum() < len(ran) * exp.max_epochs
+    spent = compute_spent(exp)
+    assert spent.loc["same trials, no early stopping", "trial_epochs"] == ran.sum()
+    assert spent.loc["same trials, no early stopping", "trial_hours"] == pytest.approx(
+        spent.loc["this search", "trial_hours"]
+    )
 
 
 def test_storage_uri_is_mirrored(search: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,6 +291,28 @@ def test_report_without_final_model_says_how_to_make_it(search: tuple[Path, str]
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     note = _outputs(nb, "final = retrain.load_final_evaluation")[0]["data"]["text/markdown"]
     assert f"python -m analysis retrain {search[0]}" in note
+
+
+def test_stale_html_is_removed_when_no_new_one_replaces_it(
+    search: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An earlier run's report.html must not sit beside a notebook it does not show: --no-execute, a failed cell."""
+    out = tmp_path / "report"
+    out.mkdir()
+    stale = out / "report.html"
+    stale.write_text("<html>an earlier run</html>")
+    assert analysis_main(["report", str(search[0]), "--output", str(out), "--no-execute"]) == 0
+    assert (out / "report.ipynb").is_file() and not stale.exists()
+    assert f"Removed {stale}, an earlier run's report: this notebook is not executed" in capsys.readouterr().out
+
+    stale.write_text("<html>an earlier run</html>")
+    broken = tmp_path / "broken_model"  # its test evaluation is unreadable: the final-evaluation cell fails
+    broken.mkdir()
+    (broken / "test_metrics.json").write_text("{")
+    assert analysis_main(["report", str(search[0]), "--output", str(out), "--final-model", str(broken)]) == 2
+    printed = capsys.readouterr()
+    assert "A report cell failed" in printed.err and not stale.exists()
+    assert f"Removed {stale}, an earlier run's report: this run did not finish" in printed.out
 
 
 def test_report_with_retrained_model(search: tuple[Path, str], final_model: Path, capsys) -> None:
@@ -278,16 +368,80 @@ def test_retrained_model_predictions_load_back(search: tuple[Path, str], final_m
     assert saved.metrics["accuracy"] == pytest.approx(saved.predictions["correct"].mean())
 
 
+@NO_EXPERIMENT_WARNING  # a finished search: nothing to warn about
 def test_use_checkpoint_tests_the_best_trials_checkpoint(search: tuple[Path, str], tmp_path: Path) -> None:
+    """The final model gets the checkpoint's model files, never the Trainer's pickled state, and still serves."""
     exp = load_experiment(search[0])
     out = retrain_best(search[0], tmp_path / "from-checkpoint", use_checkpoint=True)
-    assert json.loads((out / PROVENANCE_FILE).read_text())["checkpoint"] == str(exp.best_checkpoint)
+    provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    assert provenance["checkpoint"] == str(exp.best_checkpoint) and provenance["train_splits"] == ["train"]
     assert (out / "adapter_model.safetensors").read_bytes() == (
         exp.best_checkpoint / "adapter_model.safetensors"
     ).read_bytes()
-    assert load_final_evaluation(out).metrics["accuracy"] >= 0
+    pickles = (".pt", ".pth", ".bin", ".pkl")
+    assert {p.suffix for p in exp.best_checkpoint.iterdir()} & set(pickles)  # the checkpoint has them to leave out
+    assert not [p.name for p in out.iterdir() if p.suffix in pickles]
+
+    saved = load_final_evaluation(out)
+    assert saved.metrics["accuracy"] == pytest.approx(saved.predictions["correct"].mean())
+    again = Predictor.from_dir(out, device="cpu").predict(saved.predictions["text"].tolist())
+    assert [p.label for p in again] == saved.predictions["prediction"].tolist()
 
 
+def test_final_model_records_the_experiment_a_latest_link_pointed_at(search: tuple[Path, str], tmp_path: Path) -> None:
+    """`latest` moves on with the next search: final_model.json keeps the experiment folder it resolved to."""
+    latest = tmp_path / "latest"
+    latest.symlink_to(search[0], target_is_directory=True)
+    out = retrain_best(latest, tmp_path / "final", use_checkpoint=True)
+    assert json.loads((out / PROVENANCE_FILE).read_text())["experiment"] == str(search[0].resolve())
+
+
+def test_retrain_mid_search_warns_that_the_best_may_change(search: tuple[Path, str], tmp_path: Path) -> None:
+    """Unfinished trials: retraining goes ahead (the best so far), with a warning that says how to finish first."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    state_file = sorted(copy.glob("experiment_state-*.json"))[-1]
+    state = json.loads(state_file.read_text())
+    for k, status in enumerate(("RUNNING", "PAUSED")):
+        trial, metadata = (json.loads(part) for part in state["trial_data"][k])
+        state["trial_data"][k] = [json.dumps(trial | {"status": status}), json.dumps(metadata)]
+    state_file.write_text(json.dumps(state))
+    n_trials = len(load_experiment(copy).trials)
+
+    location = re.escape(str(copy.resolve()))
+    expected = rf"2 of {n_trials} trials of {location} are unfinished .*`python tune/run\.py --resume {location}`"
+    with pytest.warns(ExperimentWarning, match=expected):
+        out = retrain_best(copy, tmp_path / "final", use_checkpoint=True)
+    assert load_final_evaluation(out).provenance["trial_id"] == load_experiment(copy).best_trial["trial_id"]
+
+
+def test_report_flags_a_final_model_that_is_no_longer_the_best(
+    search: tuple[Path, str], final_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A search resumed after retraining finds a better trial: the report and its command line say the final model
+    is not the current best's, and how to rebuild it."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)  # with its final_model
+    exp = load_experiment(copy)
+    assert final_model_mismatch(exp, copy / "final_model") == ""
+    other = exp.trials[exp.trials["trial_id"] != exp.best_trial["trial_id"]].iloc[0]
+    _rewrite_results(Path(other["trial_dir"]) / "result.json", accuracy=1.0)
+
+    assert analysis_main(["report", str(copy)]) == 0
+    printed = capsys.readouterr().out
+    fix = f"python -m analysis retrain {copy.resolve()}`"
+    assert (
+        f"Warning: The final model {copy.resolve() / 'final_model'} was built from trial {exp.best_trial['trial_id']}"
+        in printed
+    )
+    assert f"now trial {other['trial_id']}" in printed and fix in printed
+    nb = nbformat.read(copy / "report" / "report.ipynb", as_version=4)
+    shown = _outputs(nb, "final = retrain.load_final_evaluation")[0]["data"]["text/markdown"]
+    assert shown.startswith("**Warning: not the current best.**") and f"now trial {other['trial_id']}" in shown
+    assert fix in shown
+
+
+@NO_EXPERIMENT_WARNING  # test scores of a model that never saw the test split
 def test_cli_table_and_evaluate(search: tuple[Path, str], final_model: Path, tmp_path: Path, capsys) -> None:
     exp = load_experiment(search[0])
     assert analysis_main(["table", str(search[0]), "--csv", str(tmp_path / "trials.csv")]) == 0
@@ -299,3 +453,11 @@ def test_cli_table_and_evaluate(search: tuple[Path, str], final_model: Path, tmp
     evaluated = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())["metrics"]
     saved = json.loads((final_model / "test_metrics.json").read_text())["metrics"]
     assert evaluated["accuracy"] == pytest.approx(saved["accuracy"])
+
+
+def test_evaluating_the_final_model_on_a_split_it_learnt_from_warns(final_model: Path) -> None:
+    """The retrained final model learnt from validation: its validation figures are optimistic, and it says so."""
+    assert json.loads((final_model / PROVENANCE_FILE).read_text())["train_splits"] == ["train", "validation"]
+    expected = r"trained on train \+ validation .* its validation scores are optimistic.* --split test"
+    with pytest.warns(ExperimentWarning, match=expected):
+        assert analysis_main(["evaluate", str(final_model), "--split", "validation"]) == 0
