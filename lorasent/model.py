@@ -338,6 +338,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def available_devices() -> list[str]:
+    """'cpu' and each accelerator device torch can use on this machine, e.g. ['cpu', 'cuda:0', 'cuda:1']."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None:
+        return ["cpu"]
+    return ["cpu", *(f"{accelerator.type}:{i}" for i in range(torch.accelerator.device_count()))]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto, checked before any loading: torch's own errors for a missing GPU are cryptic."""
+    if device is None:
+        return default_device()
+    available = available_devices()
+    fix = f"Use one of this machine's devices: {', '.join(available)}; leave it out for a GPU when there is one."
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"'{device}' is not a device name. {fix}") from e
+    if resolved.type != "cpu" and f"{resolved.type}:{resolved.index or 0}" not in available:
+        raise ConfigError(f"Device '{device}' is not available on this machine. {fix}")
+    return resolved
+
+
 def load_model_dir(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
     """Load a model folder for inference: base from `lorasent.json`, adapter and head from the folder.
 
@@ -345,6 +368,7 @@ def load_model_dir(path: str | Path, device: str | torch.device | None = None) -
     rather than a stack trace from inside peft or safetensors.
     """
     folder = Path(path)
+    target = resolve_device(device)
     meta = check_model_dir(folder)
     try:
         model_args = ModelArguments(**meta["model"])
@@ -363,7 +387,7 @@ def load_model_dir(path: str | Path, device: str | torch.device | None = None) -
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"The tokenizer files in {folder} are missing or corrupt ({e}). {_FIX_CHECKPOINT}") from e
-    model.to(torch.device(device) if device is not None else default_device()).eval()
+    model.to(target).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, label_names=label_names, meta=meta, path=folder)
 
 

@@ -12,6 +12,7 @@ costs little; results come back in input order. Bad input (empty text, bytes tha
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import io
 import json
@@ -64,8 +65,7 @@ class Predictor:
     """Batched, length-sorted inference with a loaded model folder, on the CPU or a GPU."""
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 64, max_length: int | None = None) -> None:
-        if batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {batch_size}. Pass --batch_size 1 or more.")
+        _check_sizes(batch_size, max_length)
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -85,6 +85,7 @@ class Predictor:
         max_length: int | None = None,
     ) -> Predictor:
         """Load a model folder (see `lorasent.model.load_model_dir`); max_length defaults to the trained one."""
+        _check_sizes(batch_size, max_length)  # before the seconds that loading takes
         return cls(load_model_dir(path, device=device), batch_size=batch_size, max_length=max_length)
 
     def predict(self, texts: Sequence[Text], *, progress: bool = False) -> list[Prediction]:
@@ -122,6 +123,16 @@ class Predictor:
         return predictions
 
 
+def _check_sizes(batch_size: int, max_length: int | None) -> None:
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}. Pass --batch_size 1 or more.")
+    if max_length is not None and max_length <= 0:
+        raise ConfigError(
+            f"max_length must be positive, got {max_length}. Pass --max_length 1 or more, or leave it out for the "
+            "trained max length."
+        )
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 
 
@@ -130,7 +141,7 @@ def _read_input(path: Path, text_column: str) -> Iterator[Text | DataError]:
     if not path.is_file():
         raise DataError(f"Input file {path} does not exist. Check the path passed to --input.")
     suffix = path.suffix.lower()
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # Excel and Notepad start UTF-8 files with a BOM
     if suffix == ".txt":
         lines = raw.split(b"\n")
         if lines and lines[-1] == b"":
@@ -192,17 +203,20 @@ def predict_items(predictor: Predictor, items: Sequence[Text | DataError], progr
     return [Prediction(error=str(item)) if isinstance(item, DataError) else next(scored) for item in items]
 
 
+def _check_output(path: Path) -> None:
+    """Refuse an output format before the model loads and the texts are scored, not after."""
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        raise DataError(f"Cannot write {path}: use a .csv or .jsonl file for --output.")
+
+
 def _write_output(path: Path, records: list[dict[str, Any]]) -> None:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    elif suffix == ".csv":
+    else:
         import pandas as pd
 
         frame = pd.DataFrame.from_records(records).astype({"label_id": "Int64"})  # ids stay ints beside empty rows
         atomic_write_text(path, frame.to_csv(index=False))
-    else:
-        raise DataError(f"Cannot write {path}: use a .csv or .jsonl file for --output.")
 
 
 def _print_prediction(item: Text | DataError, prediction: Prediction) -> None:
@@ -248,15 +262,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
     args = parse_args(argv)
     try:
+        # Everything that can be refused without the model is checked before it loads.
+        if args.output is not None:
+            _check_output(args.output)
+        items: list[Text | DataError] = []
+        if args.text:
+            items = list(args.text)
+        elif args.input is not None:
+            items = list(_read_input(args.input, args.text_column))
+            if not items:
+                raise DataError(f"{args.input} holds no texts. Give --input a file with at least one text in it.")
         predictor = Predictor.from_dir(
             args.model_dir, device=args.device, batch_size=args.batch_size, max_length=args.max_length
         )
         if args.interactive:
             _interactive(predictor)
             return 0
-        items: list[Text | DataError] = (
-            list(args.text) if args.text else list(_read_input(args.input, args.text_column))
-        )
         predictions = predict_items(predictor, items, progress=args.output is not None)
         if args.output is not None:
             records = [_record(i, p, predictor.label_names) for i, p in zip(items, predictions, strict=True)]

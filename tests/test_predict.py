@@ -14,7 +14,7 @@ import torch
 
 from lorasent import predict as predict_module
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
-from lorasent.errors import CheckpointError
+from lorasent.errors import CheckpointError, ConfigError
 from lorasent.model import build_model, save_model_dir
 from lorasent.predict import Predictor
 from lorasent.tokenize import load_tokenizer
@@ -157,3 +157,63 @@ def test_cli_errors_are_one_clean_line(model_dir: Path, tmp_path: Path, capsys, 
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [("empty.txt", b""), ("header-only.csv", b"id,text\n"), ("blank.jsonl", b"\n\n")],
+)
+def test_cli_input_without_texts_is_refused(model_dir: Path, tmp_path: Path, capsys, name, data) -> None:
+    output = tmp_path / "out.csv"
+    args = [str(model_dir), "--input", str(_write(tmp_path / name, data)), "--output", str(output)]
+    assert predict_module.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "holds no texts" in err and "Traceback" not in err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "gpu",
+        "cuda:99",
+        pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    ],
+)
+def test_cli_device_that_is_not_here_names_the_ones_that_are(model_dir: Path, capsys, device: str) -> None:
+    assert predict_module.main([str(model_dir), "--text", "Great.", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"'{device}'" in err and "Traceback" not in err
+    assert "devices: cpu" in err  # the fix: the devices this machine has
+    with pytest.raises(ConfigError, match="devices: cpu"):
+        Predictor.from_dir(model_dir, device=device)
+
+
+@pytest.mark.parametrize("max_length", [0, -5])
+def test_cli_max_length_must_be_positive(model_dir: Path, capsys, max_length: int) -> None:
+    assert predict_module.main([str(model_dir), "--text", "Great.", "--max_length", str(max_length)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"max_length must be positive, got {max_length}" in err
+
+
+def test_cli_output_format_is_refused_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    # The model folder does not exist either: the output format must be what is reported, without loading.
+    output = tmp_path / "predictions.xlsx"
+    assert predict_module.main([str(tmp_path / "missing-model"), "--text", "x", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "use a .csv or .jsonl file for --output" in err
+    assert "does not exist" not in err and not output.exists()
+
+
+def test_cli_utf8_bom_is_not_part_of_the_first_column_or_text(model_dir: Path, tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    csv_file = _write(tmp_path / "excel.csv", bom + b"text,id\r\nGood value.,1\r\ncaf\xe9,2\r\n")
+    out = tmp_path / "out.jsonl"
+    assert predict_module.main([str(model_dir), "--input", str(csv_file), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["text"] == "Good value." and rows[0]["label"] in LABELS
+    assert rows[1]["error"].startswith("not valid UTF-8")  # a bad row is still reported, not the whole file
+
+    txt_file = _write(tmp_path / "notepad.txt", bom + b"Nice.\n")
+    assert predict_module.main([str(model_dir), "--input", str(txt_file), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["text"] == "Nice."
