@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--use-checkpoint", action="store_true", help="With --retrain: evaluate the best checkpoint, don't retrain."
     )
-    report.add_argument("--output", help="Report folder (default: <experiment>/report).")
+    report.add_argument(
+        "--output", help="Report folder (default: <experiment>/report; for a storage URI, in its local copy)."
+    )
     report.add_argument("--final-model", help="Final model folder to report on (default: <experiment>/final_model).")
     report.add_argument("--no-execute", action="store_true", help="Only write the notebook, do not run it.")
     report.add_argument("--timeout", type=int, default=600, help="Seconds one notebook cell may run.")
