@@ -141,7 +141,7 @@ def test_search_space_flag_merges_per_parameter() -> None:
         (["--learning_rate", "-1"], "learning_rate must be a positive number"),
         (["--no_such_flag", "1"], "Unrecognised arguments ['--no_such_flag', '1']"),
         (["--output_dir", "models/best"], "--output_dir has no effect in a search: a search writes into"),
-        (["--metric_for_best_model", "f1_macro"], "--metric also picks each trial's best epoch"),
+        (["--metric_for_best_model", "f1_macro"], "--metric (accuracy) also picks each trial's best epoch"),
     ],
 )
 def test_bad_flags_are_clear_config_errors(argv: list[str], message: str) -> None:
@@ -157,6 +157,12 @@ def test_mode_follows_the_metric(metric: str, mode: str) -> None:
     """A loss is minimised, a score maximised, without --mode (as transformers decides greater_is_better)."""
     assert parse_args(["--metric", metric]).tune.mode == mode
     assert parse_args(["--metric", metric, "--mode", mode]).tune.mode == mode
+
+
+def test_a_search_on_train_loss_keeps_its_epoch_metric() -> None:
+    """train_loss is no validation metric, so each trial's best epoch is still picked by --metric_for_best_model."""
+    args = parse_args(["--metric", "train_loss", "--metric_for_best_model", "f1_macro"])
+    assert args.train.metric_for_best_model == "f1_macro"
 
 
 def test_unknown_yaml_keys_list_the_valid_ones(tmp_path: Path) -> None:

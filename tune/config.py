@@ -366,17 +366,15 @@ def check_metric(tune_args: TuneArguments, data_args: DataArguments) -> None:
 # Presets and YAML
 
 
-# Options of `python -m lorasent.train` that a search replaces, and what replaces them.
-TRAINING_ONLY = {
-    "output_dir": "a search writes into --storage_path/--name; `python -m analysis retrain` writes the final model",
-    "metric_for_best_model": "--metric also picks each trial's best epoch",
-}
-
-
-def _refuse_training_only_options(train_args: TrainArguments) -> None:
-    """Refuse an option a search would silently ignore."""
+def _refuse_ignored_options(tune_args: TuneArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    """Refuse an option of `python -m lorasent.train` that a search would silently replace."""
+    replaced = {
+        "output_dir": "a search writes into --storage_path/--name; `python -m analysis retrain` writes the final model"
+    }
+    if tune_args.metric in metric_names(data_args.label_names):  # (train_loss is no validation metric: it stays)
+        replaced["metric_for_best_model"] = f"--metric ({tune_args.metric}) also picks each trial's best epoch"
     defaults = {f.name: f.default for f in dataclasses.fields(TrainArguments)}
-    for name, instead in TRAINING_ONLY.items():
+    for name, instead in replaced.items():
         if getattr(train_args, name) != defaults[name]:
             raise ConfigError(f"--{name} has no effect in a search: {instead}.")
 
@@ -501,7 +499,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchArguments:
     args = _parse(parser, argv)
     tune_args = replace(args.tune, preset=preset, search_space=merge_search_spaces(*spaces, args.tune.search_space))
     check_metric(tune_args, args.data)
-    _refuse_training_only_options(args.train)
+    _refuse_ignored_options(tune_args, args.data, args.train)
     return args._replace(tune=tune_args)
 
 
