@@ -119,26 +119,38 @@ def read_experiment_file(experiment_path: str, filename: str) -> str:
         raise ConfigError(f"Cannot read {experiment_path}/{filename}: {e}. Check the experiment URI.") from None
 
 
-def saved_trial_statuses(experiment_path: str) -> list[str] | None:
-    """Each trial's status in the experiment's newest saved state, or None when there is none to read.
+def newest_experiment_state(experiment_path: str) -> tuple[Any, str] | None:
+    """(filesystem, path) of the newest experiment_state-*.json of a local or URI experiment, the one Ray restores
+    from (newest by the session time in its name), or None when there is none."""
+    import pyarrow.fs
+
+    fs, root = _filesystem(experiment_path if is_uri(experiment_path) else str(Path(experiment_path).resolve()))
+    names = [
+        info.path
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
+        if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json")
+    ]
+    return (fs, max(names)) if names else None
+
+
+def read_trial_data(fs: Any, state_file: str) -> list[Any]:
+    """The `trial_data` of an experiment_state file: one [trial JSON, runtime JSON] pair per trial."""
+    with fs.open_input_stream(state_file) as f:
+        return json.loads(f.read().decode("utf-8"))["trial_data"]
+
+
+def saved_trial_statuses(experiment_path: str) -> dict[str, str] | None:
+    """Trial folder name -> status in the experiment's newest saved state, or None when there is none to read.
 
     After Ctrl-C, Ray saves the state and then marks the trials it stops TERMINATED in memory only: the saved state
     is the one that says which trials had finished.
     """
-    import pyarrow.fs
-
     try:
-        fs, root = _filesystem(experiment_path if is_uri(experiment_path) else str(Path(experiment_path).resolve()))
-        names = [
-            info.path
-            for info in fs.get_file_info(pyarrow.fs.FileSelector(root))
-            if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json")
-        ]
-        if not names:
+        newest = newest_experiment_state(experiment_path)
+        if newest is None:
             return None
-        with fs.open_input_stream(max(names)) as f:  # Ray restores from the newest name too
-            trial_data = json.loads(f.read().decode("utf-8"))["trial_data"]
-        return [json.loads(trial_json)["status"] for trial_json, _ in trial_data]
+        trials = [json.loads(trial_json) for trial_json, _ in read_trial_data(*newest)]
+        return {trial["relative_logdir"]: trial["status"] for trial in trials}
     except (ConfigError, OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
 

@@ -87,12 +87,14 @@ def _damaged_state(path: str | Path, filename: str, error: BaseException) -> Exp
 
 def _check_experiment_state(path: Path) -> None:
     """Refuse an experiment whose newest experiment_state file does not parse: Ray would silently start it afresh."""
-    states = sorted(path.glob("experiment_state-*.json"))  # Ray restores from the newest name
-    if states:
+    from tune.cluster import newest_experiment_state, read_trial_data
+
+    newest = newest_experiment_state(str(path))
+    if newest is not None:
         try:
-            json.loads(states[-1].read_text(encoding="utf-8"))["trial_data"]
+            read_trial_data(*newest)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise _damaged_state(path, states[-1].name, e) from None
+            raise _damaged_state(path, Path(newest[1]).name, e) from None
 
 
 def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> int:
@@ -107,8 +109,9 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
     statuses = saved_trial_statuses(experiment_path)
     if statuses is None:  # no saved state to read: Ray's own count
         finished = results.num_terminated + results.num_errors
-    else:
-        finished = sum(status in ("TERMINATED", "ERROR") for status in statuses)
+    else:  # Ray's last snapshot can miss a final failure (a trial still RUNNING there): the driver knows it errored
+        errored = {Path(r.path).name for r in results if r.error is not None}
+        finished = sum(status in ("TERMINATED", "ERROR") or name in errored for name, status in statuses.items())
     if finished < outcome.expected_trials:
         print(
             f"\nSearch interrupted after {seconds:.0f} s with {finished} of {outcome.expected_trials} trials "
