@@ -26,7 +26,7 @@ from lorasent.predict import Predictor
 from tune import search
 from tune.cluster import Autoscaler, configured_node_types, find_autoscaler, launcher_max_resources, plan_resources
 from tune.config import METADATA_FILE, parse_args
-from tune.run import run_search
+from tune.run import _summary, run_search
 from tune.trainable import require_gpu, sweep_abandoned_work_dirs
 
 # ---------------------------------------------------------------------------------------------- factories (no Ray)
@@ -290,6 +290,20 @@ def test_relative_paths_reach_every_trial(local_ray, tmp_path: Path, monkeypatch
     assert len(results) == 1 and results.errors == []
     saved = json.loads((tmp_path / "runs" / "relative" / METADATA_FILE).read_text())
     assert saved["data"]["dataset"] == str(tmp_path / "reviews.csv")
+
+
+@pytest.mark.ray
+def test_summary_counts_a_trial_that_ran_its_epochs_as_finished(local_ray, tmp_path: Path, capsys) -> None:
+    """Neither --max_epochs nor a trial's own (searched) epochs make a trial that ran them all 'stopped early'."""
+    space = {"num_train_epochs": {"grid": [1, 3]}, "learning_rate": None, "lora_r": None}
+    space["per_device_train_batch_size"] = None
+    argv = ["--searcher", "grid", "--scheduler", "none", "--search_space", json.dumps(space), "--max_epochs", "2"]
+    args = _args(*argv, "--storage_path", str(tmp_path), "--name", "epochs", "--verbose", "0")
+    outcome = run_search(args)
+    assert sorted(len(r.metrics_dataframe) for r in outcome.results) == [1, 2]
+    capsys.readouterr()
+    assert _summary(outcome, args, 0.0) == 0
+    assert "2 trials, 0 stopped early, 0 diverged, 0 errored" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

@@ -123,8 +123,10 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
     errors = [r for r in trials if r.error is not None]
     last = {r.path: r.metrics or {} for r in trials if r.error is None}
     diverged = [path for path, m in last.items() if m.get("diverged")]
-    # ASHA's work: trials that ended before their own epochs (searched or fixed), without diverging
-    planned = {r.path: r.config.get("num_train_epochs", args.train.num_train_epochs) for r in trials}
+    # ASHA's work: trials that ended before their own epochs (searched or fixed; --max_epochs caps them all), without
+    # diverging
+    own = {r.path: r.config.get("num_train_epochs", args.train.num_train_epochs) for r in trials}
+    planned = {path: min(epochs, outcome.epochs) for path, epochs in own.items()}
     early = [p for p, m in last.items() if p not in diverged and m.get("training_iteration", 0) < planned[p]]
     print(
         f"\nSearch finished in {seconds:.0f} s: {len(trials)} trials, {len(early)} stopped early, "
