@@ -138,3 +138,40 @@ def test_interrupted_search_says_so_and_counts_what_finished(tmp_path: Path) -> 
     assert 1 <= finished < 6
     assert f"with {finished} of 6 trials finished" in out and "Search finished" not in out
     assert f"python tune/run.py --resume {experiment}" in out
+
+
+def test_ctrl_c_before_the_search_starts_exits_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C while the driver imports, checks or starts Ray (before Tune handles SIGINT): no traceback, exit 130."""
+    log = tmp_path / "run.log"
+    proc = _start(["--smoke-test", "--storage_path", str(tmp_path / "runs"), "--name", "early"], tmp_path, log)
+    try:
+        time.sleep(1.5)  # past Python's start-up (its SIGINT handler), long before the first trial
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()
+    finally:
+        _clean_up(proc)
+    out = log.read_text()
+    assert "Traceback" not in out and "there is nothing to resume" in out
+
+
+def test_second_ctrl_c_during_the_search_still_says_how_to_resume(tmp_path: Path) -> None:
+    """Tune handles the first Ctrl-C and offers a second to skip its last snapshot: neither may end in a traceback."""
+    experiment = tmp_path / "runs" / "twice"
+    argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "20", "--scheduler", "none"]
+    argv += ["--max_concurrent_trials", "1", "--storage_path", str(tmp_path / "runs"), "--name", "twice"]
+    log = tmp_path / "run.log"
+    proc = _start(argv, tmp_path, log)
+    try:
+        deadline = time.monotonic() + 300
+        while "TERMINATED" not in _trial_states(experiment).values():
+            assert proc.poll() is None, f"the search ended before it was interrupted: {log.read_text()}"
+            assert time.monotonic() < deadline, f"no trial finished in time: {log.read_text()}"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()
+    finally:
+        _clean_up(proc)
+    out = log.read_text()
+    assert "Traceback" not in out and f"python tune/run.py --resume {experiment}" in out

@@ -26,7 +26,7 @@ from lorasent.predict import Predictor
 from tune import search
 from tune.cluster import Autoscaler, configured_node_types, find_autoscaler, launcher_max_resources, plan_resources
 from tune.config import METADATA_FILE, parse_args
-from tune.run import _summary, run_search
+from tune.run import _summary, experiment_location, run_search
 from tune.trainable import require_gpu, sweep_abandoned_work_dirs
 
 # ---------------------------------------------------------------------------------------------- factories (no Ray)
@@ -205,7 +205,7 @@ def tiny_search(local_ray, tmp_path_factory: pytest.TempPathFactory):
     storage = tmp_path_factory.mktemp("tune")
     argv = ["--num_samples", "6", "--num_train_epochs", "3", "--metric", "loss", "--mode", "min"]
     args = _args(*argv, "--storage_path", str(storage), "--name", "e2e", "--verbose", "0")
-    return run_search(args), storage
+    return run_search(args, *experiment_location(args)), storage
 
 
 @pytest.mark.ray
@@ -269,7 +269,7 @@ def test_diverging_trial_is_a_bad_result_not_an_error(local_ray, tmp_path: Path)
         *("--searcher", "grid", "--scheduler", "none", "--search_space", space, "--num_train_epochs", "2"),
         *("--metric", "loss", "--mode", "min", "--storage_path", str(tmp_path), "--name", "nan", "--verbose", "0"),
     )
-    results = run_search(args).results
+    results = run_search(args, *experiment_location(args)).results
     assert len(results) == 2 and results.errors == []
     by_lr = {r.config["learning_rate"]: r for r in results}
     diverged = by_lr[1e30].metrics_dataframe
@@ -286,7 +286,8 @@ def test_relative_paths_reach_every_trial(local_ray, tmp_path: Path, monkeypatch
     write_data([{"text": f"{words[i % 2][i % 3 % 2]} #{i}", "label": i % 2} for i in range(300)], "reviews.csv")
     monkeypatch.chdir(tmp_path)
     argv = ["--dataset", "reviews.csv", "--num_samples", "1", "--num_train_epochs", "1", "--scheduler", "none"]
-    results = run_search(_args(*argv, "--storage_path", "runs", "--name", "relative", "--verbose", "0")).results
+    args = _args(*argv, "--storage_path", "runs", "--name", "relative", "--verbose", "0")
+    results = run_search(args, *experiment_location(args)).results
     assert len(results) == 1 and results.errors == []
     saved = json.loads((tmp_path / "runs" / "relative" / METADATA_FILE).read_text())
     assert saved["data"]["dataset"] == str(tmp_path / "reviews.csv")
@@ -299,7 +300,7 @@ def test_summary_counts_a_trial_that_ran_its_epochs_as_finished(local_ray, tmp_p
     space["per_device_train_batch_size"] = None
     argv = ["--searcher", "grid", "--scheduler", "none", "--search_space", json.dumps(space), "--max_epochs", "2"]
     args = _args(*argv, "--storage_path", str(tmp_path), "--name", "epochs", "--verbose", "0")
-    outcome = run_search(args)
+    outcome = run_search(args, *experiment_location(args))
     assert sorted(len(r.metrics_dataframe) for r in outcome.results) == [1, 2]
     capsys.readouterr()
     assert _summary(outcome, args, 0.0) == 0

@@ -30,6 +30,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 from lorasent.errors import ConfigError, ExperimentError, LorasentError  # noqa: E402
+from tune.cluster import (  # noqa: E402
+    is_uri,
+    join_location,
+    newest_experiment_state,
+    read_trial_data,
+    resolve_storage_path,
+    saved_trial_statuses,
+    split_location,
+)
 from tune.config import METADATA_FILE, SearchArguments, experiment_metadata, parse_args  # noqa: E402
 
 EXAMPLE_TEXT = "Works great, would buy again."
@@ -50,8 +59,6 @@ def _can_restore(path: str) -> bool:
 
 def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str, str]:
     """(storage path, experiment name) of a new search; refuses to write into an existing experiment."""
-    from tune.cluster import join_location
-
     name = args.tune.name or f"{args.tune.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = join_location(storage_path, name)
     if _can_restore(path):
@@ -63,8 +70,6 @@ def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str,
 
 def _resume_location(path: str) -> tuple[str, str]:
     """(storage path, experiment name) of an experiment to resume; follows the `latest` link."""
-    from tune.cluster import is_uri, split_location
-
     if not is_uri(path):
         path = str(Path(path).expanduser().resolve())
     if not _can_restore(path):
@@ -77,6 +82,13 @@ def _resume_location(path: str) -> tuple[str, str]:
     return split_location(path)
 
 
+def experiment_location(args: SearchArguments) -> tuple[str, str]:
+    """(storage path, experiment name): the experiment to resume, or a new one, which must not exist yet."""
+    if args.tune.resume:
+        return _resume_location(args.tune.resume)
+    return _experiment_location(args, resolve_storage_path(args.tune.storage_path))
+
+
 def _damaged_state(path: str | Path, filename: str, error: BaseException) -> ExperimentError:
     return ExperimentError(
         f"Cannot resume {path}: its Ray Tune state file {filename} is damaged ({type(error).__name__}: {error}). "
@@ -87,8 +99,6 @@ def _damaged_state(path: str | Path, filename: str, error: BaseException) -> Exp
 
 def _check_experiment_state(path: Path) -> None:
     """Refuse an experiment whose newest experiment_state file does not parse: Ray would silently start it afresh."""
-    from tune.cluster import newest_experiment_state, read_trial_data
-
     newest = newest_experiment_state(str(path))
     if newest is not None:
         try:
@@ -102,8 +112,6 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
 
     Exit codes: 0 done; 1 no trial produced the metric; 130 interrupted (Ctrl-C), resumable.
     """
-    from tune.cluster import saved_trial_statuses
-
     results, experiment_path = outcome.results, outcome.experiment_path
     metric, mode = args.tune.metric, args.tune.mode
     statuses = saved_trial_statuses(experiment_path)
@@ -167,8 +175,8 @@ class SearchOutcome(NamedTuple):
     expected_trials: int  # fewer finished ones: the search was interrupted
 
 
-def run_search(args: SearchArguments) -> SearchOutcome:
-    """Validate everything, tokenise once, start or join Ray, then run (or resume) the search."""
+def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOutcome:
+    """Validate everything, tokenise once, start or join Ray, then run (or resume) the search at storage_path/name."""
     from ray import tune
 
     from lorasent.paths import CACHE_ENV
@@ -188,10 +196,6 @@ def run_search(args: SearchArguments) -> SearchOutcome:
     if plan is not None:  # a local Ray: its trials' resources are known, so is what they can train with
         resources = {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial}
         trial_train_arguments(args.data, args.train, metric=t.metric, **resources)
-    if t.resume:
-        storage_path, name = _resume_location(t.resume)
-    else:
-        storage_path, name = _experiment_location(args, cluster.resolve_storage_path(t.storage_path))
     experiment_path = cluster.join_location(storage_path, name)
 
     splits = tokenized_splits(args.data, args.model)  # once, here: trials load the cached splits, never re-tokenise
@@ -261,15 +265,37 @@ def run_search(args: SearchArguments) -> SearchOutcome:
     return SearchOutcome(results, experiment_path, epochs, search.expected_trials(t, space))
 
 
+def _interrupted(experiment_path: str | None) -> int:
+    """Exit 130 without a traceback, saying whether there is anything to resume."""
+    try:
+        resumable = experiment_path is not None and _can_restore(experiment_path)
+    except ConfigError:
+        resumable = False
+    if resumable:
+        print(
+            f"\nInterrupted; finished trials are saved. Continue the search with:\n"
+            f"  python tune/run.py --resume {experiment_path}",
+            file=sys.stderr,
+        )
+    else:
+        print("\nInterrupted before the search started: no trial ran, there is nothing to resume.", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python tune/run.py`: 0 done, 1 no trial produced a result, 2 a user error, 130 interrupted."""
+    experiment_path = None
     try:
         args = parse_args(argv)
-        outcome = run_search(args)
+        storage_path, name = experiment_location(args)
+        experiment_path = join_location(storage_path, name)
+        outcome = run_search(args, storage_path, name)
+        return _summary(outcome, args, time.perf_counter() - STARTED)
     except LorasentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return _summary(outcome, args, time.perf_counter() - STARTED)
+    except KeyboardInterrupt:  # Ctrl-C before Tune takes SIGINT over, or a second one (Tune handles the first)
+        return _interrupted(experiment_path)
 
 
 if __name__ == "__main__":
