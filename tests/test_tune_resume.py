@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tune.cluster import saved_trial_statuses
+
 RUN = Path(__file__).resolve().parent.parent / "tune" / "run.py"
 pytestmark = pytest.mark.ray
 
@@ -34,22 +36,13 @@ def _clean_up(proc: subprocess.Popen) -> None:
 
 
 def _trial_states(experiment: Path) -> dict[str, str]:
-    """trial id -> status, from the newest experiment snapshot Tune wrote (what a resume starts from)."""
-    # Newest by the session time in the name, as Ray picks it (a resumed run copies the old files again: mtimes lie).
-    snapshots = sorted(experiment.glob("experiment_state-*.json"))
-    if not snapshots:
-        return {}
-    try:
-        state = json.loads(snapshots[-1].read_text())
-    except json.JSONDecodeError:  # caught mid-write: look again
-        return {}
-    trials = [json.loads(data) for data, _ in state["trial_data"]]
-    return {t["trial_id"]: t["status"] for t in trials}
+    """Trial folder -> status in the newest experiment snapshot Tune wrote (what a resume starts from); {} while
+    there is none, or while it is caught mid-write."""
+    return saved_trial_statuses(str(experiment)) or {}
 
 
-def _results(experiment: Path, trial_id: str) -> bytes:
-    (folder,) = experiment.glob(f"*_{trial_id}_*")
-    return (folder / "result.json").read_bytes()
+def _results(experiment: Path, trial: str) -> bytes:
+    return (experiment / trial / "result.json").read_bytes()
 
 
 def test_smoke_test_runs_end_to_end(tmp_path: Path) -> None:
@@ -90,9 +83,9 @@ def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_p
         _clean_up(first)
 
     before = _trial_states(experiment)
-    finished = {tid for tid, status in before.items() if status == "TERMINATED"}
+    finished = {trial for trial, status in before.items() if status == "TERMINATED"}
     assert 2 <= len(finished) < 6
-    finished_results = {tid: _results(experiment, tid) for tid in finished}
+    finished_results = {trial: _results(experiment, trial) for trial in finished}
 
     log = tmp_path / "resume.log"
     second = _start(["--resume", str(storage / "latest")], tmp_path, log)
@@ -107,10 +100,10 @@ def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_p
     assert len(after) == 6, f"trials were added or lost: {sorted(after)}"  # the searcher did not start over
     assert set(after.values()) == {"TERMINATED"}
     assert finished <= set(after)
-    for tid in finished:  # kept as they were: not re-run, not a single result row added
-        assert _results(experiment, tid) == finished_results[tid], f"finished trial {tid} was run again"
-    for tid in after:  # every trial reported each of its epochs
-        epochs = [json.loads(line)["training_iteration"] for line in _results(experiment, tid).splitlines()]
+    for trial in finished:  # kept as they were: not re-run, not a single result row added
+        assert _results(experiment, trial) == finished_results[trial], f"finished trial {trial} was run again"
+    for trial in after:  # every trial reported each of its epochs
+        epochs = [json.loads(line)["training_iteration"] for line in _results(experiment, trial).splitlines()]
         assert sorted(set(epochs)) == list(range(1, max(epochs) + 1)) and max(epochs) <= 3
 
 
