@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,13 @@ OFFLINE_MODEL = "offline:all-MiniLM-L6-v2"
 TINY_MODEL = "tiny:distilbert"
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+INTEGER_LABEL = re.compile(r"[+-]?\d+(?:\.0*)?")  # 1, -1, 01, 1.0: how spreadsheets and pandas write integer labels
+
+
+def label_key(label: str) -> str:
+    """What a label is matched on: a file's 'Positive ' is the class 'positive', its '1.0' or '01' the class '1'."""
+    text = label.strip()
+    return str(int(text.partition(".")[0])) if INTEGER_LABEL.fullmatch(text) else text.casefold()
 
 
 def _positive(name: str, value: float | int | None, *, allow_none: bool = False) -> None:
@@ -54,7 +62,7 @@ class DataArguments:
         default=OFFLINE_DATASET,
         metadata={
             "help": f"'{OFFLINE_DATASET}' (VADER's human-rated Amazon review sentences, fetched from PyPI and "
-            "cached), 'amazon_polarity' (Hugging Face hub), or a local .csv / .jsonl / .parquet file."
+            "cached), 'amazon_polarity' (Hugging Face hub), or a local .csv / .jsonl / .json / .parquet file."
         },
     )
     text_column: str = field(default="text", metadata={"help": "Text column of a local file."})
@@ -62,8 +70,8 @@ class DataArguments:
     label_names: list[str] = field(
         default_factory=lambda: ["negative", "positive"],
         metadata={
-            "help": "Class names in label-id order. Labels in a local file may be these names or their ids "
-            "(0..n-1); anything else is an error."
+            "help": "Class names in label-id order. Labels in a local file may be these names (ignoring case and "
+            "spaces; 1.0 is '1') or, unless a name is an integer, their ids (0..n-1); anything else is an error."
         },
     )
     amazon_text: Literal["title_content", "content"] = field(
@@ -107,8 +115,13 @@ class DataArguments:
         self.dataset = _absolute_if_local(self.dataset)
         if self.cache_dir:
             self.cache_dir = str(Path(self.cache_dir).expanduser().resolve())
-        if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names):
-            raise ConfigError(f"label_names must hold at least two distinct names, got {self.label_names!r}.")
+        self.label_names = [str(name) for name in self.label_names]  # a YAML list of stars holds numbers
+        keys = list(map(label_key, self.label_names))
+        if len(keys) < 2 or len(set(keys)) != len(keys) or "" in keys:
+            raise ConfigError(
+                f"label_names must hold at least two distinct, non-blank names, got {self.label_names!r}; labels are "
+                "matched ignoring case and spaces, and '1', '01' and '1.0' are one name."
+            )
         _fraction("validation_fraction", self.validation_fraction)
         _fraction("test_fraction", self.test_fraction)
         if self.validation_fraction + self.test_fraction >= 1:

@@ -7,7 +7,9 @@ any training starts, with the file, row or column at fault and the fix.
 
 from __future__ import annotations
 
+import logging
 import re
+import shlex
 from pathlib import Path
 
 import datasets
@@ -16,9 +18,11 @@ import pandas as pd
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 from lorasent.assets import vader_amazon_file
-from lorasent.config import OFFLINE_DATASET, DataArguments
+from lorasent.config import INTEGER_LABEL, OFFLINE_DATASET, DataArguments, label_key
 from lorasent.errors import ConfigError, DataError
 from lorasent.hub import load_hub_dataset
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 AMAZON_POLARITY = "amazon_polarity"
@@ -32,7 +36,8 @@ def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
     """Load `data_args.dataset` as train / validation / test with columns `text` and `label` (ClassLabel).
 
     Splits missing from the source are carved out of train (seeded, stratified by label where possible,
-    grouped by review for VADER); then each split is subsampled to its max_*_samples (seeded, stratified).
+    grouped by review for VADER and by identical text for a local file; amazon_polarity's 3.6M are split by row);
+    then each split is subsampled to its max_*_samples (seeded, stratified).
     """
     name = data_args.dataset
     group_column = None
@@ -43,7 +48,7 @@ def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
     elif name.startswith("offline:"):
         raise ConfigError(f"Unknown offline dataset {name!r}. The embedded offline dataset is '{OFFLINE_DATASET}'.")
     else:
-        splits = _file_splits(Path(name).expanduser(), data_args)
+        splits, group_column = _file_splits(Path(name).expanduser(), data_args), "text"
     splits = _complete_splits(splits, data_args, group_column)
     limits = (data_args.max_train_samples, data_args.max_eval_samples, data_args.max_test_samples)
     result = datasets.DatasetDict(
@@ -144,7 +149,7 @@ def _file_splits(path: Path, data_args: DataArguments) -> dict[str, datasets.Dat
         options = " / ".join(f"{option} NAME" for option, _ in missing)
         raise DataError(
             f"{path} has no column {names}; its columns are {list(map(str, frame.columns))}. "
-            f"Set {options} to the column(s) holding the text and the label."
+            f"Set {options} to the column(s) holding the text and the label.{_separator_hint(frame)}"
         )
     _check_text(frame[text_col], path, text_col)
     table = pd.DataFrame(
@@ -152,8 +157,10 @@ def _file_splits(path: Path, data_args: DataArguments) -> dict[str, datasets.Dat
     )
     features = datasets.Features(text=datasets.Value("string"), label=datasets.ClassLabel(names=data_args.label_names))
     if SPLIT_COLUMN not in frame.columns:
+        _warn_about_duplicates(table, path, None)
         return {"train": datasets.Dataset.from_pandas(table, features=features, preserve_index=False)}
     split_of = frame[SPLIT_COLUMN].astype(str).str.strip().str.lower().to_numpy()
+    _warn_about_duplicates(table, path, split_of)
     unknown = sorted(set(split_of) - set(SPLITS))
     if unknown:
         rows = _rows(~np.isin(split_of, SPLITS))
@@ -169,6 +176,28 @@ def _file_splits(path: Path, data_args: DataArguments) -> dict[str, datasets.Dat
     }
 
 
+def _warn_about_duplicates(table: pd.DataFrame, path: Path, split_of: np.ndarray | None) -> None:
+    """Say what repeated texts do to the splits: carved splits keep them together, a split column may part them."""
+    repeated = table["text"].duplicated(keep=False).to_numpy()
+    if not repeated.any():
+        return
+    texts = table["text"].to_numpy()[repeated]
+    conflicting = int((table[repeated].groupby("text")["label"].nunique() > 1).sum())
+    note = f"{path}: {repeated.sum()} rows repeat another row's text ({conflicting} texts with different labels)."
+    if split_of is None:
+        logger.warning("%s Identical texts are kept in one split, so split fractions count distinct texts.", note)
+        return
+    parted = int((pd.Series(split_of[repeated]).groupby(texts).nunique() > 1).sum())
+    if parted:
+        logger.warning(
+            "%s %d of those texts appear in more than one value of column '%s': scores on a split that shares texts "
+            "with train are optimistic. Put each text in one split, or drop the column to split randomly.",
+            note,
+            parted,
+            SPLIT_COLUMN,
+        )
+
+
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise DataError(
@@ -176,7 +205,13 @@ def _read_table(path: Path) -> pd.DataFrame:
             f"--dataset {AMAZON_POLARITY} (Hugging Face hub)."
         )
     suffix = path.suffix.lower()
-    if path.is_dir() or suffix not in FILE_EXTENSIONS:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in FILE_EXTENSIONS)[:_SHOWN]
+        raise DataError(
+            f"{path} is a folder; --dataset takes one data file. Point it at the file itself"
+            + (f", e.g. {path / inside[0]} (the folder holds {inside})." if inside else ".")
+        )
+    if suffix not in FILE_EXTENSIONS:
         raise DataError(
             f"{path} is not a supported data file: use a file ending in {', '.join(FILE_EXTENSIONS)} "
             "(convert it, or rename it if its content already is one of these formats)."
@@ -186,21 +221,42 @@ def _read_table(path: Path) -> pd.DataFrame:
     try:
         if suffix == ".csv":
             # Everything as text and empty cells as "", so labels like "01" or "NA" are judged as written.
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_json(path, lines=suffix == ".jsonl", dtype=False, encoding="utf-8")
+            frame = _read_json(path, lines=suffix == ".jsonl")
     except UnicodeDecodeError:
         raise _non_utf8_error(path) from None
     except (ValueError, pd.errors.ParserError, OSError) as e:
         raise DataError(
             f"{path} could not be parsed as {suffix[1:].upper()}: {e}. Check the file's format "
-            "(.jsonl: one JSON object per line; .json: a JSON array of objects)."
+            "(.jsonl: one JSON object per line; .json: a JSON array of objects, or one object per line)."
         ) from e
     if frame.empty:
         raise DataError(f"Data file {path} has no data rows. Add labelled rows below the header.")
     return frame
+
+
+def _read_json(path: Path, lines: bool) -> pd.DataFrame:
+    """A .jsonl file, or a .json file holding an array of objects or, as `Dataset.to_json` writes it, JSON Lines.
+
+    Read as utf-8-sig: Windows tools start JSON files with a byte-order mark, which is no JSON.
+    """
+    if not lines:
+        try:
+            return pd.read_json(path, dtype=False, encoding="utf-8-sig")
+        except ValueError as e:
+            if "Trailing data" not in str(e):  # more than one top-level value: JSON Lines
+                raise
+    return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")
+
+
+def _separator_hint(frame: pd.DataFrame) -> str:
+    """Where a CSV header came out as one column, the separator it really uses (Excel in many locales writes ';')."""
+    header = str(frame.columns[0]) if len(frame.columns) == 1 else ""
+    separator = next((sep for sep in (";", "\t", "|") if sep in header), None)
+    return f" Its header is one column split by {separator!r}: save the file comma-separated." if separator else ""
 
 
 def _non_utf8_error(path: Path) -> DataError:
@@ -236,34 +292,68 @@ def _check_text(texts: pd.Series, path: Path, column: str) -> None:
         )
 
 
+_MISSING, _UNKNOWN = -2, -1  # label ids of rows without a label / with a label that names no class
+
+
+def _label_text(value: object) -> str | None:
+    """A label as a CSV cell shows it (1.0 -> '1', True -> 'True'), None where it is missing (NaN, None, '')."""
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):
+        return None
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    return str(value).strip() or None
+
+
 def _label_ids(labels: pd.Series, path: Path, column: str, data_args: DataArguments) -> np.ndarray:
-    """Map each label to its id: a label name, or an id 0..n-1 written as a number or digits."""
+    """Map each label to its id: a label name (see `label_key`), or else an id 0..n-1 where no name is an integer.
+
+    The same label reads the same from every format: CSV's '1.0', JSONL's 1.0 and Parquet's 1 are one label.
+    """
     names = data_args.label_names
-    by_name = {name: index for index, name in enumerate(names)}
+    by_key = {label_key(name): index for index, name in enumerate(names)}
+    ids_allowed = not any(INTEGER_LABEL.fullmatch(name.strip()) for name in names)  # else '1' could be id or name
 
     def to_id(value: object) -> int:
-        if isinstance(value, str):
-            value = value.strip()
-            if value in by_name:
-                return by_name[value]
-            if value.isdigit():
-                value = int(value)
-        numeric = isinstance(value, (int, np.integer, float, np.floating)) and not isinstance(value, bool)
-        if numeric and float(value).is_integer() and 0 <= value < len(names):
-            return int(value)
-        return -1
+        text = _label_text(value)
+        if text is None:
+            return _MISSING
+        key = label_key(text)
+        if key in by_key:
+            return by_key[key]
+        if ids_allowed and INTEGER_LABEL.fullmatch(text) and 0 <= int(key) < len(names):
+            return int(key)
+        return _UNKNOWN
 
     ids = np.fromiter((to_id(v) for v in labels), dtype=np.int64, count=len(labels))
-    bad = ids < 0
-    if bad.any():
-        values = list(dict.fromkeys(map(repr, labels[bad])))
+    missing = ids == _MISSING
+    if missing.any():
+        raise DataError(
+            f"{path}: column '{column}' has no label (empty or NaN) in rows {_rows(missing)}. Label those rows or "
+            "remove them."
+        )
+    unknown = ids == _UNKNOWN
+    if unknown.any():
+        values = list(dict.fromkeys(map(repr, labels[unknown])))
+        rule = f"or an id 0..{len(names) - 1}" if ids_allowed else "(integers themselves, so never read as ids)"
         raise DataError(
             f"{path}: column '{column}' has labels outside label_names {names}: {', '.join(values[:_SHOWN])} "
-            f"(rows {_rows(bad)}). Labels must be one of those names or an id 0..{len(names) - 1}. Set "
-            "--label_names to every class in id order (e.g. --label_names negative neutral positive), or fix "
-            "those rows."
+            f"(rows {_rows(unknown)}). Labels must be one of those names {rule}. {_label_names_hint(labels)}"
         )
     return ids
+
+
+def _label_names_hint(labels: pd.Series) -> str:
+    """The fix: --label_names spelled out from the column's own values, where they are few enough to be classes."""
+    found: dict[str, str] = {}
+    for text in filter(None, map(_label_text, labels.drop_duplicates())):
+        found.setdefault(label_key(text), text)
+    if len(found) > 10:
+        return f"Check --label_column: '{labels.name}' holds {len(found)} distinct values, too many to be classes."
+    order = sorted(found, key=lambda key: (0, int(key), "") if INTEGER_LABEL.fullmatch(key) else (1, 0, key))
+    return (
+        f"The column holds {[found[key] for key in order]}: if those are the classes, set --label_names to them in id "
+        f"order, e.g. --label_names {shlex.join(found[key] for key in order)}."
+    )
 
 
 # ------------------------------------------------------------------------------- splitting and subsets
@@ -294,7 +384,11 @@ def _complete_splits(
 def _carve(
     ds: datasets.Dataset, fraction: float, seed: int, group_column: str | None, split: str
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split off `fraction` of `ds`: of whole groups if `group_column`, else of rows, stratified where possible."""
+    """Split off `fraction` of `ds`: of whole groups if `group_column`, else of rows, stratified where possible.
+
+    `group_column="text"` keeps identical texts together (one in train and one in test would be a test seen in
+    training), stratified, and gives the plain row split where no text repeats.
+    """
     if len(ds) < 2:
         raise DataError(
             f"Only {len(ds)} row(s) left to carve the {split} split from. Provide more data or a '{SPLIT_COLUMN}' "
@@ -302,6 +396,12 @@ def _carve(
         )
     if group_column is None:
         return _stratified_split(ds, max(1, round(fraction * len(ds))), seed)
+    if group_column == "text":
+        texts = pd.factorize(_column(ds, "text"))[0]
+        distinct = int(texts.max()) + 1
+        if distinct < 2:
+            raise DataError(f"Every row left has the same text: cannot carve a {split} split without sharing it.")
+        return _stratified_split(ds, max(1, round(fraction * distinct)), seed, texts if distinct < len(ds) else None)
     groups = _column(ds, group_column)
     if len(set(groups)) < 2:
         raise DataError(f"Only one {group_column} left: cannot carve a {split} split without sharing it.")
@@ -315,13 +415,24 @@ def _column(ds: datasets.Dataset, name: str) -> np.ndarray:
     return np.asarray(ds.with_format("numpy", columns=[name])[:][name])
 
 
-def _stratified_split(ds: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(rest, picked) with `size` rows picked at random, keeping class shares where the counts allow it."""
-    rows = np.arange(len(ds))
+def _stratified_split(
+    ds: datasets.Dataset, size: int, seed: int, groups: np.ndarray | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, picked) with `size` rows picked at random, keeping class shares where the counts allow it.
+
+    With `groups` (a group id 0..k-1 per row), `size` whole groups are picked, stratified by each group's first label.
+    """
+    labels = _column(ds, "label")
+    if groups is not None:
+        labels = labels[np.unique(groups, return_index=True)[1]]  # each group's first row's label
+    units = np.arange(len(labels))
     try:
-        rest, picked = train_test_split(rows, test_size=size, random_state=seed, stratify=_column(ds, "label"))
+        rest, picked = train_test_split(units, test_size=size, random_state=seed, stratify=labels)
     except ValueError:  # a class too small to stratify on: a plain random split is the best we can do
-        rest, picked = train_test_split(rows, test_size=size, random_state=seed)
+        rest, picked = train_test_split(units, test_size=size, random_state=seed)
+    if groups is not None:
+        chosen = np.isin(groups, picked)
+        rest, picked = np.flatnonzero(~chosen), np.flatnonzero(chosen)
     return ds.select(rest), ds.select(picked)
 
 

@@ -28,8 +28,8 @@ def _offline_help(what: str, reason: str) -> str:
     return (
         f"Cannot get {what}: {reason}. Work offline instead: use the embedded defaults "
         f"`--dataset {OFFLINE_DATASET}` and `--model_name_or_path {OFFLINE_MODEL}`, or a local data file "
-        "(.csv / .jsonl / .parquet) and a local model folder; or fill the Hugging Face cache on a connected machine "
-        "and set HF_HUB_OFFLINE=1. Behind a mirror or proxy, set HF_ENDPOINT or HTTPS_PROXY."
+        "(.csv / .jsonl / .json / .parquet) and a local model folder; or fill the Hugging Face cache on a connected "
+        "machine and set HF_HUB_OFFLINE=1. Behind a mirror or proxy, set HF_ENDPOINT or HTTPS_PROXY."
     )
 
 

@@ -183,6 +183,24 @@ def test_training_config_may_list_target_modules(tmp_path: Path, capsys) -> None
     _train_refused(tmp_path, capsys, ["--config", str(config)], "['query', 'value']", "q_lin", "v_lin")
 
 
+# ----------------------------------------------------------------------------------------------- the user's data
+
+
+def test_search_on_a_file_with_unlabelled_rows_is_refused_before_ray(tmp_path: Path, capsys) -> None:
+    """A label lost in a spreadsheet export (an empty cell) names its row before Ray starts or a model loads."""
+    data = tmp_path / "my reviews.csv"
+    data.write_text("text,label\n" + "".join(f"review {i},{'' if i == 2 else i % 2}\n" for i in range(40)), "utf-8")
+    limits = ["--max_train_samples", "none", "--max_eval_samples", "none", "--max_test_samples", "none"]
+    _search_refused(tmp_path, capsys, ["--dataset", str(data), *limits], str(data), "no label", "rows 3")
+
+
+def test_training_on_a_folder_names_the_file_inside(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path.parent / f"{tmp_path.name}-export.csv"
+    folder.mkdir()
+    (folder / "part-00000.csv").write_text("text,label\ngood,1\nbad,0\n", "utf-8")
+    _train_refused(tmp_path, capsys, ["--dataset", str(folder)], "is a folder", str(folder / "part-00000.csv"))
+
+
 # ----------------------------------------------------------------------------------------------- prediction input
 
 

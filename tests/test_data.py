@@ -97,6 +97,29 @@ def test_amazon_polarity_text_and_label_names() -> None:
     assert content["text"] == ["after a week.", "Love it", "No title"]
 
 
+def test_amazon_polarity_splits_from_its_own_schema(monkeypatch) -> None:
+    """The whole load_splits path of amazon_polarity (train and test from the hub, validation carved from train
+    while the rows still hold title / content), with the unreachable hub's download replaced by rows of its schema."""
+    features = datasets.Features(
+        label=datasets.ClassLabel(names=["negative", "positive"]),
+        title=datasets.Value("string"),
+        content=datasets.Value("string"),
+    )
+
+    def split(n: int, offset: int) -> datasets.Dataset:
+        rows = {"label": [i % 2 for i in range(n)], "title": [f"Title {offset + i}" for i in range(n)]}
+        rows["content"] = [f"review number {offset + i}" for i in range(n)]
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    hub = {"train": split(200, 0), "test": split(40, 1000)}
+    monkeypatch.setattr("lorasent.data.load_hub_dataset", lambda name: hub)
+    splits = load_splits(DataArguments(dataset="amazon_polarity", max_train_samples=50, max_eval_samples=20))
+    assert {name: len(ds) for name, ds in splits.items()} == {"train": 50, "validation": 20, "test": 40}
+    assert all(set(ds.column_names) == {"label", "text"} for ds in splits.values())
+    assert splits["test"][0]["text"].startswith("Title 10")
+    assert not set(splits["train"]["text"]) & set(splits["validation"]["text"])
+
+
 # ---------------------------------------------------------------------------------------- local files
 
 
@@ -225,3 +248,101 @@ def test_single_class_train_split(write_data: Callable[..., Path]) -> None:
 def test_non_text_values_in_parquet(write_data: Callable[..., Path]) -> None:
     path = write_data(pd.DataFrame({"text": [b"\xff\xfe", b"ok"], "label": [0, 1]}), "data.parquet")
     assert "non-text values in rows 1, 2" in _refused(path)
+
+
+# ------------------------------------------------------------------------------------ the user's own data
+
+
+def _labels_of(path: Path, **kwargs: object) -> dict[str, int]:
+    """text -> label id over all three splits."""
+    splits = load_splits(DataArguments(dataset=str(path), **kwargs))
+    return {text: label for s in SPLITS for text, label in zip(splits[s]["text"], splits[s]["label"], strict=True)}
+
+
+def test_a_label_reads_the_same_from_every_format(write_data: Callable[..., Path]) -> None:
+    """'Positive ', ' NEGATIVE', pandas' 1.0 (a column with a NaN once) and Parquet's integer stars all name their
+    class, whichever format carries them."""
+    texts = [f"review {i}" for i in range(40)]
+    names = write_data([{"text": t, "label": [" NEGATIVE", "Positive "][i % 2]} for i, t in enumerate(texts)])
+    assert _labels_of(names) == {t: i % 2 for i, t in enumerate(texts)}
+    floats = [{"text": t, "label": float(i % 2)} for i, t in enumerate(texts)]
+    for name in ("floats.csv", "floats.jsonl", "floats.parquet"):
+        assert _labels_of(write_data(floats, name)) == {t: i % 2 for i, t in enumerate(texts)}, name
+    stars = [{"text": t, "label": 1 + i % 5} for i, t in enumerate(texts)]
+    for name in ("stars.csv", "stars.jsonl", "stars.parquet"):
+        got = _labels_of(write_data(stars, name), label_names=["1", "2", "3", "4", "5"])
+        assert got == {t: i % 5 for i, t in enumerate(texts)}, name  # star s is class 's', id s - 1
+    flags = write_data(pd.DataFrame({"text": texts, "label": [bool(i % 2) for i in range(40)]}), "flags.parquet")
+    assert _labels_of(flags, label_names=["False", "True"]) == {t: i % 2 for i, t in enumerate(texts)}
+
+
+def test_integer_label_names_are_never_read_as_ids(write_data: Callable[..., Path]) -> None:
+    """With stars as names, a 0 is no star: read as id 0 it would silently join class '1'."""
+    rows = [{"text": f"review {i}", "label": i % 6} for i in range(36)]
+    message = _refused(write_data(rows), label_names=["1", "2", "3", "4", "5"])
+    assert "'0'" in message and "never read as ids" in message and "--label_names 0 1 2 3 4 5" in message
+
+
+def test_unknown_labels_spell_out_the_label_names_fix(write_data: Callable[..., Path]) -> None:
+    rows = [{"text": f"review {i}", "label": [1, -1][i % 2]} for i in range(20)]
+    assert "e.g. --label_names -1 1." in _refused(write_data(rows, "data.parquet"))
+    rows = [{"text": f"review {i}", "label": f"class {i}"} for i in range(20)]
+    assert "too many to be classes" in _refused(write_data(rows))
+
+
+@pytest.mark.parametrize("name", ["data.csv", "data.jsonl", "data.parquet"])
+def test_missing_labels_name_their_rows(write_data: Callable[..., Path], name: str) -> None:
+    rows = [{"text": f"review {i}", "label": None if i in (3, 7) else float(i % 2)} for i in range(20)]
+    message = _refused(write_data(rows, name))
+    assert "no label (empty or NaN) in rows 4, 8" in message and "remove them" in message
+
+
+def test_label_names_must_differ_beyond_case_and_spelling() -> None:
+    for names in (["pos", "POS "], ["1", "1.0"], ["neg", " "]):
+        with pytest.raises(ConfigError, match="distinct, non-blank"):
+            DataArguments(label_names=names)
+    assert DataArguments(label_names=[1, 2, 3]).label_names == ["1", "2", "3"]  # a YAML list of numbers
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json"])
+def test_byte_order_mark_and_json_lines_in_a_json_file(write_data: Callable[..., Path], name: str) -> None:
+    """Windows tools start files with a UTF-8 byte-order mark; `Dataset.to_json` writes JSON Lines to a .json."""
+    lines = "".join(f'{{"text": "review {i}", "label": {i % 2}}}\n' for i in range(20))
+    path = write_data(raw=b"\xef\xbb\xbf" + lines.encode(), name=name)
+    assert _labels_of(path) == {f"review {i}": i % 2 for i in range(20)}
+
+
+def test_folder_names_the_data_file_inside(tmp_path: Path) -> None:
+    folder = tmp_path / "reviews.csv"  # a folder named like a file, as Spark writes them
+    folder.mkdir()
+    (folder / "part-0.csv").write_text("text,label\ngood,1\n", encoding="utf-8")
+    message = _refused(folder)
+    assert "is a folder" in message and str(folder / "part-0.csv") in message
+
+
+def test_semicolon_separated_csv_names_the_separator(write_data: Callable[..., Path]) -> None:
+    message = _refused(write_data(raw=b"text;label\ngood;1\nbad;0\n", name="data.csv"))
+    assert "['text;label']" in message and "split by ';'" in message and "comma-separated" in message
+
+
+def test_identical_texts_stay_in_one_split(write_data: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+    """Short reviews repeat ('Great product!'): one copy in train and one in test would be a test seen in training.
+    Carved splits keep every text in one split, stratified and seeded like any other split."""
+    rows = [{"text": f"short review {i % 40}", "label": (i % 40) % 2} for i in range(200)]
+    args = DataArguments(dataset=str(write_data(rows)))
+    splits, again = load_splits(args), load_splits(args)
+    texts = {s: set(splits[s]["text"]) for s in SPLITS}
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["validation"]
+    assert not texts["validation"] & texts["test"]
+    assert [len(texts[s]) for s in SPLITS] == [28, 6, 6]  # fractions count distinct texts
+    assert all(set(splits[s]["label"]) == {0, 1} for s in SPLITS)
+    assert all(splits[s]["text"] == again[s]["text"] for s in SPLITS)
+    assert "200 rows repeat another row's text (0 texts with different labels)" in caplog.text
+
+
+def test_split_column_that_parts_identical_texts_warns(
+    write_data: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = [{"text": f"t{i % 8}", "label": i % 2, "split": ["train", "validation", "test"][i % 3]} for i in range(24)]
+    load_splits(DataArguments(dataset=str(write_data(rows))))
+    assert "8 of those texts appear in more than one value of column 'split'" in caplog.text

@@ -174,6 +174,25 @@ def test_cache_key_follows_what_changes_the_tokens(data_args: DataArguments, off
     assert tokenized_cache_dir(data_args, tiny) != base
 
 
+def test_new_content_with_the_old_size_and_mtime_is_tokenised_again(
+    write_data: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A new version copied over the file with `cp -p` or `rsync -a` keeps its size and mtime: it must not hit the
+    old cache, whose labels it contradicts."""
+    path = write_data([{"text": f"review number {i}", "label": i % 2} for i in range(30)])
+    data_args = DataArguments(dataset=str(path), cache_dir=str(tmp_path / "cache"))
+
+    def pairs() -> set[tuple[tuple[int, ...], int]]:
+        splits = tokenized_splits(data_args, TINY)
+        return {(tuple(row["input_ids"]), row["label"]) for split in splits.values() for row in split}
+
+    before, stat = pairs(), path.stat()
+    write_data([{"text": f"review number {i}", "label": 1 - i % 2} for i in range(30)])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    assert pairs() == {(ids, 1 - label) for ids, label in before}
+
+
 def test_concurrent_writers_both_succeed(data_args: DataArguments) -> None:
     results: list[datasets.DatasetDict] = []
     errors: list[BaseException] = []
