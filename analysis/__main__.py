@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Notebook: {paths.notebook}")
         if paths.html is not None:
             print(f"HTML:     {paths.html}")
+        if paths.unfinished:
+            print(f"Partial report: {paths.unfinished}. Rerun it when the search has finished.")
         if paths.final_model_mismatch:
             print(f"Warning: {paths.final_model_mismatch}")
         if paths.final_model.exists():
@@ -91,10 +93,10 @@ def run(args: argparse.Namespace) -> int:
 
         _predict_hint(retrain_best(args.experiment, args.output, use_checkpoint=args.use_checkpoint))
     elif args.command == "evaluate":
-        from analysis.retrain import warn_if_trained_on
+        from analysis.retrain import warn_if_trained_on_legacy
         from lorasent.evaluate import main as evaluate_main
 
-        warn_if_trained_on(args.model_dir, args.split)
+        warn_if_trained_on_legacy(args.model_dir, args.split)
         forwarded = [args.model_dir, "--split", args.split, *(["--output_dir", args.output] if args.output else [])]
         return evaluate_main(forwarded)
     elif args.command == "table":

@@ -32,16 +32,22 @@ def _figure(ncols: int = 1, width: float = 7.0, height: float = 4.5) -> tuple[Fi
 
 
 def note_figure(text: str) -> Figure:
-    """A small figure holding only a message, for plots the data cannot support."""
+    """A small figure holding only a message, for plots the data cannot support.
+
+    The message sits on a hidden axes: IPython shows a figure without axes as its repr ('<Figure size 700x120 with
+    0 Axes>'), never as an image, so the message would be lost in the notebook.
+    """
     fig = Figure(figsize=(7, 1.2))
-    fig.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=11)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=11)
     return fig
 
 
 def _unscored(exp: Experiment) -> Figure | None:
     """A note figure when no trial has a score to plot yet (all pending, errored or diverged), else None."""
     if exp.scored_trials.empty:
-        return note_figure(f"No trial has reported a usable '{exp.metric}' yet.")
+        return note_figure(f"No trial has a usable '{exp.metric}' score to plot.")
     return None
 
 
@@ -89,8 +95,9 @@ def learning_curves(exp: Experiment) -> Figure:
     axes[0].scatter(
         [best["best_epoch"]], [best[exp.best_column]], marker="*", s=260, color="gold", edgecolor="black", zorder=6
     )
+    stop_marker = Line2D([], [], marker="X", color="crimson", linestyle="", markersize=9, label="stopped early by ASHA")
     handles = [
-        Line2D([], [], marker="X", color="crimson", linestyle="", markersize=9, label="stopped early by ASHA"),
+        *([stop_marker] if exp.early_stopping else []),
         Line2D(
             [],
             [],
@@ -105,7 +112,8 @@ def learning_curves(exp: Experiment) -> Figure:
     if len(order) <= _MAX_LEGEND_TRIALS:
         handles += [Line2D([], [], color=palette[t], label=f"{t} (#{i})") for i, t in enumerate(order, 1)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=9, title="trial (rank)")
-    fig.suptitle(f"Learning curves of {len(order)} trials ({len(stopped)} stopped early, max {exp.max_epochs} epochs)")
+    stops = f"{len(stopped)} stopped early" if exp.early_stopping else "no early stopping"
+    fig.suptitle(f"Learning curves of {len(order)} trials ({stops}, max {exp.max_epochs} epochs)")
     return fig
 
 
@@ -193,17 +201,22 @@ def rank_effect(exp: Experiment) -> Figure:
     data = exp.scored_trials.assign(stopped=lambda d: d["early_stopped"].map({True: "stopped early", False: "ran"}))
     fig, (ax,) = _figure()
     sns.boxplot(data=data, x=columns[0], y=exp.best_column, color="lightsteelblue", showfliers=False, ax=ax)
-    sns.stripplot(
-        data=data,
-        x=columns[0],
-        y=exp.best_column,
-        hue="stopped",
-        hue_order=["ran", "stopped early"],
-        palette={"ran": "navy", "stopped early": "crimson"},
-        size=8,
-        jitter=0.15,
-        ax=ax,
-    )
+    state = np.random.get_state()
+    np.random.seed(0)  # seaborn jitters with numpy's global generator: seeded, a re-run draws the same figure
+    try:
+        sns.stripplot(
+            data=data,
+            x=columns[0],
+            y=exp.best_column,
+            hue="stopped",
+            hue_order=["ran", "stopped early"],
+            palette={"ran": "navy", "stopped early": "crimson"},
+            size=8,
+            jitter=0.15,
+            ax=ax,
+        )
+    finally:
+        np.random.set_state(state)
     ax.set_xlabel("LoRA rank r")
     ax.set_ylabel(_metric_label(exp))
     ax.set_title("Effect of LoRA rank")

@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from analysis.results import Experiment, load_experiment
+from analysis.results import Experiment, load_experiment, unfinished_note
 from analysis.retrain import FINAL_MODEL_DIR, final_model_mismatch
 from lorasent.errors import LorasentError
 from lorasent.paths import atomic_write_text
@@ -37,6 +37,7 @@ class ReportPaths:
     html: Path | None  # None when the notebook was not executed
     final_model: Path  # the final model folder the report reads (it may not exist yet)
     final_model_mismatch: str = ""  # why that final model is not the current best trial's ('' when it is)
+    unfinished: str = ""  # what the search has still to run ('' when nothing): the report is partial
 
 
 def _code(source: str, **kwargs) -> nbformat.NotebookNode:
@@ -76,14 +77,21 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
             warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets: plain bars
             pd.set_option("display.max_columns", 40)
             pd.set_option("display.width", 200)
+            pd.set_option("display.max_colwidth", 120)  # a failed trial's error line is worth reading whole
             exp = results.load_experiment(EXPERIMENT)
-            print(f"{len(exp.trials)} trials {exp.trials['status'].value_counts().to_dict()}, "
-                  f"{int(exp.trials['early_stopped'].sum())} stopped early by ASHA; metric: {exp.metric} ({exp.mode})")
+            print(results.summary_line(exp))
+            if unfinished := results.unfinished_note(exp):
+                display(Markdown(
+                    f"**Partial report: {unfinished}.** The best trial and every figure below may still change. "
+                    f"`python tune/run.py --resume {exp.location}` continues an interrupted search; rerun this report "
+                    "when it has finished."
+                ))
             """),
         _md("""
             ## Trials
 
-            One row per trial, best first. `early_stopped`: ASHA ended the trial before its last epoch.
+            One row per trial, best first. `early_stopped`: ASHA ended the trial before its last epoch (never with
+            `--scheduler none`).
             """),
         _code("results.trial_table(exp)"),
         _md("""
@@ -93,7 +101,7 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
             """),
         _code("""
             if exp.scored_trials.empty:
-                display(Markdown(f"No trial has reported `{exp.metric}` yet: see the trials' `error` column above."))
+                display(Markdown(results.no_score_note(exp)))
             else:
                 best = exp.best_trial
                 display(exp.best_config)
@@ -119,8 +127,11 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
             """),
         _code("""
             importances = results.param_importances(exp)
-            display(importances.to_frame() if not importances.empty else Markdown(results.importance_note(exp)))
-            plots.importance_plot(exp, importances)
+            if importances.empty:
+                display(Markdown(results.importance_note(exp)))
+            else:
+                display(importances.to_frame())
+                display(plots.importance_plot(exp, importances))
             """),
         _md("""
             ## Compute spent
@@ -143,7 +154,9 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
             """),
         _code(f"""
             final = retrain.load_final_evaluation(FINAL_MODEL)
-            if final is None:
+            if final is None and exp.scored_trials.empty:
+                display(Markdown("No final model: no trial has a score, so there is no best configuration to retrain."))
+            elif final is None:
                 display(Markdown(f"No final model at `{{FINAL_MODEL}}` yet. Create it with `{retrain_cmd}`."))
             else:
                 mismatch = retrain.final_model_mismatch(exp, FINAL_MODEL)
@@ -168,6 +181,8 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
 def build_notebook(exp: Experiment, final_model: Path) -> nbformat.NotebookNode:
     """A fresh, unexecuted report notebook for an experiment (a storage URI stays a URI, to re-read it fresh)."""
     nb = new_notebook(cells=_cells(exp.location, final_model))
+    for number, cell in enumerate(nb.cells):
+        cell.id = f"cell-{number}"  # not random: a re-run report differs from the last only where the data does
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     return nb
@@ -242,11 +257,11 @@ def write_report(
     nb = build_notebook(exp, final)
     out = Path(output_dir) if output_dir else exp.path / REPORT_DIR
     notebook_path, html_path = out / NOTEBOOK_NAME, out / HTML_NAME
-    mismatch = final_model_mismatch(exp, final)
+    mismatch, unfinished = final_model_mismatch(exp, final), unfinished_note(exp)
     if not execute:
         atomic_write_text(notebook_path, nbformat.writes(nb))
         _remove_stale_html(html_path, "this notebook is not executed (--no-execute); run the report without it")
-        return ReportPaths(notebook_path, None, final, mismatch)
+        return ReportPaths(notebook_path, None, final, mismatch, unfinished)
     try:
         execute_notebook(nb, timeout=timeout)
     except BaseException:
@@ -255,7 +270,7 @@ def write_report(
     finally:
         atomic_write_text(notebook_path, nbformat.writes(nb))
     atomic_write_text(html_path, to_html(nb))
-    return ReportPaths(notebook_path, html_path, final, mismatch)
+    return ReportPaths(notebook_path, html_path, final, mismatch, unfinished)
 
 
 def _remove_stale_html(html_path: Path, why: str) -> None:

@@ -31,6 +31,7 @@ RESULT_FILE = "result.json"
 PARAMS_FILE = "params.json"
 ERROR_FILE = "error.txt"
 STATE_GLOB = "experiment_state-*.json"
+UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # trial statuses of a search still running, or interrupted
 FAILURE_HEADER = re.compile(r"^Failure # \d+", re.MULTILINE)  # one per failed attempt in a trial's error.txt
 TUNE_COMMAND = "python tune/run.py"
 
@@ -78,10 +79,7 @@ class Experiment:
         """The trial whose best epoch scored best on the search's metric (diverged trials excluded)."""
         scored = self.scored_trials
         if scored.empty:
-            raise ExperimentError(
-                f"No trial of {self.source} has reported '{self.metric}' yet, so there is no best trial. Wait for "
-                f"the first epoch to finish, or check the trials' error.txt files if they all failed."
-            )
+            raise ExperimentError(no_score_note(self))
         return scored.sort_values("rank", kind="stable").iloc[0]
 
     @property
@@ -121,6 +119,11 @@ class Experiment:
         return {"cpu": float(tune_args.get("cpus_per_trial") or 1), "gpu": float(tune_args.get("gpus_per_trial") or 0)}
 
     @property
+    def early_stopping(self) -> bool:
+        """Whether a scheduler could stop trials early (ASHA, the default; `--scheduler none` runs every epoch)."""
+        return self.search.get("tune", {}).get("scheduler") != "none"
+
+    @property
     def search_space(self) -> dict[str, dict[str, list[Any]]]:
         """The search space as `tune/run.py` recorded it: {parameter: {distribution: values}}; {} if unknown."""
         return self.search.get("tune", {}).get("search_space") or {}
@@ -130,7 +133,13 @@ def load_experiment(path: str | os.PathLike[str] = DEFAULT_EXPERIMENT) -> Experi
     """Read an experiment folder (finished, running or interrupted; local path or storage URI)."""
     source = str(path)
     root = _local_root(source)
-    search = _read_json(root / SEARCH_FILE) or {}
+    try:
+        search = _read_json(root / SEARCH_FILE) or {}
+    except ExperimentError as e:
+        raise ExperimentError(
+            f"{e} It holds the search's arguments (metric, search space, data and model): restore it from a copy, "
+            "or move it away to read the trials without it (retraining then needs --use-checkpoint)."
+        ) from e
     state = _read_state(root)
     trial_dirs = _trial_dirs(root, state)
     if not trial_dirs:
@@ -463,6 +472,56 @@ def _summarise_trials(
     trials["early_stopped"] = (trials["status"] == "TERMINATED") & (trials["epochs"] < planned) & ~trials["diverged"]
     order = trials[best_col].where(~trials["diverged"])
     trials["rank"] = order.rank(ascending=mode == "min", method="first")
+
+
+# --------------------------------------------------------------------------------------------------- status
+
+
+def summary_line(exp: Experiment) -> str:
+    """One line on the trials: how many, their statuses, early stops, the metric."""
+    stops = (
+        f"{int(exp.trials['early_stopped'].sum())} stopped early by ASHA"
+        if exp.early_stopping
+        else "no early stopping (--scheduler none)"
+    )
+    statuses = ", ".join(f"{n} {status}" for status, n in exp.trials["status"].value_counts().items())
+    return f"{len(exp.trials)} trial(s): {statuses}; {stops}; metric: {exp.metric} ({exp.mode})"
+
+
+def unfinished_note(exp: Experiment) -> str:
+    """What the search has still to run, or '' when nothing: unfinished trials, and planned trials not started yet
+    (`num_samples`; an interrupted search has not created them). Until then the best trial may change."""
+    unfinished = int(exp.trials["status"].isin(UNFINISHED).sum())
+    tune_args = exp.search.get("tune", {})
+    planned = tune_args.get("num_samples") if tune_args.get("searcher") != "grid" else None  # grid: every point
+    missing = max(0, int(planned) - len(exp.trials)) if planned else 0
+    notes = []
+    if unfinished:
+        notes.append(
+            f"{unfinished} of {len(exp.trials)} trials of {exp.location} are unfinished ({', '.join(UNFINISHED)})"
+        )
+    if missing:
+        notes.append(
+            f"{missing} of the {planned} planned trials {'' if unfinished else f'of {exp.location} '}have not started"
+        )
+    return " and ".join(notes)
+
+
+def no_score_note(exp: Experiment) -> str:
+    """Why there is no best trial: no trial has a usable score yet, or none will (all failed or diverged)."""
+    if unfinished_note(exp):
+        return (
+            f"No trial of {exp.location} has reported '{exp.metric}' yet, so there is no best trial. Wait for the "
+            "first epoch to finish; a trial that failed shows why in the trial table's error column (its error.txt)."
+        )
+    errored = exp.trials[exp.trials["status"] == "ERROR"]
+    example = f" (e.g. {errored['error'].iloc[0]})" if not errored.empty and errored["error"].iloc[0] else ""
+    return (
+        f"No trial of {exp.location} produced a usable '{exp.metric}', so there is no best trial: of its "
+        f"{len(exp.trials)} trials, {len(errored)} ended in ERROR{example} and {int(exp.trials['diverged'].sum())} "
+        "diverged. Fix the cause (each failed trial's error.txt holds its traceback; lower the learning rate for "
+        f"diverging ones) and start a new search: {TUNE_COMMAND}."
+    )
 
 
 # ------------------------------------------------------------------------------------ importance and compute

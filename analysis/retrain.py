@@ -6,9 +6,10 @@ validation already chose it). `use_checkpoint=True` skips retraining and evaluat
 best checkpoint instead: faster, but trained on less data.
 
 The final model folder (default <experiment>/final_model) is a normal lorasent model folder (adapter,
-tokenizer, lorasent.json) plus test_metrics.json, test_predictions.csv and final_model.json (where it came
-from, and which splits it learnt from); it appears all at once or not at all. It never holds a pickle: from a
-checkpoint only the model's own files are copied, not the Trainer's optimizer, scheduler and RNG state.
+tokenizer, lorasent.json, whose train_splits say which splits it learnt from) plus test_metrics.json,
+test_predictions.csv and final_model.json (where it came from); it appears all at once or not at all. It never
+holds a pickle: from a checkpoint only the model's own files are copied, not the Trainer's optimizer, scheduler
+and RNG state.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.results import PARAMS_FILE, SEARCH_FILE, Experiment, ExperimentWarning, load_experiment
+from analysis.results import (
+    PARAMS_FILE,
+    SEARCH_FILE,
+    Experiment,
+    ExperimentWarning,
+    load_experiment,
+    unfinished_note,
+)
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace
 from lorasent.errors import CheckpointError, ExperimentError
 from lorasent.paths import atomic_dir, atomic_write_text
@@ -34,7 +42,6 @@ FINAL_MODEL_DIR = "final_model"
 PROVENANCE_FILE = "final_model.json"
 TEST_SPLIT = "test"
 EXAMPLE_TEXT = "Works great, would buy again."
-UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 # What a model folder needs: adapter weights (safetensors), adapter config, tokenizer and lorasent.json (json), and
 # tokenizer vocabularies (txt, sentencepiece .model). A checkpoint's Trainer state (optimizer.pt, scheduler.pt,
 # rng_state.pth, training_args.bin) is pickled: it is never copied into a final model.
@@ -100,7 +107,6 @@ def retrain_best(
                     shutil.copy2(file, tmp / file.name)
             provenance["method"] = f"checkpoint of trial {best['trial_id']}, epoch {exp.best_epoch} (trained on train)"
             provenance["checkpoint"] = str(checkpoint)
-            provenance["train_splits"] = ["train"]
         else:
             data_args, model_args, train_args = best_arguments(exp)
             train_args = replace(train_args, num_train_epochs=exp.best_epoch, output_dir=str(tmp))
@@ -123,7 +129,6 @@ def retrain_best(
                     "Evaluate the best trial's own checkpoint with --use-checkpoint, or lower the learning rate."
                 )
             provenance["method"] = f"retrained on train + validation for {exp.best_epoch} epoch(s)"
-            provenance["train_splits"] = ["train", "validation"]
         evaluation = dataclasses.replace(evaluate_model_dir(tmp, split=TEST_SPLIT), model_dir=out)
         evaluation.save(tmp)
         atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
@@ -134,13 +139,12 @@ def retrain_best(
 
 def _warn_if_unfinished(exp: Experiment) -> None:
     """Retraining mid-search is allowed, but its 'best' is only the best so far."""
-    unfinished = exp.trials["status"].isin(UNFINISHED)
-    if unfinished.any():
+    note = unfinished_note(exp)
+    if note:
         warnings.warn(
-            f"{unfinished.sum()} of {len(exp.trials)} trials of {exp.location} are unfinished "
-            f"({', '.join(UNFINISHED)}): this final model is the best so far, trial {exp.best_trial['trial_id']}, "
-            f"and the best may change. Let the search finish (`python tune/run.py --resume {exp.location}` "
-            "continues an interrupted one), then retrain.",
+            f"{note}: this final model is the best so far, trial {exp.best_trial['trial_id']}, and the best may "
+            f"change. Let the search finish (`python tune/run.py --resume {exp.location}` continues an interrupted "
+            "one), then retrain.",
             ExperimentWarning,
             stacklevel=3,
         )
@@ -179,16 +183,15 @@ def final_model_mismatch(exp: Experiment, model_dir: str | os.PathLike[str]) -> 
     )
 
 
-def warn_if_trained_on(model_dir: str | os.PathLike[str], split: str) -> None:
-    """Scores on a split the model learnt from are optimistic (a retrained final model learnt from validation)."""
-    trained_on = read_provenance(model_dir).get("train_splits", [])
-    if split in trained_on:
-        warnings.warn(
-            f"{model_dir} was trained on {' + '.join(trained_on)} ({PROVENANCE_FILE}), so its {split} scores are "
-            f"optimistic: it has seen those texts. Evaluate on a split it never saw: --split {TEST_SPLIT}.",
-            ExperimentWarning,
-            stacklevel=2,
-        )
+def warn_if_trained_on_legacy(model_dir: str | os.PathLike[str], split: str) -> None:
+    """A final model retrained before lorasent.json recorded its `train_splits` reads there as trained on train
+    alone; its final_model.json knows it learnt from validation too. lorasent.evaluate warns for the rest."""
+    from lorasent.evaluate import warn_if_trained_on
+    from lorasent.model import read_meta, trained_splits
+
+    meta = read_meta(model_dir)
+    if "train_splits" not in meta and split not in trained_splits(meta):
+        warn_if_trained_on(model_dir, split, read_provenance(model_dir).get("train_splits", []), PROVENANCE_FILE)
 
 
 @dataclass

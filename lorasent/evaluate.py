@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,27 @@ from lorasent.config import DataArguments
 from lorasent.data import SPLITS, load_splits
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import scores
-from lorasent.model import read_meta
+from lorasent.model import META_FILE, read_meta, trained_splits
 from lorasent.paths import atomic_write_text
 from lorasent.predict import Predictor
+
+
+class SeenSplitWarning(UserWarning):
+    """The evaluated split is one the model learnt from: its scores are optimistic."""
+
+
+def warn_if_trained_on(model_dir: str | Path, split: str, trained_on: Sequence[str], record: str = META_FILE) -> None:
+    """Warn when `split` is among `trained_on` (as `record` in the model folder says): the model has seen it."""
+    if split not in trained_on:
+        return
+    unseen = [s for s in SPLITS if s not in trained_on]
+    fix = f"Evaluate on a split it never saw: --split {unseen[-1]}." if unseen else "Evaluate it on other data."
+    warnings.warn(
+        f"{model_dir} was trained on {' + '.join(trained_on)} ({record}), so its {split} scores are optimistic: it "
+        f"has seen those texts. {fix}",
+        SeenSplitWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass
@@ -68,14 +87,20 @@ def evaluate_model_dir(
     batch_size: int = 128,
     device: str | None = None,
 ) -> EvaluationResult:
-    """Score a model folder on `split` of its own data (from lorasent.json) or of `data_args`."""
+    """Score a model folder on `split` of its own data (from lorasent.json) or of `data_args`.
+
+    Warns (SeenSplitWarning) when the model learnt from that split of that data.
+    """
     if split not in SPLITS:
         raise ConfigError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}.")
+    meta = read_meta(model_dir)
     if data_args is None:
         try:
-            data_args = DataArguments(**read_meta(model_dir)["data"])
+            data_args = DataArguments(**meta["data"])
         except (TypeError, LorasentError) as e:
             raise CheckpointError(f"{model_dir}/lorasent.json holds invalid data arguments ({e}).") from e
+    if data_args.dataset == meta["data"].get("dataset"):  # the splits of other data are not the ones it learnt
+        warn_if_trained_on(model_dir, split, trained_splits(meta))
     predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size, max_length=data_args.max_length)
     label_names = predictor.label_names
     if list(data_args.label_names) != label_names:

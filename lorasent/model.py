@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,17 +232,28 @@ def model_meta(
     data_args: DataArguments,
     model_args: ModelArguments,
     train_args: TrainArguments,
+    train_splits: Sequence[str] = ("train",),
     metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The content of `lorasent.json`: enough to rebuild the base, reload the data and read the results."""
+    """The content of `lorasent.json`: enough to rebuild the base, reload the data and read the results.
+
+    `train_splits` are the splits the model learnt from: scores on them are optimistic (see `trained_splits`).
+    """
     return {
         "lorasent_version": lorasent.__version__,
         "label_names": list(label_names),
         "data": dataclasses.asdict(data_args),
         "model": dataclasses.asdict(model_args),
         "train": dataclasses.asdict(train_args),
+        "train_splits": list(train_splits),
         "metrics": dict(metrics or {}),
     }
+
+
+def trained_splits(meta: dict[str, Any]) -> list[str]:
+    """The splits a model folder learnt from, by its `lorasent.json`; a folder saved before lorasent.json recorded
+    them learnt from train."""
+    return list(meta.get("train_splits", ["train"]))
 
 
 def write_meta(folder: str | Path, meta: dict[str, Any]) -> None:
@@ -257,11 +269,17 @@ def save_model_dir(
     data_args: DataArguments,
     model_args: ModelArguments,
     train_args: TrainArguments,
+    train_splits: Sequence[str] = ("train",),
     metrics: dict[str, float] | None = None,
 ) -> Path:
     """Save adapter, tokenizer and `lorasent.json` to `out_dir`, all or nothing (write, then rename)."""
     meta = model_meta(
-        data_args.label_names, data_args=data_args, model_args=model_args, train_args=train_args, metrics=metrics
+        data_args.label_names,
+        data_args=data_args,
+        model_args=model_args,
+        train_args=train_args,
+        train_splits=train_splits,
+        metrics=metrics,
     )
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, save_embedding_layers=False)

@@ -382,7 +382,13 @@ def train(
     args = training_arguments(train_args, work, evaluate=eval_dataset is not None)
     history = list(read_meta(resume_from_checkpoint).get("history", [])) if resume_from_checkpoint else []
     callback = EpochCallback(
-        meta=model_meta(data_args.label_names, data_args=data_args, model_args=model_args, train_args=train_args),
+        meta=model_meta(
+            data_args.label_names,
+            data_args=data_args,
+            model_args=model_args,
+            train_args=train_args,
+            train_splits=train_splits,
+        ),
         metric=train_args.metric_for_best_model.removeprefix("eval_") if eval_dataset is not None else None,
         greater_is_better=bool(args.greater_is_better),
         tokens_per_epoch=int(sum(train_lengths)),
@@ -424,6 +430,7 @@ def train(
             data_args=data_args,
             model_args=model_args,
             train_args=train_args,
+            train_splits=train_splits,
             metrics=best_metrics,
         )
     seconds = callback.train_seconds

@@ -5,6 +5,7 @@ checked against it and against what the search itself printed."""
 from __future__ import annotations
 
 import ast
+import io
 import json
 import math
 import re
@@ -15,22 +16,27 @@ from pathlib import Path
 
 import fsspec
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
+from IPython.core.pylabtools import print_figure
 
 from analysis import plots
 from analysis.__main__ import main as analysis_main
-from analysis.report import write_report
+from analysis.report import build_notebook, write_report
 from analysis.results import (
     ExperimentWarning,
     compute_spent,
     grid_levels,
     load_experiment,
     param_importances,
+    summary_line,
     trial_table,
 )
 from analysis.retrain import PROVENANCE_FILE, final_model_mismatch, load_final_evaluation, retrain_best
 from lorasent.errors import ExperimentError
+from lorasent.evaluate import SeenSplitWarning
+from lorasent.evaluate import main as evaluate_main
 from lorasent.predict import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,6 +272,17 @@ def test_storage_uri_is_mirrored(search: tuple[Path, str], tmp_path: Path, monke
         memory.rm("/bucket", recursive=True)
 
 
+def test_truncated_search_file_names_the_fix(search: tuple[Path, str], tmp_path: Path) -> None:
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    search_file = copy / "lorasent_search.json"
+    search_file.write_text(search_file.read_text()[:100])
+    with pytest.raises(ExperimentError, match=r"lorasent_search\.json is not valid JSON .* move it away to read"):
+        load_experiment(copy)
+    search_file.unlink()
+    assert len(load_experiment(copy).trials) == len(load_experiment(search[0]).trials)
+
+
 def test_missing_or_empty_experiment_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ExperimentError, match=r"does not exist\. Pass the folder `python tune/run\.py` printed"):
         load_experiment(tmp_path / "no-such-experiment")
@@ -374,7 +391,8 @@ def test_use_checkpoint_tests_the_best_trials_checkpoint(search: tuple[Path, str
     exp = load_experiment(search[0])
     out = retrain_best(search[0], tmp_path / "from-checkpoint", use_checkpoint=True)
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
-    assert provenance["checkpoint"] == str(exp.best_checkpoint) and provenance["train_splits"] == ["train"]
+    assert provenance["checkpoint"] == str(exp.best_checkpoint)
+    assert json.loads((out / "lorasent.json").read_text())["train_splits"] == ["train"]
     assert (out / "adapter_model.safetensors").read_bytes() == (
         exp.best_checkpoint / "adapter_model.safetensors"
     ).read_bytes()
@@ -397,22 +415,99 @@ def test_final_model_records_the_experiment_a_latest_link_pointed_at(search: tup
 
 
 def test_retrain_mid_search_warns_that_the_best_may_change(search: tuple[Path, str], tmp_path: Path) -> None:
-    """Unfinished trials: retraining goes ahead (the best so far), with a warning that says how to finish first."""
+    """Unfinished trials, or planned trials an interrupted search never started: retraining goes ahead (the best so
+    far), with a warning that says how to finish first; the report opens with the same caveat."""
     copy = tmp_path / "exp"
     shutil.copytree(search[0], copy)
+    location = re.escape(str(copy.resolve()))
+    search_file = copy / "lorasent_search.json"
+    saved = json.loads(search_file.read_text())
+    n_trials = saved["tune"]["num_samples"]
+    saved["tune"]["num_samples"] = n_trials + 2  # Ctrl-C came before the search created its last 2 trials
+    search_file.write_text(json.dumps(saved))
+    expected = rf"^2 of the {n_trials + 2} planned trials of {location} have not started: .*--resume {location}`"
+    with pytest.warns(ExperimentWarning, match=expected):
+        retrain_best(copy, tmp_path / "final", use_checkpoint=True)
+
     state_file = sorted(copy.glob("experiment_state-*.json"))[-1]
     state = json.loads(state_file.read_text())
     for k, status in enumerate(("RUNNING", "PAUSED")):
         trial, metadata = (json.loads(part) for part in state["trial_data"][k])
         state["trial_data"][k] = [json.dumps(trial | {"status": status}), json.dumps(metadata)]
     state_file.write_text(json.dumps(state))
-    n_trials = len(load_experiment(copy).trials)
-
-    location = re.escape(str(copy.resolve()))
-    expected = rf"2 of {n_trials} trials of {location} are unfinished .*`python tune/run\.py --resume {location}`"
+    expected = (
+        rf"2 of {n_trials} trials of {location} are unfinished .* and 2 of the {n_trials + 2} planned trials have not "
+        rf"started: .*`python tune/run\.py --resume {location}`"
+    )
     with pytest.warns(ExperimentWarning, match=expected):
         out = retrain_best(copy, tmp_path / "final", use_checkpoint=True)
     assert load_final_evaluation(out).provenance["trial_id"] == load_experiment(copy).best_trial["trial_id"]
+
+    paths = write_report(copy, final_model=out)
+    assert paths.unfinished.startswith(f"2 of {n_trials} trials of {copy.resolve()} are unfinished")
+    banner = _outputs(nbformat.read(paths.notebook, as_version=4), "%matplotlib inline")[1]["data"]["text/markdown"]
+    assert re.match(rf"\*\*Partial report: 2 of {n_trials} trials of {location} are unfinished", banner)
+    assert f"python tune/run.py --resume {copy.resolve()}" in banner
+
+
+def test_report_of_a_search_whose_trials_all_failed(search: tuple[Path, str], tmp_path: Path) -> None:
+    """Every trial errored before its first epoch: the report renders and says why there is no best or final model,
+    its plots show their notes as images, and retraining is refused with the trials' error."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model"))  # another test may have made it
+    state_file = sorted(copy.glob("experiment_state-*.json"))[-1]
+    state = json.loads(state_file.read_text())
+    for k, parts in enumerate(state["trial_data"]):
+        trial, metadata = (json.loads(part) for part in parts)
+        state["trial_data"][k] = [json.dumps(trial | {"status": "ERROR"}), json.dumps(metadata | {"num_failures": 1})]
+        trial_dir = copy / trial["relative_logdir"]
+        (trial_dir / "result.json").write_text("")
+        (trial_dir / "error.txt").write_text("Failure # 1 (occurred at 2026-11-27_01-53-31)\nRuntimeError: boom\n")
+    state_file.write_text(json.dumps(state))
+    n_trials = len(state["trial_data"])
+    why = rf"No trial of {re.escape(str(copy.resolve()))} produced a usable 'accuracy', so there is no best trial: of "
+    why += rf"its {n_trials} trials, {n_trials} ended in ERROR \(e\.g\. RuntimeError: boom\) and 0 diverged\."
+    with pytest.raises(ExperimentError, match=why):
+        retrain_best(copy)
+
+    nb = nbformat.read(write_report(copy).notebook, as_version=4)
+    assert re.match(why, _outputs(nb, "if exp.scored_trials.empty")[0]["data"]["text/markdown"])
+    for call in PLOT_CALLS:
+        assert "image/png" in _outputs(nb, call)[0]["data"], call  # the note, drawn
+    final = _outputs(nb, "final = retrain.load_final_evaluation")[0]["data"]["text/markdown"]
+    assert final.startswith("No final model: no trial has a score")
+
+
+def test_report_is_the_same_when_run_again(search: tuple[Path, str]) -> None:
+    """Re-running the report on an unchanged experiment changes nothing: no random cell ids, no random jitter."""
+    exp = load_experiment(search[0])
+    final = search[0] / "final_model"
+    assert nbformat.writes(build_notebook(exp, final)) == nbformat.writes(build_notebook(exp, final))
+    drawn, state = [], np.random.get_state()
+    try:
+        for seed in (1, 2):  # each notebook kernel starts numpy's global generator somewhere else
+            np.random.seed(seed)
+            png = io.BytesIO()
+            plots.rank_effect(exp).savefig(png, format="png")
+            drawn.append(png.getvalue())
+    finally:
+        np.random.set_state(state)
+    assert drawn[0] == drawn[1]
+
+
+def test_note_figures_show_in_a_notebook() -> None:
+    """IPython displays a figure without axes as its repr ('<Figure size ... with 0 Axes>'), not as an image."""
+    assert print_figure(plots.note_figure("The search did not vary the LoRA rank."))
+
+
+def test_summary_names_no_early_stopping_without_a_scheduler(search: tuple[Path, str], tmp_path: Path) -> None:
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    assert "stopped early by ASHA" in summary_line(load_experiment(copy))
+    saved = json.loads((copy / "lorasent_search.json").read_text())
+    saved["tune"]["scheduler"] = "none"
+    (copy / "lorasent_search.json").write_text(json.dumps(saved))
+    assert "no early stopping (--scheduler none)" in summary_line(load_experiment(copy))
 
 
 def test_report_flags_a_final_model_that_is_no_longer_the_best(
@@ -442,6 +537,7 @@ def test_report_flags_a_final_model_that_is_no_longer_the_best(
 
 
 @NO_EXPERIMENT_WARNING  # test scores of a model that never saw the test split
+@pytest.mark.filterwarnings("error::lorasent.evaluate.SeenSplitWarning")
 def test_cli_table_and_evaluate(search: tuple[Path, str], final_model: Path, tmp_path: Path, capsys) -> None:
     exp = load_experiment(search[0])
     assert analysis_main(["table", str(search[0]), "--csv", str(tmp_path / "trials.csv")]) == 0
@@ -455,9 +551,30 @@ def test_cli_table_and_evaluate(search: tuple[Path, str], final_model: Path, tmp
     assert evaluated["accuracy"] == pytest.approx(saved["accuracy"])
 
 
-def test_evaluating_the_final_model_on_a_split_it_learnt_from_warns(final_model: Path) -> None:
-    """The retrained final model learnt from validation: its validation figures are optimistic, and it says so."""
-    assert json.loads((final_model / PROVENANCE_FILE).read_text())["train_splits"] == ["train", "validation"]
-    expected = r"trained on train \+ validation .* its validation scores are optimistic.* --split test"
-    with pytest.warns(ExperimentWarning, match=expected):
+def test_evaluating_the_final_model_on_a_split_it_learnt_from_warns(final_model: Path, tmp_path: Path) -> None:
+    """The retrained final model learnt from validation (its lorasent.json says so): its validation figures are
+    optimistic, and both evaluation commands say so. A final model retrained before lorasent.json recorded it has
+    its splits only in final_model.json, which the analysis command still reads."""
+    assert json.loads((final_model / "lorasent.json").read_text())["train_splits"] == ["train", "validation"]
+    expected = (
+        r"trained on train \+ validation \(lorasent\.json\), .* its validation scores are optimistic.* --split test"
+    )
+    with pytest.warns(SeenSplitWarning, match=expected):
         assert analysis_main(["evaluate", str(final_model), "--split", "validation"]) == 0
+    with pytest.warns(SeenSplitWarning, match=expected):
+        assert evaluate_main([str(final_model), "--split", "validation", "--device", "cpu"]) == 0
+
+    old = tmp_path / "old_final_model"
+    shutil.copytree(final_model, old)
+    meta = json.loads((old / "lorasent.json").read_text())
+    del meta["train_splits"]
+    (old / "lorasent.json").write_text(json.dumps(meta))
+    provenance = json.loads((old / PROVENANCE_FILE).read_text())
+    (old / PROVENANCE_FILE).write_text(json.dumps(provenance | {"train_splits": ["train", "validation"]}))
+    for split, record in (("validation", PROVENANCE_FILE), ("train", "lorasent.json")):
+        with pytest.warns(SeenSplitWarning) as caught:
+            assert analysis_main(["evaluate", str(old), "--split", split]) == 0
+        assert [str(w.message) for w in caught if "optimistic" in str(w.message)] == [
+            f"{old} was trained on {'train + validation' if split == 'validation' else 'train'} ({record}), so its "
+            f"{split} scores are optimistic: it has seen those texts. Evaluate on a split it never saw: --split test."
+        ]

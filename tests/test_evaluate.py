@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +13,7 @@ import pytest
 from lorasent import evaluate as evaluate_module
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import ConfigError
-from lorasent.evaluate import evaluate_model_dir
+from lorasent.evaluate import SeenSplitWarning, evaluate_model_dir
 from lorasent.train import train
 
 DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=40, max_length=32)
@@ -61,3 +63,33 @@ def test_cli_prints_the_report_and_writes_files(model_dir: Path, tmp_path: Path,
     assert (tmp_path / "test_metrics.json").is_file() and (tmp_path / "test_predictions.csv").is_file()
     assert evaluate_module.main([str(tmp_path / "no-model")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_evaluating_on_a_split_the_model_learnt_from_warns(model_dir: Path, tmp_path: Path, write_data) -> None:
+    """lorasent.json records the splits a model learnt from; scoring one of them warns and names an unseen split."""
+    assert json.loads((model_dir / "lorasent.json").read_text())["train_splits"] == ["train"]
+    checkpoint = next(model_dir.parent.glob("model-checkpoints/checkpoint-*"))
+    assert json.loads((checkpoint / "lorasent.json").read_text())["train_splits"] == ["train"]
+    expected = (
+        rf"{model_dir} was trained on train \(lorasent\.json\), so its train scores are optimistic.* --split test"
+    )
+    with pytest.warns(SeenSplitWarning, match=expected):
+        assert evaluate_module.main([str(model_dir), "--split", "train", "--device", "cpu"]) == 0
+
+    old = tmp_path / "old"  # a folder saved before lorasent.json recorded train_splits learnt from train
+    shutil.copytree(model_dir, old)
+    meta = json.loads((old / "lorasent.json").read_text())
+    del meta["train_splits"]
+    (old / "lorasent.json").write_text(json.dumps(meta))
+    with pytest.warns(SeenSplitWarning, match="was trained on train "):
+        evaluate_model_dir(old, split="train", device="cpu")
+
+    other = DataArguments(  # another source's train split is not the one the model learnt
+        dataset=str(write_data([{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(40)])),
+        max_length=32,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeenSplitWarning)
+        for split in ("validation", "test"):
+            evaluate_model_dir(model_dir, split=split, device="cpu")
+        evaluate_model_dir(model_dir, data_args=other, split="train", device="cpu")
