@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    DataCollatorWithPadding,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from lorasent.config import DataArguments, ModelArguments
 from lorasent.data import load_splits
@@ -91,8 +98,11 @@ class SeedRun:
         return {k: v for k, v in self.__dict__.items() if k != "step_s"}
 
 
-def seed_splits(data_file: Path, model_dir: Path, *, train: int, eval_: int, pad_to: int | None) -> Any:
-    """train / validation tokenised the seed's way: truncated at 512 and, with `pad_to`, padded to it."""
+def seed_splits(data_file: Path | str, model_dir: Path | str, *, train: int, eval_: int, pad_to: int | None) -> Any:
+    """train / validation tokenised the seed's way: truncated at 512 and, with `pad_to`, padded to it.
+
+    `data_file` and `model_dir` are whatever lorasent accepts: a file or folder, or a name such as
+    `offline:vader-amazon` / `offline:all-MiniLM-L6-v2`."""
     data_args = DataArguments(dataset=str(data_file), max_length=512, max_train_samples=train, max_eval_samples=eval_)
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(model_dir)))
     padding = "max_length" if pad_to else False
@@ -107,7 +117,7 @@ def seed_splits(data_file: Path, model_dir: Path, *, train: int, eval_: int, pad
 
 
 def seed_style_run(
-    model_dir: Path,
+    model_dir: Path | str,
     splits: Any,
     tokenizer: Any,
     label_names: list[str],
@@ -120,11 +130,13 @@ def seed_style_run(
     evaluate: bool = True,
     max_steps: int = -1,
     lora: dict[str, Any] | None = None,
+    seed: int = 42,
 ) -> SeedRun:
     """One seed-style Trainer run; times each epoch's training and evaluation separately."""
     import torch
 
     start = time.perf_counter()
+    set_seed(seed)  # before the LoRA and head weights are drawn, as lorasent's train() does
     model_args = ModelArguments(model_name_or_path=str(model_dir), **(lora or SEED_LORA))
     model = build_model(model_args, label_names)
     clock = EpochClock()
@@ -142,7 +154,7 @@ def seed_style_run(
         disable_tqdm=True,
         bf16=precision == "bf16",
         use_cpu=not torch.cuda.is_available(),
-        seed=42,
+        seed=seed,
     )
     trainer = Trainer(
         model=model,
