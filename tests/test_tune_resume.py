@@ -107,26 +107,33 @@ def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_p
         assert sorted(set(epochs)) == list(range(1, max(epochs) + 1)) and max(epochs) <= 3
 
 
-def test_interrupted_search_says_so_and_counts_what_finished(tmp_path: Path) -> None:
-    """Ctrl-C: Ray saves the state, then marks the trials it stops TERMINATED in memory; the summary must go by
-    the saved state (exit 130, the finished count, the resume command), never report a finished search."""
-    storage = tmp_path / "runs"
-    experiment = storage / "interrupted"
+def _interrupt_after_a_trial_finished(tmp_path: Path, name: str, ctrl_c: int) -> tuple[Path, str]:
+    """Run a search of 6 long trials, one at a time; once one has finished, press Ctrl-C `ctrl_c` times (0.3 s
+    apart). Returns the experiment folder and the output; the run must exit 130."""
+    experiment = tmp_path / "runs" / name
     argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "20", "--scheduler", "none"]
     argv += ["--max_concurrent_trials", "1"]  # trials long enough that Ctrl-C comes with some unfinished
     log = tmp_path / "run.log"
-    proc = _start([*argv, "--storage_path", str(storage), "--name", "interrupted"], tmp_path, log)
+    proc = _start([*argv, "--storage_path", str(tmp_path / "runs"), "--name", name], tmp_path, log)
     try:
         deadline = time.monotonic() + 300
         while "TERMINATED" not in _trial_states(experiment).values():
             assert proc.poll() is None, f"the search ended before it was interrupted: {log.read_text()}"
             assert time.monotonic() < deadline, f"no trial finished in time: {log.read_text()}"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        for press in range(ctrl_c):
+            time.sleep(0.3 * (press > 0))
+            proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log.read_text()
     finally:
         _clean_up(proc)
-    out = log.read_text()
+    return experiment, log.read_text()
+
+
+def test_interrupted_search_says_so_and_counts_what_finished(tmp_path: Path) -> None:
+    """Ctrl-C: Ray saves the state, then marks the trials it stops TERMINATED in memory; the summary must go by
+    the saved state (exit 130, the finished count, the resume command), never report a finished search."""
+    experiment, out = _interrupt_after_a_trial_finished(tmp_path, "interrupted", ctrl_c=1)
     finished = sum(status in ("TERMINATED", "ERROR") for status in _trial_states(experiment).values())
     assert 1 <= finished < 6
     assert f"with {finished} of 6 trials finished" in out and "Search finished" not in out
@@ -149,22 +156,5 @@ def test_ctrl_c_before_the_search_starts_exits_cleanly(tmp_path: Path) -> None:
 
 def test_second_ctrl_c_during_the_search_still_says_how_to_resume(tmp_path: Path) -> None:
     """Tune handles the first Ctrl-C and offers a second to skip its last snapshot: neither may end in a traceback."""
-    experiment = tmp_path / "runs" / "twice"
-    argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "20", "--scheduler", "none"]
-    argv += ["--max_concurrent_trials", "1", "--storage_path", str(tmp_path / "runs"), "--name", "twice"]
-    log = tmp_path / "run.log"
-    proc = _start(argv, tmp_path, log)
-    try:
-        deadline = time.monotonic() + 300
-        while "TERMINATED" not in _trial_states(experiment).values():
-            assert proc.poll() is None, f"the search ended before it was interrupted: {log.read_text()}"
-            assert time.monotonic() < deadline, f"no trial finished in time: {log.read_text()}"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130, log.read_text()
-    finally:
-        _clean_up(proc)
-    out = log.read_text()
+    experiment, out = _interrupt_after_a_trial_finished(tmp_path, "twice", ctrl_c=2)
     assert "Traceback" not in out and f"python tune/run.py --resume {experiment}" in out
