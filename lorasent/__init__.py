@@ -1,8 +1,8 @@
 """lorasent: LoRA fine-tuning of transformer sentiment classifiers.
 
-Importable without Ray. The pieces: `config` (what to run), `data` (reviews in, tokenised splits out),
-`model` (encoder + LoRA adapter, save and load), `train` (one `Trainer` run), `metrics`, `evaluate`
-and `predict`.
+Importable without Ray. The pieces: `config` (what to run), `data` (reviews in, labelled splits out),
+`tokenize` (tokenised splits, cached on disk), `model` (encoder + LoRA adapter, save and load), `train` (one
+`Trainer` run), `metrics`, `evaluate` and `predict`.
 """
 
 __version__ = "0.1.0"

@@ -55,3 +55,20 @@ def write_data(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def closed_hub(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The hub at a closed local port, whatever this machine's connectivity, and HF_HUB_OFFLINE off: a refusal then
+    comes from lorasent.hub's reachability probe. huggingface_hub and datasets read both variables once, at import,
+    so their module constants are set too. Returns the endpoint."""
+    import datasets
+    from huggingface_hub import constants
+
+    endpoint = "http://127.0.0.1:9"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    return endpoint

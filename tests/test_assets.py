@@ -125,13 +125,14 @@ def test_local_model_folder_resolves_to_itself(tiny_model_dir: Path) -> None:
     assert assets.resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
 
 
-def test_unreachable_hub_model_fails_fast_with_the_offline_fix() -> None:
+def test_unreachable_hub_model_fails_fast_with_the_offline_fix(closed_hub: str) -> None:
     start = time.monotonic()
     with pytest.raises(HubUnreachableError) as err:
         assets.resolve_model_path("distilbert-base-uncased")
     # A generous bound: the libraries' own retries take ~45 s; this only proves they were not waited for.
     assert time.monotonic() - start < 10
     message = str(err.value)
+    assert f"the Hugging Face hub at {closed_hub} is unreachable" in message
     assert "--model_name_or_path offline:all-MiniLM-L6-v2" in message and "HF_HUB_OFFLINE" in message
 
 

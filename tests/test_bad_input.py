@@ -126,9 +126,12 @@ def test_gpu_requested_but_absent_on_this_machine(tmp_path: Path, capsys: pytest
     _search_refused(tmp_path, capsys, ["--gpus_per_trial", "1"], "gpus_per_trial=1", "no GPU", "--gpus_per_trial 0")
 
 
-def test_unreachable_hub_through_the_search(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_hub_through_the_search(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], closed_hub: str
+) -> None:
     args = ["--model_name_or_path", "distilbert-base-uncased"]
-    _search_refused(tmp_path, capsys, args, "distilbert-base-uncased", "unreachable", "offline:all-MiniLM-L6-v2")
+    fragments = ("distilbert-base-uncased", f"the Hugging Face hub at {closed_hub} is unreachable")
+    _search_refused(tmp_path, capsys, args, *fragments, "offline:all-MiniLM-L6-v2")
 
 
 def test_unwritable_cache_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:

@@ -73,11 +73,12 @@ def test_unknown_offline_dataset_names_the_valid_one() -> None:
 # ----------------------------------------------------------------------------------------------- hub
 
 
-def test_amazon_polarity_fails_fast_when_the_hub_is_unreachable() -> None:
+def test_amazon_polarity_fails_fast_when_the_hub_is_unreachable(closed_hub: str) -> None:
     start = time.monotonic()
     with pytest.raises(HubUnreachableError) as err:
         load_splits(DataArguments(dataset="amazon_polarity"))
     assert time.monotonic() - start < 10  # generous: the library's own retries take ~45 s
+    assert f"the Hugging Face hub at {closed_hub} is unreachable" in str(err.value)
     assert "--dataset offline:vader-amazon" in str(err.value)
 
 

@@ -281,16 +281,22 @@ def test_diverging_trial_is_a_bad_result_not_an_error(local_ray, tmp_path: Path)
 
 @pytest.mark.ray
 def test_relative_paths_reach_every_trial(local_ray, tmp_path: Path, monkeypatch, write_data) -> None:
-    """Ray runs each trial in its own folder: a relative --dataset must still name the user's file there."""
+    """Ray runs each trial in its own folder: a relative --dataset must still name the user's file there, and a
+    relative $LORASENT_CACHE the cache the driver tokenised into."""
     words = {0: ["broke at once", "waste of money"], 1: ["works great", "love it"]}
     write_data([{"text": f"{words[i % 2][i % 3 % 2]} #{i}", "label": i % 2} for i in range(300)], "reviews.csv")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORASENT_CACHE", "relcache")
     argv = ["--dataset", "reviews.csv", "--num_samples", "1", "--num_train_epochs", "1", "--scheduler", "none"]
     args = _args(*argv, "--storage_path", "runs", "--name", "relative", "--verbose", "0")
     results = run_search(args, *experiment_location(args)).results
     assert len(results) == 1 and results.errors == []
     saved = json.loads((tmp_path / "runs" / "relative" / METADATA_FILE).read_text())
     assert saved["data"]["dataset"] == str(tmp_path / "reviews.csv")
+    # The environment a Ray started by the search (as `python tune/run.py` starts one) hands its trials; this
+    # module's Ray started before the variable was set, so its trials never see it.
+    assert os.environ["LORASENT_CACHE"] == str(tmp_path / "relcache")
+    assert any((tmp_path / "relcache" / "tokenized").iterdir())  # the driver's tokenised splits
 
 
 @pytest.mark.ray
