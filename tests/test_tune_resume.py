@@ -121,8 +121,9 @@ def _interrupt_after_a_trial_finished(tmp_path: Path, name: str, ctrl_c: int) ->
             assert proc.poll() is None, f"the search ended before it was interrupted: {log.read_text()}"
             assert time.monotonic() < deadline, f"no trial finished in time: {log.read_text()}"
             time.sleep(0.2)
-        for press in range(ctrl_c):
-            time.sleep(0.3 * (press > 0))
+        proc.send_signal(signal.SIGINT)
+        for _ in range(ctrl_c - 1):
+            time.sleep(0.3)
             proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log.read_text()
     finally:
