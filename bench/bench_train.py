@@ -107,7 +107,7 @@ def lorasent_vs_hand_loop(ws: Workspace, data_file: Path, args: argparse.Namespa
         f"hand loop ({hand.precision}, fused AdamW), batch 16, steady epoch",
         hand_rates["samples_per_s"],
         "reviews/s",
-        f"{hand_rates['real_tokens_per_s']:,.0f} real tokens/s; same data, LengthGroupedSampler; "
+        f"{hand_rates['real_tokens_per_s']:,.0f} real tokens/s; same data, length-grouped batches; "
         f"attention {hand.attention}",
     )
     results.add(

@@ -1,7 +1,7 @@
 """The hand-written training loop that lorasent's `Trainer` path is measured against (goal 2: >= 85% of it).
 
 Same model (lorasent's `build_model`), same tokenised data (`tokenized_splits`), same collator (dynamic
-padding), same batch order policy (transformers' `LengthGroupedSampler`, which `Trainer` uses under
+padding), same batch order policy (lorasent's `ShuffledLengthGroupedSampler`, which its `Trainer` uses under
 `group_by_length`), same gradient clipping. What it leaves out is everything a `Trainer` adds: callbacks,
 logging, the learning-rate schedule object, accelerate's wrapping. bf16 autocast on GPUs that support it,
 fp32 on the CPU; fused AdamW on CUDA.
@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lorasent.config import DataArguments, ModelArguments
 from lorasent.model import build_model
 from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
+from lorasent.train import ShuffledLengthGroupedSampler
 
 
 def autocast_dtype(precision: str = "auto") -> torch.dtype | None:
@@ -82,7 +82,9 @@ def hand_loop(
     loader = DataLoader(
         train,
         batch_size=batch_size,
-        sampler=LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed)),
+        sampler=ShuffledLengthGroupedSampler(
+            batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed)
+        ),
         collate_fn=make_collator(load_tokenizer(model_args), pad_to_multiple_of=pad_to_multiple_of),
         pin_memory=device.type == "cuda",  # as lorasent's Trainer does
     )
@@ -152,7 +154,9 @@ def one_batch_setup(
 
 def padded_token_count(lengths: list[int], batch_size: int, seed: int, multiple: int | None = None) -> int:
     """Tokens an epoch processes, padding included, under the length-grouped order (one draw of it)."""
-    order = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed)))
+    order = list(
+        ShuffledLengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed))
+    )
     total = 0
     for start in range(0, len(order), batch_size):
         longest = max(lengths[i] for i in order[start : start + batch_size])

@@ -208,7 +208,11 @@ class TrainArguments:
         },
     )
     group_by_length: bool = field(
-        default=True, metadata={"help": "Batch texts of similar length together so dynamic padding pads little."}
+        default=True,
+        metadata={
+            "help": "Batch texts of similar length together so dynamic padding pads little (the batches themselves "
+            "come in random order)."
+        },
     )
     seed: int = field(default=42, metadata={"help": "Seed of model initialisation, dropout and batch order."})
     metric_for_best_model: str = field(

@@ -150,7 +150,10 @@ def faulty_search(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # glibc serves allocations >= 4 KiB with fresh mappings (instead of reusing freed heap), so a limited worker's
     # next activation tensor fails at once rather than whenever its heap happens to grow. (The tiny model's
     # activations are 1 KiB per token of a batch of 8: with glibc's 64 KiB-and-up default they often fit in freed heap.)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 1024)}
+    # One malloc arena: each extra thread's arena reserves 64 MiB up front and grows inside it without a new mapping,
+    # which no limit sees. With several, the retried worker trained on unhurt to its last epoch in most runs once the
+    # batches came in random order.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 * 1024), "MALLOC_ARENA_MAX": "1"}
     started = time.perf_counter()
     driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     injector = FaultInjector(driver, name, storage)

@@ -109,6 +109,23 @@ def test_resume_from_a_mid_run_checkpoint_finishes_exactly(reference, tmp_path: 
     assert load_model_dir(resumed.output_dir, device="cpu").meta["metrics"]["epoch"] == resumed.best_epoch
 
 
+@pytest.mark.parametrize("n", [64, 61, 8, 5])  # full batches only, a short last batch, one batch, less than one
+def test_length_grouped_batches_come_in_random_order_with_the_same_contents(n: int) -> None:
+    from torch.utils.data import DataLoader
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    lengths = torch.randint(5, 200, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    grouped = list(LengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(0)))
+    sampler = train_module.ShuffledLengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(0))
+    loaded = [batch.tolist() for batch in DataLoader(range(n), batch_size=8, sampler=sampler)]
+    expected = [grouped[i : i + 8] for i in range(0, n, 8)]
+    assert sorted(map(sorted, loaded)) == sorted(map(sorted, expected))  # the same batches, so the same padding
+    assert loaded[0] == expected[0] and max(lengths) in [lengths[i] for i in loaded[0]]  # the longest batch first
+    assert loaded[-1] == expected[-1] or len(expected[-1]) == 8  # a short last batch stays last
+    if n == 64:
+        assert loaded != expected  # transformers' order walks each mega-batch from long to short; this one does not
+
+
 def test_diverging_run_stops_cleanly_and_says_so(tmp_path: Path) -> None:
     reports: list[EpochReport] = []
     # An absurd learning rate drives the weights to inf within a step, so the loss turns NaN.
