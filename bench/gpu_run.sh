@@ -20,6 +20,7 @@
 #   epoch        batch-256 epochs: lorasent as shipped, the hand loop, bf16 base weights, a step's kernels (goals 2, 4)
 #   epoch_compile  the same lorasent epoch with torch_compile (epoch 1 includes compiling)
 #   cores        the tokenizer alone and lorasent's encoder in 1 process, then lorasent's in 1 per core: the ceiling
+#   fused        K trials on one shared base in one process (peft mixed batch, stacked LoRA) vs K processes
 #   imports      what tune/run.py's imports cost on this box (python -X importtime, the 15 slowest): G3's driver spent
 #                ~27 s before ray.init here, ~6 s on the 2-core CPU
 # Files in $OUT (flat, at most 8): gpu_log.txt and one JSON file per step.
@@ -143,6 +144,7 @@ run_part() {  # the steps: name, longest and shortest useful time (s), command
       --out "$OUT/precision.json" ;;
     tokenise_map) step tokenise_map 60 35 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts tokenise_map \
       --out "$OUT/tokenise_map.json" ;;
+    fused) step fused 150 60 "$PY" bench/bench_fused.py "${FLAGS[@]}" --out "$OUT/fused.json" ;;
     cores) step cores 40 15 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts cores --out "$OUT/cores.json" ;;
     epoch) step epoch 120 50 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts epoch --out "$OUT/epoch.json" ;;
     epoch_compile) step epoch_compile 200 60 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts epoch_compile \

@@ -1,0 +1,461 @@
+"""Several trials in one process on one shared base model: how much faster than one process per trial? (goals 1, 3)
+
+G3 packed 8 trial processes on one H100 and got ~1.8x the trial-epochs of one: at batch 4-16 each step is a few
+ms of small, launch-bound kernels, and processes time-slice the GPU. Trials of one search differ only in their
+LoRA adapters, heads and hyperparameters; the frozen base is the same. So K trials could run as one forward over
+their K batches concatenated, each row going through its own trial's adapter and head. This script measures
+that idea before anything is built on it: per step of K trials (forward, backward, AdamW; bf16 autocast on a GPU)
+
+  solo        K peft models stepped one after another in one process (what one trial per process does, summed)
+  processes   the same K solo trials in K processes at once on the device (what lorasent's packing does now)
+  processes_mps  the same under NVIDIA MPS, where the machine has it (kernels of the K processes run side by side)
+  peft_mixed  one peft model with K adapters, rows routed by peft's own mixed-batch forward (`adapter_names`)
+  concat      the K adapters of each target layer stacked into one matrix pair: x @ A_all, masked to each row's own
+              trial (the mask also carries rank and alpha / r), @ B_all; heads run per trial on their own rows
+
+and checks first, in fp32 with dropout off, that each fused way gives every trial the gradients it gets alone.
+
+    python bench/bench_fused.py --smoke               # CPU, tiny model, ~1 minute
+    python bench/bench_fused.py --trials 8 --batch 4 16 --out results/fused.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from data import Results, add_common_args, section, sync, workspace
+from peft import LoraConfig, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from transformers import AutoModelForSequenceClassification
+
+RANKS = (2, 4, 8)  # three LoRA ranks around the seed's r 4, cycled over the K trials
+SEED_BATCHES = (4, 8, 16)  # the seed grid's batch sizes
+MPS_DIRS = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
+TARGETS = ["q_lin", "v_lin"]
+HEAD = ("pre_classifier", "classifier")  # DistilBERT's classification head, trained in full as in lorasent
+ALPHA = 16
+
+
+def lora_config(r: int, dropout: float) -> LoraConfig:
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=r,
+        lora_alpha=ALPHA,
+        lora_dropout=dropout,
+        target_modules=TARGETS,
+        modules_to_save=list(HEAD),  # peft appends its own head names to the list it is given
+    )
+
+
+def load_base(model_dir: Any, no_dropout: bool) -> torch.nn.Module:
+    extra = {"dropout": 0.0, "attention_dropout": 0.0, "seq_classif_dropout": 0.0} if no_dropout else {}
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, **extra)
+
+
+def batches(sizes: Sequence[int], length: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """One batch per trial, of that trial's size: random ids of `length` tokens (no padding), random labels."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(1000, vocab, (size, length), generator=g),
+            "labels": torch.randint(0, 2, (size,), generator=g),
+        }
+        for size in sizes
+    ]
+
+
+def on_device(data: list[dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.to(device) for k, v in batch.items()} for batch in data]
+
+
+# ------------------------------------------------------------------------------------------------ the ways
+
+
+class Way:
+    """One way of stepping K trials: `loss_and_backward` differs, the optimizer step is the same."""
+
+    optimizers: list[torch.optim.Optimizer]
+
+    def loss_and_backward(self, data: list[dict[str, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    def step(self, data: list[dict[str, torch.Tensor]], dtype: torch.dtype | None) -> None:
+        with autocast(dtype):
+            self.loss_and_backward(data)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def trained(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """A peft model's trained tensors of one adapter, named without the adapter or peft's prefix, so that every way
+    names trial k's tensors alike (`distilbert...q_lin.lora_A.weight`, `classifier.modules_to_save.bias`)."""
+    tag = f".{adapter}"
+    return {
+        name.replace(tag, "").replace("base_model.model.", ""): p
+        for name, p in model.named_parameters()
+        if p.requires_grad and tag + "." in name + "."
+    }
+
+
+class Solo(Way):
+    """K peft models, one step each in turn."""
+
+    def __init__(self, base: torch.nn.Module, ranks: list[int], dropout: float, device: torch.device) -> None:
+        self.models = [get_peft_model(copy.deepcopy(base), lora_config(r, dropout)).to(device).train() for r in ranks]
+        self.optimizers = [adamw(m.parameters(), device) for m in self.models]
+
+    def loss_and_backward(self, data: list[dict[str, torch.Tensor]]) -> None:
+        for model, batch in zip(self.models, data, strict=True):
+            model(**batch).loss.backward()
+
+    def grads(self, k: int) -> dict[str, torch.Tensor]:
+        return {name: p.grad for name, p in trained(self.models[k], "default").items()}
+
+    def load(self, k: int, weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in trained(self.models[k], "default").items():
+                p.copy_(weights[name])
+
+
+class PeftMixed(Way):
+    """One peft model with K adapters; each row runs through its trial's adapter and head (peft's mixed batch)."""
+
+    def __init__(self, base: torch.nn.Module, ranks: list[int], dropout: float, device: torch.device) -> None:
+        self.names = [f"t{k}" for k in range(len(ranks))]
+        model = get_peft_model(copy.deepcopy(base), lora_config(ranks[0], dropout), adapter_name=self.names[0])
+        for name, r in zip(self.names[1:], ranks[1:], strict=True):
+            model.add_adapter(name, lora_config(r, dropout))
+        model.base_model.set_requires_grad(self.names, True)  # peft trains only the active adapter by default
+        self.model = model.to(device).train()
+        # peft refuses `adapter_names` in training mode at the top level; the layers themselves take it.
+        self.inner = model.base_model.model
+        self.routed = [m for m in model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+        self.optimizers = [adamw([p for p in model.parameters() if p.requires_grad], device)]
+
+    def loss_and_backward(self, data: list[dict[str, torch.Tensor]]) -> None:
+        rows = [name for name, batch in zip(self.names, data, strict=True) for _ in range(len(batch["labels"]))]
+        hooks = [m.register_forward_pre_hook(_route(rows), with_kwargs=True) for m in self.routed]
+        try:
+            logits = self.inner(input_ids=torch.cat([b["input_ids"] for b in data])).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+        per_trial_loss(logits, data).backward()
+
+    def grads(self, k: int) -> dict[str, torch.Tensor]:
+        return {name: p.grad for name, p in trained(self.model, self.names[k]).items()}
+
+    def weights(self, k: int) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in trained(self.model, self.names[k]).items()}
+
+
+def _route(rows: list[str]) -> Callable[..., Any]:
+    def pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs["adapter_names"] = rows
+        return args, kwargs
+
+    return pre_forward
+
+
+class StackedLora(torch.nn.Module):
+    """A frozen Linear plus K LoRA adapters stacked: two matmuls for all trials, a mask keeps each row to its own."""
+
+    def __init__(self, base: torch.nn.Linear, ranks: list[int], dropout: float) -> None:
+        super().__init__()
+        self.base, self.r_max = base, max(ranks)
+        width = len(ranks) * self.r_max
+        self.lora_A = torch.nn.Parameter(torch.zeros(width, base.in_features))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, width))
+        mask = torch.zeros(len(ranks), width)
+        for k, r in enumerate(ranks):
+            mask[k, k * self.r_max : k * self.r_max + r] = ALPHA / r
+            torch.nn.init.kaiming_uniform_(self.lora_A[k * self.r_max : k * self.r_max + r], a=5**0.5)
+        self.register_buffer("scale", mask)  # [K, K * r_max]: trial k's columns, times alpha / r_k
+        self.dropout = torch.nn.Dropout(dropout)
+        self.row_scale: torch.Tensor | None = None  # [rows, 1, K * r_max], set per step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (self.dropout(x) @ self.lora_A.to(x.dtype).t()) * self.row_scale.to(x.dtype)
+        return self.base(x) + h @ self.lora_B.to(x.dtype).t()
+
+
+class Concat(Way):
+    """The frozen base once; per target layer one StackedLora for all K trials; per trial its own head."""
+
+    def __init__(self, base: torch.nn.Module, ranks: list[int], dropout: float, device: torch.device) -> None:
+        model = copy.deepcopy(base)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.layers: list[StackedLora] = []
+        for name, module in list(model.named_modules()):
+            if name.rsplit(".", 1)[-1] in TARGETS:
+                parent = model.get_submodule(name.rsplit(".", 1)[0])
+                stacked = StackedLora(module, ranks, dropout)
+                setattr(parent, name.rsplit(".", 1)[-1], stacked)
+                self.layers.append(stacked)
+        self.heads = torch.nn.ModuleList(
+            torch.nn.ModuleDict({h: copy.deepcopy(getattr(model, h)).requires_grad_(True) for h in HEAD}) for _ in ranks
+        )
+        self.ranks = ranks
+        self.model = model.to(device).train()
+        self.heads.to(device).train()
+        self.head_dropout = model.dropout
+        params = [p for layer in self.layers for p in (layer.lora_A, layer.lora_B)] + list(self.heads.parameters())
+        self.optimizers = [adamw(params, device)]
+
+    def loss_and_backward(self, data: list[dict[str, torch.Tensor]]) -> None:
+        sizes = [len(b["labels"]) for b in data]
+        owner = torch.repeat_interleave(torch.arange(len(data)), torch.tensor(sizes)).to(data[0]["labels"].device)
+        for layer in self.layers:
+            layer.row_scale = layer.scale[owner].unsqueeze(1)
+        hidden = self.model.distilbert(input_ids=torch.cat([b["input_ids"] for b in data])).last_hidden_state[:, 0]
+        logits, start = [], 0
+        for head, size in zip(self.heads, sizes, strict=True):  # DistilBertForSequenceClassification's head
+            h = torch.relu(head["pre_classifier"](hidden[start : start + size]))
+            logits.append(head["classifier"](self.head_dropout(h)))
+            start += size
+        per_trial_loss(torch.cat(logits), data).backward()
+
+    def grads(self, k: int) -> dict[str, torch.Tensor]:
+        """Trial k's slice of the stacked gradients, shaped as peft's lora_A / lora_B of rank r_k."""
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, StackedLora):
+                cols = slice(k * module.r_max, k * module.r_max + self.ranks[k])
+                out[f"{name}.lora_A.weight"] = module.lora_A.grad[cols]
+                out[f"{name}.lora_B.weight"] = module.lora_B.grad[:, cols]
+        for h in HEAD:
+            for pname, p in self.heads[k][h].named_parameters():
+                out[f"{h}.modules_to_save.{pname}"] = p.grad
+        return out
+
+    def load(self, k: int, weights: dict[str, torch.Tensor]) -> None:
+        """Set trial k's adapter and head to `weights` (named as `grads` names them)."""
+        with torch.no_grad():
+            for name, module in self.model.named_modules():
+                if isinstance(module, StackedLora):
+                    cols = slice(k * module.r_max, k * module.r_max + self.ranks[k])
+                    module.lora_A[cols] = weights[f"{name}.lora_A.weight"]
+                    module.lora_B[:, cols] = weights[f"{name}.lora_B.weight"]
+            for h in HEAD:
+                for pname, p in self.heads[k][h].named_parameters():
+                    p.copy_(weights[f"{h}.modules_to_save.{pname}"])
+
+
+def per_trial_loss(logits: torch.Tensor, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The sum of each trial's mean loss: trials share no trained weight, so each gets exactly its own gradient."""
+    losses, start = [], 0
+    for batch in data:
+        size = len(batch["labels"])
+        losses.append(torch.nn.functional.cross_entropy(logits[start : start + size].float(), batch["labels"]))
+        start += size
+    return torch.stack(losses).sum()
+
+
+def adamw(params: Any, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(list(params), lr=1e-3, fused=device.type == "cuda")
+
+
+def autocast(dtype: torch.dtype | None) -> torch.autocast:
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# ------------------------------------------------------------------------------------------------ the parts
+
+
+def check_gradients(model_dir: Any, args: argparse.Namespace, results: Results) -> None:
+    """Fused ways against solo, fp32, dropout off: the same weights in, the same gradients out for every trial."""
+    base = load_base(model_dir, no_dropout=True)
+    ranks = [RANKS[k % len(RANKS)] for k in range(args.trials)]
+    cpu = torch.device("cpu")
+    data = batches([2 + k % 3 for k in range(args.trials)], 16, base.config.vocab_size)  # unequal row counts
+    torch.manual_seed(0)
+    mixed = PeftMixed(base, ranks, 0.0, cpu)
+    with torch.no_grad():  # LoRA B starts at zero, which would make A's gradient zero and the check weak
+        for name, p in mixed.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    solo, concat = Solo(base, ranks, 0.0, cpu), Concat(base, ranks, 0.0, cpu)
+    for k in range(args.trials):
+        solo.load(k, mixed.weights(k))
+        concat.load(k, mixed.weights(k))
+    for way in (solo, mixed, concat):
+        way.loss_and_backward(data)
+    for name, way in (("peft_mixed", mixed), ("concat", concat)):
+        worst = 0.0
+        for k in range(args.trials):
+            mine, alone = way.grads(k), solo.grads(k)
+            if mine.keys() != alone.keys():
+                raise RuntimeError(
+                    f"{name}: trial {k}'s tensors differ from solo's: {sorted(mine.keys() ^ alone.keys())}"
+                )
+            for key, g in alone.items():
+                worst = max(worst, ((mine[key] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item())
+        results.add(f"gradient check {name}", worst, "max relative difference", f"{args.trials} trials vs solo, fp32")
+
+
+def time_way(way: Any, data: list[dict[str, torch.Tensor]], dtype: torch.dtype | None, steps: int) -> float:
+    """Seconds per step of all K trials, after warm-up steps."""
+    for _ in range(3):
+        way.step(data, dtype)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        way.step(data, dtype)
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def _solo_process(
+    model_dir: str, r: int, sizes: list[int], length: int, steps: int, threads: int, barrier: Any, queue: Any
+) -> None:
+    """One trial in its own process; per case (its batch size in it): warm up, wait for the others, time `steps`."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(threads)  # as Ray gives a 1-CPU trial one thread: K processes must not oversubscribe
+    base = load_base(model_dir, no_dropout=False)
+    way = Solo(base, [r], 0.1, device)
+    dtype = bf16_or_none()
+    for case, size in enumerate(sizes):
+        data = on_device(batches([size], length, base.config.vocab_size), device)
+        for _ in range(3):
+            way.step(data, dtype)
+        sync()
+        barrier.wait()
+        start = time.perf_counter()
+        for _ in range(steps):
+            way.step(data, dtype)
+        sync()
+        queue.put((case, start, time.perf_counter()))
+
+
+def time_processes(model_dir: Any, ranks: list[int], cases: list[list[int]], length: int, steps: int) -> list[float]:
+    """Per case, seconds per step of all K trials when each runs in its own process at once (first start to last
+    end); the K processes start once, as Tune's reused trial actors do."""
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(len(ranks)), ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // len(ranks))
+    procs = [
+        ctx.Process(
+            target=_solo_process,
+            args=(str(model_dir), r, [case[k] for case in cases], length, steps, threads, barrier, queue),
+        )
+        for k, r in enumerate(ranks)
+    ]
+    for p in procs:
+        p.start()
+    spans = [queue.get(timeout=600) for _ in range(len(procs) * len(cases))]
+    for p in procs:
+        p.join()
+    return [
+        (max(e for c, _, e in spans if c == case) - min(s for c, s, _ in spans if c == case)) / steps
+        for case in range(len(cases))
+    ]
+
+
+@contextlib.contextmanager
+def mps_daemon() -> Iterator[None]:
+    """NVIDIA's Multi-Process Service for the processes started inside: their kernels then share the GPU at once
+    instead of taking turns. Needs nvidia-cuda-mps-control and a GPU whose compute mode allows it."""
+    dirs = {name: tempfile.mkdtemp(prefix=f"lorasent-{name.lower()}-") for name in MPS_DIRS}
+    env = {**os.environ, **dirs}
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True, timeout=30)
+    saved = {name: os.environ.get(name) for name in MPS_DIRS}
+    os.environ.update(dirs)  # spawned processes take the parent's environment when they start
+    try:
+        yield
+    finally:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=env, timeout=30, check=False)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def bf16_or_none() -> torch.dtype | None:
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+
+
+def throughput(model_dir: Any, args: argparse.Namespace, results: Results) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_base(model_dir, no_dropout=False)
+    ranks = [RANKS[k % len(RANKS)] for k in range(args.trials)]
+    cases = [[batch] * args.trials for batch in args.batch]
+    if args.mixed:  # the seed grid's batch sizes side by side, as a search runs them
+        cases.append([SEED_BATCHES[k % len(SEED_BATCHES)] for k in range(args.trials)])
+    in_processes = time_processes(model_dir, ranks, cases, args.length, args.steps) if args.processes else []
+    under_mps: list[float] = []
+    if args.processes and torch.cuda.is_available() and shutil.which("nvidia-cuda-mps-control"):
+        try:  # before this process starts CUDA itself: it stays out of MPS
+            with mps_daemon():
+                under_mps = time_processes(model_dir, ranks, cases, args.length, args.steps)
+        except Exception as e:  # MPS refused or a process stuck: the other ways are still worth having
+            results.add("processes under MPS", f"not measured: {type(e).__name__}: {e}"[:200])
+    dtype = bf16_or_none()  # after the processes: asking the device about bf16 starts CUDA in this process
+    for case, sizes in enumerate(cases):
+        data = on_device(batches(sizes, args.length, base.config.vocab_size), device)
+        seconds = {}
+        for name, cls in (("solo", Solo), ("peft_mixed", PeftMixed), ("concat", Concat)):
+            seconds[name] = time_way(cls(base, ranks, 0.1, device), data, dtype, args.steps)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if in_processes:
+            seconds["processes"] = in_processes[case]
+        if under_mps:
+            seconds["processes_mps"] = under_mps[case]
+        label = f"batch {sizes[0]}" if len(set(sizes)) == 1 else f"batches {'/'.join(map(str, SEED_BATCHES))} mixed"
+        for name, s in seconds.items():
+            results.add(
+                f"{label}, {args.trials} trials: {name}",
+                args.trials / s,
+                "trial-steps/s",
+                f"{sum(sizes) / s:,.0f} reviews/s, {s * 1000:.1f} ms per step of all {args.trials}; "
+                f"x{seconds['solo'] / s:.2f} of solo"
+                + (f", x{seconds['processes'] / s:.2f} of processes" if "processes" in seconds else ""),
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, "results/fused.json")
+    parser.add_argument("--trials", type=int, default=None, help="K trials (default 8; 3 with --smoke).")
+    parser.add_argument("--batch", type=int, nargs="+", default=[4, 16], help="Per-trial batch sizes to time.")
+    parser.add_argument("--length", type=int, default=None, help="Tokens per review (default 100; 32 with --smoke).")
+    parser.add_argument("--steps", type=int, default=None, help="Timed steps per way (default 20; 3 with --smoke).")
+    parser.add_argument(
+        "--no_mixed", dest="mixed", action="store_false", help="Skip the case of batch sizes 4/8/16 side by side."
+    )
+    parser.add_argument(
+        "--no_processes",
+        dest="processes",
+        action="store_false",
+        help="Skip the K-process way (it starts K fresh processes, each importing torch and initialising CUDA).",
+    )
+    args = parser.parse_args()
+    args.trials = args.trials or (3 if args.smoke else 8)
+    args.length = args.length or (32 if args.smoke else 100)
+    args.steps = args.steps or (3 if args.smoke else 20)
+    ws = workspace(args)
+    results = Results("bench_fused", args.smoke)
+    model_dir = ws.model_dir()
+    section(results, args.out, "gradients", lambda: check_gradients(model_dir, args, results))
+    section(results, args.out, "throughput", lambda: throughput(model_dir, args, results))
+    results.write(args.out)
+
+
+if __name__ == "__main__":
+    main()
