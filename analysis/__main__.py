@@ -66,7 +66,16 @@ def _predict_hint(model_dir: object) -> None:
     print(f'Predict: python -m lorasent.predict {model_dir} --text "{EXAMPLE_TEXT}"')
 
 
+def _quiet_weight_loading() -> None:
+    """transformers' 'Loading weights' bar for a few MB of adapter is noise between retraining's own lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command in ("report", "retrain"):
+        _quiet_weight_loading()
     if args.command == "report":
         from analysis.report import write_report
         from analysis.retrain import retrain_best

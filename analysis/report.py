@@ -149,8 +149,9 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
         _md(f"""
             ## Final test evaluation
 
-            The best configuration retrained on train + validation for its best epoch count, then evaluated once
-            on the untouched test split. Create it with `{retrain_cmd}`.
+            The final model, evaluated once on the untouched test split: by default the best configuration
+            retrained on train + validation for its best epoch count, or with `--use-checkpoint` the best trial's
+            own checkpoint (the summary below says which). Create it with `{retrain_cmd}`.
             """),
         _code(f"""
             final = retrain.load_final_evaluation(FINAL_MODEL)

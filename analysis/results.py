@@ -470,8 +470,18 @@ def _summarise_trials(
     trials["max_epochs"] = planned
     # ASHA ends a trial by terminating it before its planned epochs; diverged and errored trials end themselves.
     trials["early_stopped"] = (trials["status"] == "TERMINATED") & (trials["epochs"] < planned) & ~trials["diverged"]
-    order = trials[best_col].where(~trials["diverged"])
-    trials["rank"] = order.rank(ascending=mode == "min", method="first")
+    # Ties go to a trial whose best epoch kept its checkpoint, then to the one that got there in fewer epochs, then
+    # to the smaller trial id; not to Ray's trial order, which a resumed search may change. tune/run.py's summary
+    # ranks the same way.
+    score = trials[best_col].where(~trials["diverged"])
+    ranked = trials.assign(_score=score, _unkept=trials["best_checkpoint"].isna()).sort_values(
+        ["_score", "_unkept", "best_epoch", "trial_id"],
+        ascending=[mode == "min", True, True, True],
+        na_position="last",
+        kind="stable",
+    )
+    position = pd.Series(range(1, len(ranked) + 1), index=ranked.index, dtype=float)
+    trials["rank"] = position.where(score.notna())
 
 
 # --------------------------------------------------------------------------------------------------- status

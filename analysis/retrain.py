@@ -133,7 +133,8 @@ def retrain_best(
         evaluation.save(tmp)
         atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
     print(f"Final model: {out}")
-    print(f"  test accuracy {evaluation.metrics['accuracy']:.4f}, macro F1 {evaluation.metrics['f1_macro']:.4f}")
+    m = evaluation.metrics
+    print(f"  test accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}, loss {m['loss']:.4f}")
     return out
 
 
@@ -224,9 +225,10 @@ class FinalEvaluation:
         m = self.metrics
         n_errors = int((~self.predictions["correct"].astype(bool)).sum())
         method = self.provenance.get("method", "")
+        loss = f", loss {m['loss']:.4f}" if "loss" in m else ""  # final models saved before the test loss lack it
         return (
-            f"**Test accuracy {m['accuracy']:.4f}**, macro F1 {m['f1_macro']:.4f} on {len(self.predictions)} test "
-            f"texts ({n_errors} misclassified).\n\n"
+            f"**Test accuracy {m['accuracy']:.4f}**, macro F1 {m['f1_macro']:.4f}{loss} on {len(self.predictions)} "
+            f"test texts ({n_errors} misclassified).\n\n"
             f"Model `{self.path}`: trial {self.provenance.get('trial_id', '?')}'s configuration, {method}.\n\n"
             f'Use it: `python -m lorasent.predict {self.path} --text "{EXAMPLE_TEXT}"`'
         )

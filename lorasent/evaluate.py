@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import classification_report, confusion_matrix
+from sklearn.metrics import classification_report, confusion_matrix, log_loss
 from transformers.utils import logging as hf_logging
 
 from lorasent.config import DataArguments
@@ -121,11 +121,14 @@ def evaluate_model_dir(
     for name in label_names:
         frame[f"prob_{name}"] = [p.probabilities[name] for p in predictions]
     frame["correct"] = labels == predicted
+    probabilities = frame[[f"prob_{name}" for name in label_names]].to_numpy()
+    # the mean cross-entropy, as the validation `loss` of the trials, so the two read alike
+    loss = float(log_loss(labels, probabilities, labels=ids))
     return EvaluationResult(
         model_dir=Path(model_dir),
         split=split,
         label_names=label_names,
-        metrics=scores(labels, predicted, label_names),
+        metrics={**scores(labels, predicted, label_names), "loss": loss},
         report=classification_report(
             labels, predicted, labels=ids, target_names=label_names, output_dict=True, zero_division=0
         ),
@@ -154,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result.report_text)
+    print(f"loss (mean cross-entropy): {result.metrics['loss']:.4f}")
     print("confusion matrix (rows: true, columns: predicted):", result.confusion_matrix)
     if args.output_dir:
         print(f"wrote {args.split}_metrics.json and {args.split}_predictions.csv to {args.output_dir}")

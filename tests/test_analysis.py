@@ -92,10 +92,8 @@ def test_tables_match_what_the_search_reported(search: tuple[Path, str]) -> None
     best_accuracy = float(re.search(r"validation: accuracy=([\d.]+)", console).group(1))
     printed = exp.trials[exp.trials["trial_dir"].str.endswith(best_dir)].iloc[0]
     assert printed["best_accuracy"] == pytest.approx(best_accuracy, abs=1e-4)
-    assert exp.best_trial["best_accuracy"] == pytest.approx(best_accuracy, abs=1e-4)  # ties may pick either
+    assert (exp.best_trial["trial_id"], exp.best_epoch) == (printed["trial_id"], int(best_epoch))  # ties too
     assert exp.best_checkpoint is not None and (exp.best_checkpoint / "adapter_model.safetensors").is_file()
-    if exp.best_trial["trial_id"] == printed["trial_id"]:
-        assert exp.best_epoch == int(best_epoch)
 
     table = trial_table(exp)
     assert list(table.index) == list(range(1, len(exp.trials) + 1))
@@ -220,6 +218,33 @@ def test_diverged_trial_is_never_best(search: tuple[Path, str], tmp_path: Path) 
     assert trial_table(exp).iloc[-1]["trial_id"] == best["trial_id"]
     for plot in (plots.learning_curves, plots.lr_vs_metric, plots.lr_batch_heatmap, plots.rank_effect):
         assert plot(exp).axes, plot.__name__  # draws the others, no inf on any axis
+
+
+def _set_accuracy_by_epoch(result: Path, accuracies: list[float]) -> None:
+    """Give a trial's result.json rows these accuracies, epoch by epoch (its last value for any later epoch)."""
+    rows = [json.loads(line) for line in result.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["accuracy"] = accuracies[min(i, len(accuracies) - 1)]
+    result.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_ties_go_to_fewer_epochs_then_the_smaller_trial_id(search: tuple[Path, str], tmp_path: Path) -> None:
+    """Not to the order Ray lists trials in, which a resumed search may change."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    trials = load_experiment(copy).trials
+    longer = trials[trials["epochs"] >= 2].iloc[0]  # ASHA always lets a rung's first trial go on
+    other = trials[trials["trial_id"] != longer["trial_id"]].iloc[0]
+    results = {row["trial_id"]: Path(row["trial_dir"]) / "result.json" for _, row in trials.iterrows()}
+    for result in results.values():
+        _set_accuracy_by_epoch(result, [0.1])
+    _set_accuracy_by_epoch(results[longer["trial_id"]], [0.99])
+    _set_accuracy_by_epoch(results[other["trial_id"]], [0.99])
+    assert load_experiment(copy).best_trial["trial_id"] == min(longer["trial_id"], other["trial_id"])
+
+    _set_accuracy_by_epoch(results[longer["trial_id"]], [0.5, 0.99])  # the same score, one epoch later
+    exp = load_experiment(copy)
+    assert (exp.best_trial["trial_id"], exp.best_epoch) == (other["trial_id"], 1)
 
 
 def test_gpu_memory_peak_per_trial(search: tuple[Path, str], tmp_path: Path) -> None:

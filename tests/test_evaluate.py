@@ -50,6 +50,9 @@ def test_evaluation_on_the_saved_test_split(model_dir: Path, tmp_path: Path) -> 
 def test_other_data_and_splits(model_dir: Path) -> None:
     result = evaluate_model_dir(model_dir, split="validation", device="cpu")
     assert len(result.predictions) == 32
+    trained = json.loads((model_dir / "lorasent.json").read_text())["metrics"]  # what the Trainer measured there
+    assert result.metrics["loss"] == pytest.approx(trained["loss"], abs=1e-4)
+    assert result.metrics["accuracy"] == pytest.approx(trained["accuracy"])
     with pytest.raises(ConfigError, match="label names"):
         evaluate_model_dir(model_dir, data_args=DataArguments(label_names=["bad", "good"]), device="cpu")
     with pytest.raises(ConfigError, match="Unknown split"):
@@ -59,7 +62,7 @@ def test_other_data_and_splits(model_dir: Path) -> None:
 def test_cli_prints_the_report_and_writes_files(model_dir: Path, tmp_path: Path, capsys) -> None:
     assert evaluate_module.main([str(model_dir), "--output_dir", str(tmp_path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "macro avg" in out and "confusion matrix" in out
+    assert "macro avg" in out and "confusion matrix" in out and "loss (mean cross-entropy): " in out
     assert (tmp_path / "test_metrics.json").is_file() and (tmp_path / "test_predictions.csv").is_file()
     assert evaluate_module.main([str(tmp_path / "no-model")]) == 2
     assert capsys.readouterr().err.startswith("error: ")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -332,3 +333,42 @@ def test_unroutable_cluster_fails_within_seconds() -> None:
     with pytest.raises(ConfigError, match="unreachable"):
         check_reachable("192.0.2.123:6379", timeout=2.0)  # TEST-NET-1: nothing answers there
     assert time.perf_counter() - started < 5
+
+
+def _trial_result(tmp: Path, trial_id: str, accuracies: list[float], kept: list[int]) -> Any:
+    """A trial's Result as Tune returns it: one row per epoch, checkpoints kept for the epochs in `kept`."""
+    import pandas as pd
+    from ray.tune import Checkpoint, Result
+
+    rows = [{"accuracy": a, "training_iteration": i + 1, "trial_id": trial_id} for i, a in enumerate(accuracies)]
+    checkpoints = []
+    for row in rows:
+        if row["training_iteration"] in kept:
+            folder = tmp / trial_id / f"checkpoint_{row['training_iteration']}"
+            folder.mkdir(parents=True)
+            checkpoints.append((Checkpoint.from_directory(str(folder)), row))
+    return Result(
+        metrics=rows[-1], checkpoint=None, error=None, path=str(tmp / trial_id),
+        metrics_dataframe=pd.DataFrame(rows), best_checkpoints=checkpoints,
+    )  # fmt: skip
+
+
+def test_the_printed_best_breaks_ties_as_the_report_does(tmp_path: Path) -> None:
+    """Best score; then an epoch with a kept checkpoint; then the earlier epoch; then the smaller trial id."""
+    from tune.run import _best_epoch
+
+    late = _trial_result(tmp_path, "aaaa", [0.5, 0.9, 0.9], kept=[2, 3])
+    early = _trial_result(tmp_path, "bbbb", [0.9, 0.7], kept=[1])
+    unkept = _trial_result(tmp_path, "0000", [0.9], kept=[])
+    diverged = _trial_result(tmp_path, "cccc", [0.95, float("-inf")], kept=[1])  # as analysis: never the best
+    diverged.metrics["diverged"] = 1.0
+    for order in ([late, early, unkept, diverged], [diverged, unkept, early, late]):
+        _, metrics, checkpoint = _best_epoch(order, "accuracy", "max")
+        assert (metrics["trial_id"], metrics["training_iteration"]) == ("bbbb", 1)
+        assert checkpoint is not None and checkpoint.path.endswith("bbbb/checkpoint_1")
+    _, metrics, _ = _best_epoch([late, unkept], "accuracy", "max")
+    assert (metrics["trial_id"], metrics["training_iteration"]) == ("aaaa", 2)
+    same = _trial_result(tmp_path / "again", "0001", [0.9], kept=[1])
+    assert _best_epoch([early, same], "accuracy", "max")[1]["trial_id"] == "0001"
+    assert _best_epoch([diverged], "accuracy", "max") is None
+    assert _best_epoch([late, early], "loss", "min") is None  # no trial reported the metric

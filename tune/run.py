@@ -13,6 +13,7 @@ and plan resources -> Tuner.fit (or Tuner.restore) -> print the best trial, its 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import sys
@@ -142,17 +143,11 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
     )
     for r in errors:
         print(f"  errored: {r.path} ({type(r.error).__name__}); see error.txt there")
-    try:
-        best = results.get_best_result(metric, mode, scope="all", filter_nan_and_inf=True)
-    except RuntimeError:
+    found = _best_epoch(trials, metric, mode)
+    if found is None:
         print(f"error: no trial reported a finite {metric!r}; see the errors above.", file=sys.stderr)
         return 1
-    checkpoint = best.get_best_checkpoint(metric, mode)
-    if checkpoint is not None:  # the metrics of the epoch whose adapter is shown, even where epochs tie
-        shown_metrics = next(m for c, m in best.best_checkpoints if c.path == checkpoint.path)
-    else:
-        frame = best.metrics_dataframe
-        shown_metrics = frame.loc[frame[metric].idxmax() if mode == "max" else frame[metric].idxmin()].to_dict()
+    best, shown_metrics, checkpoint = found
     shown = dict.fromkeys((metric, "accuracy", "f1_macro", "loss"))  # ordered, without duplicates
     print(f"Best trial {Path(best.path).name}, epoch {int(shown_metrics['training_iteration'])}:")
     config = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
@@ -166,6 +161,37 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
         print(f'  python -m lorasent.predict {checkpoint.path} --text "{EXAMPLE_TEXT}"')
     print(f"  tensorboard --logdir {experiment_path} --host 127.0.0.1")
     return 0
+
+
+def _best_epoch(trials: list[Any], metric: str, mode: str) -> tuple[Any, dict[str, Any], Any] | None:
+    """(result, metrics, checkpoint) of the best epoch of all trials that did not diverge, or None when no epoch
+    has a finite score.
+
+    Ties go to an epoch with a kept checkpoint, then to the earlier epoch, then to the smaller trial id, as
+    `analysis.results` ranks trials (the report and retrain-best), so the trial printed here is the one they use;
+    Ray's own pick would follow its trial order.
+    """
+    sign = -1 if mode == "max" else 1
+    epochs = [
+        (sign * m[metric], checkpoint is None, m["training_iteration"], m.get("trial_id", ""), result, m, checkpoint)
+        for result in trials
+        if not (result.metrics or {}).get("diverged")  # a diverged trial's last report says so
+        for m, checkpoint in _epochs(result)
+        if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])
+    ]
+    if not epochs:
+        return None
+    *_, result, metrics, checkpoint = min(epochs, key=lambda epoch: epoch[:4])
+    return result, metrics, checkpoint
+
+
+def _epochs(result: Any) -> list[tuple[dict[str, Any], Any]]:
+    """(metrics, checkpoint or None) of each epoch a trial reported: its kept checkpoints' metrics, then the rest."""
+    kept = [(dict(m), c) for c, m in result.best_checkpoints]
+    seen = {m["training_iteration"] for m, _ in kept}
+    frame = result.metrics_dataframe
+    rows = frame.to_dict("records") if frame is not None else []
+    return kept + [(row, None) for row in rows if row.get("training_iteration") not in seen]
 
 
 class SearchOutcome(NamedTuple):
