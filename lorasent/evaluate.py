@@ -121,7 +121,8 @@ def evaluate_model_dir(
     for name in label_names:
         frame[f"prob_{name}"] = [p.probabilities[name] for p in predictions]
     frame["correct"] = labels == predicted
-    probabilities = frame[[f"prob_{name}" for name in label_names]].to_numpy()
+    probabilities = frame[[f"prob_{name}" for name in label_names]].to_numpy(dtype=np.float64)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)  # a float32 softmax sums to 1 only within ~1e-7
     # the mean cross-entropy, as the validation `loss` of the trials, so the two read alike
     loss = float(log_loss(labels, probabilities, labels=ids))
     return EvaluationResult(

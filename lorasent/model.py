@@ -49,6 +49,7 @@ AUTO_TARGETS: dict[str, list[str]] = {
     "mpnet": ["q", "v"],
 }
 _LORA_LAYER_TYPES = (torch.nn.Linear, Conv1D, torch.nn.Embedding)
+_NOISY_LOAD_LOGGERS = ("modeling_utils", "distributed.tensor_parallel")
 _FIX_CHECKPOINT = "Re-run the training that produced it, or pick another checkpoint or model folder."
 
 
@@ -132,8 +133,15 @@ def _load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrained
     otherwise; weights load from safetensors only.
     """
     path = resolve_model_path(model_args.model_name_or_path)
+    # transformers' load report calls the new head MISSING and asks for training, on every load (prediction too,
+    # where the adapter's head replaces it right after), and DistilBERT's tensor-parallel plan lists layers "not
+    # sharded" where nothing is sharded: only encoder weights that are missing are news.
+    quieted = [logging.getLogger(f"transformers.{name}") for name in _NOISY_LOAD_LOGGERS]
+    levels = [log.level for log in quieted]
+    for log in quieted:
+        log.setLevel(logging.ERROR)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
@@ -141,6 +149,7 @@ def _load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrained
             trust_remote_code=model_args.trust_remote_code,
             use_safetensors=True,
             ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a new head
+            output_loading_info=True,
         )
     except (OSError, ValueError) as e:
         raise ConfigError(
@@ -148,6 +157,19 @@ def _load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrained
             "config.json and model.safetensors (lorasent loads safetensors only), a hub name, or "
             "'offline:all-MiniLM-L6-v2'; set trust_remote_code only for model code you trust."
         ) from e
+    finally:
+        for log, level in zip(quieted, levels, strict=True):
+            log.setLevel(level)
+    head = head_module_names(model)
+    missing = sorted(key for key in info["missing_keys"] if key.split(".", 1)[0] not in head)
+    if missing:
+        logger.warning(
+            "%s has no weights for %d encoder parameter(s), which start at random: %s",
+            model_args.model_name_or_path,
+            len(missing),
+            ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""),
+        )
+    return model
 
 
 def build_model(

@@ -47,6 +47,7 @@ def test_evaluation_on_the_saved_test_split(model_dir: Path, tmp_path: Path) -> 
     assert len(saved) == 40 and saved["correct"].sum() == frame["correct"].sum()
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # scikit-learn's "y_prob values do not sum to one" among them
 def test_other_data_and_splits(model_dir: Path) -> None:
     result = evaluate_model_dir(model_dir, split="validation", device="cpu")
     assert len(result.predictions) == 32

@@ -215,3 +215,25 @@ def test_corrupt_model_folder_is_a_clear_checkpoint_error(saved_tiny, tmp_path: 
 def test_missing_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model_dir(tmp_path / "nothing-here")
+
+
+def test_only_encoder_weights_missing_from_the_checkpoint_are_reported(
+    tiny_model_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """transformers' load report calls the new head MISSING on every load; lorasent names only what matters."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    head = [key for key in weights if key.startswith(("pre_classifier.", "classifier."))]
+    assert head, "the tiny model should ship a head for this test to drop"
+    dropped = "distilbert.transformer.layer.1.ffn.lin1.weight"
+    save_file({k: v for k, v in weights.items() if k not in [*head, dropped]}, folder / "model.safetensors")
+
+    build_model(ModelArguments(model_name_or_path=str(tiny_model_dir), lora_r=4), LABELS)  # complete: silent
+    assert "LOAD REPORT" not in capfd.readouterr().err and not caplog.records  # nor "layers were not sharded"
+    build_model(ModelArguments(model_name_or_path=str(folder), lora_r=4), LABELS)
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and dropped in record.getMessage() and "classifier" not in record.getMessage()
