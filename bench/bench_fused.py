@@ -229,30 +229,26 @@ class Concat(Way):
             start += size
         per_trial_loss(torch.cat(logits), data).backward()
 
-    def grads(self, k: int) -> dict[str, torch.Tensor]:
-        """Trial k's slice of the stacked gradients, shaped as peft's lora_A / lora_B of rank r_k."""
-        out: dict[str, torch.Tensor] = {}
+    def _trial_parts(self, k: int) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
+        """(name as peft would save it, parameter, index of trial k's part in it) for each tensor trial k trains."""
         for name, module in self.model.named_modules():
             if isinstance(module, StackedLora):
                 cols = slice(k * module.r_max, k * module.r_max + self.ranks[k])
-                out[f"{name}.lora_A.weight"] = module.lora_A.grad[cols]
-                out[f"{name}.lora_B.weight"] = module.lora_B.grad[:, cols]
+                yield f"{name}.lora_A.weight", module.lora_A, cols
+                yield f"{name}.lora_B.weight", module.lora_B, (slice(None), cols)
         for h in HEAD:
             for pname, p in self.heads[k][h].named_parameters():
-                out[f"{h}.modules_to_save.{pname}"] = p.grad
-        return out
+                yield f"{h}.modules_to_save.{pname}", p, slice(None)
+
+    def grads(self, k: int) -> dict[str, torch.Tensor]:
+        """Trial k's slice of the stacked gradients, shaped as peft's lora_A / lora_B of rank r_k."""
+        return {name: p.grad[index] for name, p, index in self._trial_parts(k)}
 
     def load(self, k: int, weights: dict[str, torch.Tensor]) -> None:
         """Set trial k's adapter and head to `weights` (named as `grads` names them)."""
         with torch.no_grad():
-            for name, module in self.model.named_modules():
-                if isinstance(module, StackedLora):
-                    cols = slice(k * module.r_max, k * module.r_max + self.ranks[k])
-                    module.lora_A[cols] = weights[f"{name}.lora_A.weight"]
-                    module.lora_B[:, cols] = weights[f"{name}.lora_B.weight"]
-            for h in HEAD:
-                for pname, p in self.heads[k][h].named_parameters():
-                    p.copy_(weights[f"{h}.modules_to_save.{pname}"])
+            for name, p, index in self._trial_parts(k):
+                p[index] = weights[name]
 
 
 def per_trial_loss(logits: torch.Tensor, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
