@@ -595,6 +595,8 @@ def importance_note(exp: Experiment) -> str:
         return f"Importance needs 2 or more trials with a '{exp.metric}' score; the search has {scored}."
     if not _varied_params(exp):
         return "Hyperparameter importance needs a hyperparameter that differs between scored trials; none does."
+    if exp.scored_trials[exp.best_column].nunique() < 2:  # fANOVA's forest has no variance to explain
+        return f"Importance needs scores that differ; all {scored} scored trials have the same best '{exp.metric}'."
     return ""
 
 

@@ -28,6 +28,7 @@ from analysis.results import (
     ExperimentWarning,
     compute_spent,
     grid_levels,
+    importance_note,
     load_experiment,
     param_importances,
     summary_line,
@@ -69,6 +70,17 @@ def _rewrite_results(result: Path, **changes: float) -> None:
     """Set `changes` in every row of a trial's result.json (what the trial would have reported)."""
     rows = [json.loads(line) for line in result.read_text().splitlines()]
     result.write_text("".join(json.dumps(row | changes) + "\n" for row in rows))
+
+
+def test_importance_is_a_note_when_every_trial_scored_the_same(search: tuple[Path, str], tmp_path: Path) -> None:
+    """fANOVA has nothing to explain (its forest raised and the report cell failed): the report says so instead."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, symlinks=True)
+    for result in copy.glob("*/result.json"):
+        _rewrite_results(result, accuracy=0.5)
+    exp = load_experiment(copy)
+    assert param_importances(exp).empty
+    assert "all 4 scored trials have the same best 'accuracy'" in importance_note(exp)
 
 
 def test_tables_match_what_the_search_reported(search: tuple[Path, str]) -> None:
