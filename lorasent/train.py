@@ -30,6 +30,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    get_scheduler,
     set_seed,
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
@@ -106,11 +107,28 @@ def resolve_precision(train_args: TrainArguments) -> str:
     return precision
 
 
+def usable_schedules() -> list[str]:
+    """transformers' learning-rate schedules that need no arguments beyond warm-up and total steps, which are all
+    lorasent passes (cosine_with_min_lr, for one, also needs a minimum)."""
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    usable = []
+    for schedule in SchedulerType:
+        try:
+            get_scheduler(schedule.value, probe, num_warmup_steps=1, num_training_steps=2)
+        except (ValueError, TypeError):
+            continue
+        usable.append(schedule.value)
+    return usable
+
+
 def check_schedule(train_args: TrainArguments) -> None:
-    """Refuse a learning-rate schedule transformers does not have (it would fail only once training starts)."""
-    schedules = [schedule.value for schedule in SchedulerType]
-    if train_args.lr_scheduler_type not in schedules:
-        raise ConfigError(f"Unknown lr_scheduler_type {train_args.lr_scheduler_type!r}; valid: {', '.join(schedules)}.")
+    """Refuse a learning-rate schedule transformers does not have, or one that needs arguments lorasent does not
+    pass (either would fail only once training starts)."""
+    usable = usable_schedules()
+    if train_args.lr_scheduler_type not in usable:
+        known = train_args.lr_scheduler_type in {schedule.value for schedule in SchedulerType}
+        what = "needs arguments lorasent does not pass" if known else "is unknown"
+        raise ConfigError(f"lr_scheduler_type {train_args.lr_scheduler_type!r} {what}; valid: {', '.join(usable)}.")
 
 
 def frozen_dtype(train_args: TrainArguments) -> torch.dtype | None:
@@ -347,7 +365,7 @@ def _check_request(
         check_model_dir(resume_from_checkpoint)  # a truncated adapter fails here, not deep inside Trainer
 
 
-def _longest_first(split: datasets.Dataset) -> datasets.Dataset:
+def longest_first(split: datasets.Dataset) -> datasets.Dataset:
     """The split ordered by length, longest first, so each evaluation batch pads little and memory peaks early.
 
     The order is kept in memory: many trials share the cache folder, and an indices file written there would race.
@@ -392,7 +410,7 @@ def train(
             f"per_device_train_batch_size {train_args.per_device_train_batch_size} exceeds the {len(train_dataset)} "
             f"training examples of {'+'.join(train_splits)}. Use a smaller batch or more data (max_train_samples)."
         )
-    eval_dataset = _longest_first(splits[eval_split]) if eval_split else None
+    eval_dataset = longest_first(splits[eval_split]) if eval_split else None
     train_lengths = train_dataset["length"][:]
 
     set_seed(train_args.seed)  # the LoRA and head initialisation depend on it

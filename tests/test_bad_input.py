@@ -176,7 +176,9 @@ def test_training_with_unknown_target_modules_writes_nothing(tmp_path: Path, cap
 
 def test_training_with_an_unknown_flag_or_schedule(tmp_path: Path, capsys) -> None:
     _train_refused(tmp_path, capsys, ["--learning_rte", "1e-3"], "Unrecognised arguments ['--learning_rte', '1e-3']")
-    _train_refused(tmp_path, capsys, ["--lr_scheduler_type", "cosin"], "Unknown lr_scheduler_type 'cosin'", "cosine")
+    _train_refused(tmp_path, capsys, ["--lr_scheduler_type", "cosin"], "lr_scheduler_type 'cosin' is unknown", "cosine")
+    needs_more = "lr_scheduler_type 'cosine_with_min_lr' needs arguments lorasent does not pass"
+    _train_refused(tmp_path, capsys, ["--lr_scheduler_type", "cosine_with_min_lr"], needs_more, "constant_with_warmup")
 
 
 def test_training_config_may_list_target_modules(tmp_path: Path, capsys) -> None:

@@ -303,7 +303,7 @@ def _closed_port() -> int:
         (["--resume", "/nonexistent/experiment"], "Cannot read /nonexistent/experiment/lorasent_search.json"),
         (["--num_gpus", "99"], "--num_gpus 99, but torch sees"),
         (["--precision", "fp16", "--gpus_per_trial", "0"], "precision 'fp16' needs a CUDA GPU"),
-        (["--lr_scheduler_type", "cosin"], "Unknown lr_scheduler_type 'cosin'; valid: linear, cosine"),
+        (["--lr_scheduler_type", "cosin"], "lr_scheduler_type 'cosin' is unknown; valid: linear, cosine"),
         (
             ["--storage_path", f"s3://lorasent/runs?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http"],
             "Cannot reach the experiment storage s3://lorasent/runs/",  # the name before the URI's query
