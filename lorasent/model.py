@@ -126,7 +126,7 @@ def resolve_target_modules(model: PreTrainedModel, spec: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def _load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrainedModel:
+def load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrainedModel:
     """The pretrained encoder with a fresh classification head for `label_names`.
 
     Attention is left to transformers' default, which is SDPA wherever the architecture supports it and eager
@@ -179,7 +179,7 @@ def build_model(
 
     `frozen_dtype` (e.g. bf16 under bf16 autocast) stores the frozen Linear and Embedding weights in that dtype.
     """
-    base = _load_base(model_args, label_names)
+    base = load_base(model_args, label_names)
     model = add_lora(base, model_args)
     if frozen_dtype is not None:
         store_frozen_weights_in(model, frozen_dtype)
@@ -196,9 +196,9 @@ def build_model(
     return model
 
 
-def add_lora(base: PreTrainedModel, model_args: ModelArguments) -> PeftModel:
-    """`base` wrapped by peft: LoRA on the target modules, the classification head trained in full."""
-    lora_config = LoraConfig(
+def lora_config(base: PreTrainedModel, model_args: ModelArguments) -> LoraConfig:
+    """peft's LoRA config for `base`: LoRA on the target modules, the classification head trained in full."""
+    return LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
@@ -206,7 +206,11 @@ def add_lora(base: PreTrainedModel, model_args: ModelArguments) -> PeftModel:
         target_modules=resolve_target_modules(base, model_args.target_modules),
         modules_to_save=head_module_names(base),
     )
-    return get_peft_model(base, lora_config)
+
+
+def add_lora(base: PreTrainedModel, model_args: ModelArguments) -> PeftModel:
+    """`base` wrapped by peft as `lora_config` says."""
+    return get_peft_model(base, lora_config(base, model_args))
 
 
 def meta_model(model_args: ModelArguments, num_labels: int = 2) -> PreTrainedModel:
@@ -415,7 +419,7 @@ def load_model_dir(path: str | Path, device: str | torch.device | None = None) -
     except (TypeError, LorasentError) as e:
         raise CheckpointError(f"{folder / META_FILE} holds invalid model arguments ({e}). {_FIX_CHECKPOINT}") from e
     label_names = list(meta["label_names"])
-    base = _load_base(model_args, label_names)
+    base = load_base(model_args, label_names)
     try:
         model = PeftModel.from_pretrained(base, folder, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. shapes that do not fit the base model

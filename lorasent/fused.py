@@ -1,0 +1,531 @@
+"""Several LoRA trials on one frozen base model: each step is one forward and backward over all their batches.
+
+Trials of one search differ only in their adapters, heads and hyperparameters; the frozen base is the same. On a GPU
+a batch-16 step is a few milliseconds of small, launch-bound kernels, and trial processes sharing a GPU take turns
+(bench/RESULTS.md, G3: eight processes gave ~1.8x the throughput of one). Here the batches of K trials go through the
+base as one batch of all their rows. Every LoRA target Linear adds the K adapters stacked into one matrix pair, and a
+per-row mask keeps each row to its own trial's columns (the mask also carries alpha / r). Every head module runs per
+trial on that trial's rows. Each trial's loss is the mean over its own rows, so it gets exactly the gradients it would
+get alone (tests/test_fused.py).
+
+`SharedBase` holds the model once. A `TrialSlot` is one trial's trainable tensors, AdamW, learning-rate schedule and
+batch order. `SharedBase.step` advances any set of slots by one batch each, so trials join and leave at step
+boundaries, and `SharedBase.evaluate` scores several slots on the validation split at once. A slot is saved as an
+ordinary lorasent model folder (peft adapter files, tokenizer, lorasent.json) plus its optimizer state in
+`fused_state.safetensors`, so analysis, retrain and predict read it like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import copy
+import functools
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors.torch import load_file, save_file
+from transformers import get_scheduler
+
+from lorasent.config import DataArguments, ModelArguments, TrainArguments
+from lorasent.errors import CheckpointError, ConfigError
+from lorasent.metrics import scores
+from lorasent.model import (
+    ADAPTER_WEIGHTS,
+    head_module_names,
+    load_base,
+    lora_config,
+    store_frozen_weights_in,
+    write_meta,
+)
+from lorasent.paths import atomic_dir
+from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
+from lorasent.train import ShuffledLengthGroupedSampler, check_schedule, longest_first, resolve_precision
+
+FUSED_STATE = "fused_state.safetensors"  # a slot's optimizer state and step count, next to its adapter
+PEFT_PREFIX = "base_model.model."  # how peft names a wrapped model's tensors in adapter_model.safetensors
+# Hyperparameters that must be the same for every trial on one SharedBase: they shape the shared model or data.
+SHARED_MODEL_FIELDS = ("model_name_or_path", "target_modules", "trust_remote_code")
+
+
+def fused_precision(train_args: TrainArguments) -> str:
+    """bf16 or fp32: one step's loss is the sum of several trials', and fp16's loss scaling would couple them."""
+    if train_args.precision == "fp16":
+        raise ConfigError(
+            "Trials that share a base model train in bf16 or fp32, not fp16 (its loss scaling would couple the "
+            "trials). Use --precision bf16 (or auto) or fp32, or train each trial on its own."
+        )
+    if train_args.precision == "auto":
+        cuda = torch.cuda.is_available() and not train_args.use_cpu
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return resolve_precision(train_args)  # a forced bf16 on a GPU without it is refused there
+
+
+def check_shareable(model_args: ModelArguments, train_args: TrainArguments, searched: Iterable[str] = ()) -> None:
+    """Refuse, before anything loads, what trials sharing one base model cannot do."""
+    fused_precision(train_args)
+    if train_args.torch_compile:
+        raise ConfigError("torch_compile does not apply to trials that share a base model; leave it off.")
+    shared = sorted(set(searched) & set(SHARED_MODEL_FIELDS))
+    if shared:
+        raise ConfigError(
+            f"Trials that share a base model cannot search {', '.join(shared)}: every trial adapts the same layers "
+            "of one model. Fix it with a flag (e.g. --target_modules attention), or search without --fused_trials."
+        )
+
+
+class EpochBatches:
+    """One slot's batches of one epoch: taken in their own (random) order, or the one nearest a given width.
+
+    A shared step pads every slot's rows to the longest of them all. Were each slot's batch drawn on its own, a step
+    of four trials would pad to the longest of four random batches: on the quick-start's sentences 0.58 of the padded
+    tokens would be real, against 0.9 for a trial alone. So one slot (the lead) draws its next batch in its own
+    order, and every other slot takes its remaining batch nearest that width; each still takes every batch once in
+    the epoch, and the widths follow the lead's random order.
+    """
+
+    def __init__(self, batches: list[list[int]], lengths: Sequence[int]) -> None:
+        self._batches = batches
+        self._widths = [max(lengths[i] for i in batch) for batch in batches]
+        self._taken = [False] * len(batches)
+        self._next = 0  # the first batch in own order that may still be untaken
+        self._by_width: dict[int, collections.deque[int]] = collections.defaultdict(collections.deque)
+        for i, width in enumerate(self._widths):
+            self._by_width[width].append(i)
+        self._sorted_widths = sorted(self._by_width)
+        self.remaining = len(batches)
+
+    def __bool__(self) -> bool:
+        return self.remaining > 0
+
+    def next_in_order(self) -> tuple[list[int], int]:
+        """(batch, width) of the next untaken batch in this slot's own order."""
+        while self._taken[self._next]:
+            self._next += 1
+        return self._take(self._next), self._widths[self._next]
+
+    def nearest(self, width: int) -> list[int]:
+        """The untaken batch whose width is nearest `width` (the narrower one on a tie), first in own order."""
+        while True:
+            at = bisect.bisect_left(self._sorted_widths, width)
+            best = min(self._sorted_widths[max(at - 1, 0) : at + 1], key=lambda w: (abs(w - width), w))
+            queue = self._by_width[best]
+            while queue and self._taken[queue[0]]:
+                queue.popleft()
+            if queue:
+                return self._take(queue.popleft())
+            self._sorted_widths.remove(best)  # every batch of this width was taken (some in own order)
+
+    def _take(self, i: int) -> list[int]:
+        self._taken[i] = True
+        self.remaining -= 1
+        return self._batches[i]
+
+
+@functools.lru_cache(maxsize=256)
+def _row_masks(
+    layout: tuple[tuple[int, float, float, int], ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, float | None, torch.Tensor | None]:
+    """(own columns, row_scale, one dropout rate or None, per-row keep probabilities or None) for slots of (rank,
+    alpha / r, LoRA dropout, rows) in step order. Cached: the same slots step with the same batch sizes step after
+    step, and a tensor built on the host would be copied to the GPU (and wait for it) every step."""
+    ranks = torch.tensor([rank for rank, *_ in layout])
+    owner = torch.repeat_interleave(torch.arange(len(layout)), torch.tensor([rows for *_, rows in layout]))
+    column_owner = torch.repeat_interleave(torch.arange(len(layout)), ranks)
+    column_scale = torch.repeat_interleave(torch.tensor([scaling for _, scaling, _, _ in layout]), ranks)
+    # [rows, 1, sum of ranks]: row i keeps only its slot's columns, times that slot's alpha / r
+    own = (owner[:, None] == column_owner[None, :]).unsqueeze(1)
+    row_scale = (own * column_scale).to(device)
+    rates = [rate for _, _, rate, _ in layout]
+    keep = None if len(set(rates)) == 1 else (1 - torch.tensor(rates))[owner].view(-1, 1, 1).to(device)
+    return own.to(device), row_scale, rates[0] if keep is None else None, keep
+
+
+class StepRows:
+    """Which rows of the current batch belong to which slot: set by `SharedBase` around each forward pass."""
+
+    def __init__(self, slots: Sequence[TrialSlot], sizes: Sequence[int], device: torch.device) -> None:
+        self.slots = list(slots)
+        self.spans = [(int(a), int(b)) for a, b in itertools.pairwise(np.cumsum([0, *sizes]))]
+        layout = tuple(
+            (s.rank, s.scaling, s.model_args.lora_dropout, size) for s, size in zip(slots, sizes, strict=True)
+        )
+        self.own, self.row_scale, self.dropout, self.keep = _row_masks(layout, device)
+
+    def lora_dropout(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        if not training:
+            return x
+        if self.dropout is not None:
+            return F.dropout(x, self.dropout, training=True) if self.dropout else x
+        return x * torch.bernoulli(self.keep.expand_as(x)) / self.keep
+
+
+class StackedLoraLinear(torch.nn.Module):
+    """A frozen Linear plus the LoRA adapters of every slot in the step, stacked: two matmuls for all of them."""
+
+    def __init__(self, base: torch.nn.Linear, index: int, shared: SharedBase) -> None:
+        super().__init__()
+        self.base, self.index = base, index
+        self._shared = [shared]  # a list: a Module attribute would register the owner as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._shared[0].rows
+        out = self.base(x)
+        if rows is None:  # a forward pass outside SharedBase.step / evaluate: the base alone
+            return out
+        # A diverging trial must not reach the others through the stacked matmuls, whose weight gradients sum over
+        # every row, and 0 * NaN is NaN. So here its NaN or inf weights, inputs and incoming gradients count as 0,
+        # and other rows' products with its columns are dropped, not multiplied by 0. Its own rows are NaN through
+        # the base already, and `end_epoch` also checks its weights.
+        lora_a = torch.cat([s.lora_A[self.index] for s in rows.slots]).nan_to_num(0.0, 0.0, 0.0).to(x.dtype)
+        lora_b = torch.cat([s.lora_B[self.index] for s in rows.slots], dim=1).nan_to_num(0.0, 0.0, 0.0).to(x.dtype)
+        h = rows.lora_dropout(x.nan_to_num(0.0, 0.0, 0.0), self.training) @ lora_a.t()
+        h = torch.where(rows.own, h * rows.row_scale.to(x.dtype), 0.0)
+        return out + _FiniteGradient.apply(h @ lora_b.t())
+
+
+class _FiniteGradient(torch.autograd.Function):
+    """The identity, whose backward turns NaN and inf in the gradient into 0 (see StackedLoraLinear.forward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.nan_to_num(0.0, 0.0, 0.0)
+
+
+class RoutedHead(torch.nn.Module):
+    """A head module (e.g. `classifier`) that runs each slot's own copy on that slot's rows."""
+
+    def __init__(self, name: str, shared: SharedBase) -> None:
+        super().__init__()
+        self.name = name
+        self._shared = [shared]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self._shared[0].rows
+        return torch.cat([s.heads[self.name](x[a:b]) for s, (a, b) in zip(rows.slots, rows.spans, strict=True)])
+
+
+class TrialSlot:
+    """One trial on a SharedBase: its adapter and head, AdamW, schedule, batch order and loss of the epoch."""
+
+    def __init__(self, key: str, shared: SharedBase, model_args: ModelArguments, train_args: TrainArguments) -> None:
+        self.key, self.model_args, self.train_args = key, model_args, train_args
+        self.rank = model_args.lora_r
+        self.scaling = model_args.lora_alpha / model_args.lora_r
+        generator = torch.Generator().manual_seed(train_args.seed)  # the same seed starts the same adapter and head
+        self.lora_A = torch.nn.ParameterList()
+        self.lora_B = torch.nn.ParameterList()
+        for linear in shared.targets.values():
+            a = torch.empty(self.rank, linear.in_features)
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # as peft initialises lora_A
+            self.lora_A.append(a)
+            self.lora_B.append(torch.zeros(linear.out_features, self.rank))
+        self.heads = torch.nn.ModuleDict({name: copy.deepcopy(module) for name, module in shared.heads.items()})
+        std = getattr(shared.config, "initializer_range", 0.02)  # transformers' init of a new Linear head
+        for module in self.heads.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, 0.0, std, generator=generator)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+        self.heads.to(shared.device)
+        self.lora_A.to(shared.device)
+        self.lora_B.to(shared.device)
+        targets = list(shared.targets)
+        self._named = [
+            *((f"{PEFT_PREFIX}{name}.lora_A.weight", p) for name, p in zip(targets, self.lora_A, strict=True)),
+            *((f"{PEFT_PREFIX}{name}.lora_B.weight", p) for name, p in zip(targets, self.lora_B, strict=True)),
+            *((f"{PEFT_PREFIX}{name}", p) for name, p in self.heads.named_parameters()),
+        ]
+        for _, p in self._named:
+            p.requires_grad_(True)
+        decay = [p for name, p in self._named if not name.endswith("bias")]
+        no_decay = [p for name, p in self._named if name.endswith("bias")]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=train_args.learning_rate,
+            fused=shared.device.type == "cuda",
+        )
+        steps_per_epoch = math.ceil(shared.train_size / train_args.per_device_train_batch_size)
+        total = steps_per_epoch * train_args.num_train_epochs
+        warmup = math.ceil(total * train_args.warmup_ratio)  # as Trainer reads a warm-up ratio
+        schedule = get_scheduler(train_args.lr_scheduler_type, self.optimizer, warmup, total)
+        if not hasattr(schedule, "lr_lambdas"):
+            raise ConfigError(
+                f"lr_scheduler_type {train_args.lr_scheduler_type!r} is not a function of the step, which trials that "
+                "share a base model need. Use linear, cosine, constant_with_warmup or another step schedule."
+            )
+        self.lr_lambda = schedule.lr_lambdas[0]
+        self.step = 0  # optimizer steps taken
+        self.epoch = 0  # epochs finished
+        self.batches = EpochBatches([], [])
+        self._loss_sum = torch.zeros((), device=shared.device)
+        self._loss_steps = 0
+        self.tokens = 0  # real tokens trained on in this epoch
+        self.padded_tokens = 0  # what its rows took in the shared steps, padding included
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained tensors, named as peft names them in adapter_model.safetensors."""
+        return list(self._named)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self._named]
+
+    def begin_epoch(self, lengths: Sequence[int]) -> None:
+        """This epoch's batches: length-grouped in random order (or plain random), seeded by (seed, epoch)."""
+        seed = hash((self.train_args.seed, self.epoch)) & (2**63 - 1)
+        generator = torch.Generator().manual_seed(seed)
+        size = self.train_args.per_device_train_batch_size
+        if self.train_args.group_by_length:
+            order = list(ShuffledLengthGroupedSampler(size, lengths=list(lengths), generator=generator))
+        else:
+            order = torch.randperm(len(lengths), generator=generator).tolist()
+        self.batches = EpochBatches([order[i : i + size] for i in range(0, len(order), size)], lengths)
+        self._loss_sum.zero_()
+        self._loss_steps = 0
+        self.tokens = self.padded_tokens = 0
+
+    def update(self, loss: torch.Tensor) -> None:
+        """After the shared backward pass: clip, set the scheduled learning rate, AdamW step."""
+        params = self.parameters()
+        torch.nn.utils.clip_grad_norm_(params, self.train_args.max_grad_norm, foreach=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.train_args.learning_rate * self.lr_lambda(self.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._loss_sum += loss.detach().float()
+        self._loss_steps += 1
+
+    def train_loss(self) -> float:
+        """Mean training loss of this epoch's steps (one device sync, at the epoch's end)."""
+        return self._loss_sum.item() / max(self._loss_steps, 1)
+
+
+class SharedBase:
+    """The frozen base model once, with its LoRA targets and head routed per slot, and the tokenised data."""
+
+    def __init__(
+        self,
+        data_args: DataArguments,
+        model_args: ModelArguments,
+        train_args: TrainArguments,
+        device: torch.device | None = None,
+    ) -> None:
+        check_shareable(model_args, train_args)
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() and not train_args.use_cpu else "cpu")
+        self.data_args, self.model_args, self.train_args = data_args, model_args, train_args
+        precision = fused_precision(train_args)
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        self.tokenizer = load_tokenizer(model_args)
+        splits = tokenized_splits(data_args, model_args, self.tokenizer)
+        columns = [c for c in splits["train"].column_names if c != "length"]
+        self.train_data = splits["train"].select_columns(columns)
+        self.eval_data = longest_first(splits["validation"]).select_columns(columns)
+        self.lengths = splits["train"]["length"][:]
+        self.train_size = len(self.train_data)
+        self.collate = make_collator(self.tokenizer, pad_to_multiple_of=8 if self.device.type == "cuda" else None)
+
+        model = load_base(model_args, data_args.label_names)
+        self.config = model.config
+        self.lora = lora_config(model, model_args)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.targets: dict[str, torch.nn.Linear] = {}
+        for name, module in list(model.named_modules()):
+            if name.split(".", 1)[0] in self.lora.modules_to_save or not check_target_module_exists(self.lora, name):
+                continue
+            if type(module) is not torch.nn.Linear:
+                raise ConfigError(
+                    f"LoRA target {name} is a {type(module).__name__}; trials that share a base model adapt Linear "
+                    "layers only. Choose Linear target_modules, or train each trial on its own."
+                )
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, StackedLoraLinear(module, len(self.targets), self))
+            self.targets[name] = module
+        self.heads = {name: getattr(model, name) for name in head_module_names(model)}
+        for name in self.heads:
+            setattr(model, name, RoutedHead(name, self))
+        if self.dtype is not None and train_args.half_precision_base:
+            store_frozen_weights_in(model, self.dtype)
+        self.model = model.to(self.device)
+        self.rows: StepRows | None = None
+
+    # ----------------------------------------------------------------------------------------- slots
+
+    def new_slot(self, key: str, model_args: ModelArguments, train_args: TrainArguments) -> TrialSlot:
+        """A fresh trial on this base; refused when it differs from the base in what the base shares."""
+        for name in SHARED_MODEL_FIELDS:
+            if getattr(model_args, name) != getattr(self.model_args, name):
+                raise ConfigError(
+                    f"Trial {key} sets {name}={getattr(model_args, name)!r}, but the shared base model was built with "
+                    f"{getattr(self.model_args, name)!r}; trials that share a base cannot search {name}."
+                )
+        check_schedule(train_args)
+        if train_args.per_device_train_batch_size > self.train_size:
+            raise ConfigError(
+                f"per_device_train_batch_size {train_args.per_device_train_batch_size} exceeds the {self.train_size} "
+                "training examples. Use a smaller batch or more data (max_train_samples)."
+            )
+        return TrialSlot(key, self, model_args, train_args)
+
+    def save_slot(self, slot: TrialSlot, folder: str | Path, meta: dict[str, Any]) -> Path:
+        """Write `slot` as a lorasent model folder (loads with `load_model_dir`) plus its optimizer state."""
+        weights = {name: p.detach().float().cpu().contiguous() for name, p in slot.named_parameters()}
+        state = {"step": torch.tensor(slot.step), "epoch": torch.tensor(slot.epoch)}
+        for name, p in slot.named_parameters():
+            for key, value in slot.optimizer.state.get(p, {}).items():
+                state[f"{name}::{key}"] = value.detach().cpu().contiguous()
+        config = copy.deepcopy(self.lora)
+        config.r, config.lora_alpha = slot.model_args.lora_r, slot.model_args.lora_alpha
+        config.lora_dropout = slot.model_args.lora_dropout
+        config.base_model_name_or_path = self.config.name_or_path
+        with atomic_dir(folder) as tmp:
+            save_file(weights, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            config.save_pretrained(str(tmp))
+            save_file(state, str(tmp / FUSED_STATE))
+            self.tokenizer.save_pretrained(str(tmp))
+            write_meta(tmp, meta)
+        return Path(folder)
+
+    def load_slot(
+        self, key: str, model_args: ModelArguments, train_args: TrainArguments, folder: str | Path
+    ) -> TrialSlot:
+        """A slot that goes on from a folder `save_slot` wrote (the same trial's hyperparameters)."""
+        folder = Path(folder)
+        slot = self.new_slot(key, model_args, train_args)
+        try:
+            weights = load_file(str(folder / ADAPTER_WEIGHTS))
+            state = load_file(str(folder / FUSED_STATE))
+        except Exception as e:  # safetensors raises its own error types, OSError and others for damaged files
+            raise CheckpointError(
+                f"Cannot resume trial {key} from {folder}: its adapter or {FUSED_STATE} is missing or corrupt ({e}). "
+                "Re-run the trial from the start."
+            ) from e
+        named = list(slot.named_parameters())
+        missing = [name for name, _ in named if name not in weights]
+        if missing:
+            raise CheckpointError(f"{folder / ADAPTER_WEIGHTS} lacks {missing[:3]}: it was not written for this model.")
+        with torch.no_grad():
+            for name, p in named:
+                if weights[name].shape != p.shape:
+                    raise CheckpointError(
+                        f"{name} in {folder} has shape {tuple(weights[name].shape)}, this trial needs {tuple(p.shape)}."
+                    )
+                p.copy_(weights[name])
+        name_of = {id(p): name for name, p in named}
+        in_optimizer_order = [name_of[id(p)] for group in slot.optimizer.param_groups for p in group["params"]]
+        moments = {
+            i: {key.split("::", 1)[1]: state[key] for key in state if key.startswith(f"{name}::")}
+            for i, name in enumerate(in_optimizer_order)
+        }
+        saved = slot.optimizer.state_dict()
+        saved["state"] = {i: s for i, s in moments.items() if s}
+        slot.optimizer.load_state_dict(saved)
+        slot.step, slot.epoch = int(state["step"]), int(state["epoch"])
+        return slot
+
+    # ----------------------------------------------------------------------------------------- training
+
+    @contextmanager
+    def _routing(self, slots: Sequence[TrialSlot], sizes: Sequence[int]) -> Iterator[StepRows]:
+        """Rows of each slot known to the patched layers, under autocast, for one forward pass."""
+        self.rows = StepRows(slots, sizes, self.device)
+        try:
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                yield self.rows
+        finally:
+            self.rows = None
+
+    def _batch(self, data: Any, groups: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """The rows of every group, in order, padded to the longest of them all, on the device."""
+        flat = [i for group in groups for i in group]
+        columns = data[flat]
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        batch = self.collate(rows).items()
+        if self.device.type == "cuda":  # from pinned memory the copy neither blocks nor waits for the GPU
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch}
+        return {k: v.to(self.device) for k, v in batch}
+
+    def step(self, slots: Sequence[TrialSlot]) -> None:
+        """One optimizer step of every slot, each on its next batch; a slot whose epoch has no batch left is refused."""
+        # Dropout draws follow from the slots and their step counts alone, so a resumed trial goes on exactly.
+        torch.manual_seed(hash(tuple((slot.train_args.seed, slot.step) for slot in slots)) & (2**63 - 1))
+        lead, *others = slots
+        first, width = lead.batches.next_in_order()
+        groups = [first, *(slot.batches.nearest(width) for slot in others)]
+        batch = self._batch(self.train_data, groups)
+        labels = batch.pop("labels")
+        sizes = [len(g) for g in groups]
+        self.model.train()
+        with self._routing(slots, sizes) as rows:
+            logits = self.model(**batch).logits
+        losses = [F.cross_entropy(logits[a:b].float(), labels[a:b]) for a, b in rows.spans]
+        torch.stack(losses).sum().backward()
+        width = batch["input_ids"].shape[1]
+        for slot, loss, group in zip(slots, losses, groups, strict=True):
+            slot.update(loss)
+            slot.tokens += int(sum(self.lengths[i] for i in group))
+            slot.padded_tokens += len(group) * width
+
+    def end_epoch(self, slots: Sequence[TrialSlot]) -> list[dict[str, float]]:
+        """Close the epochs of `slots` (their batches have run out): validation metrics, `train_loss`, `diverged`
+        (a NaN or infinite training loss) and `epoch`, per slot."""
+        results = self.evaluate(slots)
+        for slot, metrics in zip(slots, results, strict=True):
+            slot.epoch += 1
+            loss = slot.train_loss()
+            diverged = not math.isfinite(loss) or not all(torch.isfinite(p).all() for p in slot.parameters())
+            metrics.update(epoch=float(slot.epoch), train_loss=loss, diverged=float(diverged))
+        return results
+
+    @torch.no_grad()
+    def evaluate(self, slots: Sequence[TrialSlot]) -> list[dict[str, float]]:
+        """Validation metrics of each slot (as the Trainer path reports them, `loss` included), in one pass."""
+        per_slot = max(1, self.train_args.per_device_eval_batch_size // len(slots))
+        n = len(self.eval_data)
+        logits: list[list[torch.Tensor]] = [[] for _ in slots]
+        labels = []
+        self.model.eval()
+        for start in range(0, n, per_slot):
+            chunk = list(range(start, min(n, start + per_slot)))
+            batch = self._batch(self.eval_data, [chunk] * len(slots))
+            chunk_labels = batch.pop("labels")
+            labels.append(chunk_labels[: len(chunk)])
+            with self._routing(slots, [len(chunk)] * len(slots)) as rows:
+                out = self.model(**batch).logits.float()
+            for k, (a, b) in enumerate(rows.spans):
+                logits[k].append(out[a:b])
+        truth = torch.cat(labels)
+        results = []
+        for slot_logits in logits:
+            all_logits = torch.cat(slot_logits)
+            loss = F.cross_entropy(all_logits, truth).item()
+            predicted = all_logits.argmax(-1).cpu().numpy()
+            results.append({**scores(truth.cpu().numpy(), predicted, self.data_args.label_names), "loss": loss})
+        return results
+
+
+def train_together(shared: SharedBase, slots: Sequence[TrialSlot], epochs: int) -> list[list[dict[str, float]]]:
+    """Train `slots` side by side for `epochs` epochs, all stepping together until each one's batches run out: the
+    in-process way to use a SharedBase (the Ray engine, `tune.engine`, interleaves trials that come and go)."""
+    history: list[list[dict[str, float]]] = [[] for _ in slots]
+    for _ in range(epochs):
+        for slot in slots:
+            slot.begin_epoch(shared.lengths)
+        while active := [s for s in slots if s.batches]:
+            shared.step(active)
+        for k, metrics in enumerate(shared.end_epoch(slots)):
+            history[k].append(metrics)
+    return history

@@ -1,0 +1,184 @@
+"""Several trials on one shared base (`lorasent.fused`): every trial gets exactly its own gradients, its checkpoint is
+an ordinary peft model folder, a resumed slot goes on where it stopped, and trials learn side by side."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
+from lorasent.errors import CheckpointError, ConfigError
+from lorasent.fused import FUSED_STATE, EpochBatches, SharedBase, TrialSlot, train_together
+from lorasent.model import load_base, load_model_dir, model_meta
+
+DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=32, max_length=32)
+MODEL = ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4)
+# Three trials as a search samples them: other ranks, alphas, learning rates, batch sizes and LoRA dropouts.
+TRIALS = [
+    (dict(lora_r=2, lora_alpha=8, lora_dropout=0.0), dict(learning_rate=1e-3, per_device_train_batch_size=4)),
+    (dict(lora_r=4, lora_alpha=16, lora_dropout=0.1), dict(learning_rate=3e-3, per_device_train_batch_size=8)),
+    (dict(lora_r=8, lora_alpha=8, lora_dropout=0.2), dict(learning_rate=5e-4, per_device_train_batch_size=16)),
+]
+
+
+def _args(k: int, **train_changes) -> tuple[ModelArguments, TrainArguments]:
+    model_changes, train_values = TRIALS[k]
+    model_args = ModelArguments(**{**vars(MODEL), **model_changes})
+    return model_args, TrainArguments(**{"num_train_epochs": 2, **train_values, **train_changes})
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_model_dir: Path, vader_file: Path) -> SharedBase:
+    return SharedBase(DATA, MODEL, TrainArguments(use_cpu=True))
+
+
+def _slots(shared: SharedBase, **train_changes) -> list[TrialSlot]:
+    return [shared.new_slot(f"t{k}", *_args(k, **train_changes)) for k in range(len(TRIALS))]
+
+
+def _save(shared: SharedBase, slot: TrialSlot, folder: Path) -> Path:
+    meta = model_meta(DATA.label_names, data_args=DATA, model_args=slot.model_args, train_args=slot.train_args)
+    return shared.save_slot(slot, folder, meta)
+
+
+def test_each_trial_gets_the_gradients_it_gets_alone(shared: SharedBase, tmp_path: Path) -> None:
+    """One fused backward over three trials' rows (unequal batch sizes) against each trial alone through peft."""
+    slots = _slots(shared)
+    with torch.no_grad():  # lora_B starts at zero, which would make lora_A's gradient zero and the check weak
+        for slot in slots:
+            for b in slot.lora_B:
+                b.normal_(0, 0.05)
+    groups = [list(range(k, k + 2 + 3 * k)) for k in range(len(slots))]  # 2, 5 and 8 rows
+    batch = shared._batch(shared.train_data, groups)
+    labels = batch.pop("labels")
+    shared.model.eval()  # dropout off on both sides: the same function of the same weights
+    with shared._routing(slots, [len(g) for g in groups]) as rows:
+        logits = shared.model(**batch).logits
+    losses = [torch.nn.functional.cross_entropy(logits[a:b], labels[a:b]) for a, b in rows.spans]
+    torch.stack(losses).sum().backward()
+
+    for k, (slot, (a, b)) in enumerate(zip(slots, rows.spans, strict=True)):
+        folder = _save(shared, slot, tmp_path / f"t{k}")
+        alone = PeftModel.from_pretrained(load_base(slot.model_args, DATA.label_names), folder, is_trainable=True)
+        alone.eval()
+        inputs = {key: value[a:b] for key, value in batch.items()}
+        out = alone(**inputs, labels=labels[a:b])
+        torch.testing.assert_close(out.logits, logits[a:b].detach(), rtol=1e-5, atol=1e-6)
+        out.loss.backward()
+        theirs = {n: p.grad for n, p in alone.named_parameters() if p.requires_grad}
+        mine = dict(slot.named_parameters())
+        assert len(theirs) == len(mine)
+        for name, p in mine.items():
+            # peft names the trained head copy `modules_to_save.default`, the adapter `default`: both saved without
+            peft_name = next(n for n in theirs if n.replace(".default", "").replace(".modules_to_save", "") == name)
+            torch.testing.assert_close(p.grad, theirs[peft_name], rtol=1e-4, atol=1e-7)
+    for slot in slots:
+        slot.optimizer.zero_grad(set_to_none=True)
+
+
+def _grads_of(shared: SharedBase, slots: list[TrialSlot], groups: list[list[int]], k: int) -> dict[str, torch.Tensor]:
+    """Slot k's gradients from one shared forward and backward of `slots` over `groups` (dropout off)."""
+    batch = shared._batch(shared.train_data, groups)
+    labels = batch.pop("labels")
+    shared.model.eval()
+    with shared._routing(slots, [len(g) for g in groups]) as rows:
+        logits = shared.model(**batch).logits
+    torch.stack([torch.nn.functional.cross_entropy(logits[a:b], labels[a:b]) for a, b in rows.spans]).sum().backward()
+    grads = {name: p.grad.clone() for name, p in slots[k].named_parameters()}
+    for slot in slots:
+        slot.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, 1e30])
+def test_a_diverged_neighbour_changes_nothing_for_the_others(shared: SharedBase, poison: float) -> None:
+    """The stacked matmuls sum over every row: a neighbour with NaN, inf or huge weights must still add exactly 0."""
+    bad, good = _slots(shared)[:2]
+    with torch.no_grad():
+        for p in bad.parameters():
+            p.fill_(poison)
+        for b in good.lora_B:
+            b.normal_(0, 0.05)
+    alone = _grads_of(shared, [good], [[4, 5, 6]], 0)
+    beside = _grads_of(shared, [bad, good], [[0, 1, 2, 3], [4, 5, 6]], 1)
+    for name, g in alone.items():
+        torch.testing.assert_close(beside[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_checkpoint_loads_as_an_ordinary_model_folder(shared: SharedBase, tmp_path: Path) -> None:
+    slot = _slots(shared)[1]
+    train_together(shared, [slot], epochs=1)
+    folder = _save(shared, slot, tmp_path / "model")
+    loaded = load_model_dir(folder, device="cpu")
+    assert loaded.model.peft_config["default"].r == slot.model_args.lora_r
+    batch = shared._batch(shared.eval_data, [list(range(6))])
+    labels = batch.pop("labels")
+    shared.model.eval()
+    with torch.no_grad(), shared._routing([slot], [6]):
+        mine = shared.model(**batch).logits
+    torch.testing.assert_close(loaded.model(**batch).logits, mine, rtol=1e-5, atol=1e-6)
+    assert labels.shape == (6,)
+
+
+def test_a_resumed_slot_goes_on_exactly(shared: SharedBase, tmp_path: Path) -> None:
+    """Two epochs straight against one epoch, save, load, one more: the same weights and metrics (fp32, CPU)."""
+    model_args, train_args = _args(1)  # LoRA dropout on: its draws must repeat too
+    straight = shared.new_slot("a", model_args, train_args)
+    two = train_together(shared, [straight], epochs=2)
+
+    first = shared.new_slot("b", model_args, train_args)
+    one = train_together(shared, [first], epochs=1)
+    folder = _save(shared, first, tmp_path / "epoch1")
+    resumed = shared.load_slot("b", model_args, train_args, folder)
+    assert (resumed.step, resumed.epoch) == (first.step, 1)
+    then = train_together(shared, [resumed], epochs=1)
+    assert one[0][0]["accuracy"] == two[0][0]["accuracy"]
+    assert then[0][0]["loss"] == two[0][1]["loss"]
+    for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_trials_side_by_side_learn(tmp_path: Path, tiny_model_dir: Path, vader_file: Path) -> None:
+    """On real sentences the loss of every trial falls while it shares its steps with the others."""
+    data = DataArguments(max_train_samples=160, max_eval_samples=64, max_length=32)
+    shared = SharedBase(data, MODEL, TrainArguments())
+    slots = [shared.new_slot(f"t{k}", *_args(k, learning_rate=5e-3, num_train_epochs=4)) for k in range(3)]
+    history = train_together(shared, slots, epochs=4)
+    for trial in history:
+        assert trial[-1]["train_loss"] < trial[0]["train_loss"]
+
+
+def test_each_batch_is_taken_once_in_own_order_or_nearest_a_width() -> None:
+    lengths = list(range(1, 41))
+    batches = [[i, i + 1] for i in range(0, 40, 2)]  # widths 2, 4, ..., 40
+    order = [batches[k] for k in (5, 0, 19, 10, 3, 7, 1, 15, 12, 9, 2, 18, 4, 14, 6, 17, 8, 11, 16, 13)]
+    epoch = EpochBatches(order, lengths)
+    assert epoch.next_in_order() == ([10, 11], 12)
+    assert epoch.nearest(21) == [18, 19]  # widths 20 and 22 are as near: the narrower
+    assert epoch.nearest(1) == [0, 1]  # taken now, so own order skips it below
+    assert epoch.nearest(100) == [38, 39]  # taken now, so own order skips it below
+    taken = [[10, 11], [18, 19], [0, 1], [38, 39]]
+    assert epoch.next_in_order() == ([20, 21], 22)
+    taken.append([20, 21])
+    while epoch:
+        taken.append(epoch.nearest(30) if len(taken) % 2 else epoch.next_in_order()[0])
+    assert sorted(taken) == sorted(batches) and epoch.remaining == 0
+
+
+def test_refusals(shared: SharedBase, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot search target_modules"):
+        other_targets = ModelArguments(model_name_or_path=TINY_MODEL, target_modules="all-linear")
+        shared.new_slot("x", other_targets, TrainArguments())
+    with pytest.raises(ConfigError, match="not fp16"):
+        SharedBase(DATA, MODEL, TrainArguments(precision="fp16"))
+    with pytest.raises(ConfigError, match="exceeds the 48"):
+        shared.new_slot("x", MODEL, TrainArguments(per_device_train_batch_size=64))
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    (folder / FUSED_STATE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="Re-run the trial"):
+        shared.load_slot("x", MODEL, TrainArguments(), folder)
