@@ -65,10 +65,11 @@ def test_smoke_test_runs_end_to_end(tmp_path: Path) -> None:
     assert set(_trial_states(experiment).values()) == {"TERMINATED"}
 
 
-def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_path: Path) -> None:
+@pytest.mark.parametrize("way", [[], ["--fused_trials"]], ids=["processes", "fused"])
+def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_path: Path, way: list[str]) -> None:
     storage = tmp_path / "runs"
     experiment = storage / "killed"
-    argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "3", "--max_concurrent_trials", "1"]
+    argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "3", "--max_concurrent_trials", "1", *way]
     first = _start([*argv, "--storage_path", str(storage), "--name", "killed"], tmp_path, tmp_path / "first.log")
     try:
         deadline = time.monotonic() + 300

@@ -169,6 +169,17 @@ class TuneArguments:
             "a GPU and sees none fails at once."
         },
     )
+    fused_trials: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the trials that run at once on one shared copy of the base model per GPU (a trial engine): "
+            "each step is one forward and backward over all their batches, each row through its own trial's LoRA "
+            "adapter and head, so small-batch trials fill the GPU instead of taking turns on it. Trials stay Tune "
+            "trials (ASHA, Optuna, checkpoints, --resume); target_modules cannot be searched, precision is bf16 or "
+            "fp32. Trials at once: --max_concurrent_trials, else per GPU 1 / --gpus_per_trial or as many as fit its "
+            "memory (up to 8), else 4 on CPUs."
+        },
+    )
     max_failures: int = field(
         default=2, metadata={"help": "Retries of a failed trial, each from its last checkpoint (FailureConfig)."}
     )

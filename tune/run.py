@@ -3,15 +3,18 @@
     python tune/run.py                          # quick-start: offline MiniLM + VADER sentences, CPU, ~4 min
     python tune/run.py --smoke-test             # seconds: a tiny model, a few samples
     python tune/run.py --preset seed --gpus_per_trial 0.25
+    python tune/run.py --preset seed --fused_trials  # trials on a GPU step together on one shared base model
     python tune/run.py --resume runs/tune/latest
     python tune/run.py --help                   # every option
 
 Flow: parse and validate everything (no Ray yet) -> tokenise once into the on-disk cache -> start or join Ray
-and plan resources -> Tuner.fit (or Tuner.restore) -> print the best trial, its adapter and the next commands.
+and plan resources (with --fused_trials: start the trial engines) -> Tuner.fit (or Tuner.restore) -> print the
+best trial, its adapter and the next commands.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -205,9 +208,11 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
     """Validate everything, tokenise once, start or join Ray, then run (or resume) the search at storage_path/name."""
     from ray import tune
 
+    from lorasent.fused import check_shareable
     from lorasent.paths import CACHE_ENV
     from lorasent.tokenize import tokenized_splits
     from tune import cluster, search
+    from tune.engine import make_fused_trainable, start_engines
     from tune.trainable import make_trainable, trial_train_arguments
 
     t = args.tune
@@ -217,8 +222,12 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
     epochs = search.max_epochs(t, space, args.train)
     scheduler = search.build_scheduler(t, epochs)
     points = search.starting_points(t, space, args.model, args.train)
+    if t.fused_trials:
+        check_shareable(args.model, args.train, searched=space)
     # The address answers, or the local Ray's plan fits (trials per GPU from one trial's memory): before anything heavy.
-    plan = cluster.preflight(t, lambda: search.trial_footprint(space, args.data, args.model, args.train))
+    # Trials that share engines hold almost nothing themselves: how many run at once is the engines' to say.
+    plan_args = dataclasses.replace(t, max_concurrent_trials=None) if t.fused_trials else t
+    plan = cluster.preflight(plan_args, lambda: search.trial_footprint(space, args.data, args.model, args.train))
     if plan is not None:  # a local Ray: its trials' resources are known, so is what they can train with
         resources = {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial}
         trial_train_arguments(args.data, args.train, metric=t.metric, **resources)
@@ -226,20 +235,32 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
 
     splits = tokenized_splits(args.data, args.model)  # once, here: trials load the cached splits, never re-tokenise
     search.check_trials_fit(space, args.model, args.train, len(splits["train"]))
-    session = cluster.start_ray(t, plan)
+    session = cluster.start_ray(plan_args, plan)
+    engines = None
     try:
         plan = session.plan
-        print(plan.describe())
         cluster.warn_if_storage_not_shared(plan, storage_path)
-        trainable = make_trainable(
-            args.data,
-            args.model,
-            args.train,
-            metric=t.metric,
-            mode=t.mode,
-            cpus_per_trial=plan.cpus_per_trial,
-            gpus_per_trial=plan.gpus_per_trial,
-        )
+        if t.fused_trials:
+            engines = start_engines(args.data, args.model, args.train, plan, trials_at_once=t.max_concurrent_trials)
+            print(engines.describe())
+            trainable = make_fused_trainable(
+                args.data, args.model, args.train, metric=t.metric, mode=t.mode, plan=engines
+            )
+            max_concurrent, resources = engines.trials_at_once, engines.resources_per_trial
+        else:
+            print(plan.describe())
+            trainable = make_trainable(
+                args.data,
+                args.model,
+                args.train,
+                metric=t.metric,
+                mode=t.mode,
+                cpus_per_trial=plan.cpus_per_trial,
+                gpus_per_trial=plan.gpus_per_trial,
+            )
+            # None on an autoscaling cluster that does not say its size: every trial asks, max_workers caps the cost.
+            max_concurrent = plan.max_concurrent_trials or search.expected_trials(t, space)
+            resources = plan.resources_per_trial
         if not cluster.is_uri(storage_path):
             # A killed driver loses what happened since the last experiment snapshot: snapshot often (cheap locally,
             # so Ray's warning about frequent snapshots, meant for cloud storage, is noise here).
@@ -254,13 +275,11 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
             except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
                 raise _damaged_state(experiment_path, "tuner.pkl", e) from None  # Ray unpickles it as is
         else:
-            metadata = experiment_metadata(args, plan.resources_per_trial)
+            metadata = experiment_metadata(args, resources)
             cluster.write_experiment_file(experiment_path, METADATA_FILE, metadata)
             latest = cluster.update_latest_link(storage_path, name)  # now, so a killed run resumes from `latest`
             if latest is not None:
                 print(f"{latest} -> {name}")
-            # None on an autoscaling cluster that does not say its size: every trial asks, max_workers caps the cost.
-            max_concurrent = plan.max_concurrent_trials or search.expected_trials(t, space)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
@@ -287,6 +306,8 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
             )
         results = tuner.fit()
     finally:
+        if engines is not None:
+            engines.shutdown()
         session.shutdown()
     return SearchOutcome(results, experiment_path, epochs, search.expected_trials(t, space))
 

@@ -15,21 +15,18 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
-import ray
 import torch
 from ray import tune
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace, to_dict
 from lorasent.metrics import metric_names
-from lorasent.train import EpochReport, check_schedule, resolve_precision, train
+from lorasent.train import check_schedule, resolve_precision, train
 from tune.config import apply_trial_config
-
-LEADING_METRICS = ("f1_macro", "loss", "train_loss")  # after the search metric: the console table shows the first 4
+from tune.reporting import epoch_reporter
 
 
 def require_gpu(gpus: float) -> None:
@@ -50,26 +47,6 @@ def out_of_memory_help(gpus_per_trial: float) -> str:
         "lower per_device_train_batch_size, per_device_eval_batch_size or max_length, or use --half_precision_base. "
         "Each epoch's gpu_memory_peak_gib in the results says what finished trials needed."
     )
-
-
-def _reporter(metric: str, mode: str) -> Callable[[EpochReport], None]:
-    """Report each epoch's metrics (search metric first) and its model folder as the trial's checkpoint.
-
-    Every report also names the Ray node that ran the epoch (`node_id`): Tune's own `hostname` and `node_ip` cannot
-    tell nodes apart that share a machine, and a retried trial may move to another node.
-    """
-    worst = -math.inf if mode == "max" else math.inf
-    node_id = ray.get_runtime_context().get_node_id()
-
-    def report(epoch: EpochReport) -> None:
-        metrics = dict(epoch.metrics)
-        if metrics.get("diverged"):
-            metrics[metric] = worst  # a NaN/inf-loss model must never be picked as best, whatever it predicts
-        order = [metric, *(k for k in LEADING_METRICS if k != metric)]
-        ordered = {k: metrics[k] for k in order if k in metrics} | metrics | {"node_id": node_id}
-        tune.report(ordered, checkpoint=tune.Checkpoint.from_directory(str(epoch.checkpoint_dir)))
-
-    return report
 
 
 def work_root() -> Path:
@@ -113,6 +90,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     model_args, train_args = apply_trial_config(
         ModelArguments(**base["model"]), TrainArguments(**base["train"]), config
     )
+    report = epoch_reporter(base["metric"], base["mode"])
     checkpoint = tune.get_checkpoint()
     root = work_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -126,7 +104,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
                 DataArguments(**base["data"]),
                 model_args,
                 train_args,
-                on_epoch=_reporter(base["metric"], base["mode"]),
+                on_epoch=lambda epoch: report(epoch.metrics, epoch.checkpoint_dir),
                 resume_from_checkpoint=resume_dir,
                 save_final=False,
                 work_dir=work_dir,

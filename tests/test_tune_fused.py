@@ -1,0 +1,128 @@
+"""`--fused_trials` on a real local Ray (2 CPUs): trial engines that train several trials on one shared base, the
+search end to end through them (ASHA + Optuna, checkpoints, analysis), a diverging trial, an engine that dies and
+comes back, and the refusals that come before Ray starts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import ray
+
+from analysis.results import load_experiment
+from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments, to_dict
+from lorasent.errors import ConfigError
+from lorasent.model import check_model_dir
+from lorasent.predict import Predictor
+from tune.cluster import ResourcePlan
+from tune.config import METADATA_FILE, parse_args
+from tune.engine import TRIAL_CPUS, folder_files, start_engines, write_files
+from tune.run import experiment_location, run_search
+
+pytestmark = pytest.mark.ray
+
+DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=32, max_length=32)
+MODEL = ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4)
+
+
+def _args(*argv: str):
+    return parse_args(["--smoke-test", "--fused_trials", *argv])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_an_engine_trains_trials_side_by_side_and_keeps_no_state(local_ray, tmp_path: Path) -> None:
+    """Two trials' epochs at once on one engine; each next epoch starts from the files the last one returned, also
+    after the engine was killed and restarted."""
+    cpus = ResourcePlan(nodes=1, cpus=2, gpus=0, cpus_per_trial=1, gpus_per_trial=0, max_concurrent_trials=2)
+    plan = start_engines(DATA, MODEL, TrainArguments(), cpus)
+    assert plan.trials_at_once == 4 and plan.resources_per_trial == {"cpu": TRIAL_CPUS, "gpu": 0.0}
+    (engine,) = plan.engines
+    model = to_dict(MODEL)
+    configs = {
+        "a": to_dict(TrainArguments(per_device_train_batch_size=8, num_train_epochs=2)),
+        "b": to_dict(TrainArguments(per_device_train_batch_size=4, learning_rate=1e-3, num_train_epochs=2)),
+    }
+    calls = [engine.run_epoch.remote(key, model, config, None) for key, config in configs.items()]
+    first = dict(zip(configs, ray.get(calls), strict=True))
+    for key, (metrics, files) in first.items():
+        assert metrics["epoch"] == 1.0 and metrics["diverged"] == 0.0
+        assert {"accuracy", "f1_macro", "loss", "train_loss", "train_seconds", "eval_seconds"} <= set(metrics)
+        assert 0 < metrics["real_token_share"] <= 1
+        folder = write_files(files, tmp_path / key)
+        assert check_model_dir(folder)["metrics"]["epoch"] == 1.0
+        Predictor.from_dir(folder).predict(["works great"])
+    # batch 8 has 6 steps an epoch, batch 4 has 12: b joined a within a step or two of it and stepped with it
+    assert 1 < first["a"][0]["trials_per_step"] <= 2 and 1 < first["b"][0]["trials_per_step"] <= 1.5
+
+    ray.kill(engine, no_restart=False)  # as if killed for memory: it restarts and loads its base again
+    metrics, files = ray.get(engine.run_epoch.remote("a", model, configs["a"], first["a"][1]), timeout=300)
+    assert metrics["epoch"] == 2.0
+    history = json.loads(files["lorasent.json"])["history"]
+    assert [h["epoch"] for h in history] == [1.0, 2.0]
+
+    with pytest.raises(ray.exceptions.RayTaskError, match="cannot search target_modules"):
+        other_targets = to_dict(ModelArguments(model_name_or_path=TINY_MODEL, target_modules="all-linear"))
+        ray.get(engine.run_epoch.remote("c", other_targets, configs["a"], None))
+    with pytest.raises(ray.exceptions.RayTaskError, match="not a plain file name"):
+        ray.get(engine.run_epoch.remote("d", model, configs["a"], {"../escape": b""}))
+    plan.shutdown()
+
+
+def test_fused_search_end_to_end(local_ray, tmp_path: Path) -> None:
+    argv = ["--num_samples", "4", "--num_train_epochs", "3", "--metric", "loss", "--mode", "min"]
+    args = _args(*argv, "--storage_path", str(tmp_path), "--name", "fused", "--verbose", "0")
+    outcome = run_search(args, *experiment_location(args))
+    results = outcome.results
+    assert len(results) == 4 and results.errors == []
+    shared = []
+    for result in results:
+        frame = result.metrics_dataframe
+        assert frame["training_iteration"].tolist() == list(range(1, len(frame) + 1))
+        assert frame["epoch"].tolist() == [float(i) for i in range(1, len(frame) + 1)]
+        assert frame["checkpoint_dir_name"].notna().all()
+        shared += frame["trials_per_step"].tolist()
+    assert max(shared) > 1, "no two trials ever shared a step"
+    saved = json.loads((tmp_path / "fused" / METADATA_FILE).read_text())
+    assert saved["tune"]["fused_trials"] is True and saved["resources"] == {"cpu": TRIAL_CPUS, "gpu": 0.0}
+
+    exp = load_experiment(tmp_path / "fused")
+    assert exp.best_checkpoint is not None
+    assert Predictor.from_dir(exp.best_checkpoint).predict(["I love it", "Broke after a day"])
+    assert len(folder_files(exp.best_checkpoint)) >= 5  # adapter, its config, tokenizer, lorasent.json, state
+
+
+def test_a_diverging_fused_trial_is_a_bad_result_not_an_error(local_ray, tmp_path: Path) -> None:
+    space = json.dumps({"learning_rate": {"grid": [1e30, 1e-3]}, "lora_r": None, "per_device_train_batch_size": None})
+    args = _args(
+        *("--searcher", "grid", "--scheduler", "none", "--search_space", space, "--num_train_epochs", "2"),
+        *("--metric", "loss", "--mode", "min", "--storage_path", str(tmp_path), "--name", "nan", "--verbose", "0"),
+    )
+    results = run_search(args, *experiment_location(args)).results
+    assert len(results) == 2 and results.errors == []
+    by_lr = {r.config["learning_rate"]: r.metrics_dataframe for r in results}
+    assert by_lr[1e30]["diverged"].tolist() == [1.0] and by_lr[1e30]["loss"].tolist() == [math.inf]
+    assert by_lr[1e-3]["diverged"].tolist() == [0.0, 0.0]
+    assert all(math.isfinite(x) for x in by_lr[1e-3]["loss"])  # its rows shared steps with the diverging ones
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--search_space", '{"target_modules": {"choice": ["auto", "attention"]}}'], "cannot search target_modules"),
+        (["--precision", "fp16"], "not fp16"),
+        (["--torch_compile"], "torch_compile does not apply"),
+    ],
+)
+def test_what_shared_trials_cannot_do_is_refused_before_anything_loads(argv: list[str], message: str, tmp_path) -> None:
+    args = _args(*argv, "--storage_path", str(tmp_path), "--name", "refused")
+    with pytest.raises(ConfigError, match=message):
+        run_search(args, *experiment_location(args))
+    assert not (tmp_path / "refused").exists()

@@ -1,0 +1,366 @@
+"""Trial engines: one Ray actor per GPU trains every trial sent to it on one shared base model (`lorasent.fused`).
+
+With `--fused_trials`, Tune trials stay trials: Optuna samples them, ASHA stops them, and retries and `--resume`
+restart them from their last checkpoint. They just do not train themselves: for each epoch a trial sends its
+hyperparameters and the files of its last checkpoint to an engine, and gets back the epoch's metrics and the new
+checkpoint's files, which it reports to Tune as usual. An engine keeps no trial's state between epochs, so an ASHA
+stop, a retry or a lost engine loses nothing that a checkpoint does not hold.
+
+Inside an engine, one thread steps every trial that has an epoch to run, one batch each per step, as one forward and
+backward pass over all their rows. A trial joins at the next step and leaves when its epoch's batches run out.
+Trials whose epochs end at the same step are evaluated together. The trial processes stay light: this module
+imports torch only inside the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from lorasent.config import DataArguments, ModelArguments, TrainArguments, to_dict
+from lorasent.errors import CheckpointError, ConfigError
+from tune.cluster import ResourcePlan
+from tune.config import apply_trial_config
+from tune.reporting import epoch_reporter
+
+META_FILE = "lorasent.json"  # lorasent.model.META_FILE, named here so that trial processes need not import torch
+TRIAL_CPUS = 0.01  # what a trial process reserves: it waits on its engine, which does the work
+# A lost engine (e.g. killed for memory) comes back, and the epochs it was running run again there: a request holds
+# all an epoch needs (the hyperparameters and the last checkpoint), so running it twice is harmless.
+ENGINE_RESTARTS = 3
+
+
+def folder_files(folder: str | Path) -> dict[str, bytes]:
+    """Every file of a model folder, by name: how a checkpoint travels between a trial and its engine (which may
+    run on another machine)."""
+    return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+
+
+def write_files(files: dict[str, bytes], folder: str | Path) -> Path:
+    """Write what `folder_files` read into `folder` (created); names with a path in them are refused."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"Refusing the file name {name!r} in a checkpoint: it is not a plain file name.")
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@dataclass
+class _EpochRequest:
+    """One trial's request for one epoch, from its arrival to its result (or error)."""
+
+    key: str
+    model_args: ModelArguments
+    train_args: TrainArguments
+    files: dict[str, bytes] | None
+    arrived: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple[dict[str, float], dict[str, bytes]] | None = None
+    error: BaseException | None = None
+    slot: Any = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    started: float = 0.0  # its epoch's first step
+    steps: int = 0
+    trials_stepped: int = 0  # summed over its steps: how many trials each step trained
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+class TrialEngine:
+    """A Ray actor (threaded: each waiting trial holds one of its threads) that owns one device's shared base."""
+
+    def __init__(self, data: dict[str, Any], model: dict[str, Any], train: dict[str, Any], threads: int) -> None:
+        import torch
+
+        from lorasent.fused import SharedBase
+
+        torch.set_num_threads(threads)
+        self.data_args = DataArguments(**data)
+        self.shared = SharedBase(self.data_args, ModelArguments(**model), TrainArguments(**train))
+        self._requests: queue.SimpleQueue[_EpochRequest] = queue.SimpleQueue()
+        self._running = 0
+        threading.Thread(target=self._serve, name="lorasent-engine", daemon=True).start()
+
+    def describe(self) -> str:
+        """The device and base this engine trains on (waiting for it also waits until the base is loaded)."""
+        return f"{self.shared.device} ({len(self.shared.targets)} LoRA layers, {self.shared.dtype or 'fp32'})"
+
+    def load(self) -> int:
+        """Trials waiting for or running an epoch here."""
+        return self._running
+
+    def run_epoch(
+        self, key: str, model: dict[str, Any], train: dict[str, Any], files: dict[str, bytes] | None
+    ) -> tuple[dict[str, float], dict[str, bytes]]:
+        """Train trial `key` for one epoch from its checkpoint `files` (None: from the start); returns the epoch's
+        metrics and the files of its new checkpoint."""
+        request = _EpochRequest(key, ModelArguments(**model), TrainArguments(**train), files)
+        self._running += 1
+        try:
+            self._requests.put(request)
+            request.done.wait()
+        finally:
+            self._running -= 1
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    # ----------------------------------------------------------------------------------- the stepping thread
+
+    def _serve(self) -> None:
+        """Step the running trials for as long as the engine lives. Should the loop itself fail (a bug, not a trial's
+        error), the process exits: Ray restarts the engine and runs its requests again, where a dead thread in a live
+        actor would leave every trial waiting forever."""
+        try:
+            self._step_forever()
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+
+    def _step_forever(self) -> None:
+        import torch
+
+        running: list[_EpochRequest] = []
+        while True:
+            for request in self._arrivals(wait=not running):
+                if self._start(request):
+                    running.append(request)
+            if not running:
+                continue
+            try:
+                self.shared.step([r.slot for r in running])
+            except Exception as e:  # e.g. out of GPU memory: each trial of the step fails, Tune retries it
+                error = RuntimeError(f"A step shared by {len(running)} trials failed: {e!r}")
+                if isinstance(e, torch.OutOfMemoryError):
+                    error = RuntimeError(
+                        f"The GPU ran out of memory in a step shared by {len(running)} trials. Run fewer trials per "
+                        "engine (--max_concurrent_trials), or lower per_device_train_batch_size or max_length."
+                    )
+                for request in running:
+                    request.fail(error)
+                running = []
+                self._release_memory()
+                continue
+            for request in running:
+                request.steps += 1
+                request.trials_stepped += len(running)
+            ended = [r for r in running if not r.slot.batches]
+            if ended:
+                running = [r for r in running if r.slot.batches]
+                self._finish(ended)
+
+    def _arrivals(self, wait: bool) -> list[_EpochRequest]:
+        arrivals = []
+        try:
+            arrivals.append(self._requests.get(block=wait))
+            while True:
+                arrivals.append(self._requests.get_nowait())
+        except queue.Empty:
+            pass
+        return arrivals
+
+    def _start(self, request: _EpochRequest) -> bool:
+        """Build the request's slot (fresh, or from its checkpoint files) and begin its epoch; False if that failed."""
+        from lorasent.model import read_meta
+
+        try:
+            if request.files is None:
+                request.slot = self.shared.new_slot(request.key, request.model_args, request.train_args)
+            else:
+                with tempfile.TemporaryDirectory(prefix="lorasent-engine-") as folder:
+                    write_files(request.files, folder)
+                    request.history = list(read_meta(folder).get("history", []))
+                    request.slot = self.shared.load_slot(request.key, request.model_args, request.train_args, folder)
+                request.files = None  # its bytes are not needed any more
+            request.slot.begin_epoch(self.shared.lengths)
+        except Exception as e:
+            request.fail(e)
+            return False
+        request.started = time.perf_counter()
+        return True
+
+    def _finish(self, ended: list[_EpochRequest]) -> None:
+        """Evaluate the trials whose epochs just ended, together; send each its metrics and checkpoint."""
+        import torch
+
+        from lorasent.model import model_meta
+
+        if self.shared.device.type == "cuda":
+            torch.cuda.synchronize(self.shared.device)
+        finished = time.perf_counter()
+        try:
+            results = self.shared.end_epoch([r.slot for r in ended])
+        except Exception as e:
+            for request in ended:
+                request.fail(e)
+            self._release_memory()
+            return
+        eval_seconds = time.perf_counter() - finished
+        for request, metrics in zip(ended, results, strict=True):
+            train_seconds = finished - request.started
+            metrics.update(
+                train_seconds=train_seconds,
+                eval_seconds=eval_seconds,
+                setup_seconds=request.started - request.arrived,  # waiting for the step, and building the slot
+                train_tokens_per_second=request.slot.tokens / max(train_seconds, 1e-9),
+                trials_per_step=request.trials_stepped / max(request.steps, 1),
+                real_token_share=request.slot.tokens / max(request.slot.padded_tokens, 1),  # the rest was padding
+            )
+            if self.shared.device.type == "cuda":
+                metrics["gpu_memory_peak_gib"] = torch.cuda.max_memory_reserved(self.shared.device) / 2**30
+            slot = request.slot
+            meta = model_meta(
+                self.data_args.label_names,
+                data_args=self.data_args,
+                model_args=slot.model_args,
+                train_args=slot.train_args,
+            )
+            meta.update(metrics=metrics, history=[*request.history, metrics])
+            try:
+                with tempfile.TemporaryDirectory(prefix="lorasent-engine-") as folder:
+                    checkpoint = self.shared.save_slot(slot, Path(folder) / "checkpoint", meta)
+                    request.result = (metrics, folder_files(checkpoint))
+            except Exception as e:
+                request.fail(e)
+                continue
+            request.slot = None
+            request.done.set()
+
+    def _release_memory(self) -> None:
+        import torch
+
+        if self.shared.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class EnginePlan:
+    """The engines of a search and how many trials run at once."""
+
+    engines: list[Any]  # actor handles
+    trials_at_once: int
+    gpus: float  # of the cluster: the engines' share of them
+
+    @property
+    def resources_per_trial(self) -> dict[str, float]:
+        """What a trial holds, as `lorasent_search.json` records it for the analysis: its share of the GPUs."""
+        return {"cpu": TRIAL_CPUS, "gpu": len(self.engines) / self.trials_at_once if self.gpus else 0.0}
+
+    def describe(self) -> str:
+        where = f"{len(self.engines)} GPU(s)" if self.gpus else "the CPUs"
+        return (
+            f"Fused trials: {len(self.engines)} engine(s) on {where}, up to {self.trials_at_once} trial(s) at once "
+            f"sharing each base model; each trial process reserves {TRIAL_CPUS:g} CPU."
+        )
+
+    def shutdown(self) -> None:
+        """Stop the engines (they hold a GPU each, and nothing a checkpoint does not hold)."""
+        for engine in self.engines:
+            ray.kill(engine)
+
+
+def start_engines(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: TrainArguments,
+    plan: ResourcePlan,
+    *,
+    trials_at_once: int | None = None,
+) -> EnginePlan:
+    """One engine per GPU of the cluster (one on the CPUs when it has none), each holding its base model; waits until
+    every engine has loaded it, so a model that does not load fails here, before any trial starts.
+
+    Trials per engine: `trials_at_once` spread over the engines, else the plan's trials per GPU (from memory, or
+    1 / --gpus_per_trial), else 8 on a GPU and 4 on the CPUs.
+    """
+    if plan.autoscaler is not None:
+        raise ConfigError(
+            "--fused_trials starts one engine per GPU of the cluster as it is now, but this cluster autoscales. Start "
+            "the GPU nodes first (or give the cluster fixed workers), or search without --fused_trials."
+        )
+    count = int(plan.gpus)
+    if count:
+        options = {"num_gpus": 1, "num_cpus": 1}
+        threads, per_engine = 2, plan.trials_per_gpu or 8
+    else:
+        count = 1
+        options = {"num_cpus": max(1.0, plan.cpus - 1)}  # the rest for Tune and the light trial processes
+        threads, per_engine = max(1, math.floor(plan.cpus)), 4
+    trials_at_once = trials_at_once or per_engine * count
+    train = to_dict(train_args) | {"use_cpu": train_args.use_cpu or not count}
+    actor = ray.remote(TrialEngine).options(
+        **options, max_concurrency=trials_at_once + 4, max_restarts=ENGINE_RESTARTS, max_task_retries=ENGINE_RESTARTS
+    )
+    engines = [actor.remote(to_dict(data_args), to_dict(model_args), train, threads) for _ in range(count)]
+    try:
+        ray.get([engine.describe.remote() for engine in engines])
+    except ray.exceptions.RayActorError as e:
+        for engine in engines:
+            ray.kill(engine)
+        raise ConfigError(f"The trial engine could not load the base model: {e}") from None
+    return EnginePlan(engines, trials_at_once, plan.gpus)
+
+
+def fused_train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """One trial trained by the engines: per epoch a request with its last checkpoint's files, then a report."""
+    model_args, train_args = apply_trial_config(
+        ModelArguments(**base["model"]), TrainArguments(**base["train"]), config
+    )
+    report = epoch_reporter(base["metric"], base["mode"])
+    key = tune.get_context().get_trial_id()
+    files = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            files = folder_files(folder)
+        if json.loads(files[META_FILE])["metrics"]["epoch"] >= train_args.num_train_epochs:
+            return  # restored after its last epoch was saved: nothing left to train (as `Trainer` would do)
+    engines = base["engines"]
+    while True:
+        engine = engines[0] if len(engines) == 1 else min(engines, key=lambda e: ray.get(e.load.remote()))
+        metrics, files = ray.get(engine.run_epoch.remote(key, to_dict(model_args), to_dict(train_args), files))
+        with tempfile.TemporaryDirectory(prefix="lorasent-trial-") as folder:
+            report(metrics, write_files(files, folder))
+        if metrics["diverged"] or metrics["epoch"] >= train_args.num_train_epochs:
+            return
+
+
+def make_fused_trainable(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: TrainArguments,
+    *,
+    metric: str,
+    mode: str,
+    plan: EnginePlan,
+) -> Any:
+    """`fused_train_trial` bound to its engines and base arguments, with a trial's small CPU reservation."""
+    base = {
+        "data": to_dict(data_args),
+        "model": to_dict(model_args),
+        "train": to_dict(train_args),
+        "metric": metric,
+        "mode": mode,
+        "engines": plan.engines,
+    }
+    return tune.with_resources(tune.with_parameters(fused_train_trial, base=base), {"cpu": TRIAL_CPUS})
