@@ -12,10 +12,14 @@ Parts (--parts picks; each prints its rows as soon as it has them and saves --ou
             next to the seed-style config's.
   packing   8 trials x 3 epochs (batch 16, lr searched) at 1/8 GPU each, against trials given a whole GPU each
             (so one at a time): trial throughput ratio, goal >= 5x.
+  search and packing each run their trials in the ways --ways names, in that order (default both): `processes`, one
+  process per trial (GPUs shared by fraction), and `fused`, the same command with --fused_trials (one trial engine
+  per GPU trains every running trial on one shared base model). Rows of the fused way end in "(fused trials)".
   quickstart  (goal 5, CPU; not in the default) `python tune/run.py` as shipped: wall time, goal <= 5 minutes.
 
     python bench/bench_search.py --smoke                 # CPU: tiny sizes, every code path
     python bench/bench_search.py --out results/search.json --gpus_per_trial 0.125
+    python bench/bench_search.py --parts search packing --ways fused   # only the fused way (short GPU lease)
 """
 
 from __future__ import annotations
@@ -244,15 +248,18 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
         "experiment": str(exp.path),
         "plan": resource_plan(lines),
         "time_split": time_split(epochs),
-        # GPU trials only: the most memory any trial's allocator held (NaN on CPUs)
+        # GPU trials only: the most memory any trial's allocator held (NaN on CPUs); fused: the engine's, all trials'
         "gpu_memory_peak_gib": float(epochs["gpu_memory_peak_gib"].max()) if "gpu_memory_peak_gib" in epochs else None,
+        # fused trials only: how many trials shared a step, on average over trial-epochs
+        "trials_per_step": float(epochs["trials_per_step"].mean()) if "trials_per_step" in epochs else None,
     }
 
 
 def resource_plan(lines: list[str]) -> str:
-    """The plan tune/run.py printed: its first line, and the indented line saying how GPUs are shared, if any."""
+    """The plan tune/run.py printed: its first line, and the indented line saying how GPUs are shared, if any.
+    With --fused_trials it prints the engines ("Fused trials: ...") instead."""
     for i, line in enumerate(lines):
-        if line.startswith("Resource plan"):
+        if line.startswith(("Resource plan", "Fused trials:")):
             why = lines[i + 1].strip() if i + 1 < len(lines) and lines[i + 1].startswith("  ") else ""
             return line.strip() + (f"; {why}" if why else "")
     return ""
@@ -282,42 +289,69 @@ def incomplete(found: dict[str, Any]) -> str:
     return "" if found["complete"] else " (INCOMPLETE: cut at the timeout or failed)"
 
 
+FUSED = " (fused trials)"  # ends the name of every row of the fused way
+
+
+def way_flags(way: str) -> list[str]:
+    """tune/run.py's flags for a way of running trials."""
+    return ["--fused_trials"] if way == "fused" else []
+
+
 def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    for way in args.ways:
+        search_one_way(ws, data_file, args, results, way)
+        results.save(args.out)  # a step cut by its timeout keeps the ways that finished
+
+
+def search_one_way(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results, way: str) -> None:
+    """The 27-trial search run one way; the process way keeps the row names of the runs before fused trials."""
     n = sizes(args)
+    name, suffix = ("search", "") if way == "processes" else (f"search-{way}", FUSED)
     command = tune_command(
         ws,
         data_file,
         args,
-        "search",
+        name,
         "--num_samples",
         str(n["trials"]),
         *search_share(args),
         "--search_space",
         json.dumps(SEARCH_SPACE),
+        *way_flags(way),
     )
-    found = run_tune(command, ws, "search", args.timeout)
-    results.extra["search"] = found
+    found = run_tune(command, ws, name, args.timeout)
+    results.extra[name] = found
     results.add(
-        f"lorasent search, {found['trials']} trials (ASHA + Optuna), whole command{incomplete(found)}",
+        f"lorasent search, {found['trials']} trials (ASHA + Optuna), whole command{suffix}{incomplete(found)}",
         found["wall_s"],
         "s",
         f"{found['trial_epochs']} trial-epochs, {found['early_stopped']} stopped early, {found['errors']} "
-        f"errors; {found['plan']}",
+        f"errors; {found['plan']}{engine_memory(found) if suffix else ''}",
     )
     grid = results.extra.get("baseline", {}).get("grid_s")
     if grid:
         kind = "extrapolated" if results.extra["baseline"]["extrapolated"] else "measured"
         results.add(
-            "ratio search wall / seed-style grid",
+            f"ratio search wall / seed-style grid{suffix}",
             found["wall_s"] / grid,
             "x",
             f"goal <= 0.125 (1/8); grid {grid:.0f} s ({kind})",
         )
-    results.add("where the trials' time went", found["time_split"]["trial_seconds"], "trial-s",
+    results.add(f"where the trials' time went{suffix}", found["time_split"]["trial_seconds"], "trial-s",
                 describe_split(found["time_split"]))  # fmt: skip
+    if found["trials_per_step"] is not None:
+        results.add(f"trials per shared step, mean over trial-epochs{suffix}", found["trials_per_step"], "trials",
+                    f"{found['trial_epochs']} trial-epochs")  # fmt: skip
     config = ", ".join(f"{k.split('/')[-1]}={v}" for k, v in found["best_config"].items())
-    results.add("lorasent search best validation accuracy", found["best_accuracy"], "", config)
-    memory_check(command, found, results)
+    results.add(f"lorasent search best validation accuracy{suffix}", found["best_accuracy"], "", config)
+    if way == "processes":  # the plan's per-trial footprint; an engine's peak is all its trials' (in the note above)
+        memory_check(command, found, results)
+
+
+def engine_memory(found: dict[str, Any]) -> str:
+    """The trial engine's GPU memory peak (all its trials at once), for a fused row's note; nothing on CPUs."""
+    peak = found["gpu_memory_peak_gib"]
+    return f"; engine GPU memory peak {peak:.2f} GiB" if peak is not None and peak == peak else ""
 
 
 def memory_check(command: list[str], found: dict[str, Any], results: Results) -> None:
@@ -341,6 +375,7 @@ def memory_check(command: list[str], found: dict[str, Any], results: Results) ->
 
 
 def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    """Each way's packed run, then (once, after the first) the one-GPU-per-trial run both are compared with."""
     n = sizes(args)
     gpus = on_gpu()
     # Only the learning rate varies; batch 16 and rank 4 are pinned as one-value choices over the preset's lists.
@@ -349,12 +384,16 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
     common = ["--scheduler", "none", "--searcher", "random", "--num_train_epochs", "3"]
     common += ["--search_space", json.dumps(space), "--points_to_evaluate", "[]"]
     packed_gpus, packed_concurrency = (args.pack_fraction, n["packed"]) if gpus else (0.0, 2)
-    cases = {
+    cases = {  # name: (trials, --gpus_per_trial, trials at once)
         "packed": (n["packed"], packed_gpus, packed_concurrency),
+        # With --fused_trials the share places nothing (one engine per GPU); 1 / share is the trials per engine.
+        "fused": (n["packed"], packed_gpus, packed_concurrency),
         "sequential": (n["sequential"], 1.0 if gpus else 0.0, 1),
     }
-    found = {}
-    for name, (trials, fraction, concurrency) in cases.items():
+
+    def run(name: str) -> dict[str, Any]:
+        trials, fraction, concurrency = cases[name]
+        share = "one shared base per GPU" if name == "fused" else f"{fraction:g} GPU each"
         command = tune_command(
             ws,
             data_file,
@@ -367,17 +406,31 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
             str(fraction),
             "--max_concurrent_trials",
             str(concurrency),
+            *way_flags(name),
         )
-        found[name] = run_tune(command, ws, f"pack-{name}", args.timeout)
-        f = found[name]
+        f = found[name] = run_tune(command, ws, f"pack-{name}", args.timeout)
+        suffix = FUSED if name == "fused" else ""
+        fused_note = f"; {f['trials_per_step']:.2f} trials per step{engine_memory(f)}" if suffix else ""
         results.add(
-            f"{name}: {trials} trials x 3 epochs, {fraction:g} GPU each, {concurrency} at once{incomplete(f)}",
+            f"{name}: {trials} trials x 3 epochs, {share}, {concurrency} at once{suffix}{incomplete(f)}",
             f["trials"] / f["trials_span_s"] * 60,
             "trials/min",
             f"span {f['trials_span_s']:.1f} s (first trial start to last result); whole command {f['wall_s']:.1f} s; "
-            + f"{f['time_split']['trial_seconds']:.0f} trial-seconds: {describe_split(f['time_split'])}",
+            + f"{f['time_split']['trial_seconds']:.0f} trial-seconds: {describe_split(f['time_split'])}{fused_note}",
         )
-    packed, seq = found["packed"], found["sequential"]
+        results.extra["packing"] = found
+        results.save(args.out)  # a step cut by its timeout keeps the runs that finished
+        return f
+
+    found: dict[str, dict[str, Any]] = {}
+    for way in args.ways:
+        packed = run("packed" if way == "processes" else way)
+        seq = found.get("sequential") or run("sequential")
+        packing_ratios(packed, seq, results, FUSED if way == "fused" else "")
+
+
+def packing_ratios(packed: dict[str, Any], seq: dict[str, Any], results: Results, suffix: str) -> None:
+    """Trial throughput of a packed run over the one-GPU-per-trial run's, whole commands and trials only."""
     # The same number of trials on both sides: the sequential wall is extended by its measured per-trial cost
     # (first trial start to last result, over its trials) when it ran fewer trials than the packed case.
     missing = packed["trials"] - seq["trials"]
@@ -386,7 +439,7 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
         f"sequential wall extrapolated from {seq['trials']} to {packed['trials']} trials" if missing > 0 else "measured"
     )
     results.add(
-        "packing ratio: trial throughput packed / one GPU per trial (whole commands)",
+        f"packing ratio: trial throughput packed / one GPU per trial (whole commands){suffix}",
         seq_wall / packed["wall_s"],
         "x",
         f"goal >= 5; {packed['trials']} trials: {seq_wall:.0f} s vs {packed['wall_s']:.0f} s, Ray start-up "
@@ -394,12 +447,11 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
     )
     span_ratio = (seq["trials_span_s"] / seq["trials"]) / (packed["trials_span_s"] / packed["trials"])
     results.add(
-        "packing ratio, trials only (first trial start to last result)",
+        f"packing ratio, trials only (first trial start to last result){suffix}",
         span_ratio,
         "x",
         "excludes Ray start-up and the first cold start of each trial process",
     )
-    results.extra["packing"] = found
 
 
 def quickstart(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
@@ -443,6 +495,14 @@ def main() -> None:
         type=int,
         default=3,
         help="Trials of the one-GPU-per-trial case (fewer than 8 saves time; throughput is per trial).",
+    )
+    parser.add_argument(
+        "--ways",
+        nargs="+",
+        default=["processes", "fused"],
+        choices=["processes", "fused"],
+        help="How search and packing run their trials, in this order: one process per trial, and/or --fused_trials "
+        "(one trial engine per GPU, one shared base model).",
     )
     parser.add_argument("--timeout", type=float, default=600, help="Seconds one tune/run.py may take.")
     parser.add_argument(

@@ -6,13 +6,19 @@
 #   on the GPU machine:  bash bench/gpu_run.sh            (device run: carry [".whl"], timeout_s 560)
 #   CPU dry run here:    SMOKE=1 bash bench/gpu_run.sh    (tiny sizes, wheels not installed, OUT=/tmp/gpu-dry-run)
 #   a short re-measure:  PARTS="tokenise precision tokenise_map" BUDGET_S=150 bash bench/gpu_run.sh
+#   fused trials only:   PARTS="search packing" WAYS=fused bash bench/gpu_run.sh
+#
+# WAYS (bench_search.py --ways; default "processes fused") picks how the search and packing steps run their trials,
+# in that order: one process per trial, and/or --fused_trials (one trial engine per GPU, one shared base model).
+# Each way adds a whole search (~150 s) to the search step and a packed run (~80 s) to the packing step, so with
+# both ways those two steps need ~450 s and ~240 s: WAYS=fused (or processes) fits them in a short lease.
 #
 # PARTS picks the steps, in order (default: the full run). Each step writes $OUT/<step>.json:
 #   train        lorasent train() vs the hand loop, Predictor (goal 2)
 #   repeat       one seed-config trial (1 epoch) three times in a fresh process: cold vs warm per-trial cost
-#   search       seed-style grid vs the lorasent search (goal 1)
+#   search       seed-style grid vs the lorasent search, each of WAYS (goal 1)
 #   scale        tokenisation + a batch-256 epoch at scale (goal 4)
-#   packing      8 trials on one GPU vs one trial per GPU (goal 3)
+#   packing      8 trials on one GPU, each of WAYS, vs one trial per GPU (goal 3)
 #   train_extra  the issue's anchors, bf16-vs-fp32 Trainer, kernel census, fresh-process cold start
 #   tokenise     tokenisation only (scale's first part)
 #   precision    bf16-vs-fp32 Trainer epochs + kernel census only (train_extra without anchors / fresh process)
@@ -28,6 +34,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
 PARTS=${PARTS:-"train search scale packing train_extra"}
+read -ra WAYS <<< "${WAYS:-processes fused}"
 OUT=${OUT:-/tmp/gpu-dry-run}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_log.txt") 2>&1
@@ -58,7 +65,7 @@ else
   export BENCH_ASSETS=$PWD/.whl/bench-assets
 fi
 
-echo "=== machine $(date -u +%FT%TZ) budget ${BUDGET_S}s smoke=$SMOKE"
+echo "=== machine $(date -u +%FT%TZ) budget ${BUDGET_S}s smoke=$SMOKE ways=${WAYS[*]}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv \
   2>/dev/null || echo "no nvidia-smi"
 echo "cpus: $(nproc)  mem: $(free -g | awk '/Mem:/{print $2 " GiB"}')  /dev/shm: $(df -h /dev/shm | awk 'NR==2{print $4}') free"
@@ -131,11 +138,11 @@ run_part() {  # the steps: name, longest and shortest useful time (s), command
       --out "$OUT/train.json" ;;
     repeat) step repeat 60 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict anchors precision census \
       fresh --out "$OUT/repeat.json" ;;
-    search) step search 300 120 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts baseline search --timeout 210 \
-      --out "$OUT/search.json" ;;
+    search) step search $((150 + 150 * ${#WAYS[@]})) 120 "$PY" bench/bench_search.py "${FLAGS[@]}" \
+      --parts baseline search --ways "${WAYS[@]}" --timeout 210 --out "$OUT/search.json" ;;
     scale) step scale 120 45 "$PY" bench/bench_scale.py "${FLAGS[@]}" --out "$OUT/scale.json" ;;
-    packing) step packing 160 70 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts packing --timeout 120 \
-      --out "$OUT/packing.json" ;;
+    packing) step packing $((80 + 80 * ${#WAYS[@]})) 70 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts packing \
+      --ways "${WAYS[@]}" --timeout 120 --out "$OUT/packing.json" ;;
     train_extra) step train_extra 130 40 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat train predict \
       --probe_timeout 100 --out "$OUT/train_extra.json" ;;
     tokenise) step tokenise 80 30 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts tokenise \
