@@ -12,8 +12,12 @@ that idea before anything is built on it: per step of K trials (forward, backwar
   peft_mixed  one peft model with K adapters, rows routed by peft's own mixed-batch forward (`adapter_names`)
   concat      the K adapters of each target layer stacked into one matrix pair: x @ A_all, masked to each row's own
               trial (the mask also carries rank and alpha / r), @ B_all; heads run per trial on their own rows
+  shared_base what was built on concat, as shipped: `lorasent.fused.SharedBase.step` over K trial slots, on real
+              tokenised reviews (batches width-aligned across slots, padded per step; its row says how much of the
+              padded tokens were real), with its per-slot clipping, schedule and isolation of a diverging trial
 
-and checks first, in fp32 with dropout off, that each fused way gives every trial the gradients it gets alone.
+and checks first, in fp32 with dropout off, that the prototypes (peft_mixed, concat) give every trial the gradients
+it gets alone (tests/test_fused.py checks the shipped step's).
 
     python bench/bench_fused.py --smoke               # CPU, tiny model, ~1 minute
     python bench/bench_fused.py --trials 8 --batch 4 16 --out results/fused.json
@@ -24,21 +28,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
+import math
 import multiprocessing as mp
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from data import Results, add_common_args, section, sync, workspace
+from data import Results, Workspace, add_common_args, load_tokenizer, section, sync, workspace
 from peft import LoraConfig, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import AutoModelForSequenceClassification
+
+if TYPE_CHECKING:  # imported where used: the K spawned trial processes re-import this script and need none of it
+    from lorasent.fused import SharedBase
 
 RANKS = (2, 4, 8)  # three LoRA ranks around the seed's r 4, cycled over the K trials
 SEED_BATCHES = (4, 8, 16)  # the seed grid's batch sizes
@@ -46,6 +57,8 @@ MPS_DIRS = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
 TARGETS = ["q_lin", "v_lin"]
 HEAD = ("pre_classifier", "classifier")  # DistilBERT's classification head, trained in full as in lorasent
 ALPHA = 16
+DROPOUT = 0.1  # LoRA dropout of the timed trials
+MIN_LENGTH = 0.9  # shared_base trains on reviews of at least this share of --length tokens (truncated at --length)
 
 
 def lora_config(r: int, dropout: float) -> LoraConfig:
@@ -251,6 +264,39 @@ class Concat(Way):
                 p[index] = weights[name]
 
 
+class SharedBaseWay:
+    """The shipped fused step over K trial slots. Each slot draws its own batches of real reviews, so the `data` and
+    `dtype` that `time_way` passes go unused (the shared base autocasts itself)."""
+
+    def __init__(self, shared: SharedBase, ranks: list[int], sizes: list[int]) -> None:
+        from lorasent.config import TrainArguments
+
+        self.shared = shared
+        self.slots = [
+            shared.new_slot(
+                f"t{k}",
+                dataclasses.replace(shared.model_args, lora_r=r),
+                TrainArguments(per_device_train_batch_size=size, learning_rate=1e-3, seed=k),
+            )
+            for k, (r, size) in enumerate(zip(ranks, sizes, strict=True))
+        ]
+        self.tokens = self.padded_tokens = 0  # of the epochs run out: begin_epoch zeroes a slot's counts
+
+    def step(self, data: Any, dtype: torch.dtype | None) -> None:
+        """One shared step; a slot whose batches ran out begins its epoch again first (the step refuses it)."""
+        for slot in self.slots:
+            if not slot.batches:
+                self.tokens += slot.tokens
+                self.padded_tokens += slot.padded_tokens
+                slot.begin_epoch(self.shared.lengths)
+        self.shared.step(self.slots)
+
+    def real_token_share(self) -> float:
+        """Real tokens over the tokens the slots' rows took, padding included, over every step run."""
+        tokens = self.tokens + sum(slot.tokens for slot in self.slots)
+        return tokens / max(1, self.padded_tokens + sum(slot.padded_tokens for slot in self.slots))
+
+
 def per_trial_loss(logits: torch.Tensor, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """The sum of each trial's mean loss: trials share no trained weight, so each gets exactly its own gradient."""
     losses, start = [], 0
@@ -323,7 +369,7 @@ def _solo_process(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(threads)  # as Ray gives a 1-CPU trial one thread: K processes must not oversubscribe
     base = load_base(model_dir, no_dropout=False)
-    way = Solo(base, [r], 0.1, device)
+    way = Solo(base, [r], DROPOUT, device)
     dtype = bf16_or_none()
     for case, size in enumerate(sizes):
         data = on_device(batches([size], length, base.config.vocab_size), device)
@@ -386,8 +432,66 @@ def bf16_or_none() -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
 
 
-def throughput(model_dir: Any, args: argparse.Namespace, results: Results) -> None:
+def review_file(ws: Workspace, length: int, multiple: int) -> Path:
+    """The workspace's synthetic reviews, the training ones cut to those of at least MIN_LENGTH x `length` tokens and
+    to a multiple of `multiple` rows: truncated at `length`, shared_base's rows come near the other ways' `length`
+    tokens, and every batch of a slot is full."""
+    import pandas as pd
+
+    source = ws.reviews("fused", {"train": 100 if ws.smoke else 3000, "validation": 32, "test": 32})
+    shortest = math.ceil(MIN_LENGTH * length)
+    path = source.with_name(f"{source.stem}-min{shortest}-x{multiple}{source.suffix}")
+    if path.is_file():
+        return path
+    frame = pd.read_csv(source)
+    ids = load_tokenizer(ws.model_dir())(frame["text"].tolist())["input_ids"]
+    long_enough = pd.Series([len(row) for row in ids], index=frame.index) >= shortest
+    train = frame[(frame["split"] == "train") & long_enough]
+    frame = pd.concat([train.iloc[: len(train) // multiple * multiple], frame[frame["split"] != "train"]])
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    tmp.rename(path)
+    return path
+
+
+def load_shared_base(ws: Workspace, length: int, cases: list[list[int]]) -> SharedBase:
+    """lorasent's shared base on the benchmark model, with the trials' LoRA targets and dropout, and reviews of about
+    `length` tokens; built before the cases, so the tokenised data and base load once."""
+    from lorasent.config import DataArguments, ModelArguments, TrainArguments
+    from lorasent.fused import SharedBase
+
+    data_file = review_file(ws, length, math.lcm(*(size for sizes in cases for size in sizes)))
+    data_args = DataArguments(dataset=str(data_file), max_length=length, cache_dir=str(ws.root / "cache"))
+    model_args = ModelArguments(
+        model_name_or_path=str(ws.model_dir()), lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=",".join(TARGETS)
+    )
+    return SharedBase(data_args, model_args, TrainArguments())
+
+
+def time_shared_base(
+    ws: Workspace, ranks: list[int], cases: list[list[int]], length: int, steps: int
+) -> tuple[list[float], list[float]]:
+    """Per case, seconds per step of all K trials through the shipped fused step, and the real share of its tokens."""
+    shared = load_shared_base(ws, length, cases)
+    seconds, shares = [], []
+    for sizes in cases:
+        way = SharedBaseWay(shared, ranks, sizes)
+        seconds.append(time_way(way, [], None, steps))
+        shares.append(way.real_token_share())
+        del way
+        release_memory(shared.device)
+    return seconds, shares
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand a finished way's GPU memory back, so the next way starts from the same free memory."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def throughput(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir = ws.model_dir()
     base = load_base(model_dir, no_dropout=False)
     ranks = [RANKS[k % len(RANKS)] for k in range(args.trials)]
     cases = [[batch] * args.trials for batch in args.batch]
@@ -402,13 +506,25 @@ def throughput(model_dir: Any, args: argparse.Namespace, results: Results) -> No
         except Exception as e:  # MPS refused or a process stuck: the other ways are still worth having
             results.add("processes under MPS", f"not measured: {type(e).__name__}: {e}"[:200])
     dtype = bf16_or_none()  # after the processes: asking the device about bf16 starts CUDA in this process
+    shipped: tuple[list[float], list[float]] = ([], [])
+    try:
+        shipped = time_shared_base(ws, ranks, cases, args.length, args.steps)
+    except Exception as e:  # the other ways' figures are still worth having
+        traceback.print_exc()
+        results.add("shared_base", f"not measured: {type(e).__name__}: {e}"[:200])
     for case, sizes in enumerate(cases):
         data = on_device(batches(sizes, args.length, base.config.vocab_size), device)
         seconds = {}
         for name, cls in (("solo", Solo), ("peft_mixed", PeftMixed), ("concat", Concat)):
-            seconds[name] = time_way(cls(base, ranks, 0.1, device), data, dtype, args.steps)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            seconds[name] = time_way(cls(base, ranks, DROPOUT, device), data, dtype, args.steps)
+            release_memory(device)
+        notes = {}
+        if shipped[0]:
+            seconds["shared_base"] = shipped[0][case]
+            notes["shared_base"] = (
+                f"; real tokenised reviews of {math.ceil(MIN_LENGTH * args.length)}-{args.length} tokens padded per "
+                f"step, real_token share {shipped[1][case]:.3f}"
+            )
         if in_processes:
             seconds["processes"] = in_processes[case]
         if under_mps:
@@ -421,7 +537,8 @@ def throughput(model_dir: Any, args: argparse.Namespace, results: Results) -> No
                 "trial-steps/s",
                 f"{sum(sizes) / s:,.0f} reviews/s, {s * 1000:.1f} ms per step of all {args.trials}; "
                 f"x{seconds['solo'] / s:.2f} of solo"
-                + (f", x{seconds['processes'] / s:.2f} of processes" if "processes" in seconds else ""),
+                + (f", x{seconds['processes'] / s:.2f} of processes" if "processes" in seconds else "")
+                + notes.get(name, ""),
             )
 
 
@@ -449,7 +566,7 @@ def main() -> None:
     results = Results("bench_fused", args.smoke)
     model_dir = ws.model_dir()
     section(results, args.out, "gradients", lambda: check_gradients(model_dir, args, results))
-    section(results, args.out, "throughput", lambda: throughput(model_dir, args, results))
+    section(results, args.out, "throughput", lambda: throughput(ws, args, results))
     results.write(args.out)
 
 

@@ -326,8 +326,7 @@ class SharedBase:
         check_shareable(model_args, train_args)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() and not train_args.use_cpu else "cpu")
         self.data_args, self.model_args, self.train_args = data_args, model_args, train_args
-        precision = fused_precision(train_args)
-        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        self.dtype = torch.bfloat16 if fused_precision(train_args) == "bf16" else None
         self.tokenizer = load_tokenizer(model_args)
         splits = tokenized_splits(data_args, model_args, self.tokenizer)
         columns = [c for c in splits["train"].column_names if c != "length"]
@@ -455,13 +454,23 @@ class SharedBase:
         rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
         batch = self.collate(rows).items()
         if self.device.type == "cuda":  # from pinned memory the copy neither blocks nor waits for the GPU
-            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch}
-        return {k: v.to(self.device) for k, v in batch}
+            on_device = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch}
+        else:
+            on_device = {k: v.to(self.device) for k, v in batch}
+        if self.config._attn_implementation == "sdpa":
+            # As a 4D mask it goes to attention as it is. Given the usual 2D one, transformers asks the device
+            # whether any token is padded (`mask.all()` in masking_utils), which makes the host wait for the GPU
+            # before every forward pass.
+            mask = on_device["attention_mask"].bool()
+            on_device["attention_mask"] = mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+        return on_device
 
     def step(self, slots: Sequence[TrialSlot]) -> None:
         """One optimizer step of every slot, each on its next batch; a slot whose epoch has no batch left is refused."""
         # Dropout draws follow from the slots and their step counts alone, so a resumed trial goes on exactly.
         torch.manual_seed(hash(tuple((slot.train_args.seed, slot.step) for slot in slots)) & (2**63 - 1))
+        if not all(slot.batches for slot in slots):
+            raise ValueError(f"Slots {[s.key for s in slots if not s.batches]} have no batch left: begin_epoch first.")
         lead, *others = slots
         first, width = lead.batches.next_in_order()
         groups = [first, *(slot.batches.nearest(width) for slot in others)]
