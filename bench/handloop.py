@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lorasent.config import DataArguments, ModelArguments
-from lorasent.model import build_model
+from lorasent.model import build_model, sdpa_attention_mask
 from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
 from lorasent.train import ShuffledLengthGroupedSampler
 
@@ -125,6 +125,7 @@ def train_step(
     max_grad_norm: float = 1.0,
 ) -> None:
     """One optimizer step of the hand loop: forward under autocast (none when dtype is None), backward, clipping."""
+    batch = {**batch, "attention_mask": sdpa_attention_mask(model.config, batch["attention_mask"])}  # as lorasent
     with torch.autocast(batch["input_ids"].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss = model(**batch).loss
     loss.backward()

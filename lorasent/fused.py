@@ -43,6 +43,7 @@ from lorasent.model import (
     head_module_names,
     load_base,
     lora_config,
+    sdpa_attention_mask,
     store_frozen_weights_in,
     write_meta,
 )
@@ -457,12 +458,7 @@ class SharedBase:
             on_device = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch}
         else:
             on_device = {k: v.to(self.device) for k, v in batch}
-        if self.config._attn_implementation == "sdpa":
-            # As a 4D mask it goes to attention as it is. Given the usual 2D one, transformers asks the device
-            # whether any token is padded (`mask.all()` in masking_utils), which makes the host wait for the GPU
-            # before every forward pass.
-            mask = on_device["attention_mask"].bool()
-            on_device["attention_mask"] = mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+        on_device["attention_mask"] = sdpa_attention_mask(self.config, on_device["attention_mask"])
         return on_device
 
     def step(self, slots: Sequence[TrialSlot]) -> None:

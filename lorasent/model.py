@@ -377,6 +377,19 @@ def check_model_dir(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def sdpa_attention_mask(config: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A 2D padding mask as the 4D boolean mask SDPA attention takes, for models that attend with SDPA.
+
+    transformers 5 passes a 4D mask to attention as it is; from a 2D one it builds the 4D one, first asking the
+    device whether any token is padded (`mask.all()` in `masking_utils`), which makes the host wait for the GPU
+    before every forward pass. The 4D mask is an expanded view: no memory, the same logits.
+    """
+    if getattr(config, "_attn_implementation", None) != "sdpa" or attention_mask.ndim != 2:
+        return attention_mask
+    mask = attention_mask.bool()
+    return mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+
+
 def default_device() -> torch.device:
     """The first GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,6 +21,7 @@ from lorasent.model import (
     merge_and_export,
     resolve_target_modules,
     save_model_dir,
+    sdpa_attention_mask,
     trainable_parameters,
 )
 from lorasent.tokenize import load_tokenizer
@@ -237,3 +238,19 @@ def test_only_encoder_weights_missing_from_the_checkpoint_are_reported(
     assert "LOAD REPORT" not in capfd.readouterr().err
     (record,) = caplog.records
     assert record.levelname == "WARNING" and dropped in record.getMessage() and "classifier" not in record.getMessage()
+
+
+@pytest.mark.parametrize("model_name", [TINY_MODEL, OFFLINE_MODEL])
+def test_the_4d_attention_mask_gives_the_same_logits(model_name: str, tiny_model_dir, offline_model_dir) -> None:
+    """The 4D mask that spares every step a host-GPU sync means what the padded 2D mask means (DistilBERT, BERT)."""
+    model = build_model(ModelArguments(model_name_or_path=model_name), ["negative", "positive"]).eval()
+    torch.manual_seed(0)
+    input_ids = torch.randint(5, model.config.vocab_size, (3, 12))  # past the special tokens
+    padding = torch.tensor([[1] * 12, [1] * 7 + [0] * 5, [1] * 3 + [0] * 9])
+    four_d = sdpa_attention_mask(model.config, padding)
+    assert four_d.shape == (3, 1, 12, 12) and four_d.dtype == torch.bool
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=padding).logits
+        torch.testing.assert_close(model(input_ids=input_ids, attention_mask=four_d).logits, expected)
+    model.config._attn_implementation = "eager"  # eager attention adds a float mask of its own making: left as is
+    assert sdpa_attention_mask(model.config, padding) is padding
