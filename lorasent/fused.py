@@ -253,8 +253,9 @@ class TrialSlot:
             p.requires_grad_(True)
         decay = [p for name, p in self._named if not name.endswith("bias")]
         no_decay = [p for name, p in self._named if name.endswith("bias")]
+        groups = [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [group for group in groups if group["params"]],  # a head without biases has no second group
             lr=train_args.learning_rate,
             fused=shared.device.type == "cuda",
         )

@@ -95,6 +95,7 @@ class TrialEngine:
         self.shared = SharedBase(self.data_args, ModelArguments(**model), TrainArguments(**train))
         self._requests: queue.SimpleQueue[_EpochRequest] = queue.SimpleQueue()
         self._running = 0
+        self._running_lock = threading.Lock()  # each waiting trial's call runs in a thread of its own
         threading.Thread(target=self._serve, name="lorasent-engine", daemon=True).start()
 
     def describe(self) -> str:
@@ -111,12 +112,14 @@ class TrialEngine:
         """Train trial `key` for one epoch from its checkpoint `files` (None: from the start); returns the epoch's
         metrics and the files of its new checkpoint."""
         request = _EpochRequest(key, ModelArguments(**model), TrainArguments(**train), files)
-        self._running += 1
+        with self._running_lock:
+            self._running += 1
         try:
             self._requests.put(request)
             request.done.wait()
         finally:
-            self._running -= 1
+            with self._running_lock:
+                self._running -= 1
         if request.error is not None:
             raise request.error
         assert request.result is not None
