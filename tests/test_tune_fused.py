@@ -16,6 +16,7 @@ from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArgu
 from lorasent.errors import ConfigError
 from lorasent.model import check_model_dir
 from lorasent.predict import Predictor
+from tune import engine as engine_module
 from tune.cluster import ResourcePlan
 from tune.config import METADATA_FILE, parse_args
 from tune.engine import TRIAL_CPUS, folder_files, start_engines, write_files
@@ -41,9 +42,11 @@ def local_ray():
 def test_an_engine_trains_trials_side_by_side_and_keeps_no_state(local_ray, tmp_path: Path) -> None:
     """Two trials' epochs at once on one engine; each next epoch starts from the files the last one returned, also
     after the engine was killed and restarted."""
-    cpus = ResourcePlan(nodes=1, cpus=2, gpus=0, cpus_per_trial=1, gpus_per_trial=0, max_concurrent_trials=2)
+    # As on a GPU machine whose user asked for CPU trials (--gpus_per_trial 0): one engine, on the CPUs
+    cpus = ResourcePlan(nodes=1, cpus=2, gpus=1, cpus_per_trial=1, gpus_per_trial=0, max_concurrent_trials=2)
     plan = start_engines(DATA, MODEL, TrainArguments(), cpus)
     assert plan.trials_at_once == 4 and plan.resources_per_trial == {"cpu": TRIAL_CPUS, "gpu": 0.0}
+    assert plan.describe().startswith("Fused trials: 1 engine(s) on the CPUs")
     (engine,) = plan.engines
     model = to_dict(MODEL)
     configs = {
@@ -74,6 +77,14 @@ def test_an_engine_trains_trials_side_by_side_and_keeps_no_state(local_ray, tmp_
     with pytest.raises(ray.exceptions.RayTaskError, match="not a plain file name"):
         ray.get(engine.run_epoch.remote("d", model, configs["a"], {"../escape": b""}))
     plan.shutdown()
+
+
+def test_engines_that_cannot_start_are_an_error_not_a_wait(local_ray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan that counts a GPU this Ray does not have: the engine can never be placed."""
+    monkeypatch.setattr(engine_module, "ENGINE_START_S", 3)
+    gpu = ResourcePlan(nodes=1, cpus=2, gpus=1, cpus_per_trial=1, gpus_per_trial=0.5, max_concurrent_trials=2)
+    with pytest.raises(ConfigError, match="did not start within 3 s: the cluster has no free GPU"):
+        start_engines(DATA, MODEL, TrainArguments(), gpu)
 
 
 def test_fused_search_end_to_end(local_ray, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ TRIAL_CPUS = 0.01  # what a trial process reserves: it waits on its engine, whic
 # A lost engine (e.g. killed for memory) comes back, and the epochs it was running run again there: a request holds
 # all an epoch needs (the hyperparameters and the last checkpoint), so running it twice is harmless.
 ENGINE_RESTARTS = 3
+ENGINE_START_S = 900  # an engine that cannot start by then (no free GPU, a hung download) is an error, not a wait
 
 
 def folder_files(folder: str | Path) -> dict[str, bytes]:
@@ -290,8 +291,9 @@ def start_engines(
     *,
     trials_at_once: int | None = None,
 ) -> EnginePlan:
-    """One engine per GPU of the cluster (one on the CPUs when it has none), each holding its base model; waits until
-    every engine has loaded it, so a model that does not load fails here, before any trial starts.
+    """One engine per GPU of the cluster (one on the CPUs when it has none, or with --gpus_per_trial 0), each holding
+    its base model; waits until every engine has loaded it, so a model that does not load fails here, before any
+    trial starts.
 
     Trials per engine: `trials_at_once` spread over the engines, else the plan's trials per GPU (from memory, or
     1 / --gpus_per_trial), else 8 on a GPU and 4 on the CPUs.
@@ -301,7 +303,8 @@ def start_engines(
             "--fused_trials starts one engine per GPU of the cluster as it is now, but this cluster autoscales. Start "
             "the GPU nodes first (or give the cluster fixed workers), or search without --fused_trials."
         )
-    count = int(plan.gpus)
+    gpus = plan.gpus if plan.gpus_per_trial else 0.0  # --gpus_per_trial 0 asks for CPU trials: a CPU engine
+    count = int(gpus)
     if count:
         options = {"num_gpus": 1, "num_cpus": 1}
         threads, per_engine = 2, plan.trials_per_gpu or 8
@@ -316,12 +319,17 @@ def start_engines(
     )
     engines = [actor.remote(to_dict(data_args), to_dict(model_args), train, threads) for _ in range(count)]
     try:
-        ray.get([engine.describe.remote() for engine in engines])
-    except ray.exceptions.RayActorError as e:
+        ray.get([engine.describe.remote() for engine in engines], timeout=ENGINE_START_S)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
         for engine in engines:
             ray.kill(engine)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            raise ConfigError(
+                f"The {count} trial engine(s) did not start within {ENGINE_START_S} s: the cluster has no free "
+                f"{'GPU' if gpus else 'CPUs'} for them, or loading the base model hangs. Check `ray status`."
+            ) from None
         raise ConfigError(f"The trial engine could not load the base model: {e}") from None
-    return EnginePlan(engines, trials_at_once, plan.gpus)
+    return EnginePlan(engines, trials_at_once, gpus)
 
 
 def fused_train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
