@@ -137,3 +137,11 @@ def test_what_shared_trials_cannot_do_is_refused_before_anything_loads(argv: lis
     with pytest.raises(ConfigError, match=message):
         run_search(args, *experiment_location(args))
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_trial_reads_its_epochs_from_the_checkpoint_and_leaves_damage_to_the_engine() -> None:
+    """A trial restored after its last epoch trains nothing more; a damaged lorasent.json is the engine's to name."""
+    done = {"lorasent.json": json.dumps({"metrics": {"epoch": 3.0}}).encode()}
+    assert engine_module._epochs_done(done) == 3.0
+    for damaged in ({}, {"lorasent.json": b"\xff not json"}, {"lorasent.json": b"{}"}, {"lorasent.json": b"[]"}):
+        assert engine_module._epochs_done(damaged) == 0.0

@@ -344,7 +344,7 @@ def fused_train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             files = folder_files(folder)
-        if json.loads(files[META_FILE])["metrics"]["epoch"] >= train_args.num_train_epochs:
+        if _epochs_done(files) >= train_args.num_train_epochs:
             return  # restored after its last epoch was saved: nothing left to train (as `Trainer` would do)
     engines = base["engines"]
     while True:
@@ -354,6 +354,15 @@ def fused_train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
             report(metrics, write_files(files, folder))
         if metrics["diverged"] or metrics["epoch"] >= train_args.num_train_epochs:
             return
+
+
+def _epochs_done(files: dict[str, bytes]) -> float:
+    """The epochs a checkpoint's lorasent.json says were trained; 0 when it cannot say (the engine then refuses the
+    damaged checkpoint with a CheckpointError naming the file)."""
+    try:
+        return float(json.loads(files[META_FILE])["metrics"]["epoch"])
+    except (KeyError, TypeError, ValueError):  # missing, not JSON (JSONDecodeError is a ValueError), no epoch
+        return 0.0
 
 
 def make_fused_trainable(
