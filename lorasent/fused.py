@@ -49,7 +49,13 @@ from lorasent.model import (
 )
 from lorasent.paths import atomic_dir
 from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
-from lorasent.train import ShuffledLengthGroupedSampler, check_schedule, longest_first, resolve_precision
+from lorasent.train import (
+    ShuffledLengthGroupedSampler,
+    check_batch_fits,
+    check_schedule,
+    longest_first,
+    resolve_precision,
+)
 
 FUSED_STATE = "fused_state.safetensors"  # a slot's optimizer state and step count, next to its adapter
 PEFT_PREFIX = "base_model.model."  # how peft names a wrapped model's tensors in adapter_model.safetensors
@@ -64,10 +70,8 @@ def fused_precision(train_args: TrainArguments) -> str:
             "Trials that share a base model train in bf16 or fp32, not fp16 (its loss scaling would couple the "
             "trials). Use --precision bf16 (or auto) or fp32, or train each trial on its own."
         )
-    if train_args.precision == "auto":
-        cuda = torch.cuda.is_available() and not train_args.use_cpu
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    return resolve_precision(train_args)  # a forced bf16 on a GPU without it is refused there
+    precision = resolve_precision(train_args)  # a forced bf16 on a GPU without it is refused there
+    return "fp32" if precision == "fp16" else precision  # 'auto' on a GPU without bf16
 
 
 def check_shareable(model_args: ModelArguments, train_args: TrainArguments, searched: Iterable[str] = ()) -> None:
@@ -374,11 +378,7 @@ class SharedBase:
                     f"{getattr(self.model_args, name)!r}; trials that share a base cannot search {name}."
                 )
         check_schedule(train_args)
-        if train_args.per_device_train_batch_size > self.train_size:
-            raise ConfigError(
-                f"per_device_train_batch_size {train_args.per_device_train_batch_size} exceeds the {self.train_size} "
-                "training examples. Use a smaller batch or more data (max_train_samples)."
-            )
+        check_batch_fits(train_args, self.train_size)
         return TrialSlot(key, self, model_args, train_args)
 
     def save_slot(self, slot: TrialSlot, folder: str | Path, meta: dict[str, Any]) -> Path:
@@ -464,10 +464,10 @@ class SharedBase:
 
     def step(self, slots: Sequence[TrialSlot]) -> None:
         """One optimizer step of every slot, each on its next batch; a slot whose epoch has no batch left is refused."""
-        # Dropout draws follow from the slots and their step counts alone, so a resumed trial goes on exactly.
-        torch.manual_seed(hash(tuple((slot.train_args.seed, slot.step) for slot in slots)) & (2**63 - 1))
         if not all(slot.batches for slot in slots):
             raise ValueError(f"Slots {[s.key for s in slots if not s.batches]} have no batch left: begin_epoch first.")
+        # Dropout draws follow from the slots and their step counts alone, so a resumed trial goes on exactly.
+        torch.manual_seed(hash(tuple((slot.train_args.seed, slot.step) for slot in slots)) & (2**63 - 1))
         lead, *others = slots
         first, width = lead.batches.next_in_order()
         groups = [first, *(slot.batches.nearest(width) for slot in others)]
@@ -479,11 +479,11 @@ class SharedBase:
             logits = self.model(**batch).logits
         losses = [F.cross_entropy(logits[a:b].float(), labels[a:b]) for a, b in rows.spans]
         torch.stack(losses).sum().backward()
-        width = batch["input_ids"].shape[1]
+        padded_width = batch["input_ids"].shape[1]
         for slot, loss, group in zip(slots, losses, groups, strict=True):
             slot.update(loss)
             slot.tokens += int(sum(self.lengths[i] for i in group))
-            slot.padded_tokens += len(group) * width
+            slot.padded_tokens += len(group) * padded_width
 
     def end_epoch(self, slots: Sequence[TrialSlot]) -> list[dict[str, float]]:
         """Close the epochs of `slots` (their batches have run out): validation metrics, `train_loss`, `diverged`

@@ -380,6 +380,15 @@ def _check_request(
         check_model_dir(resume_from_checkpoint)  # a truncated adapter fails here, not deep inside Trainer
 
 
+def check_batch_fits(train_args: TrainArguments, examples: int, train_splits: Sequence[str] = ("train",)) -> None:
+    """Refuse a training batch larger than the data it is drawn from."""
+    if train_args.per_device_train_batch_size > examples:
+        raise ConfigError(
+            f"per_device_train_batch_size {train_args.per_device_train_batch_size} exceeds the {examples} "
+            f"training examples of {'+'.join(train_splits)}. Use a smaller batch or more data (max_train_samples)."
+        )
+
+
 def longest_first(split: datasets.Dataset) -> datasets.Dataset:
     """The split ordered by length, longest first, so each evaluation batch pads little and memory peaks early.
 
@@ -420,11 +429,7 @@ def train(
     splits = tokenized_splits(data_args, model_args, tokenizer)
     parts = [splits[name] for name in train_splits]
     train_dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    if train_args.per_device_train_batch_size > len(train_dataset):
-        raise ConfigError(
-            f"per_device_train_batch_size {train_args.per_device_train_batch_size} exceeds the {len(train_dataset)} "
-            f"training examples of {'+'.join(train_splits)}. Use a smaller batch or more data (max_train_samples)."
-        )
+    check_batch_fits(train_args, len(train_dataset), train_splits)
     eval_dataset = longest_first(splits[eval_split]) if eval_split else None
     train_lengths = train_dataset["length"][:]
 
