@@ -25,7 +25,7 @@ from lorasent.assets import resolve_model_path
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments
 from lorasent.data import load_splits
 from lorasent.errors import ConfigError, DataError
-from lorasent.tokenize import load_tokenizer, make_collator, tokenized_cache_dir, tokenized_splits
+from lorasent.tokenize import PackedSplit, load_tokenizer, make_collator, tokenized_cache_dir, tokenized_splits
 
 TINY = ModelArguments(model_name_or_path=TINY_MODEL)
 COLUMNS = ["input_ids", "attention_mask", "label", "length"]
@@ -240,7 +240,8 @@ def test_collator_pads_each_batch_to_its_longest(data_args: DataArguments) -> No
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("multiple", [None, 8])
 def test_collator_gives_what_transformers_collator_gives(side: str, multiple: int | None) -> None:
-    """The numpy collator is a faster DataCollatorWithPadding: the same tensors, key for key."""
+    """The numpy collator is a faster DataCollatorWithPadding: the same tensors, key for key, from rows or gathered
+    from a stored split's flat arrays."""
     tokenizer = load_tokenizer(TINY)
     tokenizer.padding_side = side
     texts = [text * (1 + i % 3) for i, text in enumerate(TRICKY_TEXTS)]
@@ -248,10 +249,21 @@ def test_collator_gives_what_transformers_collator_gives(side: str, multiple: in
     rows = [{**{key: encoded[key][i] for key in encoded}, "label": i % 2} for i in range(len(TRICKY_TEXTS))]
     assert "token_type_ids" in rows[0]  # padded with the tokenizer's own pad type id
     expected = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")(rows)
-    got = make_collator(tokenizer, pad_to_multiple_of=multiple)(rows)
+    collate = make_collator(tokenizer, pad_to_multiple_of=multiple)
+    got = collate(rows)
     assert sorted(got) == sorted(expected) == ["attention_mask", "input_ids", "labels", "token_type_ids"]
     for key in expected:
         assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+
+    # gathered from the flat arrays of a stored split, through a `select` (an indices mapping) and out of order
+    order = list(reversed(range(len(rows))))
+    stored = datasets.Dataset.from_list([rows[i] for i in order]).select(order)  # back in the rows' order
+    rows_wanted = [5, 0, 7, 2]
+    gathered = collate.gather(PackedSplit.of(stored), rows_wanted)
+    expected = collate([rows[i] for i in rows_wanted])
+    assert sorted(gathered) == sorted(expected)
+    for key in expected:
+        assert gathered[key].dtype == expected[key].dtype and torch.equal(gathered[key], expected[key]), key
 
 
 def test_model_folder_without_tokenizer_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
