@@ -23,7 +23,7 @@ import copy
 import functools
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,9 @@ from lorasent.model import (
     store_frozen_weights_in,
     write_meta,
 )
+from lorasent.multi_adamw import TrialAdamW, step_all
 from lorasent.paths import atomic_dir
-from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
+from lorasent.tokenize import PackedSplit, load_tokenizer, make_collator, tokenized_splits
 from lorasent.train import (
     ShuffledLengthGroupedSampler,
     check_batch_fits,
@@ -222,6 +223,18 @@ class RoutedHead(torch.nn.Module):
         return torch.cat([s.heads[self.name](x[a:b]) for s, (a, b) in zip(rows.slots, rows.spans, strict=True)])
 
 
+def _schedule_function(name: str, warmup: int, total: int) -> Callable[[int], float]:
+    """transformers' learning-rate schedule `name` as a function of the step (the factor its LambdaLR applies)."""
+    placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # get_scheduler wants an optimizer
+    schedule = get_scheduler(name, placeholder, warmup, total)
+    if not hasattr(schedule, "lr_lambdas"):
+        raise ConfigError(
+            f"lr_scheduler_type {name!r} is not a function of the step, which trials that share a base model need. "
+            "Use linear, cosine, constant_with_warmup or another step schedule."
+        )
+    return schedule.lr_lambdas[0]
+
+
 class TrialSlot:
     """One trial on a SharedBase: its adapter and head, AdamW, schedule, batch order and loss of the epoch."""
 
@@ -255,31 +268,24 @@ class TrialSlot:
         ]
         for _, p in self._named:
             p.requires_grad_(True)
-        decay = [p for name, p in self._named if not name.endswith("bias")]
-        no_decay = [p for name, p in self._named if name.endswith("bias")]
-        groups = [{"params": decay, "weight_decay": train_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(
-            [group for group in groups if group["params"]],  # a head without biases has no second group
-            lr=train_args.learning_rate,
-            fused=shared.device.type == "cuda",
+        self.optimizer = TrialAdamW(
+            self._named, weight_decay=train_args.weight_decay, max_grad_norm=train_args.max_grad_norm
         )
         steps_per_epoch = math.ceil(shared.train_size / train_args.per_device_train_batch_size)
         total = steps_per_epoch * train_args.num_train_epochs
         warmup = math.ceil(total * train_args.warmup_ratio)  # as Trainer reads a warm-up ratio
-        schedule = get_scheduler(train_args.lr_scheduler_type, self.optimizer, warmup, total)
-        if not hasattr(schedule, "lr_lambdas"):
-            raise ConfigError(
-                f"lr_scheduler_type {train_args.lr_scheduler_type!r} is not a function of the step, which trials that "
-                "share a base model need. Use linear, cosine, constant_with_warmup or another step schedule."
-            )
-        self.lr_lambda = schedule.lr_lambdas[0]
-        self.step = 0  # optimizer steps taken
+        self.lr_lambda = _schedule_function(train_args.lr_scheduler_type, warmup, total)
         self.epoch = 0  # epochs finished
         self.batches = EpochBatches([], [])
         self._loss_sum = torch.zeros((), device=shared.device)
         self._loss_steps = 0
         self.tokens = 0  # real tokens trained on in this epoch
         self.padded_tokens = 0  # what its rows took in the shared steps, padding included
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken."""
+        return self.optimizer.steps
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The trained tensors, named as peft names them in adapter_model.safetensors."""
@@ -302,15 +308,11 @@ class TrialSlot:
         self._loss_steps = 0
         self.tokens = self.padded_tokens = 0
 
-    def update(self, loss: torch.Tensor) -> None:
-        """After the shared backward pass: clip, set the scheduled learning rate, AdamW step."""
-        params = self.parameters()
-        torch.nn.utils.clip_grad_norm_(params, self.train_args.max_grad_norm, foreach=True)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.train_args.learning_rate * self.lr_lambda(self.step)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+    def learning_rate(self) -> float:
+        """The scheduled learning rate of the next step."""
+        return self.train_args.learning_rate * self.lr_lambda(self.step)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
         self._loss_sum += loss.detach().float()
         self._loss_steps += 1
 
@@ -336,8 +338,8 @@ class SharedBase:
         self.tokenizer = load_tokenizer(model_args)
         splits = tokenized_splits(data_args, model_args, self.tokenizer)
         columns = [c for c in splits["train"].column_names if c != "length"]
-        self.train_data = splits["train"].select_columns(columns)
-        self.eval_data = longest_first(splits["validation"]).select_columns(columns)
+        self.train_data = PackedSplit.of(splits["train"].select_columns(columns))
+        self.eval_data = PackedSplit.of(longest_first(splits["validation"]).select_columns(columns))
         self.lengths = splits["train"]["length"][:]
         self.train_size = len(self.train_data)
         self.collate = make_collator(self.tokenizer, pad_to_multiple_of=8 if self.device.type == "cuda" else None)
@@ -385,9 +387,7 @@ class SharedBase:
         """Write `slot` as a lorasent model folder (loads with `load_model_dir`) plus its optimizer state."""
         weights = {name: p.detach().float().cpu().contiguous() for name, p in slot.named_parameters()}
         state = {"step": torch.tensor(slot.step), "epoch": torch.tensor(slot.epoch)}
-        for name, p in slot.named_parameters():
-            for key, value in slot.optimizer.state.get(p, {}).items():
-                state[f"{name}::{key}"] = value.detach().cpu().contiguous()
+        state.update({key: value.detach().cpu().contiguous() for key, value in slot.optimizer.state_dict().items()})
         config = copy.deepcopy(self.lora)
         config.r, config.lora_alpha = slot.model_args.lora_r, slot.model_args.lora_alpha
         config.lora_dropout = slot.model_args.lora_dropout
@@ -425,16 +425,14 @@ class SharedBase:
                         f"{name} in {folder} has shape {tuple(weights[name].shape)}, this trial needs {tuple(p.shape)}."
                     )
                 p.copy_(weights[name])
-        name_of = {id(p): name for name, p in named}
-        in_optimizer_order = [name_of[id(p)] for group in slot.optimizer.param_groups for p in group["params"]]
-        moments = {
-            i: {key.split("::", 1)[1]: state[key] for key in state if key.startswith(f"{name}::")}
-            for i, name in enumerate(in_optimizer_order)
-        }
-        saved = slot.optimizer.state_dict()
-        saved["state"] = {i: s for i, s in moments.items() if s}
-        slot.optimizer.load_state_dict(saved)
-        slot.step, slot.epoch = int(state["step"]), int(state["epoch"])
+        try:
+            slot.optimizer.load_state_dict(state, steps=int(state["step"]))
+            slot.epoch = int(state["epoch"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"{folder / FUSED_STATE} does not hold this trial's optimizer state ({e}). Re-run the trial from the "
+                "start."
+            ) from e
         return slot
 
     # ----------------------------------------------------------------------------------------- training
@@ -449,12 +447,9 @@ class SharedBase:
         finally:
             self.rows = None
 
-    def _batch(self, data: Any, groups: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    def _batch(self, data: PackedSplit, groups: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """The rows of every group, in order, padded to the longest of them all, on the device."""
-        flat = [i for group in groups for i in group]
-        columns = data[flat]
-        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-        batch = self.collate(rows).items()
+        batch = self.collate.gather(data, [i for group in groups for i in group]).items()
         if self.device.type == "cuda":  # from pinned memory the copy neither blocks nor waits for the GPU
             on_device = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch}
         else:
@@ -480,8 +475,9 @@ class SharedBase:
         losses = [F.cross_entropy(logits[a:b].float(), labels[a:b]) for a, b in rows.spans]
         torch.stack(losses).sum().backward()
         padded_width = batch["input_ids"].shape[1]
+        step_all([slot.optimizer for slot in slots], [slot.learning_rate() for slot in slots])
         for slot, loss, group in zip(slots, losses, groups, strict=True):
-            slot.update(loss)
+            slot.add_loss(loss)
             slot.tokens += int(sum(self.lengths[i] for i in group))
             slot.padded_tokens += len(group) * padded_width
 

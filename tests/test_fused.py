@@ -77,7 +77,7 @@ def test_each_trial_gets_the_gradients_it_gets_alone(shared: SharedBase, tmp_pat
             peft_name = next(n for n in theirs if n.replace(".default", "").replace(".modules_to_save", "") == name)
             torch.testing.assert_close(p.grad, theirs[peft_name], rtol=1e-4, atol=1e-7)
     for slot in slots:
-        slot.optimizer.zero_grad(set_to_none=True)
+        slot.optimizer.zero_grad()
 
 
 def _grads_of(shared: SharedBase, slots: list[TrialSlot], groups: list[list[int]], k: int) -> dict[str, torch.Tensor]:
@@ -90,7 +90,7 @@ def _grads_of(shared: SharedBase, slots: list[TrialSlot], groups: list[list[int]
     torch.stack([torch.nn.functional.cross_entropy(logits[a:b], labels[a:b]) for a, b in rows.spans]).sum().backward()
     grads = {name: p.grad.clone() for name, p in slots[k].named_parameters()}
     for slot in slots:
-        slot.optimizer.zero_grad(set_to_none=True)
+        slot.optimizer.zero_grad()
     return grads
 
 
