@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -136,23 +136,38 @@ class EpochBatches:
         return self._batches[i]
 
 
+class RowLayout(NamedTuple):
+    """Where each row of a step's batch belongs, as tensors on the device."""
+
+    own: torch.Tensor  # [rows, 1, sum of ranks], bool: row i keeps only its slot's adapter columns
+    row_scale: torch.Tensor  # the same, times that slot's alpha / r
+    dropout: float | None  # the one LoRA dropout rate of all slots, None where they differ
+    keep: torch.Tensor | None  # [rows, 1, 1]: each row's LoRA keep probability, where the rates differ
+    owner: torch.Tensor  # [rows]: each row's slot
+    row_weight: torch.Tensor  # [rows]: 1 / its slot's rows, so that a slot's loss is the mean over its own rows
+
+
 @functools.lru_cache(maxsize=256)
-def _row_masks(
-    layout: tuple[tuple[int, float, float, int], ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, float | None, torch.Tensor | None]:
-    """(own columns, row_scale, one dropout rate or None, per-row keep probabilities or None) for slots of (rank,
-    alpha / r, LoRA dropout, rows) in step order. Cached: the same slots step with the same batch sizes step after
-    step, and a tensor built on the host would be copied to the GPU (and wait for it) every step."""
+def _row_layout(layout: tuple[tuple[int, float, float, int], ...], device: torch.device) -> RowLayout:
+    """The RowLayout of slots of (rank, alpha / r, LoRA dropout, rows) in step order. Cached: the same slots step
+    with the same batch sizes step after step, and a tensor built on the host would be copied to the GPU (and wait
+    for it) every step."""
     ranks = torch.tensor([rank for rank, *_ in layout])
-    owner = torch.repeat_interleave(torch.arange(len(layout)), torch.tensor([rows for *_, rows in layout]))
+    sizes = torch.tensor([rows for *_, rows in layout])
+    owner = torch.repeat_interleave(torch.arange(len(layout)), sizes)
     column_owner = torch.repeat_interleave(torch.arange(len(layout)), ranks)
     column_scale = torch.repeat_interleave(torch.tensor([scaling for _, scaling, _, _ in layout]), ranks)
-    # [rows, 1, sum of ranks]: row i keeps only its slot's columns, times that slot's alpha / r
     own = (owner[:, None] == column_owner[None, :]).unsqueeze(1)
-    row_scale = (own * column_scale).to(device)
     rates = [rate for _, _, rate, _ in layout]
     keep = None if len(set(rates)) == 1 else (1 - torch.tensor(rates))[owner].view(-1, 1, 1).to(device)
-    return own.to(device), row_scale, rates[0] if keep is None else None, keep
+    return RowLayout(
+        own=own.to(device),
+        row_scale=(own * column_scale).to(device),
+        dropout=rates[0] if keep is None else None,
+        keep=keep,
+        owner=owner.to(device),
+        row_weight=(1 / sizes[owner]).to(device),
+    )
 
 
 class StepRows:
@@ -164,14 +179,20 @@ class StepRows:
         layout = tuple(
             (s.rank, s.scaling, s.model_args.lora_dropout, size) for s, size in zip(slots, sizes, strict=True)
         )
-        self.own, self.row_scale, self.dropout, self.keep = _row_masks(layout, device)
+        self.layout = _row_layout(layout, device)
+
+    def slot_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[slots]: each slot's mean cross-entropy over its own rows, in a few kernels whatever the number of slots."""
+        per_row = F.cross_entropy(logits.float(), labels, reduction="none") * self.layout.row_weight
+        return torch.zeros(len(self.slots), device=per_row.device).index_add_(0, self.layout.owner, per_row)
 
     def lora_dropout(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         if not training:
             return x
-        if self.dropout is not None:
-            return F.dropout(x, self.dropout, training=True) if self.dropout else x
-        return x * torch.bernoulli(self.keep.expand_as(x)) / self.keep
+        rate, keep = self.layout.dropout, self.layout.keep
+        if rate is not None:
+            return F.dropout(x, rate, training=True) if rate else x
+        return x * torch.bernoulli(keep.expand_as(x)) / keep
 
 
 class StackedLoraLinear(torch.nn.Module):
@@ -194,7 +215,7 @@ class StackedLoraLinear(torch.nn.Module):
         lora_a = torch.cat([s.lora_A[self.index] for s in rows.slots]).nan_to_num(0.0, 0.0, 0.0).to(x.dtype)
         lora_b = torch.cat([s.lora_B[self.index] for s in rows.slots], dim=1).nan_to_num(0.0, 0.0, 0.0).to(x.dtype)
         h = rows.lora_dropout(x.nan_to_num(0.0, 0.0, 0.0), self.training) @ lora_a.t()
-        h = torch.where(rows.own, h * rows.row_scale.to(x.dtype), 0.0)
+        h = torch.where(rows.layout.own, h * rows.layout.row_scale.to(x.dtype), 0.0)
         return out + _FiniteGradient.apply(h @ lora_b.t())
 
 
@@ -277,8 +298,7 @@ class TrialSlot:
         self.lr_lambda = _schedule_function(train_args.lr_scheduler_type, warmup, total)
         self.epoch = 0  # epochs finished
         self.batches = EpochBatches([], [])
-        self._loss_sum = torch.zeros((), device=shared.device)
-        self._loss_steps = 0
+        self._losses: list[torch.Tensor] = []  # this epoch's, on the device: read once, at its end
         self.tokens = 0  # real tokens trained on in this epoch
         self.padded_tokens = 0  # what its rows took in the shared steps, padding included
 
@@ -304,21 +324,22 @@ class TrialSlot:
         else:
             order = torch.randperm(len(lengths), generator=generator).tolist()
         self.batches = EpochBatches([order[i : i + size] for i in range(0, len(order), size)], lengths)
-        self._loss_sum.zero_()
-        self._loss_steps = 0
+        self._losses = []
         self.tokens = self.padded_tokens = 0
 
     def learning_rate(self) -> float:
         """The scheduled learning rate of the next step."""
         return self.train_args.learning_rate * self.lr_lambda(self.step)
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        self._loss_sum += loss.detach().float()
-        self._loss_steps += 1
+    def record_step(self, loss: torch.Tensor, tokens: int, padded_tokens: int) -> None:
+        """Count a step's loss (left on the device) and its real and padded tokens into this epoch's."""
+        self._losses.append(loss)
+        self.tokens += tokens
+        self.padded_tokens += padded_tokens
 
     def train_loss(self) -> float:
         """Mean training loss of this epoch's steps (one device sync, at the epoch's end)."""
-        return self._loss_sum.item() / max(self._loss_steps, 1)
+        return torch.stack(self._losses).mean().item() if self._losses else math.nan
 
 
 class SharedBase:
@@ -472,14 +493,12 @@ class SharedBase:
         self.model.train()
         with self._routing(slots, sizes) as rows:
             logits = self.model(**batch).logits
-        losses = [F.cross_entropy(logits[a:b].float(), labels[a:b]) for a, b in rows.spans]
-        torch.stack(losses).sum().backward()
+        losses = rows.slot_losses(logits, labels)
+        losses.sum().backward()
         padded_width = batch["input_ids"].shape[1]
         step_all([slot.optimizer for slot in slots], [slot.learning_rate() for slot in slots])
-        for slot, loss, group in zip(slots, losses, groups, strict=True):
-            slot.add_loss(loss)
-            slot.tokens += int(sum(self.lengths[i] for i in group))
-            slot.padded_tokens += len(group) * padded_width
+        for slot, loss, group in zip(slots, losses.detach().unbind(), groups, strict=True):
+            slot.record_step(loss, int(sum(self.lengths[i] for i in group)), len(group) * padded_width)
 
     def end_epoch(self, slots: Sequence[TrialSlot]) -> list[dict[str, float]]:
         """Close the epochs of `slots` (their batches have run out): validation metrics, `train_loss`, `diverged`

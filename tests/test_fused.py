@@ -58,8 +58,7 @@ def test_each_trial_gets_the_gradients_it_gets_alone(shared: SharedBase, tmp_pat
     shared.model.eval()  # dropout off on both sides: the same function of the same weights
     with shared._routing(slots, [len(g) for g in groups]) as rows:
         logits = shared.model(**batch).logits
-    losses = [torch.nn.functional.cross_entropy(logits[a:b], labels[a:b]) for a, b in rows.spans]
-    torch.stack(losses).sum().backward()
+    rows.slot_losses(logits, labels).sum().backward()  # each slot's mean over its own rows, as the step takes it
 
     for k, (slot, (a, b)) in enumerate(zip(slots, rows.spans, strict=True)):
         folder = _save(shared, slot, tmp_path / f"t{k}")
@@ -87,7 +86,7 @@ def _grads_of(shared: SharedBase, slots: list[TrialSlot], groups: list[list[int]
     shared.model.eval()
     with shared._routing(slots, [len(g) for g in groups]) as rows:
         logits = shared.model(**batch).logits
-    torch.stack([torch.nn.functional.cross_entropy(logits[a:b], labels[a:b]) for a, b in rows.spans]).sum().backward()
+    rows.slot_losses(logits, labels).sum().backward()
     grads = {name: p.grad.clone() for name, p in slots[k].named_parameters()}
     for slot in slots:
         slot.optimizer.zero_grad()
