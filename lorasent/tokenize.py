@@ -327,16 +327,11 @@ class PadToLongest:
         return BatchEncoding(batch)
 
     def gather(self, split: PackedSplit, rows: Sequence[int]) -> BatchEncoding:
-        """The same batch as `self([split's rows])`, gathered from the flat arrays with a few numpy calls."""
-        rows = np.asarray(rows, np.int64)
-        starts = split.offsets[rows]
-        lengths = split.offsets[rows + 1] - starts
+        """The same batch as `self([split's rows])`, from the split's arrays with a few numpy calls."""
+        lengths, tokens, scalars = split.take(rows)
         filled = self._filled(lengths)
-        # where each row's tokens lie in the flat arrays, in the (row, position) order `filled` is read in
-        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        at = np.repeat(starts, lengths) + within
-        batch = {key: self._padded(key, filled, values[at]) for key, values in split.sequences.items()}
-        batch.update({_LABELS.get(key, key): torch.from_numpy(values[rows]) for key, values in split.scalars.items()})
+        batch = {key: self._padded(key, filled, values) for key, values in tokens.items()}
+        batch.update({_LABELS.get(key, key): torch.from_numpy(values) for key, values in scalars.items()})
         return BatchEncoding(batch)
 
     def _filled(self, lengths: np.ndarray) -> np.ndarray:
@@ -355,40 +350,87 @@ class PadToLongest:
         return torch.from_numpy(padded)
 
 
-@dataclass(frozen=True)
-class PackedSplit:
-    """A tokenised split as flat numpy arrays over its Arrow buffers (no copy for a memory-mapped split).
+JOIN_BELOW_BYTES = 128 * 2**20  # PackedSplit: smaller splits are copied into one chunk (~25M tokens)
 
-    `PadToLongest.gather` builds a batch of any rows from them with a few numpy calls; indexing the `Dataset` builds
-    a Python list per row and column first: 2.0 of the 3.9 ms that 128 rows of 100 tokens took to collate on a
-    2-core CPU, host time that a GPU step of trials sharing a base (`lorasent.fused`) waits on.
-    """
+
+@dataclass(frozen=True)
+class PackedChunk:
+    """One stored chunk (record batch) of a tokenised split as numpy arrays over its Arrow buffers."""
 
     offsets: np.ndarray  # row i's tokens are values[offsets[i] : offsets[i + 1]] in every sequence column
     sequences: dict[str, np.ndarray]  # per-token columns (input_ids, attention_mask, ...): flat values
     scalars: dict[str, np.ndarray]  # per-row columns (label)
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
     @classmethod
-    def of(cls, split: datasets.Dataset) -> PackedSplit:
-        table = split.with_format("arrow")[:]  # applies an indices mapping (a `select`), if any
+    def of(cls, batch: pa.RecordBatch) -> PackedChunk:
         offsets, sequences, scalars = None, {}, {}
-        for name in table.column_names:
-            column = table.column(name).combine_chunks()
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
             if not pa.types.is_list(column.type):
                 scalars[name] = column.to_numpy()
                 continue
-            column_offsets = column.offsets.to_numpy()
-            column_offsets = column_offsets - column_offsets[0]  # a sliced array's offsets start past 0
+            column_offsets = column.offsets.to_numpy().astype(np.int64)
+            column_offsets -= column_offsets[0]  # a sliced array's offsets start past 0
             if offsets is not None and not np.array_equal(offsets, column_offsets):
                 raise ValueError(f"Column {name} has other row lengths than input_ids; it was not tokenised with it.")
             offsets = column_offsets
             sequences[name] = column.flatten().to_numpy()  # flatten() respects a slice, .values would not
         if offsets is None:
-            raise ValueError(f"No tokenised column in {table.column_names}: tokenise the split first.")
+            raise ValueError(f"No tokenised column in {batch.schema.names}: tokenise the split first.")
         return cls(offsets, sequences, scalars)
+
+
+@dataclass(frozen=True)
+class PackedSplit:
+    """A tokenised split as numpy arrays over its Arrow buffers, chunk by chunk: no copy of a memory-mapped split.
+
+    `take` gathers any rows' tokens with a few numpy calls per chunk they lie in. Indexing the `Dataset` builds a
+    Python list per row and column: 2.0 of the 3.9 ms that collating 128 rows of 100 tokens took on a 2-core CPU, host
+    time a GPU step of trials sharing a base (`lorasent.fused`) waits on. A split of up to JOIN_BELOW_BYTES is joined
+    into one chunk (a copy), so each batch is one gather; a larger one stays in its memory-mapped chunks, as a copy of
+    it in each process would cost far more (1.8 GB for the 3.6M reviews of the `full` preset). Arrow's own `take`
+    joins chunked list columns on every call.
+    """
+
+    chunks: list[PackedChunk]
+    first_rows: np.ndarray  # chunk c holds rows first_rows[c] to first_rows[c + 1] - 1
+
+    @classmethod
+    def of(cls, split: datasets.Dataset) -> PackedSplit:
+        table = split.with_format("arrow")[:]  # applies an indices mapping (a `select`), if any
+        if table.nbytes <= JOIN_BELOW_BYTES:
+            table = table.combine_chunks()
+        chunks = [PackedChunk.of(batch) for batch in table.to_batches() if batch.num_rows]
+        if not chunks:
+            raise ValueError("The split has no rows.")
+        return cls(chunks, np.cumsum([0, *(len(chunk.offsets) - 1 for chunk in chunks)]))
+
+    def __len__(self) -> int:
+        return int(self.first_rows[-1])
+
+    def take(self, rows: Sequence[int]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(lengths, tokens, scalars) of `rows`: each sequence column's tokens flat in row order, each scalar column's
+        values."""
+        rows = np.asarray(rows, np.int64)
+        chunk_of = np.searchsorted(self.first_rows, rows, side="right") - 1
+        local = rows - self.first_rows[chunk_of]
+        parts = [(self.chunks[c], np.flatnonzero(chunk_of == c)) for c in np.unique(chunk_of)]
+        starts, lengths = np.empty_like(rows), np.empty_like(rows)
+        for chunk, at in parts:
+            starts[at] = chunk.offsets[local[at]]
+            lengths[at] = chunk.offsets[local[at] + 1] - starts[at]
+        first = self.chunks[0]
+        tokens = {key: np.empty(int(lengths.sum()), values.dtype) for key, values in first.sequences.items()}
+        scalars = {key: np.empty(len(rows), values.dtype) for key, values in first.scalars.items()}
+        row_starts = np.cumsum(lengths) - lengths  # where each row's tokens go in the flat result
+        for chunk, at in parts:
+            n = lengths[at]
+            within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+            source, target = np.repeat(starts[at], n) + within, np.repeat(row_starts[at], n) + within
+            for key, values in chunk.sequences.items():
+                tokens[key][target] = values[source]
+            for key, values in chunk.scalars.items():
+                scalars[key][at] = values[local[at]]
+        return lengths, tokens, scalars
 
 
 def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> PadToLongest:

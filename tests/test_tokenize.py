@@ -239,7 +239,9 @@ def test_collator_pads_each_batch_to_its_longest(data_args: DataArguments) -> No
 
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("multiple", [None, 8])
-def test_collator_gives_what_transformers_collator_gives(side: str, multiple: int | None) -> None:
+def test_collator_gives_what_transformers_collator_gives(
+    side: str, multiple: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The numpy collator is a faster DataCollatorWithPadding: the same tensors, key for key, from rows or gathered
     from a stored split's flat arrays."""
     tokenizer = load_tokenizer(TINY)
@@ -255,15 +257,23 @@ def test_collator_gives_what_transformers_collator_gives(side: str, multiple: in
     for key in expected:
         assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
 
-    # gathered from the flat arrays of a stored split, through a `select` (an indices mapping) and out of order
-    order = list(reversed(range(len(rows))))
-    stored = datasets.Dataset.from_list([rows[i] for i in order]).select(order)  # back in the rows' order
-    rows_wanted = [5, 0, 7, 2]
-    gathered = collate.gather(PackedSplit.of(stored), rows_wanted)
-    expected = collate([rows[i] for i in rows_wanted])
-    assert sorted(gathered) == sorted(expected)
-    for key in expected:
-        assert gathered[key].dtype == expected[key].dtype and torch.equal(gathered[key], expected[key]), key
+    # gathered from a stored split's arrays: joined into one chunk (a small split), or chunk by chunk (a large one),
+    # and through a `select` (an indices mapping)
+    parts = (rows[:3], rows[3:5], rows[5:])
+    chunked = datasets.concatenate_datasets([datasets.Dataset.from_list(part) for part in parts])
+    reverse = list(reversed(range(len(rows))))
+    selected = datasets.Dataset.from_list([rows[i] for i in reverse]).select(reverse)  # back in the rows' order
+    for join_below, chunks in ((tokenize.JOIN_BELOW_BYTES, 1), (0, len(parts))):
+        monkeypatch.setattr(tokenize, "JOIN_BELOW_BYTES", join_below)
+        assert len(PackedSplit.of(chunked).chunks) == chunks
+        for stored in (chunked, selected):
+            for wanted in ([5, 0, 7, 2, 3], [4], list(range(len(rows)))):
+                gathered = collate.gather(PackedSplit.of(stored), wanted)
+                expected = collate([rows[i] for i in wanted])
+                assert sorted(gathered) == sorted(expected)
+                for key in expected:
+                    assert gathered[key].dtype == expected[key].dtype, key
+                    assert torch.equal(gathered[key], expected[key]), key
 
 
 def test_model_folder_without_tokenizer_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
