@@ -42,7 +42,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from data import Results, Workspace, add_common_args, load_tokenizer, section, sync, workspace
+from data import (
+    Results,
+    Workspace,
+    add_common_args,
+    describe_census,
+    load_tokenizer,
+    section,
+    step_census,
+    sync,
+    workspace,
+)
 from peft import LoraConfig, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -470,17 +480,30 @@ def load_shared_base(ws: Workspace, length: int, cases: list[list[int]]) -> Shar
 
 def time_shared_base(
     ws: Workspace, ranks: list[int], cases: list[list[int]], length: int, steps: int
-) -> tuple[list[float], list[float]]:
-    """Per case, seconds per step of all K trials through the shipped fused step, and the real share of its tokens."""
+) -> tuple[list[float], list[float], list[dict[str, float] | None]]:
+    """Per case, seconds per step of all K trials through the shipped fused step, the real share of its tokens, and
+    on a GPU its step census (host against GPU time: does the GPU wait on the host?)."""
     shared = load_shared_base(ws, length, cases)
-    seconds, shares = [], []
+    seconds, shares, censuses = [], [], []
     for sizes in cases:
         way = SharedBaseWay(shared, ranks, sizes)
         seconds.append(time_way(way, [], None, steps))
         shares.append(way.real_token_share())
+        censuses.append(_census(way))
         del way
         release_memory(shared.device)
-    return seconds, shares
+    return seconds, shares, censuses
+
+
+def _census(way: SharedBaseWay) -> dict[str, float] | None:
+    """The step census of the shipped step on a GPU; None on a CPU, or if the profiler fails (the timings stand)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return step_census(lambda: way.step([], None))
+    except Exception:
+        traceback.print_exc()
+        return None
 
 
 def release_memory(device: torch.device) -> None:
@@ -506,7 +529,7 @@ def throughput(ws: Workspace, args: argparse.Namespace, results: Results) -> Non
         except Exception as e:  # MPS refused or a process stuck: the other ways are still worth having
             results.add("processes under MPS", f"not measured: {type(e).__name__}: {e}"[:200])
     dtype = bf16_or_none()  # after the processes: asking the device about bf16 starts CUDA in this process
-    shipped: tuple[list[float], list[float]] = ([], [])
+    shipped: tuple[list[float], list[float], list[dict[str, float] | None]] = ([], [], [])
     try:
         shipped = time_shared_base(ws, ranks, cases, args.length, args.steps)
     except Exception as e:  # the other ways' figures are still worth having
@@ -521,9 +544,11 @@ def throughput(ws: Workspace, args: argparse.Namespace, results: Results) -> Non
         notes = {}
         if shipped[0]:
             seconds["shared_base"] = shipped[0][case]
+            census = shipped[2][case]
             notes["shared_base"] = (
                 f"; real tokenised reviews of {math.ceil(MIN_LENGTH * args.length)}-{args.length} tokens padded per "
                 f"step, real_token share {shipped[1][case]:.3f}"
+                + (f"; {census['kernels_per_step']} kernels, {describe_census(census)}" if census else "")
             )
         if in_processes:
             seconds["processes"] = in_processes[case]

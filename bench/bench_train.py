@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data import Results, Workspace, add_common_args, section, timed, workspace
+from data import Results, Workspace, add_common_args, describe_census, section, step_census, timed, workspace
 
 SIZES = {  # reviews: (GPU run, --smoke)
     "train": (4000, 96),
@@ -246,7 +246,6 @@ def kernel_census(ws: Workspace, data_file: Path, args: argparse.Namespace, resu
     """CUDA kernels and host (CPU) time per training step at fp32 and bf16: is a step launch-bound?"""
     import torch
     from handloop import autocast_dtype, one_batch_setup, train_step
-    from torch.profiler import ProfilerActivity, profile
 
     if not torch.cuda.is_available():
         results.add("kernel census", "skipped", "", "needs CUDA")
@@ -256,39 +255,16 @@ def kernel_census(ws: Workspace, data_file: Path, args: argparse.Namespace, resu
         data_args, model_args, range(16), learning_rate=5e-4, device=torch.device("cuda")
     )
 
-    def step(dtype: torch.dtype | None) -> None:
-        train_step(model, optimizer, params, batch, dtype)
-
     census = {}
     for precision in ("fp32", "bf16"):
         dtype = autocast_dtype(precision)
-        for _ in range(3):
-            step(dtype)
-        torch.cuda.synchronize()
-        steps = 10
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(dtype)
-        host_s = (time.perf_counter() - start) / steps  # host time to enqueue a step (nothing in it syncs)
-        torch.cuda.synchronize()
-        wall_s = (time.perf_counter() - start) / steps
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step(dtype)
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        gpu_s = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
-        census[precision] = {
-            "kernels_per_step": len(kernels),
-            "host_ms": host_s * 1e3,
-            "wall_ms": wall_s * 1e3,
-            "gpu_busy_ms": gpu_s * 1e3,
-            "seq_len": int(batch["input_ids"].shape[1]),
-        }
+        census[precision] = step_census(lambda dtype=dtype: train_step(model, optimizer, params, batch, dtype))
+        census[precision]["seq_len"] = int(batch["input_ids"].shape[1])
         results.add(
             f"kernel census {precision}, batch 16 (one step)",
-            len(kernels),
+            census[precision]["kernels_per_step"],
             "kernels",
-            f"host {host_s * 1e3:.1f} ms, wall {wall_s * 1e3:.1f} ms, GPU busy {gpu_s * 1e3:.1f} ms per step",
+            describe_census(census[precision]),
         )
     results.extra["kernel_census"] = census
 

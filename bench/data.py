@@ -259,6 +259,41 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def step_census(step: Callable[[], None], steps: int = 10) -> dict[str, float]:
+    """Where one training step's time goes between host and GPU (CUDA only): its kernels, the host's time to enqueue
+    it, its wall time and the GPU's busy time. Host time near wall time and GPU busy time well below it: the GPU
+    waits on the host (launch-bound). `step` must not wait for the GPU itself."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host_s = (time.perf_counter() - start) / steps
+    torch.cuda.synchronize()
+    wall_s = (time.perf_counter() - start) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {
+        "kernels_per_step": len(kernels),
+        "host_ms": host_s * 1e3,
+        "wall_ms": wall_s * 1e3,
+        "gpu_busy_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3,
+    }
+
+
+def describe_census(census: dict[str, float]) -> str:
+    return (
+        f"host {census['host_ms']:.1f} ms, wall {census['wall_ms']:.1f} ms, GPU busy {census['gpu_busy_ms']:.1f} ms "
+        "per step"
+    )
+
+
 @contextlib.contextmanager
 def timed() -> Iterator[dict[str, float]]:
     """`with timed() as t: ...` then `t["s"]` holds the wall seconds, GPU work included."""
