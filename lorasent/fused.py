@@ -298,7 +298,8 @@ class TrialSlot:
         self.lr_lambda = _schedule_function(train_args.lr_scheduler_type, warmup, total)
         self.epoch = 0  # epochs finished
         self.batches = EpochBatches([], [])
-        self._losses: list[torch.Tensor] = []  # this epoch's, on the device: read once, at its end
+        self._loss_sum = torch.zeros((), device=shared.device)  # this epoch's, read once at its end
+        self._loss_steps = 0
         self.tokens = 0  # real tokens trained on in this epoch
         self.padded_tokens = 0  # what its rows took in the shared steps, padding included
 
@@ -324,7 +325,8 @@ class TrialSlot:
         else:
             order = torch.randperm(len(lengths), generator=generator).tolist()
         self.batches = EpochBatches([order[i : i + size] for i in range(0, len(order), size)], lengths)
-        self._losses = []
+        self._loss_sum.zero_()
+        self._loss_steps = 0
         self.tokens = self.padded_tokens = 0
 
     def learning_rate(self) -> float:
@@ -333,13 +335,14 @@ class TrialSlot:
 
     def record_step(self, loss: torch.Tensor, tokens: int, padded_tokens: int) -> None:
         """Count a step's loss (left on the device) and its real and padded tokens into this epoch's."""
-        self._losses.append(loss)
+        self._loss_sum += loss
+        self._loss_steps += 1
         self.tokens += tokens
         self.padded_tokens += padded_tokens
 
     def train_loss(self) -> float:
         """Mean training loss of this epoch's steps (one device sync, at the epoch's end)."""
-        return torch.stack(self._losses).mean().item() if self._losses else math.nan
+        return self._loss_sum.item() / max(self._loss_steps, 1)
 
 
 class SharedBase:
