@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
@@ -180,4 +181,11 @@ def test_refusals(shared: SharedBase, tmp_path: Path) -> None:
     folder.mkdir()
     (folder / FUSED_STATE).write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="Re-run the trial"):
+        shared.load_slot("x", MODEL, TrainArguments(), folder)
+    # a state file without the optimizer's moments would go on with fresh ones, silently: it is refused
+    slot = shared.new_slot("x", MODEL, TrainArguments())
+    folder = _save(shared, slot, tmp_path / "no_moments")
+    state = load_file(str(folder / FUSED_STATE))
+    save_file({key: value for key, value in state.items() if "::" not in key}, str(folder / FUSED_STATE))
+    with pytest.raises(CheckpointError, match="optimizer state"):
         shared.load_slot("x", MODEL, TrainArguments(), folder)
