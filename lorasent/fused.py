@@ -264,13 +264,15 @@ class TrialSlot:
         self.rank = model_args.lora_r
         self.scaling = model_args.lora_alpha / model_args.lora_r
         generator = torch.Generator().manual_seed(train_args.seed)  # the same seed starts the same adapter and head
-        self.lora_A = torch.nn.ParameterList()
-        self.lora_B = torch.nn.ParameterList()
+        # plain lists: every LoRA layer reads its adapter from each slot in every forward pass, and indexing a
+        # ParameterList goes through Module.__getattr__ (~1.7 us a time, ~200 times a step of 8 trials on 12 layers)
+        self.lora_A: list[torch.nn.Parameter] = []
+        self.lora_B: list[torch.nn.Parameter] = []
         for linear in shared.targets.values():
             a = torch.empty(self.rank, linear.in_features)
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # as peft initialises lora_A
-            self.lora_A.append(a)
-            self.lora_B.append(torch.zeros(linear.out_features, self.rank))
+            self.lora_A.append(torch.nn.Parameter(a.to(shared.device)))
+            self.lora_B.append(torch.nn.Parameter(torch.zeros(linear.out_features, self.rank, device=shared.device)))
         self.heads = torch.nn.ModuleDict({name: copy.deepcopy(module) for name, module in shared.heads.items()})
         std = getattr(shared.config, "initializer_range", 0.02)  # transformers' init of a new Linear head
         for module in self.heads.modules():
@@ -279,8 +281,6 @@ class TrialSlot:
                 if module.bias is not None:
                     torch.nn.init.zeros_(module.bias)
         self.heads.to(shared.device)
-        self.lora_A.to(shared.device)
-        self.lora_B.to(shared.device)
         targets = list(shared.targets)
         self._named = [
             *((f"{PEFT_PREFIX}{name}.lora_A.weight", p) for name, p in zip(targets, self.lora_A, strict=True)),
