@@ -33,17 +33,23 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-from lorasent.errors import ConfigError, ExperimentError, LorasentError  # noqa: E402
-from tune.cluster import (  # noqa: E402
-    is_uri,
-    join_location,
-    newest_experiment_state,
-    read_trial_data,
-    resolve_storage_path,
-    saved_trial_statuses,
-    split_location,
-)
-from tune.config import METADATA_FILE, SearchArguments, experiment_metadata, parse_args  # noqa: E402
+NOTHING_TO_RESUME = "Interrupted before the search started: no trial ran, there is nothing to resume."
+
+try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly as one during the checks in main()
+    from lorasent.errors import ConfigError, ExperimentError, LorasentError
+    from tune.cluster import (
+        is_uri,
+        join_location,
+        newest_experiment_state,
+        read_trial_data,
+        resolve_storage_path,
+        saved_trial_statuses,
+        split_location,
+    )
+    from tune.config import METADATA_FILE, SearchArguments, experiment_metadata, parse_args
+except KeyboardInterrupt:
+    print(f"\n{NOTHING_TO_RESUME}", file=sys.stderr)
+    sys.exit(130)
 
 EXAMPLE_TEXT = "Works great, would buy again."
 
@@ -325,7 +331,7 @@ def _interrupted(experiment_path: str | None) -> int:
             file=sys.stderr,
         )
     else:
-        print("\nInterrupted before the search started: no trial ran, there is nothing to resume.", file=sys.stderr)
+        print(f"\n{NOTHING_TO_RESUME}", file=sys.stderr)
     return 130
 
 
