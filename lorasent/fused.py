@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
-from transformers import get_scheduler
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
@@ -55,6 +54,7 @@ from lorasent.train import (
     check_batch_fits,
     check_schedule,
     longest_first,
+    lr_schedule,
     resolve_precision,
 )
 
@@ -246,8 +246,7 @@ class RoutedHead(torch.nn.Module):
 
 def _schedule_function(name: str, warmup: int, total: int) -> Callable[[int], float]:
     """transformers' learning-rate schedule `name` as a function of the step (the factor its LambdaLR applies)."""
-    placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # get_scheduler wants an optimizer
-    schedule = get_scheduler(name, placeholder, warmup, total)
+    schedule = lr_schedule(name, warmup, total)
     if not hasattr(schedule, "lr_lambdas"):
         raise ConfigError(
             f"lr_scheduler_type {name!r} is not a function of the step, which trials that share a base model need. "

@@ -115,14 +115,19 @@ def resolve_precision(train_args: TrainArguments) -> str:
     return precision
 
 
+def lr_schedule(name: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """transformers' learning-rate schedule `name` over a placeholder optimizer, for what it says of each step."""
+    placeholder = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # get_scheduler wants an optimizer
+    return get_scheduler(name, placeholder, num_warmup_steps=warmup, num_training_steps=total)
+
+
 def usable_schedules() -> list[str]:
     """transformers' learning-rate schedules that need no arguments beyond warm-up and total steps, which are all
     lorasent passes (cosine_with_min_lr, for one, also needs a minimum)."""
-    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     usable = []
     for schedule in SchedulerType:
         try:
-            get_scheduler(schedule.value, probe, num_warmup_steps=1, num_training_steps=2)
+            lr_schedule(schedule.value, warmup=1, total=2)
         except (ValueError, TypeError):
             continue
         usable.append(schedule.value)
