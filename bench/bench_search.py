@@ -297,6 +297,11 @@ def way_flags(way: str) -> list[str]:
     return ["--fused_trials"] if way == "fused" else []
 
 
+def row_suffix(way: str) -> str:
+    """What ends the name of each row of a way of running trials."""
+    return FUSED if way == "fused" else ""
+
+
 def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
     for way in args.ways:
         search_one_way(ws, data_file, args, results, way)
@@ -306,7 +311,7 @@ def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Re
 def search_one_way(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results, way: str) -> None:
     """The 27-trial search run one way; the process way keeps the row names of the runs before fused trials."""
     n = sizes(args)
-    name, suffix = ("search", "") if way == "processes" else (f"search-{way}", FUSED)
+    name, suffix = ("search" if way == "processes" else f"search-{way}"), row_suffix(way)
     command = tune_command(
         ws,
         data_file,
@@ -409,7 +414,7 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
             *way_flags(name),
         )
         f = found[name] = run_tune(command, ws, f"pack-{name}", args.timeout)
-        suffix = FUSED if name == "fused" else ""
+        suffix = row_suffix(name)
         fused_note = f"; {f['trials_per_step']:.2f} trials per step{engine_memory(f)}" if suffix else ""
         results.add(
             f"{name}: {trials} trials x 3 epochs, {share}, {concurrency} at once{suffix}{incomplete(f)}",
@@ -426,7 +431,7 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
     for way in args.ways:
         packed = run("packed" if way == "processes" else way)
         seq = found.get("sequential") or run("sequential")
-        packing_ratios(packed, seq, results, FUSED if way == "fused" else "")
+        packing_ratios(packed, seq, results, row_suffix(way))
 
 
 def packing_ratios(packed: dict[str, Any], seq: dict[str, Any], results: Results, suffix: str) -> None:
