@@ -212,11 +212,30 @@ class StackedLoraLinear(torch.nn.Module):
         # every row, and 0 * NaN is NaN. So here its NaN or inf weights, inputs and incoming gradients count as 0,
         # and other rows' products with its columns are dropped, not multiplied by 0. Its own rows are NaN through
         # the base already, and `end_epoch` also checks its weights.
-        lora_a = torch.cat([s.lora_A[self.index] for s in rows.slots]).nan_to_num(0.0, 0.0, 0.0).to(x.dtype)
-        lora_b = torch.cat([s.lora_B[self.index] for s in rows.slots], dim=1).nan_to_num(0.0, 0.0, 0.0).to(x.dtype)
-        h = rows.lora_dropout(x.nan_to_num(0.0, 0.0, 0.0), self.training) @ lora_a.t()
+        # Each lora_B is stored transposed (see TrialSlot), so both stacks are concatenations along their first
+        # dimension, whose gradient slices each slot's gradient takes as it is, without a copy.
+        lora_a = _finite(torch.cat([s.lora_A[self.index] for s in rows.slots])).to(x.dtype)
+        lora_b = _finite(torch.cat([s.lora_B[self.index].t() for s in rows.slots])).to(x.dtype)
+        h = rows.lora_dropout(_finite(x), self.training) @ lora_a.t()
         h = torch.where(rows.layout.own, h * rows.layout.row_scale.to(x.dtype), 0.0)
-        return out + _FiniteGradient.apply(h @ lora_b.t())
+        return out + _FiniteGradient.apply(h @ lora_b)
+
+
+class _Finite(torch.autograd.Function):
+    """NaN and inf set to 0, with the incoming gradient passed on as it is: it differs from nan_to_num's only where the
+    input was not finite, i.e. in a diverging trial's own tensors and rows, and it spares nan_to_num's backward (a
+    finiteness mask and a product: five kernels) in each of the three places a stacked layer sanitises."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.nan_to_num(0.0, 0.0, 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+_finite = _Finite.apply
 
 
 class _FiniteGradient(torch.autograd.Function):
@@ -232,16 +251,35 @@ class _FiniteGradient(torch.autograd.Function):
 
 
 class RoutedHead(torch.nn.Module):
-    """A head module (e.g. `classifier`) that runs each slot's own copy on that slot's rows."""
+    """A head module (e.g. `classifier`) that gives each slot's rows that slot's own copy: a Linear as one matmul of
+    every slot's copy over every row, each row then taking its own slot's outputs (the head's compute is a rounding
+    error beside the base's, and the kernels stay the same in number whatever the slots); any other module slot by
+    slot, on its own rows."""
 
     def __init__(self, name: str, shared: SharedBase) -> None:
         super().__init__()
         self.name = name
+        self.linear = type(shared.heads[name]) is torch.nn.Linear
         self._shared = [shared]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._shared[0].rows
-        return torch.cat([s.heads[self.name](x[a:b]) for s, (a, b) in zip(rows.slots, rows.spans, strict=True)])
+        heads = [s.heads[self.name] for s in rows.slots]
+        if len(heads) == 1:
+            return heads[0](x)
+        if not self.linear:
+            return torch.cat([head(x[a:b]) for head, (a, b) in zip(heads, rows.spans, strict=True)])
+        # As in StackedLoraLinear, a diverging slot's weights and rows count as 0 in the products every row shares.
+        # Its rows are then made NaN again, so that its loss says it diverged: `broken` sums each row's input and its
+        # slot's weights, and 0 times that is 0, or NaN where something in it was not finite.
+        weight = torch.cat([head.weight for head in heads])
+        bias = torch.cat([head.bias for head in heads]) if heads[0].bias is not None else None
+        every = F.linear(_finite(x), _finite(weight), None if bias is None else _finite(bias))
+        every = every.view(len(x), len(heads), -1)
+        own = every.gather(1, rows.layout.owner.view(-1, 1, 1).expand(-1, 1, every.shape[-1])).squeeze(1)
+        slot_sums = weight.view(len(heads), -1).sum(-1) + (0 if bias is None else bias.view(len(heads), -1).sum(-1))
+        broken = x.sum(-1, keepdim=True) + slot_sums[rows.layout.owner].unsqueeze(-1)
+        return own + broken * 0
 
 
 def _schedule_function(name: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -271,7 +309,9 @@ class TrialSlot:
             a = torch.empty(self.rank, linear.in_features)
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # as peft initialises lora_A
             self.lora_A.append(torch.nn.Parameter(a.to(shared.device)))
-            self.lora_B.append(torch.nn.Parameter(torch.zeros(linear.out_features, self.rank, device=shared.device)))
+            # [out, r] as peft has it, laid out as its transpose: see StackedLoraLinear.forward
+            b = torch.zeros(self.rank, linear.out_features, device=shared.device).t()
+            self.lora_B.append(torch.nn.Parameter(b))
         self.heads = torch.nn.ModuleDict({name: copy.deepcopy(module) for name, module in shared.heads.items()})
         std = getattr(shared.config, "initializer_range", 0.02)  # transformers' init of a new Linear head
         for module in self.heads.modules():

@@ -4,6 +4,7 @@ an ordinary peft model folder, a resumed slot goes on where it stopped, and tria
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
-from lorasent.fused import FUSED_STATE, EpochBatches, SharedBase, TrialSlot, train_together
+from lorasent.fused import FUSED_STATE, EpochBatches, RoutedHead, SharedBase, TrialSlot, train_together
 from lorasent.model import load_base, load_model_dir, model_meta
 
 DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=32, max_length=32)
@@ -37,6 +38,19 @@ def shared(tiny_model_dir: Path, vader_file: Path) -> SharedBase:
     return SharedBase(DATA, MODEL, TrainArguments(use_cpu=True))
 
 
+@pytest.fixture(params=["one matmul", "slot by slot"])
+def head_path(request: pytest.FixtureRequest, shared: SharedBase) -> Iterator[str]:
+    """Both ways a routed head runs: a Linear head as one matmul for all slots, any other module slot by slot (here
+    forced onto the tiny model's Linear heads)."""
+    heads = [m for m in shared.model.modules() if isinstance(m, RoutedHead)]
+    assert heads and all(head.linear for head in heads)
+    for head in heads:
+        head.linear = request.param == "one matmul"
+    yield request.param
+    for head in heads:
+        head.linear = True
+
+
 def _slots(shared: SharedBase, **train_changes) -> list[TrialSlot]:
     return [shared.new_slot(f"t{k}", *_args(k, **train_changes)) for k in range(len(TRIALS))]
 
@@ -46,7 +60,7 @@ def _save(shared: SharedBase, slot: TrialSlot, folder: Path) -> Path:
     return shared.save_slot(slot, folder, meta)
 
 
-def test_each_trial_gets_the_gradients_it_gets_alone(shared: SharedBase, tmp_path: Path) -> None:
+def test_each_trial_gets_the_gradients_it_gets_alone(shared: SharedBase, head_path: str, tmp_path: Path) -> None:
     """One fused backward over three trials' rows (unequal batch sizes) against each trial alone through peft."""
     slots = _slots(shared)
     with torch.no_grad():  # lora_B starts at zero, which would make lora_A's gradient zero and the check weak
@@ -80,33 +94,54 @@ def test_each_trial_gets_the_gradients_it_gets_alone(shared: SharedBase, tmp_pat
         slot.optimizer.zero_grad()
 
 
-def _grads_of(shared: SharedBase, slots: list[TrialSlot], groups: list[list[int]], k: int) -> dict[str, torch.Tensor]:
-    """Slot k's gradients from one shared forward and backward of `slots` over `groups` (dropout off)."""
+def _grads_of(
+    shared: SharedBase, slots: list[TrialSlot], groups: list[list[int]], k: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Slot k's gradients from one shared forward and backward of `slots` over `groups` (dropout off), and every
+    slot's loss."""
     batch = shared._batch(shared.train_data, groups)
     labels = batch.pop("labels")
     shared.model.eval()
     with shared._routing(slots, [len(g) for g in groups]) as rows:
         logits = shared.model(**batch).logits
-    rows.slot_losses(logits, labels).sum().backward()
+    losses = rows.slot_losses(logits, labels)
+    losses.sum().backward()
     grads = {name: p.grad.clone() for name, p in slots[k].named_parameters()}
     for slot in slots:
         slot.optimizer.zero_grad()
-    return grads
+    return grads, losses.detach()
 
 
 @pytest.mark.parametrize("poison", [math.nan, math.inf, 1e30])
-def test_a_diverged_neighbour_changes_nothing_for_the_others(shared: SharedBase, poison: float) -> None:
-    """The stacked matmuls sum over every row: a neighbour with NaN, inf or huge weights must still add exactly 0."""
+def test_a_diverged_neighbour_changes_nothing_for_the_others(shared: SharedBase, head_path: str, poison: float) -> None:
+    """The stacked matmuls sum over every row: a neighbour with NaN, inf or huge weights must still add exactly 0, and
+    its own loss must still say that it diverged."""
     bad, good = _slots(shared)[:2]
     with torch.no_grad():
         for p in bad.parameters():
             p.fill_(poison)
         for b in good.lora_B:
             b.normal_(0, 0.05)
-    alone = _grads_of(shared, [good], [[4, 5, 6]], 0)
-    beside = _grads_of(shared, [bad, good], [[0, 1, 2, 3], [4, 5, 6]], 1)
+    alone, _ = _grads_of(shared, [good], [[4, 5, 6]], 0)
+    beside, losses = _grads_of(shared, [bad, good], [[0, 1, 2, 3], [4, 5, 6]], 1)
     for name, g in alone.items():
         torch.testing.assert_close(beside[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert not math.isfinite(losses[0]) and math.isfinite(losses[1]), losses
+
+
+def test_a_trial_whose_activations_overflow_says_so_in_its_loss(shared: SharedBase, head_path: str) -> None:
+    """Finite but huge adapters: its rows overflow before the head, whose weights are fine. Its loss must not come out
+    finite (the head's shared matmul reads non-finite rows as 0), while its neighbour's gradients stay its own."""
+    bad, good = _slots(shared)[:2]
+    with torch.no_grad():
+        for p in [*bad.lora_A, *bad.lora_B]:
+            p.fill_(1e30)
+    alone, _ = _grads_of(shared, [good], [[4, 5, 6]], 0)
+    beside, losses = _grads_of(shared, [bad, good], [[0, 1, 2, 3], [4, 5, 6]], 1)
+    for name, g in alone.items():
+        torch.testing.assert_close(beside[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert all(torch.isfinite(p).all() for p in bad.parameters())
+    assert not math.isfinite(losses[0]) and math.isfinite(losses[1]), losses
 
 
 def test_a_checkpoint_loads_as_an_ordinary_model_folder(shared: SharedBase, tmp_path: Path) -> None:
