@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import multiprocessing as mp
 import os
@@ -47,6 +48,7 @@ from data import (
     Workspace,
     add_common_args,
     describe_census,
+    dispatched_ops,
     load_tokenizer,
     section,
     step_census,
@@ -480,19 +482,20 @@ def load_shared_base(ws: Workspace, length: int, cases: list[list[int]]) -> Shar
 
 def time_shared_base(
     ws: Workspace, ranks: list[int], cases: list[list[int]], length: int, steps: int
-) -> tuple[list[float], list[float], list[dict[str, float] | None]]:
-    """Per case, seconds per step of all K trials through the shipped fused step, the real share of its tokens, and
-    on a GPU its step census (host against GPU time: does the GPU wait on the host?)."""
+) -> tuple[list[float], list[float], list[int], list[dict[str, float] | None]]:
+    """Per case, seconds per step of all K trials through the shipped fused step, the real share of its tokens, the
+    ops a step dispatches, and on a GPU its step census (host against GPU time: does the GPU wait on the host?)."""
     shared = load_shared_base(ws, length, cases)
-    seconds, shares, censuses = [], [], []
+    seconds, shares, ops, censuses = [], [], [], []
     for sizes in cases:
         way = SharedBaseWay(shared, ranks, sizes)
         seconds.append(time_way(way, [], None, steps))
         shares.append(way.real_token_share())
+        ops.append(dispatched_ops(functools.partial(way.step, [], None)))
         censuses.append(_census(way))
         del way
         release_memory(shared.device)
-    return seconds, shares, censuses
+    return seconds, shares, ops, censuses
 
 
 def _census(way: SharedBaseWay) -> dict[str, float] | None:
@@ -529,7 +532,7 @@ def throughput(ws: Workspace, args: argparse.Namespace, results: Results) -> Non
         except Exception as e:  # MPS refused or a process stuck: the other ways are still worth having
             results.add("processes under MPS", f"not measured: {type(e).__name__}: {e}"[:200])
     dtype = bf16_or_none()  # after the processes: asking the device about bf16 starts CUDA in this process
-    shipped: tuple[list[float], list[float], list[dict[str, float] | None]] = ([], [], [])
+    shipped: tuple[list[float], list[float], list[int], list[dict[str, float] | None]] = ([], [], [], [])
     try:
         shipped = time_shared_base(ws, ranks, cases, args.length, args.steps)
     except Exception as e:  # the other ways' figures are still worth having
@@ -544,10 +547,10 @@ def throughput(ws: Workspace, args: argparse.Namespace, results: Results) -> Non
         notes = {}
         if shipped[0]:
             seconds["shared_base"] = shipped[0][case]
-            census = shipped[2][case]
+            census = shipped[3][case]
             notes["shared_base"] = (
                 f"; real tokenised reviews of {math.ceil(MIN_LENGTH * args.length)}-{args.length} tokens padded per "
-                f"step, real_token share {shipped[1][case]:.3f}"
+                f"step, real_token share {shipped[1][case]:.3f}; {shipped[2][case]} ops dispatched per step"
                 + (f"; {census['kernels_per_step']} kernels, {describe_census(census)}" if census else "")
             )
         if in_processes:

@@ -287,6 +287,26 @@ def step_census(step: Callable[[], None], steps: int = 10) -> dict[str, float]:
     }
 
 
+def dispatched_ops(step: Callable[[], None]) -> int:
+    """The ATen ops one call of `step` dispatches below autograd, backward included, views left out: about the
+    kernels it launches on a GPU, counted on any device (a CPU run shows what a change does to the launch count)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if not (func.is_view or func is torch.ops.aten._unsafe_view.default):  # a view: no kernel
+                self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    step()  # a warm step first: caches (row layouts, lazy state) filled, as in the timed steps
+    with Count() as count:
+        step()
+    return count.ops
+
+
 def describe_census(census: dict[str, float]) -> str:
     return (
         f"host {census['host_ms']:.1f} ms, wall {census['wall_ms']:.1f} ms, GPU busy {census['gpu_busy_ms']:.1f} ms "
