@@ -275,10 +275,12 @@ class RoutedHead(torch.nn.Module):
         weight = torch.cat([head.weight for head in heads])
         bias = torch.cat([head.bias for head in heads]) if heads[0].bias is not None else None
         every = F.linear(_finite(x), _finite(weight), None if bias is None else _finite(bias))
-        every = every.view(len(x), len(heads), -1)
-        own = every.gather(1, rows.layout.owner.view(-1, 1, 1).expand(-1, 1, every.shape[-1])).squeeze(1)
+        every = every.unflatten(-1, (len(heads), -1))  # [rows, ..., slots, out]: a head may see every token
+        per_row = (-1, *[1] * (x.dim() - 1))  # a row's value broadcast over its other dimensions
+        index = rows.layout.owner.view(*per_row, 1).expand(*every.shape[:-2], 1, every.shape[-1])
+        own = every.gather(-2, index).squeeze(-2)
         slot_sums = weight.view(len(heads), -1).sum(-1) + (0 if bias is None else bias.view(len(heads), -1).sum(-1))
-        broken = x.sum(-1, keepdim=True) + slot_sums[rows.layout.owner].unsqueeze(-1)
+        broken = x.sum(-1, keepdim=True) + slot_sums[rows.layout.owner].view(per_row)
         return own + broken * 0
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
-from lorasent.fused import FUSED_STATE, EpochBatches, RoutedHead, SharedBase, TrialSlot, train_together
+from lorasent.fused import FUSED_STATE, EpochBatches, RoutedHead, SharedBase, StepRows, TrialSlot, train_together
 from lorasent.model import load_base, load_model_dir, model_meta
 
 DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=32, max_length=32)
@@ -142,6 +142,26 @@ def test_a_trial_whose_activations_overflow_says_so_in_its_loss(shared: SharedBa
         torch.testing.assert_close(beside[name], g, rtol=1e-5, atol=1e-7, msg=name)
     assert all(torch.isfinite(p).all() for p in bad.parameters())
     assert not math.isfinite(losses[0]) and math.isfinite(losses[1]), losses
+
+
+@pytest.mark.parametrize("shape", [(), (5,)], ids=["pooled rows", "every token"])
+def test_a_linear_head_as_one_matmul_gives_each_row_its_own_slots_head(shared: SharedBase, shape: tuple) -> None:
+    """On pooled rows (BERT, DistilBERT) and on every token (e.g. Llama's `score`, whose logits are pooled after it)."""
+    slots = _slots(shared)
+    name = next(n for n, head in shared.heads.items() if isinstance(head, torch.nn.Linear))
+    routed = getattr(shared.model, name)
+    x = torch.randn(2 + 5 + 8, *shape, shared.heads[name].in_features, requires_grad=True)
+    shared.rows = StepRows(slots, [2, 5, 8], shared.device)
+    try:
+        routed.linear = False
+        each = routed(x)
+        routed.linear = True
+        together = routed(x)
+    finally:
+        shared.rows = None
+    torch.testing.assert_close(together, each)
+    x_grad = torch.autograd.grad(together.square().sum(), x)[0]
+    torch.testing.assert_close(x_grad, torch.autograd.grad(each.square().sum(), x)[0])
 
 
 def test_a_checkpoint_loads_as_an_ordinary_model_folder(shared: SharedBase, tmp_path: Path) -> None:
