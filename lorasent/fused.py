@@ -112,13 +112,13 @@ class EpochBatches:
     def __bool__(self) -> bool:
         return self.remaining > 0
 
-    def next_in_order(self) -> tuple[list[int], int]:
-        """(batch, width) of the next untaken batch in this slot's own order."""
+    def in_order(self) -> int:
+        """The next untaken batch in this slot's own order (by index; `take` takes it)."""
         while self._taken[self._next]:
             self._next += 1
-        return self._take(self._next), self._widths[self._next]
+        return self._next
 
-    def nearest(self, width: int) -> list[int]:
+    def nearest(self, width: int) -> int:
         """The untaken batch whose width is nearest `width` (the narrower one on a tie), first in own order."""
         while True:
             at = bisect.bisect_left(self._sorted_widths, width)
@@ -127,13 +127,22 @@ class EpochBatches:
             while queue and self._taken[queue[0]]:
                 queue.popleft()
             if queue:
-                return self._take(queue.popleft())
+                return queue[0]
             self._sorted_widths.remove(best)  # every batch of this width was taken (some in own order)
 
-    def _take(self, i: int) -> list[int]:
+    def rows(self, i: int) -> list[int]:
+        return self._batches[i]
+
+    def width(self, i: int) -> int:
+        return self._widths[i]
+
+    def take(self, i: int) -> None:
+        """Mark batch `i` as trained on: a step takes its batches only once it has succeeded, so a failed one (out of
+        GPU memory) can run again, in smaller groups, on the same batches."""
+        if self._taken[i]:
+            raise ValueError(f"Batch {i} was taken already.")
         self._taken[i] = True
         self.remaining -= 1
-        return self._batches[i]
 
 
 class RowLayout(NamedTuple):
@@ -523,25 +532,33 @@ class SharedBase:
         return on_device
 
     def step(self, slots: Sequence[TrialSlot]) -> None:
-        """One optimizer step of every slot, each on its next batch; a slot whose epoch has no batch left is refused."""
+        """One optimizer step of every slot, each on its next batch; a slot whose epoch has no batch left is refused.
+        A step that fails before the optimizer step (out of memory, say) changes no slot."""
         if not all(slot.batches for slot in slots):
             raise ValueError(f"Slots {[s.key for s in slots if not s.batches]} have no batch left: begin_epoch first.")
         # Dropout draws follow from the slots and their step counts alone, so a resumed trial goes on exactly.
         torch.manual_seed(hash(tuple((slot.train_args.seed, slot.step) for slot in slots)) & (2**63 - 1))
         lead, *others = slots
-        first, width = lead.batches.next_in_order()
-        groups = [first, *(slot.batches.nearest(width) for slot in others)]
-        batch = self._batch(self.train_data, groups)
-        labels = batch.pop("labels")
-        sizes = [len(g) for g in groups]
-        self.model.train()
-        with self._routing(slots, sizes) as rows:
-            logits = self.model(**batch).logits
-        losses = rows.slot_losses(logits, labels)
-        losses.sum().backward()
+        picks = [lead.batches.in_order()]
+        width = lead.batches.width(picks[0])
+        picks += [slot.batches.nearest(width) for slot in others]
+        groups = [slot.batches.rows(i) for slot, i in zip(slots, picks, strict=True)]
+        try:
+            batch = self._batch(self.train_data, groups)
+            labels = batch.pop("labels")
+            self.model.train()
+            with self._routing(slots, [len(g) for g in groups]) as rows:
+                logits = self.model(**batch).logits
+            losses = rows.slot_losses(logits, labels)
+            losses.sum().backward()
+        except BaseException:  # e.g. out of GPU memory: leave every slot as it was, to step again (fewer at once)
+            for slot in slots:
+                slot.optimizer.zero_grad()
+            raise
         padded_width = batch["input_ids"].shape[1]
         step_all([slot.optimizer for slot in slots], [slot.learning_rate() for slot in slots])
-        for slot, loss, group in zip(slots, losses.detach().unbind(), groups, strict=True):
+        for slot, loss, group, pick in zip(slots, losses.detach().unbind(), groups, picks, strict=True):
+            slot.batches.take(pick)
             slot.record_step(loss, int(sum(self.lengths[i] for i in group)), len(group) * padded_width)
 
     def end_epoch(self, slots: Sequence[TrialSlot]) -> list[dict[str, float]]:

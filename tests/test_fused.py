@@ -212,16 +212,64 @@ def test_each_batch_is_taken_once_in_own_order_or_nearest_a_width() -> None:
     batches = [[i, i + 1] for i in range(0, 40, 2)]  # widths 2, 4, ..., 40
     order = [batches[k] for k in (5, 0, 19, 10, 3, 7, 1, 15, 12, 9, 2, 18, 4, 14, 6, 17, 8, 11, 16, 13)]
     epoch = EpochBatches(order, lengths)
-    assert epoch.next_in_order() == ([10, 11], 12)
-    assert epoch.nearest(21) == [18, 19]  # widths 20 and 22 are as near: the narrower
-    assert epoch.nearest(1) == [0, 1]  # taken now, so own order skips it below
-    assert epoch.nearest(100) == [38, 39]  # taken now, so own order skips it below
-    taken = [[10, 11], [18, 19], [0, 1], [38, 39]]
-    assert epoch.next_in_order() == ([20, 21], 22)
-    taken.append([20, 21])
+    taken = []
+
+    def take(i: int) -> list[int]:
+        epoch.take(i)
+        taken.append(epoch.rows(i))
+        return taken[-1]
+
+    first = epoch.in_order()
+    assert (epoch.rows(first), epoch.width(first)) == ([10, 11], 12)
+    assert epoch.in_order() == first and epoch.remaining == 20, "picking takes nothing"
+    take(first)
+    assert epoch.rows(epoch.nearest(21)) == [18, 19]  # widths 20 and 22 are as near: the narrower
+    assert take(epoch.nearest(21)) == [18, 19]
+    assert take(epoch.nearest(1)) == [0, 1]  # taken now, so own order skips it below
+    assert take(epoch.nearest(100)) == [38, 39]  # taken now, so own order skips it below
+    assert take(epoch.in_order()) == [20, 21]
+    with pytest.raises(ValueError, match="taken already"):
+        epoch.take(first)
     while epoch:
-        taken.append(epoch.nearest(30) if len(taken) % 2 else epoch.next_in_order()[0])
+        take(epoch.nearest(30) if len(taken) % 2 else epoch.in_order())
     assert sorted(taken) == sorted(batches) and epoch.remaining == 0
+
+
+def test_a_step_that_fails_changes_no_slot(shared: SharedBase) -> None:
+    """A step that fails halfway through its backward pass (as one out of GPU memory does) takes no batch, leaves no
+    gradient behind and moves no weight, so the same slots step again, alone or in smaller groups, as if it never
+    ran: the next step gives exactly what slots that never failed get."""
+    failing, clean = _slots(shared), _slots(shared)
+    for slot in failing + clean:
+        slot.begin_epoch(shared.lengths)
+    weights = [p.detach().clone() for slot in failing for p in slot.parameters()]
+    second_layer = next(m for name, m in shared.model.named_modules() if name.endswith("layer.1"))
+    pending = []
+
+    def out_of_memory(module, grad_input, grad_output) -> None:
+        pending.append(any(p.grad is not None for slot in failing for p in slot.parameters()))
+        raise torch.OutOfMemoryError("CUDA out of memory (raised in the second layer's backward pass)")
+
+    hook = second_layer.register_full_backward_hook(out_of_memory)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            shared.step(failing)
+    finally:
+        hook.remove()
+    assert pending == [True], "adapters after the failing layer had their gradients when it failed"
+    assert all(p.grad is None for slot in failing for p in slot.parameters())
+    assert [s.batches.remaining for s in failing] == [s.batches.remaining for s in clean]
+    for before, p in zip(weights, (p for slot in failing for p in slot.parameters()), strict=True):
+        assert torch.equal(before, p)
+
+    shared.step(failing[:1])  # the step again, as the engine retries it: in smaller groups
+    shared.step(failing[1:])
+    shared.step(clean[:1])
+    shared.step(clean[1:])
+    for again, never in zip(failing, clean, strict=True):
+        assert (again.step, again.batches.remaining) == (never.step, never.batches.remaining)
+        for (name, p), (_, q) in zip(again.named_parameters(), never.named_parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
 def test_refusals(shared: SharedBase, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -97,6 +98,7 @@ class TrialEngine:
         self._requests: queue.SimpleQueue[_EpochRequest] = queue.SimpleQueue()
         self._running = 0
         self._running_lock = threading.Lock()  # each waiting trial's call runs in a thread of its own
+        self.max_trials_per_step = sys.maxsize  # lowered when a step of that many runs out of GPU memory
         threading.Thread(target=self._serve, name="lorasent-engine", daemon=True).start()
 
     def describe(self) -> str:
@@ -139,8 +141,6 @@ class TrialEngine:
             os._exit(1)
 
     def _step_forever(self) -> None:
-        import torch
-
         running: list[_EpochRequest] = []
         while True:
             for request in self._arrivals(wait=not running):
@@ -148,27 +148,55 @@ class TrialEngine:
                     running.append(request)
             if not running:
                 continue
-            try:
-                self.shared.step([r.slot for r in running])
-            except Exception as e:  # e.g. out of GPU memory: each trial of the step fails, Tune retries it
-                error = RuntimeError(f"A step shared by {len(running)} trials failed: {e!r}")
-                if isinstance(e, torch.OutOfMemoryError):
-                    error = RuntimeError(
-                        f"The GPU ran out of memory in a step shared by {len(running)} trials. Run fewer trials per "
-                        "engine (--max_concurrent_trials), or lower per_device_train_batch_size or max_length."
-                    )
-                for request in running:
-                    request.fail(error)
-                running = []
-                self._release_memory()
-                continue
-            for request in running:
-                request.steps += 1
-                request.trials_stepped += len(running)
+            running = self._step(running)
             ended = [r for r in running if not r.slot.batches]
             if ended:
                 running = [r for r in running if r.slot.batches]
                 self._finish(ended)
+
+    def _step(self, running: list[_EpochRequest]) -> list[_EpochRequest]:
+        """One step of every running trial, in groups of at most `max_trials_per_step`; the trials still running.
+
+        A step that runs out of GPU memory changes no trial, so its group steps again as two halves, and from then on
+        the engine steps at most that many trials together: the trials go on, only less packed. A trial that does not
+        fit alone fails, saying what to lower; any other error fails the trials of its step, and Tune retries them.
+        """
+        import torch
+
+        going: list[_EpochRequest] = []
+        while running:
+            group, rest = running[: self.max_trials_per_step], running[self.max_trials_per_step :]
+            try:
+                self.shared.step([r.slot for r in group])
+            except torch.OutOfMemoryError:
+                self._release_memory()
+                if len(group) > 1:
+                    self.max_trials_per_step = len(group) // 2
+                    print(
+                        f"lorasent engine: out of GPU memory stepping {len(group)} trials together; from now on at "
+                        f"most {self.max_trials_per_step} per step (to start with fewer: --max_concurrent_trials).",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
+                group[0].fail(
+                    RuntimeError(
+                        "The GPU ran out of memory in a step of this trial alone. Lower per_device_train_batch_size "
+                        "or max_length, or store the base in half precision (--half_precision_base)."
+                    )
+                )
+            except Exception as e:
+                error = RuntimeError(f"A step shared by {len(group)} trials failed: {e!r}")
+                for request in group:
+                    request.fail(error)
+                self._release_memory()
+            else:
+                for request in group:
+                    request.steps += 1
+                    request.trials_stepped += len(group)
+                going += group
+            running = rest
+        return going
 
     def _arrivals(self, wait: bool) -> list[_EpochRequest]:
         arrivals = []
