@@ -34,6 +34,9 @@ STATE_GLOB = "experiment_state-*.json"
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # trial statuses of a search still running, or interrupted
 FAILURE_HEADER = re.compile(r"^Failure # \d+", re.MULTILINE)  # one per failed attempt in a trial's error.txt
 TUNE_COMMAND = "python tune/run.py"
+# Reported by some trials only, summed up per trial in the trial table: a GPU trial's memory peak (what the search's
+# GPU sharing really needed) and a fused trial's mean trials per step (how packed its engine stepped it).
+EPOCH_SUMMARIES = {"gpu_memory_peak_gib": "max", "trials_per_step": "mean"}
 
 # Ray's bookkeeping in every result row: kept in the epochs table, but never a hyperparameter or a metric.
 _BOOKKEEPING = {
@@ -170,8 +173,9 @@ def trial_table(exp: Experiment) -> pd.DataFrame:
     """The trial table for people: best first, searched hyperparameters, scores, how far each trial got."""
     columns = ["trial_id", "status", *exp.params, exp.best_column, f"last_{exp.metric}", "best_epoch", "epochs",
                "early_stopped", "diverged", "wall_time_s", "node", "num_failures"]  # fmt: skip
-    if "gpu_memory_peak_gib" in exp.trials:
-        columns.insert(columns.index("wall_time_s"), "gpu_memory_peak_gib")
+    for column in EPOCH_SUMMARIES:
+        if column in exp.trials:
+            columns.insert(columns.index("wall_time_s"), column)
     if exp.trials["error"].astype(bool).any():
         columns.append("error")
     table = exp.trials.sort_values("rank", kind="stable", na_position="last")
@@ -456,9 +460,9 @@ def _summarise_trials(
         all_by_trial = epochs.groupby("trial_id", sort=False)
         summary["epochs"] = all_by_trial["epoch"].max()
         summary["diverged"] = all_by_trial["diverged"].any() if "diverged" in epochs else False
-        if "gpu_memory_peak_gib" in epochs:  # GPU trials only: what the search's GPU sharing really needed
-            peaks = all_by_trial["gpu_memory_peak_gib"].max()
-            trials["gpu_memory_peak_gib"] = peaks.reindex(trials["trial_id"]).to_numpy()
+        for column, how in EPOCH_SUMMARIES.items():
+            if column in epochs:
+                trials[column] = all_by_trial[column].agg(how).reindex(trials["trial_id"]).to_numpy()
     for column, default in ((best_col, math.nan), (last_col, math.nan), ("best_epoch", math.nan),
                             ("best_checkpoint", None), ("epochs", 0), ("diverged", False)):  # fmt: skip
         values = summary[column] if column in summary else pd.Series(default, index=summary.index)

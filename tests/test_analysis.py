@@ -260,8 +260,9 @@ def test_ties_go_to_fewer_epochs_then_the_smaller_trial_id(search: tuple[Path, s
 
 
 def test_gpu_memory_peak_per_trial(search: tuple[Path, str], tmp_path: Path) -> None:
-    """GPU trials report gpu_memory_peak_gib each epoch; the trial table shows each trial's largest. CPU: no column."""
-    assert "gpu_memory_peak_gib" not in trial_table(load_experiment(search[0]))
+    """GPU trials report gpu_memory_peak_gib each epoch; the trial table shows each trial's largest. CPU trial
+    processes: neither that column nor trials_per_step (fused trials only)."""
+    assert not {"gpu_memory_peak_gib", "trials_per_step"} & set(trial_table(load_experiment(search[0])))
     copy = tmp_path / "exp"
     shutil.copytree(search[0], copy)
     expected = {}

@@ -14,7 +14,7 @@ import ray
 import torch
 from safetensors.torch import load
 
-from analysis.results import load_experiment
+from analysis.results import load_experiment, trial_table
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments, to_dict
 from lorasent.errors import ConfigError
 from lorasent.fused import FUSED_STATE
@@ -140,6 +140,10 @@ def test_fused_search_end_to_end(local_ray, tmp_path: Path) -> None:
 
     exp = load_experiment(tmp_path / "fused")
     assert exp.best_checkpoint is not None
+    packed = trial_table(exp).set_index("trial_id")["trials_per_step"]  # each trial's mean over its epochs
+    for result in results:
+        trial, frame = result.metrics["trial_id"], result.metrics_dataframe
+        assert packed[trial] == pytest.approx(frame["trials_per_step"].mean())
     assert Predictor.from_dir(exp.best_checkpoint).predict(["I love it", "Broke after a day"])
     assert len(folder_files(exp.best_checkpoint)) >= 5  # adapter, its config, tokenizer, lorasent.json, state
 
