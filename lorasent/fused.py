@@ -531,6 +531,17 @@ class SharedBase:
         on_device["attention_mask"] = sdpa_attention_mask(self.config, on_device["attention_mask"])
         return on_device
 
+    def backward(self, slots: Sequence[TrialSlot], groups: Sequence[Sequence[int]]) -> tuple[torch.Tensor, int]:
+        """One forward and backward pass of each slot over its group of training rows, in the model's current mode:
+        every slot's loss, and the width the rows were padded to."""
+        batch = self._batch(self.train_data, groups)
+        labels = batch.pop("labels")
+        with self._routing(slots, [len(g) for g in groups]) as rows:
+            logits = self.model(**batch).logits
+        losses = rows.slot_losses(logits, labels)
+        losses.sum().backward()
+        return losses, batch["input_ids"].shape[1]
+
     def step(self, slots: Sequence[TrialSlot]) -> None:
         """One optimizer step of every slot, each on its next batch; a slot whose epoch has no batch left is refused.
         A step that fails before the optimizer step (out of memory, say) changes no slot."""
@@ -543,19 +554,13 @@ class SharedBase:
         width = lead.batches.width(picks[0])
         picks += [slot.batches.nearest(width) for slot in others]
         groups = [slot.batches.rows(i) for slot, i in zip(slots, picks, strict=True)]
+        self.model.train()
         try:
-            batch = self._batch(self.train_data, groups)
-            labels = batch.pop("labels")
-            self.model.train()
-            with self._routing(slots, [len(g) for g in groups]) as rows:
-                logits = self.model(**batch).logits
-            losses = rows.slot_losses(logits, labels)
-            losses.sum().backward()
+            losses, padded_width = self.backward(slots, groups)
         except BaseException:  # e.g. out of GPU memory: leave every slot as it was, to step again (fewer at once)
             for slot in slots:
                 slot.optimizer.zero_grad()
             raise
-        padded_width = batch["input_ids"].shape[1]
         step_all([slot.optimizer for slot in slots], [slot.learning_rate() for slot in slots])
         for slot, loss, group, pick in zip(slots, losses.detach().unbind(), groups, picks, strict=True):
             slot.batches.take(pick)

@@ -99,13 +99,8 @@ def _grads_of(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Slot k's gradients from one shared forward and backward of `slots` over `groups` (dropout off), and every
     slot's loss."""
-    batch = shared._batch(shared.train_data, groups)
-    labels = batch.pop("labels")
     shared.model.eval()
-    with shared._routing(slots, [len(g) for g in groups]) as rows:
-        logits = shared.model(**batch).logits
-    losses = rows.slot_losses(logits, labels)
-    losses.sum().backward()
+    losses, _ = shared.backward(slots, groups)
     grads = {name: p.grad.clone() for name, p in slots[k].named_parameters()}
     for slot in slots:
         slot.optimizer.zero_grad()
