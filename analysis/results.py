@@ -34,7 +34,7 @@ STATE_GLOB = "experiment_state-*.json"
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # trial statuses of a search still running, or interrupted
 FAILURE_HEADER = re.compile(r"^Failure # \d+", re.MULTILINE)  # one per failed attempt in a trial's error.txt
 TUNE_COMMAND = "python tune/run.py"
-# Reported by some trials only, summed up per trial in the trial table: a GPU trial's memory peak (what the search's
+# Reported by some trials only, summarised per trial in the trial table: a GPU trial's memory peak (what the search's
 # GPU sharing really needed) and a fused trial's mean trials per step (how packed its engine stepped it).
 EPOCH_SUMMARIES = {"gpu_memory_peak_gib": "max", "trials_per_step": "mean"}
 
