@@ -416,6 +416,7 @@ class SharedBase:
         self.eval_data = PackedSplit.of(longest_first(splits["validation"]).select_columns(columns))
         self.lengths = splits["train"]["length"][:]
         self.train_size = len(self.train_data)
+        self.eval_rows = train_args.per_device_eval_batch_size  # per evaluation pass, all slots' rows together
         self.collate = make_collator(self.tokenizer, pad_to_multiple_of=8 if self.device.type == "cuda" else None)
 
         model = load_base(model_args, data_args.label_names)
@@ -580,7 +581,7 @@ class SharedBase:
     @torch.no_grad()
     def evaluate(self, slots: Sequence[TrialSlot]) -> list[dict[str, float]]:
         """Validation metrics of each slot (as the Trainer path reports them, `loss` included), in one pass."""
-        per_slot = max(1, self.train_args.per_device_eval_batch_size // len(slots))
+        per_slot = max(1, self.eval_rows // len(slots))
         n = len(self.eval_data)
         logits: list[list[torch.Tensor]] = [[] for _ in slots]
         labels = []

@@ -84,27 +84,31 @@ def test_an_engine_trains_trials_side_by_side_and_keeps_no_state(local_ray, tmp_
 
 
 def test_an_engine_out_of_gpu_memory_steps_fewer_trials_at_once(capsys: pytest.CaptureFixture[str]) -> None:
-    """A GPU that holds 16 training rows a step (the out-of-memory error is raised by a hook: a real one needs a GPU).
-    Four trials of batch 8 still train every batch of their epoch, two per step from the first failure on; a trial of
-    batch 24 does not fit alone and fails, saying what to lower. The engine runs in this process, as in its actor."""
+    """A GPU that holds 16 training rows a step and 8 rows an evaluation pass (the out-of-memory error is raised by a
+    hook: a real one needs a GPU). Four trials of batch 8 still train every batch of their epoch, two per step from the
+    first failure on, and are evaluated 8 rows at a time; a trial of batch 24 does not fit alone and fails, saying
+    what to lower. The engine runs in this process, as in its actor."""
     threads = torch.get_num_threads()
     engine = engine_module.TrialEngine(to_dict(DATA), to_dict(MODEL), to_dict(TrainArguments()), threads)
     failures = []
 
-    def gpu_of_16_rows(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if module.training and kwargs["input_ids"].shape[0] > 16:
-            failures.append(kwargs["input_ids"].shape[0])
+    def small_gpu(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        rows = kwargs["input_ids"].shape[0]
+        if rows > (16 if module.training else 8):
+            failures.append((module.training, rows))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    engine.shared.model.register_forward_pre_hook(gpu_of_16_rows, with_kwargs=True)
+    engine.shared.model.register_forward_pre_hook(small_gpu, with_kwargs=True)
     model, batch_8 = to_dict(MODEL), to_dict(TrainArguments(per_device_train_batch_size=8))
     with ThreadPoolExecutor(4) as pool:  # four trials asking for an epoch at once, as four Tune trials do
         epochs = pool.map(lambda key: engine.run_epoch(key, model, batch_8, None), "abcd")
         results = dict(zip("abcd", epochs, strict=True))
-    assert failures and engine.max_trials_per_step == 2
-    assert "out of GPU memory stepping" in capsys.readouterr().err
+    assert {training for training, _ in failures} == {True, False}
+    assert engine.max_trials_per_step == 2 and engine.shared.eval_rows == 8
+    log = capsys.readouterr().err
+    assert "out of GPU memory stepping" in log and "at most 8 rows per evaluation pass" in log
     for metrics, files in results.values():
-        assert metrics["epoch"] == 1.0 and metrics["trials_per_step"] <= 2
+        assert metrics["epoch"] == 1.0 and metrics["trials_per_step"] <= 2 and math.isfinite(metrics["loss"])
         assert int(load(files[FUSED_STATE])["step"]) == 6, "every one of the epoch's 6 batches, once"
 
     with pytest.raises(RuntimeError, match=r"ran out of memory in a step of this trial alone\. Lower per_device_train"):

@@ -238,7 +238,7 @@ class TrialEngine:
             torch.cuda.synchronize(self.shared.device)
         finished = time.perf_counter()
         try:
-            results = self.shared.end_epoch([r.slot for r in ended])
+            results = self._end_epochs([r.slot for r in ended])
         except Exception as e:
             for request in ended:
                 request.fail(e)
@@ -274,6 +274,26 @@ class TrialEngine:
                 continue
             request.slot = None
             request.done.set()
+
+    def _end_epochs(self, slots: list[Any]) -> list[dict[str, float]]:
+        """`end_epoch` of `slots`; out of GPU memory, again with half the rows per evaluation pass (kept from then on),
+        as long as each slot still has more than one row in it. Evaluation changes no slot until it has succeeded."""
+        import torch
+
+        while True:
+            try:
+                return self.shared.end_epoch(slots)
+            except torch.OutOfMemoryError:
+                self._release_memory()
+                if self.shared.eval_rows < 2 * len(slots):
+                    raise
+                self.shared.eval_rows //= 2
+                print(
+                    f"lorasent engine: out of GPU memory evaluating {len(slots)} trials; from now on at most "
+                    f"{self.shared.eval_rows} rows per evaluation pass.",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _release_memory(self) -> None:
         import torch
