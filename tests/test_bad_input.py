@@ -146,12 +146,12 @@ def test_unwritable_cache_folder(tmp_path: Path, capsys: pytest.CaptureFixture[s
 # ----------------------------------------------------------------------------------------------- configs
 
 
-def test_search_with_unknown_target_modules_is_refused_before_ray(tmp_path: Path, capsys) -> None:
+def test_search_with_unknown_target_modules_is_refused_before_any_trial(tmp_path: Path, capsys) -> None:
     from tune.run import main
 
     code = main([*SMOKE[1:], "--storage_path", str(tmp_path / "storage"), "--target_modules", "q_lin,query"])
     captured = capsys.readouterr()
-    assert "Resource plan" not in captured.out  # refused before Ray started, not by every trial after retries
+    assert "Resource plan" not in captured.out  # refused before the plan, not by every trial after retries
     refused(subprocess.CompletedProcess([], code, captured.out, captured.err), "['query']", "q_lin", "v_lin")
 
 
@@ -191,8 +191,8 @@ def test_training_config_may_list_target_modules(tmp_path: Path, capsys) -> None
 # ----------------------------------------------------------------------------------------------- the user's data
 
 
-def test_search_on_a_file_with_unlabelled_rows_is_refused_before_ray(tmp_path: Path, capsys) -> None:
-    """A label lost in a spreadsheet export (an empty cell) names its row before Ray starts or a model loads."""
+def test_search_on_a_file_with_unlabelled_rows_is_refused_before_any_trial(tmp_path: Path, capsys) -> None:
+    """A label lost in a spreadsheet export (an empty cell) names its row before any trial starts."""
     data = tmp_path / "my reviews.csv"
     data.write_text("text,label\n" + "".join(f"review {i},{'' if i == 2 else i % 2}\n" for i in range(40)), "utf-8")
     limits = ["--max_train_samples", "none", "--max_eval_samples", "none", "--max_test_samples", "none"]

@@ -1,9 +1,11 @@
 """The search's command line: presets, YAML and flags in their order of precedence, the search space, --help,
-and clear errors for unknown or impossible settings (all before Ray could start)."""
+and clear errors for unknown or impossible settings (all before any trial could start)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import logging.handlers
 import os
 import socket
 import subprocess
@@ -18,7 +20,7 @@ import yaml
 
 from lorasent.config import OFFLINE_DATASET, OFFLINE_MODEL, TINY_MODEL, ModelArguments, TrainArguments, read_yaml
 from lorasent.errors import ConfigError
-from tune.cluster import check_reachable, use_token_from_env
+from tune.cluster import ResourcePlan, check_reachable, start_early_ray, use_token_from_env
 from tune.config import (
     METADATA_FILE,
     SEARCHABLE,
@@ -310,7 +312,9 @@ def _closed_port() -> int:
         ),
     ],
 )
-def test_refused_before_ray_starts(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+def test_refused_before_the_search_starts(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    """Some of these are refused by checks that run while a local Ray starts (see the next test): that Ray is gone
+    and has said nothing."""
     started = time.perf_counter()
     assert main(["--storage_path", str(tmp_path / "runs"), *argv]) == 2
     err = capsys.readouterr().err
@@ -318,6 +322,25 @@ def test_refused_before_ray_starts(argv: list[str], message: str, tmp_path: Path
     assert not ray.is_initialized()
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing half-written
     assert time.perf_counter() - started < 30
+
+
+def test_a_ray_started_early_is_quiet_until_the_search_takes_it() -> None:
+    """The local Ray starts while the driver imports and checks; its log lines wait, and a Ray that counted other GPUs
+    than torch did is not the one the search runs on."""
+    said = logging.handlers.BufferingHandler(capacity=100)  # beside Ray's own handler, which prints to stderr
+    logging.getLogger("ray").addHandler(said)
+    try:
+        early = start_early_ray(parse_args(["--smoke-test", "--num_cpus", "2"]).tune)
+        assert early is not None and ray.is_initialized() and said.buffer == []
+        assert start_early_ray(parse_args(["--smoke-test"]).tune) is None  # a running Ray is the caller's own
+        torch_counted = ResourcePlan(
+            nodes=1, cpus=2, gpus=1, cpus_per_trial=1, gpus_per_trial=1, max_concurrent_trials=1
+        )
+        assert not early.adopt(torch_counted) and not ray.is_initialized()
+        assert any("Started a local Ray instance" in r.getMessage() for r in said.buffer)  # held back, now said
+    finally:
+        logging.getLogger("ray").removeHandler(said)
+        ray.shutdown()
 
 
 def test_unwritable_storage_path_is_refused(tmp_path: Path, capsys) -> None:

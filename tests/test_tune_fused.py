@@ -1,6 +1,6 @@
 """`--fused_trials` on a real local Ray (2 CPUs): trial engines that train several trials on one shared base, the
 search end to end through them (ASHA + Optuna, checkpoints, analysis), a diverging trial, an engine that dies and
-comes back, and the refusals that come before Ray starts."""
+comes back, and the refusals that come before any trial starts."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from lorasent.predict import Predictor
 from tune import engine as engine_module
 from tune.cluster import ResourcePlan
 from tune.config import METADATA_FILE, parse_args
-from tune.engine import TRIAL_CPUS, folder_files, start_engines, write_files
+from tune.engine import TRIAL_CPUS, EngineLayout, folder_files, start_engines, write_files
 from tune.run import experiment_location, run_search
 
 pytestmark = pytest.mark.ray
@@ -90,6 +90,8 @@ def test_an_engine_out_of_gpu_memory_steps_fewer_trials_at_once(capsys: pytest.C
     what to lower. The engine runs in this process, as in its actor."""
     threads = torch.get_num_threads()
     engine = engine_module.TrialEngine(to_dict(DATA), to_dict(MODEL), to_dict(TrainArguments()), threads)
+    assert engine.shared is None  # an engine loads nothing but modules until asked: the splits may not be cached yet
+    assert engine.prepare() == "cpu (4 LoRA layers, fp32)" and engine.prepare() == "cpu (4 LoRA layers, fp32)"
     failures = []
 
     def small_gpu(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -123,6 +125,17 @@ def test_engines_that_cannot_start_are_an_error_not_a_wait(local_ray, monkeypatc
     gpu = ResourcePlan(nodes=1, cpus=2, gpus=1, cpus_per_trial=1, gpus_per_trial=0.5, max_concurrent_trials=2)
     with pytest.raises(ConfigError, match="did not start within 3 s: the cluster has no free GPU"):
         start_engines(DATA, MODEL, TrainArguments(), gpu)
+
+
+def test_engines_started_before_the_plan_are_kept_when_they_fit_it() -> None:
+    """A local search starts its engines with its Ray, before the plan: as the plan would, or it starts new ones."""
+    cpu = EngineLayout.of(0, 2, None, None)
+    assert (cpu.count, cpu.options, cpu.threads, cpu.trials_at_once) == (1, (("num_cpus", 1.0),), 2, 4)
+    assert cpu.serves(EngineLayout.of(0, 2, None, 3)) and not cpu.serves(EngineLayout.of(0, 2, None, 5))
+    gpus = EngineLayout.of(2, 16, None, None)  # 8 per GPU at most while the plan is not known
+    assert (gpus.count, gpus.trials_at_once) == (2, 16) and dict(gpus.options) == {"num_gpus": 1, "num_cpus": 1}
+    assert gpus.serves(EngineLayout.of(2, 16, 6, None))  # 6 per GPU fit in memory
+    assert not gpus.serves(EngineLayout.of(1, 16, 6, None)) and not gpus.serves(EngineLayout.of(0, 16, None, None))
 
 
 def test_fused_search_end_to_end(local_ray, tmp_path: Path) -> None:

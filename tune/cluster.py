@@ -1,13 +1,14 @@
 """The Ray session of a search: start a local Ray or join a cluster, plan resources, and place the results.
 
 Everything a user can get wrong here (an unreachable address, more concurrent trials than the cluster fits, a
-GPU that is not there, an unwritable storage path) is refused with a ConfigError before any trial starts; the
-local checks run before Ray itself starts.
-"""
+GPU that is not there, an unwritable storage path) is refused with a ConfigError before any trial starts. A local
+Ray starts beside the checks (`EarlyRay`), quietly, and a refusal stops it."""
 
 from __future__ import annotations
 
 import json
+import logging
+import logging.handlers
 import math
 import os
 import re
@@ -413,11 +414,16 @@ def local_gpu_memory() -> int | None:
     return min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) if count else None
 
 
-def local_nodes(tune_args: TuneArguments) -> list[dict[str, float]]:
-    """The one node a local Ray would have, counted before Ray starts."""
-    cpus = tune_args.num_cpus or (
+def local_cpus(tune_args: TuneArguments) -> int:
+    """The CPUs of a local Ray: --num_cpus, else those this process may run on."""
+    return tune_args.num_cpus or (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
+
+
+def local_nodes(tune_args: TuneArguments) -> list[dict[str, float]]:
+    """The one node a local Ray has, counted by this process (torch counts the GPUs)."""
+    cpus = local_cpus(tune_args)
     import torch
 
     visible = torch.cuda.device_count()
@@ -465,6 +471,7 @@ class RaySession:
     plan: ResourcePlan
     dashboard_url: str | None
     owned: bool
+    started_early: bool = False  # the EarlyRay, so what was started on it before the plan (engines) is still there
 
     def shutdown(self) -> None:
         """Stop a local Ray we started, disconnect from a cluster we joined; leave a caller's Ray alone."""
@@ -537,12 +544,15 @@ def use_token_from_env() -> str | None:
 
 
 def preflight(
-    tune_args: TuneArguments, footprint: Callable[[], TrainingFootprint] | None = None
+    tune_args: TuneArguments,
+    footprint: Callable[[], TrainingFootprint] | None = None,
+    early: EarlyRay | None = None,
 ) -> ResourcePlan | None:
     """Checks that need no Ray: the cluster address answers, or the local Ray's plan fits this machine.
 
     `footprint` gives one trial's memory, asked for only to share local GPUs automatically (without it, 0.25 GPU per
-    trial). Returns the local plan, or None when joining a cluster (planned once joined) or the caller's own Ray.
+    trial). Returns the local plan (also for the `early` Ray, which this process started for it), or None when joining
+    a cluster (planned once joined) or the caller's own Ray.
     """
     import ray
 
@@ -551,7 +561,7 @@ def preflight(
         check_reachable(address)
         check_token_file()
         return None
-    if ray.is_initialized():
+    if ray.is_initialized() and early is None:
         return None
     nodes = local_nodes(tune_args)
     automatic = footprint is not None and tune_args.gpus_per_trial is None and any(n["GPU"] for n in nodes)
@@ -561,32 +571,95 @@ def preflight(
     return plan_resources(tune_args, nodes)
 
 
-def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None) -> RaySession:
-    """Start a local Ray under `plan` (from `preflight`; dashboard on 127.0.0.1), or join --address / $RAY_ADDRESS
-    / the caller's own Ray."""
+class EarlyRay:
+    """The local Ray of a search, started before the search's checks so that Ray's start-up (seconds) runs while the
+    driver imports torch and transformers (seconds), instead of after them.
+
+    Until the checks pass it stays quiet: Ray's own log lines are held back, and a refused search discards it, so the
+    user sees only the error and no Ray is left running. `adopt` makes it the search's Ray and lets the lines out.
+    """
+
+    def __init__(self, tune_args: TuneArguments) -> None:
+        ray_logger = logging.getLogger("ray")
+        handlers, held = ray_logger.handlers[:], logging.handlers.BufferingHandler(capacity=10_000)
+        ray_logger.handlers[:] = [held]
+        try:
+            # GPUs: --num_gpus, else as many as Ray finds (`adopt` checks them against torch's count)
+            self.dashboard_url = _init_local_ray(tune_args, local_cpus(tune_args), tune_args.num_gpus)
+        finally:
+            ray_logger.handlers[:] = handlers
+        self.held = held.buffer
+
+    def adopt(self, plan: ResourcePlan) -> bool:
+        """Whether this Ray has the plan's resources (it is then the search's, and its held log lines are out); a
+        Ray that counted other GPUs than torch did is stopped, to be started again under the plan."""
+        import ray
+
+        ray_logger = logging.getLogger("ray")
+        for record in self.held:
+            ray_logger.handle(record)
+        resources = ray.cluster_resources()
+        if resources.get("CPU", 0) == int(plan.cpus) and resources.get("GPU", 0) == int(plan.gpus):
+            return True
+        ray.shutdown()
+        return False
+
+    def discard(self) -> None:
+        """Stop it: the search was refused (or interrupted) before it started."""
+        import ray
+
+        ray.shutdown()
+
+
+def start_early_ray(tune_args: TuneArguments) -> EarlyRay | None:
+    """Start the local Ray a search will run on now, quietly (see EarlyRay); None when the search joins a cluster or
+    the caller's own Ray, which are planned once joined."""
     import ray
 
-    if ray.is_initialized():  # the caller's own Ray (a notebook, a test): use it and leave it running
-        return RaySession(_cluster_plan(tune_args), None, owned=False)
-    log_to_driver = tune_args.verbose >= 2
-    if plan is not None:
-        if tune_args.include_dashboard and tune_args.dashboard_host not in LOOPBACK:
-            warnings.warn(
-                f"The Ray dashboard will listen on {tune_args.dashboard_host}, reachable from other machines. "
-                "Keep token authentication on, or use --dashboard_host 127.0.0.1 with an SSH tunnel "
-                "(ssh -L 8265:127.0.0.1:8265 HOST).",
-                stacklevel=2,
-            )
+    if cluster_address(tune_args) or ray.is_initialized():
+        return None
+    return EarlyRay(tune_args)
+
+
+def _init_local_ray(tune_args: TuneArguments, cpus: int, gpus: int | None) -> str | None:
+    """`ray.init` of a new local Ray (dashboard on 127.0.0.1 unless asked); returns the dashboard's address."""
+    import ray
+
+    if tune_args.include_dashboard and tune_args.dashboard_host not in LOOPBACK:
+        warnings.warn(
+            f"The Ray dashboard will listen on {tune_args.dashboard_host}, reachable from other machines. "
+            "Keep token authentication on, or use --dashboard_host 127.0.0.1 with an SSH tunnel "
+            "(ssh -L 8265:127.0.0.1:8265 HOST).",
+            stacklevel=3,
+        )
+    try:
         context = ray.init(
             address="local",  # a new local Ray, never silently a `ray start` cluster already on this machine
-            num_cpus=int(plan.cpus),
-            num_gpus=int(plan.gpus),
+            num_cpus=cpus,
+            num_gpus=gpus,
             include_dashboard=tune_args.include_dashboard,
             dashboard_host=tune_args.dashboard_host,
             dashboard_port=tune_args.dashboard_port,
-            log_to_driver=log_to_driver,
+            log_to_driver=tune_args.verbose >= 2,
         )
-        dashboard_url = context.dashboard_url if tune_args.include_dashboard else None
+    except BaseException:  # a Ctrl-C (Ray's start takes it only when done) or a failure: stop what it started so far
+        ray.shutdown()
+        raise
+    return context.dashboard_url if tune_args.include_dashboard else None
+
+
+def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None, early: EarlyRay | None = None) -> RaySession:
+    """Start a local Ray under `plan` (from `preflight`), or adopt the `early` one when it has the plan's resources;
+    or join --address / $RAY_ADDRESS / the caller's own Ray."""
+    import ray
+
+    if early is not None and plan is not None and early.adopt(plan):
+        _print_auth_and_dashboard(early.dashboard_url)
+        return RaySession(plan, early.dashboard_url, owned=True, started_early=True)
+    if ray.is_initialized():  # the caller's own Ray (a notebook, a test): use it and leave it running
+        return RaySession(_cluster_plan(tune_args), None, owned=False)
+    if plan is not None:
+        dashboard_url = _init_local_ray(tune_args, int(plan.cpus), int(plan.gpus))
         _print_auth_and_dashboard(dashboard_url)
         return RaySession(plan, dashboard_url, owned=True)
 
@@ -597,7 +670,7 @@ def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None) -> RaySession
     from ray.exceptions import AuthenticationError
 
     try:
-        context = ray.init(address=address, log_to_driver=log_to_driver)
+        context = ray.init(address=address, log_to_driver=tune_args.verbose >= 2)
     except (AuthenticationError, ConnectionError) as e:
         raise _join_error(address, e) from None
     try:

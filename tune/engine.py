@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ from ray import tune
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, to_dict
 from lorasent.errors import CheckpointError, ConfigError
-from tune.cluster import ResourcePlan
-from tune.config import apply_trial_config
+from tune.cluster import ResourcePlan, local_cpus
+from tune.config import TuneArguments, apply_trial_config
 from tune.reporting import epoch_reporter
 
 META_FILE = "lorasent.json"  # lorasent.model.META_FILE, named here so that trial processes need not import torch
@@ -85,24 +85,38 @@ class _EpochRequest:
 
 
 class TrialEngine:
-    """A Ray actor (threaded: each waiting trial holds one of its threads) that owns one device's shared base."""
+    """A Ray actor (threaded: each waiting trial holds one of its threads) that owns one device's shared base.
+
+    Starting it imports torch, transformers and peft and claims its device, which needs no data, so a search starts
+    its engines while the driver is still checking and tokenising; `prepare` then loads the base model and the splits.
+    """
 
     def __init__(self, data: dict[str, Any], model: dict[str, Any], train: dict[str, Any], threads: int) -> None:
         import torch
 
-        from lorasent.fused import SharedBase
+        import lorasent.fused  # noqa: F401  (the heavy imports, now rather than when the data is ready)
 
         torch.set_num_threads(threads)
         self.data_args = DataArguments(**data)
-        self.shared = SharedBase(self.data_args, ModelArguments(**model), TrainArguments(**train))
+        self._base_args = (ModelArguments(**model), TrainArguments(**train))
+        if torch.cuda.is_available() and not self._base_args[1].use_cpu:
+            torch.ones(1, device="cuda")  # CUDA's context, a second or more, while the driver works
+        self.shared: Any = None  # lorasent.fused.SharedBase, once loaded
+        self._loading = threading.Lock()
         self._requests: queue.SimpleQueue[_EpochRequest] = queue.SimpleQueue()
         self._running = 0
         self._running_lock = threading.Lock()  # each waiting trial's call runs in a thread of its own
         self.max_trials_per_step = sys.maxsize  # lowered when a step of that many runs out of GPU memory
-        threading.Thread(target=self._serve, name="lorasent-engine", daemon=True).start()
 
-    def describe(self) -> str:
-        """The device and base this engine trains on (waiting for it also waits until the base is loaded)."""
+    def prepare(self) -> str:
+        """Load the base model and the cached splits (once: the driver asks when the splits are cached, a restarted
+        engine's first trial asks again) and start stepping; returns the device and base this engine trains on."""
+        from lorasent.fused import SharedBase
+
+        with self._loading:
+            if self.shared is None:
+                self.shared = SharedBase(self.data_args, *self._base_args)
+                threading.Thread(target=self._serve, name="lorasent-engine", daemon=True).start()
         return f"{self.shared.device} ({len(self.shared.targets)} LoRA layers, {self.shared.dtype or 'fp32'})"
 
     def load(self) -> int:
@@ -114,6 +128,7 @@ class TrialEngine:
     ) -> tuple[dict[str, float], dict[str, bytes]]:
         """Train trial `key` for one epoch from its checkpoint `files` (None: from the start); returns the epoch's
         metrics and the files of its new checkpoint."""
+        self.prepare()
         request = _EpochRequest(key, ModelArguments(**model), TrainArguments(**train), files)
         with self._running_lock:
             self._running += 1
@@ -331,6 +346,68 @@ class EnginePlan:
             ray.kill(engine)
 
 
+@dataclass(frozen=True)
+class EngineLayout:
+    """Where the engines run: one per GPU (one on the CPUs when there is none, or with --gpus_per_trial 0)."""
+
+    count: int
+    gpus: float  # of the cluster, 0 for a CPU engine
+    options: tuple[tuple[str, float], ...]  # the actor's resources
+    threads: int
+    trials_at_once: int
+
+    @classmethod
+    def of(cls, gpus: float, cpus: float, trials_per_gpu: int | None, trials_at_once: int | None) -> EngineLayout:
+        """Trials at once: `trials_at_once`, else `trials_per_gpu` (8 if None) per GPU, else 4 on the CPUs."""
+        count = int(gpus)
+        if count:
+            options, threads, per_engine = (("num_gpus", 1), ("num_cpus", 1)), 2, trials_per_gpu or 8
+        else:  # the rest of the CPUs for Tune and the light trial processes
+            options, threads, per_engine = (("num_cpus", max(1.0, cpus - 1)),), max(1, math.floor(cpus)), 4
+        return cls(max(count, 1), float(count), options, threads, trials_at_once or per_engine * max(count, 1))
+
+    def launch(self, data_args: DataArguments, model_args: ModelArguments, train_args: TrainArguments) -> list[Any]:
+        """The engine actors, starting (see TrialEngine): nothing waits for them yet."""
+        train = to_dict(train_args) | {"use_cpu": train_args.use_cpu or not self.gpus}
+        actor = ray.remote(TrialEngine).options(
+            **dict(self.options),
+            max_concurrency=self.trials_at_once + 4,
+            max_restarts=ENGINE_RESTARTS,
+            max_task_retries=ENGINE_RESTARTS,
+        )
+        args = (to_dict(data_args), to_dict(model_args), train, self.threads)
+        return [actor.remote(*args) for _ in range(self.count)]
+
+    def serves(self, other: EngineLayout) -> bool:
+        """Whether engines launched as `self` can run the search planned as `other`."""
+        fits = other.trials_at_once <= self.trials_at_once
+        return fits and replace(other, trials_at_once=self.trials_at_once) == self
+
+
+@dataclass
+class LaunchedEngines:
+    """Engines started before the search's plan was known (on the Ray started early), to be taken if they fit it."""
+
+    layout: EngineLayout
+    engines: list[Any]
+
+    def discard(self) -> None:
+        for engine in self.engines:
+            ray.kill(engine)
+
+
+def launch_engines_early(
+    data_args: DataArguments, model_args: ModelArguments, train_args: TrainArguments, tune_args: TuneArguments
+) -> LaunchedEngines:
+    """Start a local search's engines on the Ray it just started, before its checks: as the plan will place them
+    (the GPUs Ray counted, unless --gpus_per_trial 0), with room for as many trials as the plan can give them."""
+    gpus = ray.cluster_resources().get("GPU", 0.0) if tune_args.gpus_per_trial != 0 else 0.0
+    given = tune_args.gpus_per_trial
+    per_gpu = math.floor(1 / given + 1e-9) if given and given <= 1 else None  # None: from memory, at most 8
+    layout = EngineLayout.of(gpus, local_cpus(tune_args), per_gpu, tune_args.max_concurrent_trials)
+    return LaunchedEngines(layout, layout.launch(data_args, model_args, train_args))
+
+
 def start_engines(
     data_args: DataArguments,
     model_args: ModelArguments,
@@ -338,10 +415,10 @@ def start_engines(
     plan: ResourcePlan,
     *,
     trials_at_once: int | None = None,
+    launched: LaunchedEngines | None = None,
 ) -> EnginePlan:
-    """One engine per GPU of the cluster (one on the CPUs when it has none, or with --gpus_per_trial 0), each holding
-    its base model; waits until every engine has loaded it, so a model that does not load fails here, before any
-    trial starts.
+    """The search's engines, each holding its base model: those `launched` early if they fit the plan, else new ones;
+    waits until every engine has loaded it, so a model that does not load fails here, before any trial starts.
 
     Trials per engine: `trials_at_once` spread over the engines, else the plan's trials per GPU (from memory, or
     1 / --gpus_per_trial), else 8 on a GPU and 4 on the CPUs.
@@ -352,32 +429,26 @@ def start_engines(
             "the GPU nodes first (or give the cluster fixed workers), or search without --fused_trials."
         )
     gpus = plan.gpus if plan.gpus_per_trial else 0.0  # --gpus_per_trial 0 asks for CPU trials: a CPU engine
-    count = int(gpus)
-    if count:
-        options = {"num_gpus": 1, "num_cpus": 1}
-        threads, per_engine = 2, plan.trials_per_gpu or 8
+    layout = EngineLayout.of(gpus, plan.cpus, plan.trials_per_gpu, trials_at_once)
+    if launched is not None and launched.layout.serves(layout):
+        engines = launched.engines
     else:
-        count = 1
-        options = {"num_cpus": max(1.0, plan.cpus - 1)}  # the rest for Tune and the light trial processes
-        threads, per_engine = max(1, math.floor(plan.cpus)), 4
-    trials_at_once = trials_at_once or per_engine * count
-    train = to_dict(train_args) | {"use_cpu": train_args.use_cpu or not count}
-    actor = ray.remote(TrialEngine).options(
-        **options, max_concurrency=trials_at_once + 4, max_restarts=ENGINE_RESTARTS, max_task_retries=ENGINE_RESTARTS
-    )
-    engines = [actor.remote(to_dict(data_args), to_dict(model_args), train, threads) for _ in range(count)]
+        if launched is not None:
+            launched.discard()
+        engines = layout.launch(data_args, model_args, train_args)
     try:
-        ray.get([engine.describe.remote() for engine in engines], timeout=ENGINE_START_S)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+        ray.get([engine.prepare.remote() for engine in engines], timeout=ENGINE_START_S)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
         for engine in engines:
             ray.kill(engine)
         if isinstance(e, ray.exceptions.GetTimeoutError):
             raise ConfigError(
-                f"The {count} trial engine(s) did not start within {ENGINE_START_S} s: the cluster has no free "
+                f"The {layout.count} trial engine(s) did not start within {ENGINE_START_S} s: the cluster has no free "
                 f"{'GPU' if gpus else 'CPUs'} for them, or loading the base model hangs. Check `ray status`."
             ) from None
-        raise ConfigError(f"The trial engine could not load the base model: {e}") from None
-    return EnginePlan(engines, trials_at_once, gpus)
+        cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e  # `prepare` raised it, or the engine died
+        raise ConfigError(f"The trial engine could not load the base model: {type(cause).__name__}: {cause}") from None
+    return EnginePlan(engines, layout.trials_at_once, gpus)
 
 
 def fused_train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:

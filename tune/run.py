@@ -7,20 +7,24 @@
     python tune/run.py --resume runs/tune/latest
     python tune/run.py --help                   # every option
 
-Flow: parse and validate everything (no Ray yet) -> tokenise once into the on-disk cache -> start or join Ray
-and plan resources (with --fused_trials: start the trial engines) -> Tuner.fit (or Tuner.restore) -> print the
-best trial, its adapter and the next commands.
+Flow: parse the arguments -> start a local Ray (and with --fused_trials its trial engines) while a thread imports
+torch & co. -> validate everything and tokenise once into the on-disk cache (a refusal stops that Ray, and prints
+only the error) -> plan resources, or join a cluster -> Tuner.fit (or Tuner.restore) -> print the best trial, its
+adapter and the next commands.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
 import pickle
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +42,8 @@ NOTHING_TO_RESUME = "Interrupted before the search started: no trial ran, there 
 try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly as one during the checks in main()
     from lorasent.errors import ConfigError, ExperimentError, LorasentError
     from tune.cluster import (
+        EarlyRay,
+        ResourcePlan,
         is_uri,
         join_location,
         newest_experiment_state,
@@ -46,7 +52,7 @@ try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly 
         saved_trial_statuses,
         split_location,
     )
-    from tune.config import METADATA_FILE, SearchArguments, experiment_metadata, parse_args
+    from tune.config import METADATA_FILE, SearchArguments, TuneArguments, experiment_metadata, parse_args
 except KeyboardInterrupt:
     print(f"\n{NOTHING_TO_RESUME}", file=sys.stderr)
     sys.exit(130)
@@ -210,16 +216,49 @@ class SearchOutcome(NamedTuple):
     expected_trials: int  # fewer finished ones: the search was interrupted
 
 
-def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOutcome:
-    """Validate everything, tokenise once, start or join Ray, then run (or resume) the search at storage_path/name."""
-    from ray import tune
+# What the driver's checks and trials import (torch, transformers, peft, optuna, datasets through these): seconds
+# that a thread spends while the main thread starts Ray.
+CHECK_MODULES = ("lorasent.fused", "lorasent.tokenize", "tune.search", "tune.trainable")
 
+
+def _import_meanwhile(modules: tuple[str, ...]) -> Future[None]:
+    """Import `modules` in a daemon thread (a Ctrl-C meanwhile need not wait for it); `.result()` waits, re-raising
+    an import error."""
+    done: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            for module in modules:
+                importlib.import_module(module)
+        except BaseException as e:  # handed to the main thread, which raises it
+            done.set_exception(e)
+        else:
+            done.set_result(None)
+
+    threading.Thread(target=run, name="lorasent-imports", daemon=True).start()
+    return done
+
+
+class CheckedSearch(NamedTuple):
+    """What the checks built: the search's space, schedule and resource plan."""
+
+    space: dict[str, Any]
+    param_space: dict[str, Any]
+    epochs: int
+    scheduler: Any
+    points: list[dict[str, Any]]
+    plan_args: TuneArguments  # as planned
+    plan: ResourcePlan | None  # of a local Ray; None when joining one
+
+
+def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> CheckedSearch:
+    """Every check of the search that needs no running Ray, then the tokenisation (once, here: trials load the cached
+    splits, never re-tokenise). `early` is the local Ray started for the search, if any."""
     from lorasent.fused import check_shareable
     from lorasent.paths import CACHE_ENV
     from lorasent.tokenize import tokenized_splits
     from tune import cluster, search
-    from tune.engine import make_fused_trainable, start_engines
-    from tune.trainable import make_trainable, trial_train_arguments
+    from tune.trainable import trial_train_arguments
 
     t = args.tune
     if os.environ.get(CACHE_ENV):  # trials run in their own folders, where a relative path names another cache
@@ -230,30 +269,72 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
     points = search.starting_points(t, space, args.model, args.train)
     if t.fused_trials:
         check_shareable(args.model, args.train, searched=space)
-    # The address answers, or the local Ray's plan fits (trials per GPU from one trial's memory): before anything heavy.
+    # The address answers, or the local Ray's plan fits (trials per GPU from one trial's memory): before any trial.
     # Trials that share engines hold almost nothing themselves: how many run at once is the engines' to say.
     plan_args = dataclasses.replace(t, max_concurrent_trials=None) if t.fused_trials else t
-    plan = cluster.preflight(plan_args, lambda: search.trial_footprint(space, args.data, args.model, args.train))
+    plan = cluster.preflight(plan_args, lambda: search.trial_footprint(space, args.data, args.model, args.train), early)
     if plan is not None:  # a local Ray: its trials' resources are known, so is what they can train with
         resources = {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial}
         trial_train_arguments(args.data, args.train, metric=t.metric, **resources)
-    experiment_path = cluster.join_location(storage_path, name)
-
-    splits = tokenized_splits(args.data, args.model)  # once, here: trials load the cached splits, never re-tokenise
+    splits = tokenized_splits(args.data, args.model)
     search.check_trials_fit(space, args.model, args.train, len(splits["train"]))
-    session = cluster.start_ray(plan_args, plan)
+    return CheckedSearch(space, param_space, epochs, scheduler, points, plan_args, plan)
+
+
+def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOutcome:
+    """Validate everything, tokenise once, start or join Ray, then run (or resume) the search at storage_path/name.
+
+    A local Ray starts first, while a thread imports what the checks need (torch, transformers, peft: seconds each),
+    and with --fused_trials so do its engines; a refused search stops them before it says why.
+    """
+    from ray import tune
+
+    from tune import cluster
+    from tune.engine import launch_engines_early
+
+    t = args.tune
+    experiment_path = cluster.join_location(storage_path, name)
+    imports = _import_meanwhile(CHECK_MODULES)
+    early = cluster.start_early_ray(t)
+    launched = None
+    try:
+        if early is not None and t.fused_trials:
+            launched = launch_engines_early(args.data, args.model, args.train, t)
+        imports.result()
+        checked = _check_and_tokenise(args, early)
+        session = cluster.start_ray(checked.plan_args, checked.plan, early)
+    except BaseException:
+        if launched is not None:
+            launched.discard()
+        if early is not None:
+            early.discard()
+        raise
+    from tune import search
+
+    space, param_space, epochs, scheduler, points = checked[:5]
     engines = None
     try:
         plan = session.plan
         cluster.warn_if_storage_not_shared(plan, storage_path)
         if t.fused_trials:
-            engines = start_engines(args.data, args.model, args.train, plan, trials_at_once=t.max_concurrent_trials)
+            from tune.engine import make_fused_trainable, start_engines
+
+            engines = start_engines(
+                args.data,
+                args.model,
+                args.train,
+                plan,
+                trials_at_once=t.max_concurrent_trials,
+                launched=launched if session.started_early else None,
+            )
             print(engines.describe())
             trainable = make_fused_trainable(
                 args.data, args.model, args.train, metric=t.metric, mode=t.mode, plan=engines
             )
             max_concurrent, resources = engines.trials_at_once, engines.resources_per_trial
         else:
+            from tune.trainable import make_trainable
+
             print(plan.describe())
             trainable = make_trainable(
                 args.data,

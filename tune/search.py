@@ -1,7 +1,7 @@
 """Search space, searcher and scheduler: the parts of a search that decide which trials run and which stop.
 
 Optuna's TPE (seeded, with starting points) proposes configs, ASHA stops the weak trials at epoch rungs. Every
-impossible combination is refused here, before Ray starts.
+impossible combination is refused here, before any trial starts.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def build_scheduler(tune_args: TuneArguments, epochs: int) -> TrialScheduler | N
 def check_trials_fit(
     space: SearchSpace, model_args: ModelArguments, train_args: TrainArguments, train_examples: int
 ) -> None:
-    """Refuse, before Ray starts, what every trial would fail on after its retries: a batch larger than the train
+    """Refuse, before any trial starts, what every trial would fail on after its retries: a batch larger than the train
     split, or LoRA target modules the model does not have."""
     from lorasent.model import meta_model, resolve_target_modules
 
