@@ -66,6 +66,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str,
     garbage.write_bytes(bytes(range(256)) * 64 + b"\n\x00\xff\xfe binary \x89PNG\r\n\x1a\n")
     cases = {
         "unreachable_cluster": [*SMOKE, "--storage_path", str(tmp / "storage"), "--address", "127.0.0.1:1"],
+        "refused_beside_ray": [*SMOKE, "--storage_path", str(tmp / "storage-2"), "--num_gpus", "99"],
         "train_wrong_type": [*TINY_TRAIN, "--output_dir", str(tmp / "model"), "--config", str(tmp / "fast.yaml")],
         "predict_binary_garbage": [
             "-m", "lorasent.predict", str(model_dir), "--input", str(garbage), "--output", str(tmp / "out.csv"),
@@ -119,6 +120,15 @@ def test_unreachable_cluster_address(runs: dict[str, Any]) -> None:
     refused(runs["unreachable_cluster"], "127.0.0.1:1 is unreachable", "drop --address")
     storage = runs["tmp"] / "storage"
     assert not storage.exists() or not any(storage.iterdir())
+
+
+def test_a_search_refused_while_its_ray_starts_says_only_why(runs: dict[str, Any]) -> None:
+    """A fresh `python tune/run.py` starts its local Ray beside the checks that need torch: that Ray says nothing, not
+    even that it started, and is stopped."""
+    done = runs["refused_beside_ray"]
+    refused(done, "--num_gpus 99, but torch sees")
+    assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr  # Ray's held lines were dropped
+    assert not (runs["tmp"] / "storage-2").exists() or not any((runs["tmp"] / "storage-2").iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -313,8 +313,9 @@ def _closed_port() -> int:
     ],
 )
 def test_refused_before_the_search_starts(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
-    """Some of these are refused by checks that run while a local Ray starts (see the next test): that Ray is gone
-    and has said nothing."""
+    """In this process the checks' modules are loaded, so these come before any Ray starts; in a fresh process some
+    of them run while a local Ray starts (`test_a_search_refused_while_its_ray_starts_says_only_why` in
+    tests/test_bad_input.py)."""
     started = time.perf_counter()
     assert main(["--storage_path", str(tmp_path / "runs"), *argv]) == 2
     err = capsys.readouterr().err
