@@ -278,7 +278,7 @@ class ResourcePlan:
 
     @property
     def trials_per_gpu(self) -> int | None:
-        return math.floor(1 / self.gpus_per_trial + 1e-9) if 0 < self.gpus_per_trial <= 1 else None
+        return trials_sharing_a_gpu(self.gpus_per_trial)
 
     @property
     def resources_per_trial(self) -> dict[str, float]:
@@ -298,6 +298,11 @@ class ResourcePlan:
             f"Resource plan: {now}{self.nodes} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs | per trial: "
             f"{per_trial}{packing} | {at_once}{why}"
         )
+
+
+def trials_sharing_a_gpu(gpus_per_trial: float | None) -> int | None:
+    """How many trials of `gpus_per_trial` share one GPU; None for whole GPUs per trial, none, or not yet known."""
+    return math.floor(1 / gpus_per_trial + 1e-9) if gpus_per_trial and 0 < gpus_per_trial <= 1 else None
 
 
 def _fits(have: float, need: float) -> float:

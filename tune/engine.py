@@ -32,7 +32,7 @@ from ray import tune
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, to_dict
 from lorasent.errors import CheckpointError, ConfigError
-from tune.cluster import ResourcePlan, local_cpus
+from tune.cluster import ResourcePlan, local_cpus, trials_sharing_a_gpu
 from tune.config import TuneArguments, apply_trial_config
 from tune.reporting import epoch_reporter
 
@@ -402,8 +402,7 @@ def launch_engines_early(
     """Start a local search's engines on the Ray it just started, before its checks: as the plan will place them
     (the GPUs Ray counted, unless --gpus_per_trial 0), with room for as many trials as the plan can give them."""
     gpus = ray.cluster_resources().get("GPU", 0.0) if tune_args.gpus_per_trial != 0 else 0.0
-    given = tune_args.gpus_per_trial
-    per_gpu = math.floor(1 / given + 1e-9) if given and given <= 1 else None  # None: from memory, at most 8
+    per_gpu = trials_sharing_a_gpu(tune_args.gpus_per_trial)  # None: from memory, at most 8
     layout = EngineLayout.of(gpus, local_cpus(tune_args), per_gpu, tune_args.max_concurrent_trials)
     return LaunchedEngines(layout, layout.launch(data_args, model_args, train_args))
 
