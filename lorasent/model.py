@@ -146,6 +146,9 @@ def load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrainedM
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
+            # Set now, not by the first forward pass: under torch.compile that first pass changing the config
+            # fails a guard and compiles the whole model a second time.
+            problem_type="single_label_classification",
             trust_remote_code=model_args.trust_remote_code,
             use_safetensors=True,
             ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a new head
