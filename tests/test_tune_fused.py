@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tune.config import METADATA_FILE, parse_args
 from tune.engine import TRIAL_CPUS, EngineLayout, folder_files, start_engines, write_files
 from tune.run import experiment_location, run_search
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=32, max_length=32)
@@ -125,6 +128,15 @@ def test_engines_that_cannot_start_are_an_error_not_a_wait(local_ray, monkeypatc
     gpu = ResourcePlan(nodes=1, cpus=2, gpus=1, cpus_per_trial=1, gpus_per_trial=0.5, max_concurrent_trials=2)
     with pytest.raises(ConfigError, match="did not start within 3 s: the cluster has no free GPU"):
         start_engines(DATA, MODEL, TrainArguments(), gpu)
+
+
+def test_a_trial_process_imports_neither_torch_nor_transformers() -> None:
+    """Fused trial processes only wait on their engine; each starts at the search's start, so what they import is
+    paid before the first trial can ask for an epoch (transformers' argument parser alone: ~0.5 s per process)."""
+    code = "import sys, tune.engine; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_engines_started_before_the_plan_are_kept_when_they_fit_it() -> None:

@@ -17,12 +17,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from lorasent.cli import ArgumentParser
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, read_yaml, replace, to_dict
 from lorasent.errors import ConfigError
 from lorasent.metrics import metric_names
+
+if TYPE_CHECKING:  # transformers' parser: the driver needs it, the trial processes (which import this) do not
+    from lorasent.cli import ArgumentParser
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_PRESET = "quickstart"
@@ -414,8 +416,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Show each option's default, and the epilog's preset list and examples as written."""
 
 
-def build_parser() -> ArgumentParser:
+def build_parser() -> "ArgumentParser":
     """The parser of `python tune/run.py`: TuneArguments plus the three lorasent dataclasses."""
+    from lorasent.cli import ArgumentParser
+
     presets = "\n".join(f"  {name:<11} {_preset_summary(name)}" for name in preset_names())
     return ArgumentParser(
         (TuneArguments, DataArguments, ModelArguments, TrainArguments),
@@ -483,7 +487,7 @@ def _pre_parse(argv: Sequence[str]) -> argparse.Namespace:
     return known
 
 
-def _parse(parser: ArgumentParser, argv: Sequence[str]) -> SearchArguments:
+def _parse(parser: "ArgumentParser", argv: Sequence[str]) -> SearchArguments:
     return SearchArguments(*parser.parse_dataclasses(argv))
 
 
@@ -560,7 +564,7 @@ def load_search_arguments(experiment_path: str) -> SearchArguments:
     return arguments_from_metadata(text, f"{experiment_path}/{METADATA_FILE}")
 
 
-def _resume_args(parser: ArgumentParser, argv: Sequence[str], path: str) -> SearchArguments:
+def _resume_args(parser: "ArgumentParser", argv: Sequence[str], path: str) -> SearchArguments:
     """The saved experiment's arguments, with only the Ray connection options taken from the command line."""
     saved = load_search_arguments(path)
     defaults: dict[str, Any] = {}
