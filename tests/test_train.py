@@ -112,10 +112,12 @@ def test_resume_from_a_mid_run_checkpoint_finishes_exactly(reference, tmp_path: 
 @pytest.mark.parametrize("n", [64, 61, 8, 5])  # full batches only, a short last batch, one batch, less than one
 def test_length_grouped_batches_come_in_random_order_with_the_same_contents(n: int) -> None:
     from torch.utils.data import DataLoader
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from transformers.trainer_pt_utils import get_length_grouped_indices
 
     lengths = torch.randint(5, 200, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-    grouped = list(LengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(0)))
+    grouped = get_length_grouped_indices(
+        lengths, 8, mega_batch_mult=train_module.MEGA_BATCHES, generator=torch.Generator().manual_seed(0)
+    )
     sampler = train_module.ShuffledLengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(0))
     loaded = [batch.tolist() for batch in DataLoader(range(n), batch_size=8, sampler=sampler)]
     expected = [grouped[i : i + 8] for i in range(0, n, 8)]
@@ -124,6 +126,22 @@ def test_length_grouped_batches_come_in_random_order_with_the_same_contents(n: i
     assert loaded[-1] == expected[-1] or len(expected[-1]) == 8  # a short last batch stays last
     if n == 64:
         assert loaded != expected  # transformers' order walks each mega-batch from long to short; this one does not
+
+
+def test_length_grouped_batches_of_a_small_split_pad_less_than_transformers_own() -> None:
+    """On a split under 200 batches' worth, transformers groups by length within a quarter of the data at most;
+    lorasent sorts 50 batches together, so each batch spans a narrower band of lengths."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    lengths = torch.randint(5, 200, (600,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def padding_share(order: list[int], batch: int = 32) -> float:
+        batches = [[lengths[i] for i in order[k : k + batch]] for k in range(0, len(order), batch)]
+        return 1 - sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches)
+
+    ours = [padding_share(list(train_module.ShuffledLengthGroupedSampler(32, lengths=lengths))) for _ in range(5)]
+    theirs = [padding_share(list(LengthGroupedSampler(32, lengths=lengths))) for _ in range(5)]
+    assert max(ours) < 0.5 * min(theirs), (ours, theirs)
 
 
 def test_diverging_run_stops_cleanly_and_says_so(tmp_path: Path) -> None:
