@@ -81,6 +81,8 @@ def test_tiny_distilbert_auto_targets_q_lin_v_lin_and_trains_the_head(tiny_args:
     n_trainable, total = trainable_parameters(model)
     assert 0 < n_trainable < total
     assert model.config.id2label == {0: "negative", 1: "positive"}
+    # Set when built: were the first forward pass to set it, torch.compile would compile the model a second time.
+    assert model.config.problem_type == "single_label_classification"
 
 
 def test_half_precision_base_keeps_what_is_trained_in_fp32(tiny_args: ModelArguments) -> None:
