@@ -637,17 +637,22 @@ def _init_local_ray(tune_args: TuneArguments, cpus: int, gpus: int | None) -> st
             "(ssh -L 8265:127.0.0.1:8265 HOST).",
             stacklevel=3,
         )
+    from ray._private.utils import DeferSigint
+
     try:
-        context = ray.init(
-            address="local",  # a new local Ray, never silently a `ray start` cluster already on this machine
-            num_cpus=cpus,
-            num_gpus=gpus,
-            include_dashboard=tune_args.include_dashboard,
-            dashboard_host=tune_args.dashboard_host,
-            dashboard_port=tune_args.dashboard_port,
-            log_to_driver=tune_args.verbose >= 2,
-        )
-    except BaseException:  # a Ctrl-C (Ray's start takes it only when done) or a failure: stop what it started so far
+        # A Ctrl-C is held until the start is done: one that broke into it left a Ray that, once stopped, could
+        # crash the interpreter's exit (SIGSEGV instead of exit 130).
+        with DeferSigint.create_if_main_thread():
+            context = ray.init(
+                address="local",  # a new local Ray, never silently a `ray start` cluster already on this machine
+                num_cpus=cpus,
+                num_gpus=gpus,
+                include_dashboard=tune_args.include_dashboard,
+                dashboard_host=tune_args.dashboard_host,
+                dashboard_port=tune_args.dashboard_port,
+                log_to_driver=tune_args.verbose >= 2,
+            )
+    except BaseException:  # that Ctrl-C, or a failure: stop what the start started
         ray.shutdown()
         raise
     return context.dashboard_url if tune_args.include_dashboard else None
