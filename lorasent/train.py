@@ -205,8 +205,8 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     quick-start's smaller setting no difference showed either way; bench/RESULTS.md, C8). Shuffling the batches
     keeps each batch as it is, and so the padding it saves, and drops the ordering.
     With the order gone, the mega-batches are always 50 batches (`MEGA_BATCHES`): transformers cuts them to a quarter
-    of the data below 200 batches' worth, which keeps its long-to-short walks short, but sorts fewer texts together:
-    at batch 32 on the quick-start's 600 sentences 30% of the tokens were padding, against 7% (bench/RESULTS.md, C14).
+    of the data below 200 batches' worth (four long-to-short walks an epoch), which sorts fewer texts together: at
+    batch 32 on the quick-start's 600 sentences 30% of the tokens were padding, against 7% (bench/RESULTS.md, C14).
     The batch with the longest text stays first (too large a batch fails at the first step, not late in an epoch)
     and a short last batch stays last (the DataLoader cuts the index stream into batch-size pieces).
     """
