@@ -139,7 +139,7 @@ def _wait_for(predicate, timeout_s: float, what: str, driver: subprocess.Popen, 
 
 
 def test_killed_worker_node_its_trial_is_rescheduled_and_the_search_completes(tmp_path, run_dir):
-    storage, epochs = tmp_path / "runs", 3
+    storage, epochs = tmp_path / "runs", 6
     experiment = storage / "fault"
     search = [*SMOKE, "--scheduler", "none", "--num_train_epochs", str(epochs), "--max_train_samples", "1500"]
     search += ["--max_failures", "2", "--storage_path", str(storage), "--name", "fault"]
