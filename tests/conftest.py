@@ -38,6 +38,25 @@ def offline_model_dir() -> Path:
     return assets.offline_model_path()
 
 
+def start_search(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    """`python tune/run.py ARGV` in a session of its own, output to `log`: everything the run starts (its local Ray
+    included) can be cleaned up by group id (`kill_search`)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "tune" / "run.py"), *argv],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def kill_search(proc: subprocess.Popen) -> None:
+    """Kill whatever is left of a `start_search` run's process group (its Ray processes), by the group id."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 class SmokeSearch(NamedTuple):
     experiment: Path  # <storage>/smoke; the storage folder also holds the `latest` link
     output: str  # what the command printed, stdout and stderr in order
@@ -47,18 +66,14 @@ class SmokeSearch(NamedTuple):
 def smoke_search(tmp_path_factory: pytest.TempPathFactory) -> SmokeSearch:
     """One real `python tune/run.py --smoke-test`, exactly as users type it (its own process, a local Ray with its
     dashboard, the default output), shared by the test of that command and by the analysis tests, which read it
-    or work on copies. A session of its own, so whatever the run leaves behind is killed by its group id."""
+    or work on copies."""
     root = tmp_path_factory.mktemp("smoke")
     log = root / "smoke.log"
-    command = [sys.executable, str(REPO / "tune" / "run.py"), "--smoke-test"]
-    command += ["--storage_path", str(root / "runs"), "--name", "smoke"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_search(["--smoke-test", "--storage_path", str(root / "runs"), "--name", "smoke"], root, log)
     try:
         code = process.wait(timeout=400)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_search(process)
     output = log.read_text()
     assert code == 0, output[-5000:]
     return SmokeSearch(root / "runs" / "smoke", output)

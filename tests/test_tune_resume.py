@@ -3,38 +3,21 @@ killed with SIGKILL mid-search and then finished with --resume, keeping every fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import SmokeSearch
+from conftest import SmokeSearch, kill_search, start_search
 
 from tune.cluster import saved_trial_statuses
 
-RUN = Path(__file__).resolve().parent.parent / "tune" / "run.py"
 pytestmark = pytest.mark.ray
-
-
-def _start(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    # A session of its own, so everything the run starts (its local Ray included) can be cleaned up by group id.
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, str(RUN), *argv], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _clean_up(proc: subprocess.Popen) -> None:
-    """Kill whatever is left of the run's process group (its Ray processes), by the group id we created."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _trial_states(experiment: Path) -> dict[str, str]:
@@ -65,7 +48,7 @@ def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_p
     storage = tmp_path / "runs"
     experiment = storage / "killed"
     argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "3", "--max_concurrent_trials", "1", *way]
-    first = _start([*argv, "--storage_path", str(storage), "--name", "killed"], tmp_path, tmp_path / "first.log")
+    first = start_search([*argv, "--storage_path", str(storage), "--name", "killed"], tmp_path, tmp_path / "first.log")
     try:
         deadline = time.monotonic() + 300
         while sum(s == "TERMINATED" for s in _trial_states(experiment).values()) < 2:
@@ -76,7 +59,7 @@ def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_p
         first.send_signal(signal.SIGKILL)  # the driver dies at once: no handler, no last snapshot
         first.wait(timeout=30)
     finally:
-        _clean_up(first)
+        kill_search(first)
 
     before = _trial_states(experiment)
     finished = {trial for trial, status in before.items() if status == "TERMINATED"}
@@ -84,11 +67,11 @@ def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_p
     finished_results = {trial: _results(experiment, trial) for trial in finished}
 
     log = tmp_path / "resume.log"
-    second = _start(["--resume", str(storage / "latest")], tmp_path, log)
+    second = start_search(["--resume", str(storage / "latest")], tmp_path, log)
     try:
         assert second.wait(timeout=400) == 0, log.read_text()
     finally:
-        _clean_up(second)
+        kill_search(second)
     out = log.read_text()
     assert f"Resuming {experiment}" in out and "Search finished" in out
 
@@ -110,7 +93,7 @@ def _interrupt_after_a_trial_finished(tmp_path: Path, name: str, ctrl_c: int) ->
     argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "20", "--scheduler", "none"]
     argv += ["--max_concurrent_trials", "1"]  # trials long enough that Ctrl-C comes with some unfinished
     log = tmp_path / "run.log"
-    proc = _start([*argv, "--storage_path", str(tmp_path / "runs"), "--name", name], tmp_path, log)
+    proc = start_search([*argv, "--storage_path", str(tmp_path / "runs"), "--name", name], tmp_path, log)
     try:
         deadline = time.monotonic() + 300
         while "TERMINATED" not in _trial_states(experiment).values():
@@ -123,7 +106,7 @@ def _interrupt_after_a_trial_finished(tmp_path: Path, name: str, ctrl_c: int) ->
             proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log.read_text()
     finally:
-        _clean_up(proc)
+        kill_search(proc)
     return experiment, log.read_text()
 
 
@@ -152,7 +135,7 @@ def test_ctrl_c_before_the_search_starts_exits_cleanly(tmp_path: Path, when: flo
     One that broke into Ray's start could crash the exit (SIGSEGV or SIGABRT in a few runs in ten): it now waits for
     the start to finish."""
     log = tmp_path / "run.log"
-    proc = _start(["--smoke-test", "--storage_path", str(tmp_path / "runs"), "--name", "early"], tmp_path, log)
+    proc = start_search(["--smoke-test", "--storage_path", str(tmp_path / "runs"), "--name", "early"], tmp_path, log)
     try:
         if when == "ray start":
             deadline = time.monotonic() + 60
@@ -165,7 +148,7 @@ def test_ctrl_c_before_the_search_starts_exits_cleanly(tmp_path: Path, when: flo
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, log.read_text()
     finally:
-        _clean_up(proc)
+        kill_search(proc)
     out = log.read_text()
     assert "Traceback" not in out and "there is nothing to resume" in out
 
