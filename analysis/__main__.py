@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from analysis.results import DEFAULT_EXPERIMENT
 from lorasent.errors import LorasentError
+from lorasent.process import exit_process
 
 EXAMPLE_TEXT = "Works great, would buy again."
 
@@ -140,4 +141,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

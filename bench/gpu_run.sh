@@ -29,6 +29,8 @@
 #   fused        K trials on one shared base in one process (peft mixed batch, stacked LoRA) vs K processes
 #   imports      what tune/run.py's imports cost on this box (python -X importtime, the 15 slowest): G3's driver spent
 #                ~27 s before ray.init here, ~6 s on the 2-core CPU
+#   startup      a trial process's and the driver's imports and exit, Python's garbage collector as is vs as lorasent
+#                runs them (collection paused over the imports, then frozen; no last walk at exit)
 # Files in $OUT (flat, at most 8): gpu_log.txt and one JSON file per step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -134,6 +136,7 @@ run_part() {  # the steps: name, longest and shortest useful time (s), command
   case $1 in
     imports) step imports 60 20 bash -c '"$0" -X importtime -c "import tune.run, tune.search, tune.cluster, \
       tune.trainable, lorasent.tokenize, lorasent.footprint" 2>&1 >/dev/null | sort -t"|" -k2 -n | tail -15' "$PY" ;;
+    startup) step startup 90 40 "$PY" bench/bench_startup.py "${FLAGS[@]}" --repeats 3 --out "$OUT/startup.json" ;;
     train) step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat anchors precision census fresh \
       --out "$OUT/train.json" ;;
     repeat) step repeat 60 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict anchors precision census \

@@ -30,6 +30,7 @@ from lorasent.metrics import scores
 from lorasent.model import META_FILE, read_meta, trained_splits
 from lorasent.paths import atomic_write_text
 from lorasent.predict import Predictor
+from lorasent.process import exit_process
 
 
 class SeenSplitWarning(UserWarning):
@@ -166,4 +167,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

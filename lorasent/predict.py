@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 from lorasent.errors import ConfigError, DataError, LorasentError
 from lorasent.model import LoadedModel, load_model_dir
 from lorasent.paths import atomic_write_text
+from lorasent.process import exit_process
 from lorasent.tokenize import make_collator
 
 Text = str | bytes
@@ -294,4 +295,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -58,6 +58,7 @@ from lorasent.model import (
     sdpa_attention_mask,
     write_meta,
 )
+from lorasent.process import exit_process
 from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
 
 LOG_EVERY_STEPS = 50  # the training loss is read (one device sync) this often, and at every epoch end
@@ -591,4 +592,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

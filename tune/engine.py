@@ -32,6 +32,7 @@ from ray import tune
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, to_dict
 from lorasent.errors import CheckpointError, ConfigError
+from lorasent.process import import_modules
 from tune.cluster import ResourcePlan, local_cpus, trials_sharing_a_gpu
 from tune.config import TuneArguments, apply_trial_config
 from tune.reporting import epoch_reporter
@@ -92,9 +93,8 @@ class TrialEngine:
     """
 
     def __init__(self, data: dict[str, Any], model: dict[str, Any], train: dict[str, Any], threads: int) -> None:
+        import_modules(["lorasent.fused"])  # the heavy imports now rather than when the data is ready, frozen
         import torch
-
-        import lorasent.fused  # noqa: F401  (the heavy imports, now rather than when the data is ready)
 
         torch.set_num_threads(threads)
         self.data_args = DataArguments(**data)

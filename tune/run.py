@@ -16,7 +16,6 @@ adapter and the next commands.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -41,6 +40,7 @@ NOTHING_TO_RESUME = "Interrupted before the search started: no trial ran, there 
 
 try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly as one during the checks in main()
     from lorasent.errors import ConfigError, ExperimentError, LorasentError
+    from lorasent.process import exit_process, import_modules
     from tune.cluster import (
         EarlyRay,
         ResourcePlan,
@@ -228,8 +228,7 @@ def _import_meanwhile(modules: list[str]) -> Future[None]:
 
     def run() -> None:
         try:
-            for module in modules:
-                importlib.import_module(module)
+            import_modules(modules)
         except BaseException as e:  # handed to the main thread, which raises it
             done.set_exception(e)
         else:
@@ -288,8 +287,6 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
     and with --fused_trials so do its engines; a refused search stops them before it says why. Where those modules
     are imported already, the checks come first and Ray after them.
     """
-    from ray import tune
-
     from tune import cluster
     from tune.engine import launch_engines_early
 
@@ -313,6 +310,8 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
         if early is not None:
             early.discard()
         raise
+    from ray import tune
+
     from tune import search
 
     space, param_space, epochs, scheduler, points = checked[:5]
@@ -437,4 +436,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
