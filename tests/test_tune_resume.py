@@ -8,12 +8,13 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import SmokeSearch, kill_search, start_search
+from conftest import REPO, SmokeSearch, kill_search, start_search
 
 from tune.cluster import saved_trial_statuses
 
@@ -157,3 +158,36 @@ def test_second_ctrl_c_during_the_search_still_says_how_to_resume(tmp_path: Path
     """Tune handles the first Ctrl-C and offers a second to skip its last snapshot: neither may end in a traceback."""
     experiment, out = _interrupt_after_a_trial_finished(tmp_path, "twice", ctrl_c=2)
     assert "Traceback" not in out and f"python tune/run.py --resume {experiment}" in out
+
+
+STOP_RAY_INTERRUPTED = """
+import os, signal, sys, threading
+import psutil, ray
+from tune.cluster import stop_ray
+
+def alive(process):
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+ray.init(num_cpus=1, include_dashboard=False)
+started = {process: process.name() for process in psutil.Process().children(recursive=True)}
+assert "gcs_server" in started.values() and "raylet" in started.values(), started
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # while the stop waits for Ray's processes
+try:
+    stop_ray()
+except KeyboardInterrupt:
+    print("still running:", sorted(name for process, name in started.items() if alive(process)))
+    sys.exit(130)
+"""
+
+
+def test_a_ctrl_c_while_ray_stops_is_held_until_it_has_stopped() -> None:
+    """Where an interrupted search's second Ctrl-C lands: it must not leave Ray half stopped, to be stopped again by
+    Ray's exit handler (it raised in the middle of `ray.shutdown` before)."""
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_RAY_INTERRUPTED], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "still running: []" in done.stdout, done.stdout

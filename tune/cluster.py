@@ -480,10 +480,8 @@ class RaySession:
 
     def shutdown(self) -> None:
         """Stop a local Ray we started, disconnect from a cluster we joined; leave a caller's Ray alone."""
-        import ray
-
         if self.owned:
-            ray.shutdown()
+            stop_ray()
 
 
 def _alive_nodes() -> list[dict[str, float]]:
@@ -606,14 +604,12 @@ class EarlyRay:
         resources = ray.cluster_resources()
         if resources.get("CPU", 0) == int(plan.cpus) and resources.get("GPU", 0) == int(plan.gpus):
             return True
-        ray.shutdown()
+        stop_ray()
         return False
 
     def discard(self) -> None:
         """Stop it: the search was refused (or interrupted) before it started."""
-        import ray
-
-        ray.shutdown()
+        stop_ray()
 
 
 def start_early_ray(tune_args: TuneArguments) -> EarlyRay | None:
@@ -653,9 +649,20 @@ def _init_local_ray(tune_args: TuneArguments, cpus: int, gpus: int | None) -> st
                 log_to_driver=tune_args.verbose >= 2,
             )
     except BaseException:  # that Ctrl-C, or a failure: stop what the start started
-        ray.shutdown()
+        stop_ray()
         raise
     return context.dashboard_url if tune_args.include_dashboard else None
+
+
+def stop_ray() -> None:
+    """`ray.shutdown()` with a Ctrl-C held until it is done, as in `_init_local_ray`. The second Ctrl-C of an
+    interrupted search (Tune handles the first) tends to land here, while the local Ray's processes stop: breaking in
+    left Ray half stopped, for its exit handler to stop again."""
+    import ray
+    from ray._private.utils import DeferSigint
+
+    with DeferSigint.create_if_main_thread():
+        ray.shutdown()
 
 
 def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None, early: EarlyRay | None = None) -> RaySession:
@@ -686,7 +693,7 @@ def start_ray(tune_args: TuneArguments, plan: ResourcePlan | None, early: EarlyR
     try:
         plan = _cluster_plan(tune_args)
     except ConfigError:
-        ray.shutdown()
+        stop_ray()
         raise
     _print_auth_and_dashboard(context.dashboard_url)
     return RaySession(plan, context.dashboard_url, owned=True)
