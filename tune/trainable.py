@@ -9,7 +9,6 @@ trial starts.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import shutil
@@ -70,15 +69,6 @@ def sweep_abandoned_work_dirs(root: Path) -> list[Path]:
     return removed
 
 
-@functools.cache
-def _import_training() -> None:
-    """Once per worker process (Tune reuses it for trial after trial): import torch, transformers and peft with garbage
-    collection paused, then exempt their ~550k objects from every later collection (`lorasent.process`). Pausing
-    saves 1-2 s of a worker's ~5 s import on a 2-core CPU, and the freeze ~0.3 s a trial: `Trainer` runs a full
-    collection at each training start."""
-    import_modules(["lorasent.train"])
-
-
 def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     """One trial: the base arguments with `config` (the sampled hyperparameters) put in.
 
@@ -86,7 +76,10 @@ def train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     restarted by Tune (retry, `--resume`) continues from its last reported checkpoint. A diverging trial reports
     its last epoch with `diverged=1` and the worst metric, then returns: a bad result, not an error.
     """
-    _import_training()
+    # torch, transformers and peft: imported with garbage collection paused, then frozen, in the first trial of
+    # this process (Tune reuses it for the next ones), saving 1-2 s of its ~5 s import on a 2-core CPU and ~0.3 s a
+    # trial (`Trainer` runs a full collection at each training start). See lorasent.process.
+    import_modules(["lorasent.train"])
     import torch
 
     from lorasent.train import train
