@@ -6,6 +6,7 @@ Ray starts beside the checks (`EarlyRay`), quietly, and a refusal stops it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -633,12 +634,10 @@ def _init_local_ray(tune_args: TuneArguments, cpus: int, gpus: int | None) -> st
             "(ssh -L 8265:127.0.0.1:8265 HOST).",
             stacklevel=3,
         )
-    from ray._private.utils import DeferSigint
-
     try:
         # A Ctrl-C is held until the start is done: one that broke into it left a Ray that, once stopped, could
         # crash the interpreter's exit (SIGSEGV instead of exit 130).
-        with DeferSigint.create_if_main_thread():
+        with _ctrl_c_held():
             context = ray.init(
                 address="local",  # a new local Ray, never silently a `ray start` cluster already on this machine
                 num_cpus=cpus,
@@ -654,14 +653,21 @@ def _init_local_ray(tune_args: TuneArguments, cpus: int, gpus: int | None) -> st
     return context.dashboard_url if tune_args.include_dashboard else None
 
 
+def _ctrl_c_held() -> contextlib.AbstractContextManager[Any]:
+    """Ray's own `DeferSigint`: a Ctrl-C in the block is held and raised as KeyboardInterrupt when it ends (on the
+    main thread; elsewhere a no-op)."""
+    from ray._private.utils import DeferSigint
+
+    return DeferSigint.create_if_main_thread()
+
+
 def stop_ray() -> None:
     """`ray.shutdown()` with a Ctrl-C held until it is done, as in `_init_local_ray`. The second Ctrl-C of an
     interrupted search (Tune handles the first) tends to land here, while the local Ray's processes stop: breaking in
     left Ray half stopped, for its exit handler to stop again."""
     import ray
-    from ray._private.utils import DeferSigint
 
-    with DeferSigint.create_if_main_thread():
+    with _ctrl_c_held():
         ray.shutdown()
 
 
