@@ -3,7 +3,8 @@
 The Rust encoder itself releases the GIL, but handing it a chunk of Python strings and reading back one id list
 per text do not. On one core that is a few percent of the work (ids read back at ~240k texts/s, texts encoded at
 ~8k/s on a 2-core AMD EPYC); on 16 cores threads of one process reached only 39-47k reviews/s. Large splits are
-therefore encoded by forked processes that each run `encode_chunk_in_process` (see lorasent/tokenize.py).
+therefore encoded by forked processes that each run `encode_chunk_in_process` (see lorasent/tokenize.py); with
+the GIL to itself, each encodes printable ASCII by a word cache (lorasent/word_cache.py), 3-4x the Rust rate.
 
 BERT's normalizer (control characters, CJK spacing, accents, lower case: NFD and Unicode tables on every text)
 was a third of the encoder's time. On printable ASCII it changes nothing but the case, so such texts, most
@@ -20,6 +21,8 @@ from collections.abc import Callable, Iterable, Sized
 import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
+
+from lorasent.word_cache import WordPieceByWord, concatenated_ranges
 
 Encode = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
@@ -51,24 +54,47 @@ def _printable_ascii(text: str) -> bool:
     return text.isascii() and text.isprintable()
 
 
-def backend_encoder(backend: Tokenizer) -> Encode:
+def _rust_encoder(tokenizer: Tokenizer) -> Encode:
+    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = tokenizer.encode_batch_fast(texts)
+        return flatten(encodings, (encoding.ids for encoding in encodings))
+
+    return encode
+
+
+def backend_encoder(backend: Tokenizer, by_word: bool = False) -> Encode:
     """texts -> (tokens per text, all ids end to end) by the Rust backend's `encode_batch_fast` (no offsets), with
-    the truncation the backend is configured with; printable ASCII texts by its `printable_ascii_twin`."""
+    the truncation the backend is configured with; printable ASCII texts by its `printable_ascii_twin`, and with
+    `by_word` (an encoder process's single thread) by its word cache where that applies."""
     twin = printable_ascii_twin(backend)
+    by_words = WordPieceByWord.for_backend(backend, twin) if by_word and twin is not None else None
+    encoders: list[Encode] = [_rust_encoder(backend)]  # indexed by a text's kind: 0, 1 or 2 (see `kinds`)
+    encoders += [_rust_encoder(twin)] if twin is not None else []
+    encoders += [by_words] if by_words is not None else []
+
+    def kinds(texts: list[str]) -> np.ndarray:
+        printable = [_printable_ascii(text) for text in texts] if twin is not None else [False] * len(texts)
+        kind = np.array(printable, np.int8)
+        if by_words is not None:
+            kind += np.array(by_words.accepts(texts, printable), np.int8)
+        return kind
 
     def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        simple = [_printable_ascii(text) for text in texts] if twin is not None else []
-        if twin is None or not any(simple):
-            encodings = backend.encode_batch_fast(texts)
-        elif all(simple):
-            encodings = twin.encode_batch_fast(texts)
-        else:  # each text by the encoder it needs, back in the chunk's order
-            encodings = [None] * len(texts)
-            for encoder, wanted in ((twin, True), (backend, False)):
-                rows = [i for i, is_simple in enumerate(simple) if is_simple == wanted]
-                for i, encoded in zip(rows, encoder.encode_batch_fast([texts[i] for i in rows]), strict=True):
-                    encodings[i] = encoded
-        return flatten(encodings, (encoding.ids for encoding in encodings))
+        kind = kinds(texts)
+        present = np.unique(kind)
+        if len(present) <= 1:
+            return encoders[int(present[0]) if len(present) else 0](texts)
+        lengths, parts = np.empty(len(texts), np.int32), []
+        for k in present.tolist():  # each text by the encoder it needs, back in the chunk's order
+            rows = np.flatnonzero(kind == k)
+            rows_lengths, ids = encoders[k]([texts[i] for i in rows.tolist()])
+            lengths[rows] = rows_lengths
+            parts.append((rows, rows_lengths, ids))
+        starts = np.cumsum(lengths, dtype=np.int64) - lengths
+        ids = np.empty(int(lengths.sum()), np.int32)
+        for rows, rows_lengths, part in parts:
+            ids[concatenated_ranges(starts[rows], rows_lengths)] = part
+        return lengths, ids
 
     return encode
 
@@ -104,7 +130,7 @@ def start_encoder_process(tokenizer_json: str) -> None:
     global _process_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust side on every call
     backend = Tokenizer.from_str(tokenizer_json)
-    _process_encoder = backend_encoder(backend)
+    _process_encoder = backend_encoder(backend, by_word=True)
 
 
 def encode_chunk_in_process(chunk: pa.Table) -> pa.Table:

@@ -5,10 +5,10 @@ Texts are truncated but never padded here; `make_collator` pads each batch to it
 The cache key covers everything that changes the tokens: the data arguments and source, the tokenizer
 itself (its full serialisation, not just its name), the effective max length and the lorasent version.
 
-Chunks of texts are encoded on every core (threads; processes for large splits, see lorasent/encoding.py)
-straight into flat numpy buffers, whose Arrow arrays are streamed to disk. This skips what `datasets.map` +
-`tokenizer(...)` cost on top of the Rust encoder (BatchEncoding dicts of Python lists, hashing the mapped
-function for a fingerprint, worker processes that each import transformers and get a pickled shard).
+Chunks of texts are encoded on every core (threads; for large splits, processes with a word cache: see
+lorasent/encoding.py) straight into flat numpy buffers, whose Arrow arrays are streamed to disk. This skips what
+`datasets.map` + `tokenizer(...)` cost on top of the Rust encoder (BatchEncoding dicts of Python lists, hashing the
+mapped function for a fingerprint, worker processes that each import transformers and get a pickled shard).
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the stored columns or their types change
 ENCODE_ROWS = 1_000  # texts per encoder call: amortises the call, yet spreads a split over every thread
-# From this many texts on (and 4+ cores), encoder processes instead of threads: sending them the chunks then costs
-# less than the GIL that the threads share (see lorasent/encoding.py).
-PROCESS_MIN_ROWS = 200_000
-PROCESS_MIN_CORES = 4
+# From this many texts on, encoder processes instead of threads: each encodes by its own word cache, which holds the
+# GIL (see lorasent/word_cache.py): 1.9-4.5x the threads' rate on 2 cores at 20k-200k reviews. Smaller splits take
+# a few seconds at most in threads, and forking from a driver that runs Ray is kept to where it pays.
+PROCESS_MIN_ROWS = 50_000
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
@@ -196,12 +196,7 @@ def _tokenize(
     # Forked processes start at once and import nothing; spawned ones would re-run the caller's main script (which
     # then needs an `if __name__ == "__main__"` guard), so where fork is missing (macOS, Windows) threads it is.
     # A Python-level tokenizer class keeps its own call, in threads.
-    processes = (
-        rows >= PROCESS_MIN_ROWS
-        and workers >= PROCESS_MIN_CORES
-        and backend is not None
-        and "fork" in multiprocessing.get_all_start_methods()
-    )
+    processes = rows >= PROCESS_MIN_ROWS and backend is not None and "fork" in multiprocessing.get_all_start_methods()
     pool: Executor
     if processes:
         pool = ProcessPoolExecutor(

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from transformers import DataCollatorWithPadding
 
 import lorasent.tokenize as tokenize
-from lorasent import encoding
+from lorasent import encoding, word_cache
 from lorasent.assets import resolve_model_path
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments
 from lorasent.data import load_splits
@@ -64,7 +64,9 @@ TRICKY_TEXTS = [
 ]
 
 
-@pytest.mark.parametrize(("model", "workers"), [("tiny", "threads"), ("minilm", "threads"), ("minilm", "processes")])
+@pytest.mark.parametrize(
+    ("model", "workers"), [("tiny", "threads"), ("tiny", "processes"), ("minilm", "threads"), ("minilm", "processes")]
+)
 def test_tokens_equal_the_tokenizer_call(
     model: str,
     workers: str,
@@ -81,7 +83,6 @@ def test_tokens_equal_the_tokenizer_call(
     monkeypatch.setattr(tokenize, "ENCODE_ROWS", 7)  # many chunks on several workers: their order must hold
     if workers == "processes":  # what a large split on a many-core node gets
         monkeypatch.setattr(tokenize, "PROCESS_MIN_ROWS", 0)
-        monkeypatch.setattr(tokenize, "PROCESS_MIN_CORES", 1)
     rows = [{"text": f"{TRICKY_TEXTS[i % len(TRICKY_TEXTS)]} #{i}", "label": i % 2} for i in range(90)]
     data_args = DataArguments(dataset=str(write_data(rows)), cache_dir=str(tmp_path / "cache"), max_length=40)
     with caplog.at_level(logging.INFO, logger=tokenize.__name__):
@@ -119,6 +120,62 @@ def test_printable_ascii_twin_encodes_to_the_same_ids(lowercase: bool, offline_m
     assert [e.ids for e in twin.encode_batch_fast(texts)] == [e.ids for e in backend.encode_batch_fast(texts)]
     config["normalizer"] = {"type": "NFC"}  # another normaliser: no twin
     assert encoding.printable_ascii_twin(Tokenizer.from_str(json.dumps(config))) is None
+
+
+def _minilm_backend(offline_model_dir: Path, lowercase: bool = True, max_length: int | None = None) -> Tokenizer:
+    config = json.loads(
+        load_tokenizer(ModelArguments(model_name_or_path=str(offline_model_dir))).backend_tokenizer.to_str()
+    )
+    config["normalizer"]["lowercase"] = lowercase
+    backend = Tokenizer.from_str(json.dumps(config))
+    backend.no_padding()  # the model's tokenizer.json pads and truncates at 128; tokenisation sets its own
+    backend.no_truncation()
+    if max_length is not None:
+        backend.enable_truncation(max_length)
+    return backend
+
+
+@pytest.mark.parametrize(("lowercase", "max_length"), [(True, None), (True, 3), (True, 40), (False, 40)])
+def test_word_cache_encodes_to_the_backends_ids(
+    lowercase: bool, max_length: int | None, offline_model_dir: Path, vader_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encoder process's word cache stores what the backend encodes, chunk after chunk and when it starts over:
+    random printable ASCII, word salad with long words ([UNK]), added tokens in any case, "##" and digits, real
+    sentences, and texts that are not printable ASCII (the backend's own path, in the same chunks)."""
+    monkeypatch.setattr(word_cache, "MAX_WORDS", 300)  # starts over several times over these texts
+    backend = _minilm_backend(offline_model_dir, lowercase, max_length)
+    rng = random.Random(0)
+    printable = [chr(c) for c in range(0x20, 0x7F)]
+    words = ["the", "Battery", "unbelievable", "x" * 101, "[SEP]", "[sep]", "##ing", "42", "don't", "Great!!!", ""]
+    texts = ["".join(rng.choices(printable, k=rng.randint(0, 80))) for _ in range(1500)]
+    texts += [" ".join(rng.choices(words, k=rng.randint(0, 60))) for _ in range(1500)]
+    texts += [line.split("\t")[-1] for line in vader_file.read_text("utf-8").splitlines()[:1500]]
+    texts += TRICKY_TEXTS
+    rng.shuffle(texts)
+    cache = word_cache.WordPieceByWord.for_backend(backend, encoding.printable_ascii_twin(backend))
+    assert cache is not None
+    taken = cache.accepts(texts, [text.isascii() and text.isprintable() for text in texts])
+    assert len(texts) / 2 < sum(taken) < len(texts)  # most by the cache, the rest (added tokens too) by the backend
+    encode = encoding.backend_encoder(backend, by_word=True)
+    chunks = [encode(texts[i : i + 250]) for i in range(0, len(texts), 250)]
+    expected = backend.encode_batch_fast(texts)
+    assert [n for lengths, _ in chunks for n in lengths.tolist()] == [len(e.ids) for e in expected]
+    assert [i for _, ids in chunks for i in ids.tolist()] == [i for e in expected for i in e.ids]
+    assert [len(column) for column in encode([])] == [0, 0]
+
+
+def test_word_cache_is_refused_where_it_would_not_be_exact(offline_model_dir: Path) -> None:
+    """Left truncation, padding, or another pre-tokenizer than BERT's: no word cache (the backend encodes all)."""
+    twin = encoding.printable_ascii_twin(_minilm_backend(offline_model_dir))
+    left = _minilm_backend(offline_model_dir, max_length=8)
+    left.enable_truncation(8, direction="left")
+    padded = _minilm_backend(offline_model_dir)
+    padded.enable_padding()
+    config = json.loads(_minilm_backend(offline_model_dir).to_str())
+    config["pre_tokenizer"] = {"type": "Whitespace"}
+    for backend in (left, padded, Tokenizer.from_str(json.dumps(config))):
+        assert word_cache.WordPieceByWord.for_backend(backend, twin) is None
+    assert word_cache.WordPieceByWord.for_backend(_minilm_backend(offline_model_dir, max_length=8), twin) is not None
 
 
 def test_truncation_side_and_python_level_tokenizers_are_honoured() -> None:
@@ -293,7 +350,7 @@ def test_encoder_processes_fork_from_a_ray_worker(data_args: DataArguments) -> N
 
         import lorasent.tokenize as tokenize
 
-        tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES = 0, 1
+        tokenize.PROCESS_MIN_ROWS = 0
         log = io.StringIO()
         logging.getLogger(tokenize.__name__).addHandler(logging.StreamHandler(log))
         logging.getLogger(tokenize.__name__).setLevel(logging.INFO)
@@ -321,7 +378,7 @@ from lorasent.config import TINY_MODEL, DataArguments, ModelArguments
 model_args = ModelArguments(model_name_or_path=TINY_MODEL)
 backend = tokenize.load_tokenizer(model_args).backend_tokenizer
 backend.encode_batch(["the battery broke after two weeks"] * 2000)  # the Rust thread pool now runs
-tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES = 0, 1
+tokenize.PROCESS_MIN_ROWS = 0
 splits = tokenize.tokenized_splits(DataArguments(dataset=sys.argv[1], cache_dir=sys.argv[2], max_length=12), model_args)
 print(sum(len(split) for split in splits.values()))
 """
