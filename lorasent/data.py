@@ -324,7 +324,11 @@ def _label_ids(labels: pd.Series, path: Path, column: str, data_args: DataArgume
             return int(key)
         return _UNKNOWN
 
-    ids = np.fromiter((to_id(v) for v in labels), dtype=np.int64, count=len(labels))
+    if labels.dtype == object:  # mixed Python values (JSON): 1 and True are equal as keys, yet read differently
+        ids = np.fromiter((to_id(v) for v in labels), dtype=np.int64, count=len(labels))
+    else:  # one type throughout: read each distinct label once (a label column holds a handful)
+        codes, distinct = pd.factorize(labels, use_na_sentinel=False)
+        ids = np.array([to_id(v) for v in distinct], np.int64)[codes]
     missing = ids == _MISSING
     if missing.any():
         raise DataError(
