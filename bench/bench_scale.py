@@ -46,19 +46,19 @@ def scale_args(ws: Workspace, args: argparse.Namespace) -> tuple[Any, Any, float
 def cold_tokenisation(data_args: Any, model_args: Any, workers: str = "auto") -> tuple[Any, float]:
     """`tokenized_splits` on an empty cache (a cache hit from an earlier run would measure nothing): splits, s.
 
-    workers: "auto" (what users get: processes for large splits on 4+ cores), "threads" or "processes".
+    workers: "auto" (what users get: processes for large splits), "threads" or "processes".
     """
     import lorasent.tokenize as tokenize
 
     shutil.rmtree(tokenize.tokenized_cache_dir(data_args, tokenize.load_tokenizer(model_args)), ignore_errors=True)
-    rule = tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES
+    rule = tokenize.PROCESS_MIN_ROWS
     if workers != "auto":
-        tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES = (0, 1) if workers == "processes" else (1 << 62, 1)
+        tokenize.PROCESS_MIN_ROWS = 0 if workers == "processes" else 1 << 62
     try:
         with timed() as cold:
             splits = tokenize.tokenized_splits(data_args, model_args)
     finally:
-        tokenize.PROCESS_MIN_ROWS, tokenize.PROCESS_MIN_CORES = rule
+        tokenize.PROCESS_MIN_ROWS = rule
     return splits, cold["s"]
 
 
@@ -67,6 +67,7 @@ def tokenisation(ws: Workspace, args: argparse.Namespace, results: Results) -> N
     from lorasent.tokenize import tokenized_splits
 
     data_args, model_args, generate_s = scale_args(ws, args)
+    load_splits(data_args)  # a process's first read costs 1-2 s more at 200k reviews; tokenisation's read is not one
     with timed() as load:
         load_splits(data_args)
     splits, cold_s = cold_tokenisation(data_args, model_args)
@@ -121,13 +122,30 @@ def _encode_texts(texts: list[str], encode: Any = None) -> float:
 _CORE_ENCODER: Any = None  # set before forking the probe processes
 
 
+def with_new_words(texts: list[str], share: float, seed: int = 0) -> list[str]:
+    """`texts` with `share` of their words replaced by made-up words, each new: a long tail that a word cache keeps
+    missing (the synthetic reviews repeat VADER's ~7k distinct words; a real corpus brings new ones throughout)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    out = []
+    for text in texts:
+        words = text.split(" ")
+        for i in np.flatnonzero(rng.random(len(words)) < share).tolist():
+            words[i] = "".join(rng.choice(letters, int(rng.integers(4, 12))))
+        out.append(" ".join(words))
+    return out
+
+
 def core_scaling(ws: Workspace, args: argparse.Namespace, results: Results) -> None:
     """How many cores' worth of encoder throughput this machine gives: the tokenisation goal's ceiling.
 
-    The same texts encoded in one process by the Rust tokenizer alone and by lorasent's encoder (which sends
-    printable ASCII texts to a twin without BERT's normaliser), then by lorasent's encoder in one process per core
-    at once (forked, one Rust thread each). A cgroup CPU quota or shared hyperthreads show as a total far below
-    cores x the one-process rate.
+    The same texts encoded in one process by the Rust tokenizer alone, by lorasent's encoder in threads (printable
+    ASCII texts by a twin without BERT's normaliser) and by an encoder process's (a word cache in front of the
+    WordPiece; once more with 1% of the words new, a long tail), then by encoder processes, one per core at once
+    (forked, each with a cold cache). A cgroup CPU quota or shared hyperthreads show as a total far below cores x
+    the one-process rate.
     """
     import multiprocessing
     from pathlib import Path
@@ -140,22 +158,28 @@ def core_scaling(ws: Workspace, args: argparse.Namespace, results: Results) -> N
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = load_tokenizer(ws.model_dir())
     backend = tokenizer.backend_tokenizer
+    backend.no_padding()
     texts, _ = synthetic_reviews(2_000 if args.smoke else 20_000, tokenizer)
     raw = _encode_texts(texts, backend.encode_batch_fast)
-    _CORE_ENCODER = backend_encoder(backend)
-    one = _encode_texts(texts)
+    twin = _encode_texts(texts, backend_encoder(backend))
+    by_word = _encode_texts(texts, backend_encoder(backend, by_word=True))
+    rare = _encode_texts(with_new_words(texts, 0.01), backend_encoder(backend, by_word=True))
     cores = len(os.sched_getaffinity(0))
+    _CORE_ENCODER = backend_encoder(backend, by_word=True)  # each forked process gets it with an empty cache
     with multiprocessing.get_context("fork").Pool(cores) as pool:
         many = pool.map(_encode_texts, [texts] * cores)
     wall = max(many)
     quota = Path("/sys/fs/cgroup/cpu.max")
-    results.add("tokenizer alone, one process, one thread", len(texts) / raw, "reviews/s", f"{len(texts):,} reviews")
-    results.add("lorasent's encoder, one process, one thread", len(texts) / one, "reviews/s", "printable ASCII twin")
+    n = len(texts)
+    results.add("tokenizer alone, one process, one thread", n / raw, "reviews/s", f"{n:,} reviews")
+    results.add("lorasent's encoder in a thread, one thread", n / twin, "reviews/s", "printable ASCII twin")
+    results.add("lorasent's encoder process, one thread", n / by_word, "reviews/s", "word cache, cold at the start")
+    results.add("the same, 1% of the words new", n / rare, "reviews/s", f"~{n:,} words its cache never saw")
     results.add(
-        f"lorasent's encoder, {cores} processes at once (one per core)",
-        cores * len(texts) / wall,
+        f"lorasent's encoder processes, {cores} at once (one per core)",
+        cores * n / wall,
         "reviews/s",
-        f"{cores * len(texts) / wall / (len(texts) / one):.1f} cores' worth of the one-process rate; slowest process "
+        f"{cores * n / wall / (n / by_word):.1f} cores' worth of the one-process rate; slowest process "
         f"{wall:.1f} s; cgroup cpu.max: {quota.read_text().strip() if quota.exists() else 'n/a'}",
     )
 

@@ -25,7 +25,7 @@
 #   tokenise_map the previous tokenisation (datasets.map, 8 processes) on the same reviews, and the speed-up
 #   epoch        batch-256 epochs: lorasent as shipped, the hand loop, bf16 base weights, a step's kernels (goals 2, 4)
 #   epoch_compile  the same lorasent epoch with torch_compile (epoch 1 includes compiling)
-#   cores        the tokenizer alone and lorasent's encoder in 1 process, then lorasent's in 1 per core: the ceiling
+#   cores        the tokenizer alone, lorasent's thread and process encoders in 1 process, then 1 per core: the ceiling
 #   fused        K trials on one shared base in one process (peft mixed batch, stacked LoRA) vs K processes
 #   imports      what tune/run.py's imports cost on this box (python -X importtime, the 15 slowest): G3's driver spent
 #                ~27 s before ray.init here, ~6 s on the 2-core CPU
