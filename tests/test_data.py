@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -275,6 +276,15 @@ def test_a_label_reads_the_same_from_every_format(write_data: Callable[..., Path
         assert got == {t: i % 5 for i, t in enumerate(texts)}, name  # star s is class 's', id s - 1
     flags = write_data(pd.DataFrame({"text": texts, "label": [bool(i % 2) for i in range(40)]}), "flags.parquet")
     assert _labels_of(flags, label_names=["False", "True"]) == {t: i % 2 for i, t in enumerate(texts)}
+
+
+def test_mixed_json_labels_are_read_one_by_one(write_data: Callable[..., Path]) -> None:
+    """JSON's 1 and true are equal as Python keys, yet true is no class of negative/positive: it is refused, not read
+    as the 1 that came before it."""
+    lines = [json.dumps({"text": f"review {i}", "label": i % 2}) for i in range(40)]
+    lines[7] = json.dumps({"text": "review 7", "label": True})
+    message = _refused(write_data(raw="\n".join(lines).encode(), name="mixed.jsonl"))
+    assert "True" in message and "(rows 8)" in message
 
 
 def test_integer_label_names_are_never_read_as_ids(write_data: Callable[..., Path]) -> None:
