@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -194,9 +195,11 @@ def _tokenize(
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     rows = sum(len(split) for split in splits.values())
     # Forked processes start at once and import nothing; spawned ones would re-run the caller's main script (which
-    # then needs an `if __name__ == "__main__"` guard), so where fork is missing (macOS, Windows) threads it is.
+    # then needs an `if __name__ == "__main__"` guard), so where fork is missing (Windows) or unsafe (macOS: system
+    # libraries may have started threads, which a forked child lacks) threads it is.
     # A Python-level tokenizer class keeps its own call, in threads.
-    processes = rows >= PROCESS_MIN_ROWS and backend is not None and "fork" in multiprocessing.get_all_start_methods()
+    can_fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
+    processes = rows >= PROCESS_MIN_ROWS and backend is not None and can_fork
     pool: Executor
     if processes:
         pool = ProcessPoolExecutor(

@@ -178,6 +178,18 @@ def test_word_cache_is_refused_where_it_would_not_be_exact(offline_model_dir: Pa
     assert word_cache.WordPieceByWord.for_backend(_minilm_backend(offline_model_dir, max_length=8), twin) is not None
 
 
+def test_macos_tokenises_large_splits_in_threads(
+    data_args: DataArguments, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """macOS offers fork, but its system libraries may have started threads that a forked child lacks: no encoder
+    processes there, whatever the split's size."""
+    monkeypatch.setattr(tokenize, "PROCESS_MIN_ROWS", 0)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with caplog.at_level(logging.INFO, logger=tokenize.__name__):
+        tokenized_splits(data_args, TINY)
+    assert " threads into the cache" in caplog.text
+
+
 def test_truncation_side_and_python_level_tokenizers_are_honoured() -> None:
     """Left truncation goes through the fast path; a class that changes encoding in Python keeps its own call."""
     texts = TRICKY_TEXTS
