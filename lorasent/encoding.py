@@ -4,7 +4,7 @@ The Rust encoder itself releases the GIL, but handing it a chunk of Python strin
 per text do not. On one core that is a few percent of the work (ids read back at ~240k texts/s, texts encoded at
 ~8k/s on a 2-core AMD EPYC); on 16 cores threads of one process reached only 39-47k reviews/s. Large splits are
 therefore encoded by forked processes that each run `encode_chunk_in_process` (see lorasent/tokenize.py); with
-the GIL to itself, each encodes printable ASCII by a word cache (lorasent/word_cache.py), 3-4x the Rust rate.
+the GIL to itself, each encodes printable ASCII by a word cache (lorasent/word_cache.py), 3.4-5.5x the Rust rate.
 
 BERT's normalizer (control characters, CJK spacing, accents, lower case: NFD and Unicode tables on every text)
 was a third of the encoder's time. On printable ASCII it changes nothing but the case, so such texts, most
@@ -67,16 +67,16 @@ def backend_encoder(backend: Tokenizer, by_word: bool = False) -> Encode:
     the truncation the backend is configured with; printable ASCII texts by its `printable_ascii_twin`, and with
     `by_word` (an encoder process's single thread) by its word cache where that applies."""
     twin = printable_ascii_twin(backend)
-    by_words = WordPieceByWord.for_backend(backend, twin) if by_word and twin is not None else None
+    cache = WordPieceByWord.for_backend(backend, twin) if by_word and twin is not None else None
     encoders: list[Encode] = [_rust_encoder(backend)]  # indexed by a text's kind: 0, 1 or 2 (see `kinds`)
     encoders += [_rust_encoder(twin)] if twin is not None else []
-    encoders += [by_words] if by_words is not None else []
+    encoders += [cache] if cache is not None else []
 
     def kinds(texts: list[str]) -> np.ndarray:
         printable = [_printable_ascii(text) for text in texts] if twin is not None else [False] * len(texts)
         kind = np.array(printable, np.int8)
-        if by_words is not None:
-            kind += np.array(by_words.accepts(texts, printable), np.int8)
+        if cache is not None:
+            kind += np.array(cache.accepts(texts, printable), np.int8)
         return kind
 
     def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
