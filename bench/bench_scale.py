@@ -124,7 +124,7 @@ _CORE_ENCODER: Any = None  # set before forking the probe processes
 
 def with_new_words(texts: list[str], share: float, seed: int = 0) -> list[str]:
     """`texts` with `share` of their words replaced by made-up words, each new: a long tail that a word cache keeps
-    missing (the synthetic reviews repeat VADER's ~7k distinct words; a real corpus brings new ones throughout)."""
+    missing (the synthetic reviews repeat ~5k distinct words of VADER's; a real corpus brings new ones throughout)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
