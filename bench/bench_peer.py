@@ -136,7 +136,7 @@ def peer_child(out: Path, smoke: bool) -> None:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=metrics_fn(data_args.label_names),
     )
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False)  # as lorasent's local Ray
     seed = TuneArguments().search_seed
     asha = ASHAScheduler(metric="objective", mode="max", max_t=epochs, grace_period=preset["grace_period"],
                          reduction_factor=preset["reduction_factor"])  # fmt: skip
