@@ -59,6 +59,8 @@ def test_vader_seeded_reproducible_subsets() -> None:
     assert all(first[s]["text"] == again[s]["text"] for s in SPLITS)
     assert first["train"]["text"] != other["train"]["text"]
     assert set(first["train"]["label"]) == {0, 1}
+    # Tables of their own rows, not indices into a larger one, which everything after reads row by row.
+    assert [len(first[s].data) for s in SPLITS] == [120, 40, 30]
 
 
 def test_vader_needs_two_label_names() -> None:
