@@ -8,11 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pandas as pd
 import pytest
 
 from lorasent.config import DataArguments
-from lorasent.data import _amazon_finish, load_splits
+from lorasent.data import _amazon_finish, _take_rows, load_splits
 from lorasent.errors import ConfigError, DataError, HubUnreachableError
 
 SPLITS = ("train", "validation", "test")
@@ -61,6 +62,13 @@ def test_vader_seeded_reproducible_subsets() -> None:
     assert set(first["train"]["label"]) == {0, 1}
     # Tables of their own rows, not indices into a larger one, which everything after reads row by row.
     assert [len(first[s].data) for s in SPLITS] == [120, 40, 30]
+
+
+def test_rows_taken_from_a_selection_are_the_selected_rows() -> None:
+    """A dataset that already maps its rows (a `select`) gives the rows it shows, not its table's."""
+    ds = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(6)], "label": [i % 2 for i in range(6)]})
+    taken = _take_rows(ds.select([5, 2, 4]), np.array([2, 0]))
+    assert taken["text"] == ["t4", "t5"] and taken["label"] == [0, 1] and len(taken.data) == 2
 
 
 def test_vader_needs_two_label_names() -> None:
