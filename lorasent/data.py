@@ -425,7 +425,7 @@ def _take_rows(ds: datasets.Dataset, indices: np.ndarray) -> datasets.Dataset:
     """The rows of `ds` at `indices`, copied into a table of their own by pyarrow's `take` (C++, one pass).
 
     `Dataset.select` would keep an indices mapping instead, and whatever reads through one gathers it row by row: a
-    `map` over 920k such rows (amazon_polarity's text building) took 18-24 s against 2.5 s (bench/RESULTS.md, C16).
+    `map` over 920k such rows (amazon_polarity's text building) took 18-25 s against 2.3-4.4 s (bench/RESULTS.md, C16).
     The price is a copy in memory of the rows kept (~1.6 GB for amazon_polarity's training split).
     """
     if ds._indices is not None:  # never one of lorasent's own splits, which all come from here or a plain table
