@@ -93,21 +93,22 @@ def peer_child(out: Path, smoke: bool) -> None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
+    from seed import seed_splits
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from lorasent.config import DataArguments, ModelArguments, read_yaml
-    from lorasent.data import load_splits
+    from lorasent.config import ModelArguments, read_yaml
     from lorasent.metrics import metrics_fn
-    from lorasent.model import add_lora, load_base
-    from lorasent.tokenize import load_tokenizer
+    from lorasent.model import build_model
     from tune.config import TuneArguments, preset_path
 
     preset = read_yaml(preset_path("smoke" if smoke else "quickstart"))
-    data_args = DataArguments(**{k: v for k, v in preset.items() if k in DataArguments.__dataclass_fields__})
-    model_args = ModelArguments(model_name_or_path=preset["model_name_or_path"])
-    tokenizer = load_tokenizer(model_args)
-    splits = load_splits(data_args).map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=data_args.max_length), batched=True
+    splits, tokenizer, label_names = seed_splits(
+        preset["dataset"],
+        preset["model_name_or_path"],
+        train=preset["max_train_samples"],
+        eval_=preset["max_eval_samples"],
+        pad_to=None,
+        max_length=preset["max_length"],
     )
     samplers = {"loguniform": lambda bounds: tune.loguniform(*bounds), "choice": tune.choice}
     space = {
@@ -115,8 +116,8 @@ def peer_child(out: Path, smoke: bool) -> None:
     }
 
     def model_init(trial: dict[str, Any] | None) -> Any:
-        args = ModelArguments(model_name_or_path=model_args.model_name_or_path, lora_r=trial["lora_r"] if trial else 8)
-        return add_lora(load_base(args, data_args.label_names), args)
+        rank = trial["lora_r"] if trial else ModelArguments.lora_r
+        return build_model(ModelArguments(model_name_or_path=preset["model_name_or_path"], lora_r=rank), label_names)
 
     epochs = preset["num_train_epochs"]
     training = TrainingArguments(
@@ -134,7 +135,7 @@ def peer_child(out: Path, smoke: bool) -> None:
         train_dataset=splits["train"],
         eval_dataset=splits["validation"],
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=metrics_fn(data_args.label_names),
+        compute_metrics=metrics_fn(label_names),
     )
     ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False)  # as lorasent's local Ray
     seed = TuneArguments().search_seed

@@ -98,17 +98,22 @@ class SeedRun:
         return {k: v for k, v in self.__dict__.items() if k != "step_s"}
 
 
-def seed_splits(data_file: Path | str, model_dir: Path | str, *, train: int, eval_: int, pad_to: int | None) -> Any:
-    """train / validation tokenised the seed's way: truncated at 512 and, with `pad_to`, padded to it.
+def seed_splits(
+    data_file: Path | str, model_dir: Path | str, *, train: int, eval_: int, pad_to: int | None, max_length: int = 512
+) -> Any:
+    """train / validation tokenised the seed's way (`datasets.map` over the tokenizer call): truncated at
+    `max_length` (the seed's 512) and, with `pad_to`, padded to it.
 
     `data_file` and `model_dir` are whatever lorasent accepts: a file or folder, or a name such as
     `offline:vader-amazon` / `offline:all-MiniLM-L6-v2`."""
-    data_args = DataArguments(dataset=str(data_file), max_length=512, max_train_samples=train, max_eval_samples=eval_)
+    data_args = DataArguments(
+        dataset=str(data_file), max_length=max_length, max_train_samples=train, max_eval_samples=eval_
+    )
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(model_dir)))
     padding = "max_length" if pad_to else False
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
-        return tokenizer(batch["text"], truncation=True, max_length=pad_to or 512, padding=padding)
+        return tokenizer(batch["text"], truncation=True, max_length=pad_to or max_length, padding=padding)
 
     splits = load_splits(data_args)
     keep = ("train", "validation")
