@@ -183,6 +183,14 @@ class TrainArguments:
         default=128, metadata={"help": "Evaluation batch size; no gradients, so it can be large."}
     )
     num_train_epochs: int = field(default=3, metadata={"help": "Epochs; metrics and a checkpoint after each."})
+    evals_per_epoch: int = field(
+        default=1,
+        metadata={
+            "help": "Evaluations (each with its metrics report and checkpoint) per epoch, at evenly spaced steps. "
+            "Above 1, an epoch over millions of reviews no longer has to end before ASHA can stop a weak trial, and "
+            "a lost trial resumes from a fraction of an epoch back; each costs one pass over the validation split."
+        },
+    )
     warmup_ratio: float = field(default=0.0, metadata={"help": "Share of steps with linear learning-rate warm-up."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers learning-rate schedule."})
@@ -229,6 +237,7 @@ class TrainArguments:
         _positive("per_device_train_batch_size", self.per_device_train_batch_size)
         _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
         _positive("num_train_epochs", self.num_train_epochs)
+        _positive("evals_per_epoch", self.evals_per_epoch)
         _fraction("warmup_ratio", self.warmup_ratio)
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")

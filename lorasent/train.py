@@ -1,10 +1,11 @@
 """One LoRA fine-tuning run through `transformers.Trainer`, reporting metrics and a model folder every epoch.
 
 `train()` is the single entry point used by the command line, the Ray Tune trainable and retrain-best:
-tokenised data comes from the on-disk cache (never re-tokenised per trial), every epoch ends with an
-evaluation and a checkpoint that is a self-contained model folder (adapter + tokenizer + lorasent.json, plus
-optimizer, scheduler and RNG state for an exact resume), and `on_epoch` hears about it. A run whose loss
-turns NaN or infinite stops cleanly and says so (`diverged`) instead of raising.
+tokenised data comes from the on-disk cache (never re-tokenised per trial), every epoch (or every
+1/evals_per_epoch of one) ends with an evaluation and a checkpoint that is a self-contained model folder
+(adapter + tokenizer + lorasent.json, plus optimizer, scheduler and RNG state for an exact resume), and
+`on_epoch` hears about it. A run whose loss turns NaN or infinite stops cleanly and says so (`diverged`) instead
+of raising.
 
     python -m lorasent.train --config run.yaml --learning_rate 1e-3 --num_train_epochs 2
 """
@@ -69,12 +70,13 @@ _TRAINER_SPEED_KEYS = ("runtime", "samples_per_second", "steps_per_second", "mod
 
 @dataclass
 class EpochReport:
-    """What `on_epoch` receives after every epoch."""
+    """What `on_epoch` receives after every epoch (and, with evals_per_epoch > 1, at each evaluation within one)."""
 
-    epoch: int  # 1-based
+    epoch: float  # epochs trained when reported: 1.0, 2.0, ...; 0.25, 0.5, ... with evals_per_epoch 4
     # validation metrics (no eval_ prefix), train_loss, epoch, diverged, throughput, and where the time went:
-    # train_seconds and eval_seconds of the epoch, setup_seconds (call to first step) on a process's first report;
-    # on a GPU, gpu_memory_peak_gib (the most the allocator held since the run started)
+    # train_seconds and eval_seconds of the epoch (or of its part since the last report), setup_seconds (call to
+    # first step) on a process's first report; on a GPU, gpu_memory_peak_gib (the most the allocator held since the
+    # run started)
     metrics: dict[str, float]
     checkpoint_dir: Path  # a self-contained model folder: load_model_dir / Predictor read it
 
@@ -84,9 +86,9 @@ class TrainResult:
     """The outcome of `train()`. Throughput counts real (unpadded) tokens over pure training time."""
 
     output_dir: Path | None  # the final model folder (None with save_final=False or nothing good to save)
-    history: list[dict[str, float]]  # one metrics dict per epoch, as reported to on_epoch
+    history: list[dict[str, float]]  # one metrics dict per report (epoch), as reported to on_epoch
     best_metrics: dict[str, float]
-    best_epoch: int
+    best_epoch: float  # as EpochReport.epoch
     diverged: bool
     train_seconds: float  # training steps only: no evaluation, checkpointing or start-up
     train_samples_per_second: float
@@ -156,6 +158,9 @@ def frozen_dtype(train_args: TrainArguments) -> torch.dtype | None:
 def training_arguments(train_args: TrainArguments, work_dir: Path, *, evaluate: bool) -> TrainingArguments:
     """`TrainingArguments` for one run: epoch-wise eval and checkpoints, and little per-step overhead.
 
+    Evaluations within an epoch (evals_per_epoch > 1) are asked for by `EpochCallback`: Trainer's "steps" strategy
+    counts steps across epochs, so its evaluations would not fall on epoch ends.
+
     Per-step costs removed: the loss is read from the device every LOG_EVERY_STEPS steps, not every step
     (Trainer's NaN filter would sync each step and also hide a diverging loss); no reporting integrations.
     """
@@ -210,15 +215,30 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     batch 32 on the quick-start's 600 sentences 30% of the tokens were padding, against 7% (bench/RESULTS.md, C14).
     The batch with the longest text stays first (too large a batch fails at the first step, not late in an epoch)
     and a short last batch stays last (the DataLoader cuts the index stream into batch-size pieces).
+    Given a `seed`, an epoch's order follows from (seed, epoch) alone once Trainer has called `set_epoch`: a run
+    resumed from a checkpoint within an epoch then skips exactly the batches it had trained on.
     """
 
+    def __init__(
+        self, batch_size: int, lengths: list[int], seed: int | None = None, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__(batch_size, lengths=lengths, generator=generator)
+        self.seed = seed
+        self.epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __iter__(self):
+        generator = self.generator
+        if self.seed is not None and self.epoch is not None:
+            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
         indices = get_length_grouped_indices(
-            self.lengths, self.batch_size, mega_batch_mult=MEGA_BATCHES, generator=self.generator
+            self.lengths, self.batch_size, mega_batch_mult=MEGA_BATCHES, generator=generator
         )
         batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         movable = len(batches) - 1 if len(batches[-1]) == self.batch_size else len(batches) - 2
-        order = [0, *(torch.randperm(max(movable, 0), generator=self.generator) + 1).tolist()]
+        order = [0, *(torch.randperm(max(movable, 0), generator=generator) + 1).tolist()]
         order += range(len(order), len(batches))
         return iter([i for b in order for i in batches[b]])
 
@@ -248,7 +268,9 @@ class LorasentTrainer(Trainer):
     def _get_train_sampler(self, train_dataset: datasets.Dataset | None = None) -> torch.utils.data.Sampler | None:
         if self.args.train_sampling_strategy == "group_by_length" and self._train_lengths is not None:
             return ShuffledLengthGroupedSampler(
-                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=self._train_lengths
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=self._train_lengths,
+                seed=self.args.seed,
             )
         return super()._get_train_sampler(train_dataset)
 
@@ -260,7 +282,12 @@ class LorasentTrainer(Trainer):
 
 
 class EpochCallback(TrainerCallback):
-    """Turns each epoch's checkpoint into a model folder, tracks loss and throughput, stops on divergence."""
+    """Turns each evaluation's checkpoint into a model folder and a report, tracks loss and throughput, stops on
+    divergence.
+
+    A report covers the steps since the last one (its `segment`): the epoch, or 1/evals_per_epoch of it, for which
+    this callback asks Trainer for an evaluation and a checkpoint at evenly spaced steps within the epoch.
+    """
 
     def __init__(
         self,
@@ -272,6 +299,7 @@ class EpochCallback(TrainerCallback):
         on_epoch: Callable[[EpochReport], None] | None,
         history: list[dict[str, float]],
         started: float,
+        evals_per_epoch: int = 1,
     ) -> None:
         self.meta = meta
         self.started = started  # perf_counter() when train() was called
@@ -282,29 +310,29 @@ class EpochCallback(TrainerCallback):
         self.samples_per_epoch = samples_per_epoch
         self.on_epoch = on_epoch
         self.history = history
+        self.evals_per_epoch = evals_per_epoch
         self.reports: dict[str, dict[str, float]] = {}  # checkpoint folder name -> metrics
         self.diverged = False
         self.train_seconds = 0.0
         self.epochs_trained = 0.0
-        self._reset_epoch(0.0)
+        self._steps_per_epoch = 0
+        self._mid_epoch_steps: set[int] = set()  # steps into an epoch after which a report is due
+        self._start_segment(0.0)
 
-    def _reset_epoch(self, epoch: float) -> None:
-        self._epoch_start_time = time.perf_counter()
-        self._epoch_start = epoch
-        self._epoch_seconds = 0.0
+    def _start_segment(self, epoch: float) -> None:
+        self._segment_start_time = time.perf_counter()
+        self._segment_start = epoch
+        self._segment_seconds = 0.0
         self._loss_sum = 0.0
         self._loss_steps = 0
         self._eval_metrics: dict[str, float] = {}
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self._reset_epoch(state.epoch or 0.0)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
+    def _end_segment(self, state, control) -> None:
         if torch.cuda.is_available():
-            torch.cuda.synchronize()  # queued GPU work belongs to this epoch's time
-        self._epoch_seconds = time.perf_counter() - self._epoch_start_time
-        self.train_seconds += self._epoch_seconds
-        self.epochs_trained += state.epoch - self._epoch_start
+            torch.cuda.synchronize()  # queued GPU work belongs to this segment's time
+        self._segment_seconds = time.perf_counter() - self._segment_start_time
+        self.train_seconds += self._segment_seconds
+        self.epochs_trained += state.epoch - self._segment_start
         control.should_log = True  # log the loss of the steps since the last log before evaluating
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -312,6 +340,21 @@ class EpochCallback(TrainerCallback):
         if args.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(args.device)  # a reused trial process reports this run's peak only
         self.setup_seconds = time.perf_counter() - self.started  # data, model, Trainer, resumed state
+        self._steps_per_epoch = state.max_steps // math.ceil(args.num_train_epochs)
+        n, steps = self.evals_per_epoch, self._steps_per_epoch
+        self._mid_epoch_steps = {round(j * steps / n) for j in range(1, n)} - {0, steps}
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._start_segment(state.epoch or 0.0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._mid_epoch_steps and state.global_step % self._steps_per_epoch in self._mid_epoch_steps:
+            self._end_segment(state, control)
+            control.should_evaluate = self.metric is not None
+            control.should_save = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._end_segment(state, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -337,15 +380,15 @@ class EpochCallback(TrainerCallback):
             metrics[f"eval_{self.metric}"] = self.worst
 
     def on_save(self, args, state, control, **kwargs):
-        epoch = max(1, math.ceil(round(state.epoch, 6)))
-        fraction = state.epoch - self._epoch_start
+        epoch = round(state.epoch, 4)
+        fraction = state.epoch - self._segment_start
         metrics = {
             **self._eval_metrics,
-            "epoch": float(epoch),
+            "epoch": epoch,
             "train_loss": self._loss_sum / self._loss_steps if self._loss_steps else math.nan,
             "diverged": float(self.diverged),
-            "train_seconds": self._epoch_seconds,
-            "train_tokens_per_second": self.tokens_per_epoch * fraction / max(self._epoch_seconds, 1e-9),
+            "train_seconds": self._segment_seconds,
+            "train_tokens_per_second": self.tokens_per_epoch * fraction / max(self._segment_seconds, 1e-9),
         }
         if args.device.type == "cuda":  # what the caching allocator held at most: checks the planned footprint
             metrics["gpu_memory_peak_gib"] = torch.cuda.max_memory_reserved(args.device) / 2**30
@@ -358,6 +401,7 @@ class EpochCallback(TrainerCallback):
         self.reports[checkpoint.name] = metrics
         if self.on_epoch is not None:
             self.on_epoch(EpochReport(epoch=epoch, metrics=dict(metrics), checkpoint_dir=checkpoint))
+        self._start_segment(state.epoch)
 
 
 # ------------------------------------------------------------------------------------------ train()
@@ -467,6 +511,7 @@ def train(
         on_epoch=on_epoch,
         history=history,
         started=started,
+        evals_per_epoch=train_args.evals_per_epoch,
     )
     cuda = torch.cuda.is_available() and not train_args.use_cpu
     trainer = LorasentTrainer(
@@ -509,7 +554,7 @@ def train(
         output_dir=output_dir,
         history=history,
         best_metrics=best_metrics,
-        best_epoch=int(best_metrics.get("epoch", 0)),
+        best_epoch=best_metrics.get("epoch", 0.0),
         diverged=callback.diverged,
         train_seconds=seconds,
         train_samples_per_second=callback.samples_per_epoch * callback.epochs_trained / max(seconds, 1e-9),
@@ -570,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def show(report: EpochReport) -> None:
             flag = "  DIVERGED" if report.metrics.get("diverged") else ""
-            print(f"epoch {report.epoch}: {_format(report.metrics)}  -> {report.checkpoint_dir}{flag}", flush=True)
+            print(f"epoch {report.epoch:g}: {_format(report.metrics)}  -> {report.checkpoint_dir}{flag}", flush=True)
 
         result = train(
             data_args, model_args, train_args, on_epoch=show, resume_from_checkpoint=run_args.resume_from_checkpoint
@@ -585,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     share = 100 * result.trainable_parameters / max(result.total_parameters, 1)
     print(f"trainable parameters: {result.trainable_parameters:,} of {result.total_parameters:,} ({share:.2f}%)")
-    print(f"best epoch {result.best_epoch}: {_format(result.best_metrics)}")
+    print(f"best epoch {result.best_epoch:g}: {_format(result.best_metrics)}")
     print(f"model saved to {result.output_dir}")
     print(f"next: python -m lorasent.predict {result.output_dir} --text 'Works great, would buy again.'")
     return 0

@@ -109,6 +109,39 @@ def test_resume_from_a_mid_run_checkpoint_finishes_exactly(reference, tmp_path: 
     assert load_model_dir(resumed.output_dir, device="cpu").meta["metrics"]["epoch"] == resumed.best_epoch
 
 
+def test_evaluations_within_an_epoch_report_and_resume_exactly(tmp_path: Path) -> None:
+    """evals_per_epoch 3 over 6 steps an epoch: a report and a checkpoint every 2 steps, each covering its own
+    steps; a run killed a third of the way into its second epoch and resumed ends exactly as one never stopped (the
+    resumed epoch's batches come in the same order, less those already trained on)."""
+    reports: list[EpochReport] = []
+    whole = train(
+        TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path / "whole", evals_per_epoch=3), on_epoch=reports.append
+    )
+    assert [r.epoch for r in reports] == [0.3333, 0.6667, 1.0, 1.3333, 1.6667, 2.0]
+    assert [int(r.checkpoint_dir.name.split("-")[1]) for r in reports] == [2, 4, 6, 8, 10, 12]
+    for report in reports:
+        assert report.metrics["epoch"] == report.epoch and "accuracy" in report.metrics
+        assert report.metrics["train_seconds"] > 0 and math.isfinite(report.metrics["train_loss"])
+    assert whole.best_epoch in [r.epoch for r in reports]
+    assert sum(r.metrics["train_seconds"] for r in reports) == pytest.approx(whole.train_seconds)
+    # Each segment's loss is its own, not the epoch's so far: the three of epoch 1 differ.
+    assert len({r.metrics["train_loss"] for r in reports[:3]}) == 3
+
+    seen: list[EpochReport] = []
+
+    def stop_within_epoch_two(report: EpochReport) -> None:
+        seen.append(report)
+        if report.epoch > 1:
+            raise Interrupt
+
+    args = _train_args(tmp_path / "killed", evals_per_epoch=3)
+    with pytest.raises(Interrupt):
+        train(TINY_DATA, TINY_MODEL_ARGS, args, on_epoch=stop_within_epoch_two)
+    resumed = train(TINY_DATA, TINY_MODEL_ARGS, args, resume_from_checkpoint=str(seen[-1].checkpoint_dir))
+    assert [h["epoch"] for h in resumed.history] == [r.epoch for r in reports]
+    assert _without_timing(resumed.history) == _without_timing(whole.history)
+
+
 @pytest.mark.parametrize("n", [64, 61, 8, 5])  # full batches only, a short last batch, one batch, less than one
 def test_length_grouped_batches_come_in_random_order_with_the_same_contents(n: int) -> None:
     from torch.utils.data import DataLoader
