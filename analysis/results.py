@@ -97,8 +97,10 @@ class Experiment:
         return {name: config[name] for name in self.params if name in config}
 
     @property
-    def best_epoch(self) -> int:
-        return int(self.best_trial["best_epoch"])
+    def best_epoch(self) -> float:
+        """Epochs the best trial had trained at its best evaluation: whole unless it evaluated within epochs."""
+        epoch = float(self.best_trial["best_epoch"])
+        return int(epoch) if epoch.is_integer() else epoch
 
     @property
     def best_checkpoint(self) -> Path | None:
@@ -311,7 +313,7 @@ def _read_trial(
     if not epochs.empty:
         epochs["trial_id"] = trial_id
         reported = epochs["epoch"] if "epoch" in epochs else pd.Series(math.nan, index=epochs.index)
-        epochs["epoch"] = reported.fillna(epochs["training_iteration"]).round().astype(int)
+        epochs["epoch"] = _epoch_values(reported.fillna(epochs["training_iteration"]))
         # A trial retried from its checkpoint re-reports the epochs after it: keep the latest report of each.
         epochs = epochs.drop_duplicates("epoch", keep="last").sort_values("epoch", ignore_index=True)
         names = epochs["checkpoint_dir_name"] if "checkpoint_dir_name" in epochs else [None] * len(epochs)
@@ -434,6 +436,12 @@ def _max_epochs(search: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFra
     return int(epochs["epoch"].max()) if not epochs.empty else 0
 
 
+def _epoch_values(epochs: pd.Series) -> pd.Series:
+    """Epochs as reported (to 1e-4); as integers where all are whole (one evaluation an epoch, the default)."""
+    rounded = epochs.astype(float).round(4)
+    return rounded.astype(int) if (rounded % 1 == 0).all() else rounded
+
+
 def _summarise_trials(
     trials: pd.DataFrame, epochs: pd.DataFrame, metric: str, mode: str, max_epochs: int, base_epochs: int
 ) -> None:
@@ -467,7 +475,7 @@ def _summarise_trials(
                             ("best_checkpoint", None), ("epochs", 0), ("diverged", False)):  # fmt: skip
         values = summary[column] if column in summary else pd.Series(default, index=summary.index)
         trials[column] = values.reindex(trials["trial_id"]).to_numpy()
-    trials["epochs"] = trials["epochs"].fillna(0).astype(int)
+    trials["epochs"] = _epoch_values(trials["epochs"].fillna(0))
     trials["diverged"] = trials["diverged"].fillna(False).astype(bool)
     sampled = next((trials[c] for c in trials.columns if c.split("/")[-1] == "num_train_epochs"), None)
     planned = sampled.fillna(base_epochs).clip(upper=max_epochs) if sampled is not None else base_epochs
@@ -641,7 +649,7 @@ def compute_spent(exp: Experiment, continuous_levels: int = 3) -> pd.DataFrame:
     (`grid_levels`) × max epochs, at the search's measured cost per epoch.
     """
     resources = exp.resources
-    used_epochs = int(exp.trials["epochs"].sum())
+    used_epochs = exp.trials["epochs"].sum()
     used_hours = float(exp.trials["wall_time_s"].fillna(0).sum()) / 3600
     hours_per_epoch = used_hours / used_epochs if used_epochs else math.nan
     grid = math.prod(grid_levels(exp, continuous_levels).values())

@@ -2,8 +2,9 @@
 
 The search picked hyperparameters on the validation split, so the final model may learn from it too; the test
 split is touched exactly once, here. The best trial's best epoch count is kept (ASHA and the per-epoch
-validation already chose it). `use_checkpoint=True` skips retraining and evaluates the best trial's own
-best checkpoint instead: faster, but trained on less data.
+validation already chose it; a best evaluation within an epoch, with evals_per_epoch > 1, is rounded up to the
+epoch's end). `use_checkpoint=True` skips retraining and evaluates the best trial's own best checkpoint instead:
+faster, but trained on less data.
 
 The final model folder (default <experiment>/final_model) is a normal lorasent model folder (adapter,
 tokenizer, lorasent.json, whose train_splits say which splits it learnt from) plus test_metrics.json,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -109,10 +111,14 @@ def retrain_best(
             provenance["checkpoint"] = str(checkpoint)
         else:
             data_args, model_args, train_args = best_arguments(exp)
-            train_args = replace(train_args, num_train_epochs=exp.best_epoch, output_dir=str(tmp))
+            # An evaluation within an epoch (evals_per_epoch > 1) may be the best: its epoch is finished here. Nothing
+            # is evaluated while retraining, so one checkpoint an epoch is all it needs.
+            epochs = math.ceil(exp.best_epoch)
+            rounded = "" if epochs == exp.best_epoch else f" (its best evaluation came {exp.best_epoch:g} epochs in)"
+            train_args = replace(train_args, num_train_epochs=epochs, evals_per_epoch=1, output_dir=str(tmp))
             print(
                 f"Retraining trial {best['trial_id']}'s config {exp.best_config} on train + validation for "
-                f"{exp.best_epoch} epoch(s)"
+                f"{epochs} epoch(s){rounded}"
             )
             with tempfile.TemporaryDirectory(prefix="lorasent-retrain-") as work_dir:
                 result = train(
@@ -128,7 +134,7 @@ def retrain_best(
                     f"Retraining diverged (NaN/inf loss) with {exp.best_config}, so there is no model to save. "
                     "Evaluate the best trial's own checkpoint with --use-checkpoint, or lower the learning rate."
                 )
-            provenance["method"] = f"retrained on train + validation for {exp.best_epoch} epoch(s)"
+            provenance["method"] = f"retrained on train + validation for {epochs} epoch(s){rounded}"
         evaluation = dataclasses.replace(evaluate_model_dir(tmp, split=TEST_SPLIT), model_dir=out)
         evaluation.save(tmp)
         atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")

@@ -80,6 +80,11 @@ def check_shareable(model_args: ModelArguments, train_args: TrainArguments, sear
     fused_precision(train_args)
     if train_args.torch_compile:
         raise ConfigError("torch_compile does not apply to trials that share a base model; leave it off.")
+    if train_args.evals_per_epoch != 1:
+        raise ConfigError(
+            "Trials that share a base model evaluate once an epoch: set --evals_per_epoch 1, or search without "
+            "--fused_trials."
+        )
     shared = sorted(set(searched) & set(SHARED_MODEL_FIELDS))
     if shared:
         raise ConfigError(

@@ -197,6 +197,7 @@ def test_a_diverging_fused_trial_is_a_bad_result_not_an_error(local_ray, tmp_pat
         (["--search_space", '{"target_modules": {"choice": ["auto", "attention"]}}'], "cannot search target_modules"),
         (["--precision", "fp16"], "not fp16"),
         (["--torch_compile"], "torch_compile does not apply"),
+        (["--evals_per_epoch", "2"], "evaluate once an epoch"),
     ],
 )
 def test_what_shared_trials_cannot_do_is_refused_before_anything_loads(argv: list[str], message: str, tmp_path) -> None:

@@ -94,6 +94,13 @@ def test_searchers_and_scheduler() -> None:
     assert search.build_scheduler(_args("--scheduler", "none").tune, epochs=3) is None
     with pytest.raises(ConfigError, match="grace_period=3 exceeds the 2 epoch"):
         search.build_scheduler(_args("--grace_period", "3").tune, epochs=2)
+    # Four evaluations an epoch: ASHA counts reports, its first rung a quarter of an epoch in.
+    quarters = search.build_scheduler(_args("--grace_period", "0.25").tune, epochs=2, evals_per_epoch=4)
+    assert (quarters._max_t, quarters._brackets[0]._rungs[-1][0]) == (8, 1)
+    with pytest.raises(ConfigError, match=r"does not end at an evaluation.*multiple of 0\.25"):
+        search.build_scheduler(_args("--grace_period", "0.3").tune, epochs=2, evals_per_epoch=4)
+    with pytest.raises(ConfigError, match="does not end at an evaluation"):
+        search.build_scheduler(_args("--grace_period", "0.5").tune, epochs=2)
     with pytest.raises(ConfigError, match="lies outside its search space"):
         search.starting_points(_args("--points_to_evaluate", '[{"lora_r": 64}]').tune, space, a.model, a.train)
     with pytest.raises(ConfigError, match="which are not searched"):
@@ -311,6 +318,35 @@ def test_summary_counts_a_trial_that_ran_its_epochs_as_finished(local_ray, tmp_p
     capsys.readouterr()
     assert _summary(outcome, args, 0.0) == 0
     assert "2 trials, 0 stopped early, 0 diverged, 0 errored" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_asha_stops_trials_within_an_epoch(local_ray, tmp_path: Path, capsys) -> None:
+    """Two evaluations an epoch and a grace period of half an epoch: ASHA's first rung comes half an epoch in, the
+    analysis reads fractional epochs, and retrain-best rounds a mid-epoch best up to whole epochs."""
+    from analysis.results import compute_spent, load_experiment
+    from analysis.retrain import PROVENANCE_FILE, retrain_best
+
+    argv = ["--num_samples", "4", "--num_train_epochs", "2", "--evals_per_epoch", "2", "--grace_period", "0.5"]
+    argv += ["--metric", "loss", "--mode", "min", "--storage_path", str(tmp_path), "--name", "halves"]
+    args = _args(*argv, "--verbose", "0")
+    outcome = run_search(args, *experiment_location(args))
+    assert len(outcome.results) == 4 and outcome.results.errors == []
+    reported = [r.metrics_dataframe["epoch"].tolist() for r in outcome.results]
+    assert all(epochs == [0.5, 1.0, 1.5, 2.0][: len(epochs)] for epochs in reported), reported
+    assert min(map(len, reported)) == 1, f"ASHA stopped no trial half an epoch in: {reported}"
+    assert max(map(len, reported)) == 4  # ASHA's budget counts reports: the leader trains both epochs
+    capsys.readouterr()
+    assert _summary(outcome, args, 0.0) == 0
+    stopped = sum(len(epochs) < 4 for epochs in reported)
+    assert f"4 trials, {stopped} stopped early" in capsys.readouterr().out
+
+    exp = load_experiment(Path(outcome.experiment_path))
+    assert sorted(exp.trials["epochs"]) == sorted(epochs[-1] for epochs in reported)
+    assert exp.trials["early_stopped"].sum() == stopped
+    assert compute_spent(exp).loc["this search", "trial_epochs"] == pytest.approx(sum(e[-1] for e in reported))
+    final = json.loads((retrain_best(exp.path) / PROVENANCE_FILE).read_text())
+    assert final["epochs"] == exp.best_epoch and f"for {math.ceil(exp.best_epoch)} epoch(s)" in final["method"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

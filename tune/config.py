@@ -139,7 +139,13 @@ class TuneArguments:
             "cluster, as many as its autoscaler can reach, or every trial at once when it does not say)."
         },
     )
-    grace_period: int = field(default=1, metadata={"help": "ASHA: epochs every trial runs before it can be stopped."})
+    grace_period: float = field(
+        default=1,
+        metadata={
+            "help": "ASHA: epochs every trial runs before it can be stopped; with --evals_per_epoch N any multiple of "
+            "1/N (0.25 with N = 4: the first rung a quarter of an epoch in)."
+        },
+    )
     reduction_factor: float = field(
         default=2.0, metadata={"help": "ASHA: keep the best 1/reduction_factor of the trials at each rung."}
     )
@@ -238,8 +244,8 @@ class TuneArguments:
             raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}.")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError("max_concurrent_trials must be >= 1, or unset to use the whole cluster.")
-        if self.grace_period < 1:
-            raise ConfigError(f"grace_period must be >= 1 epoch, got {self.grace_period}.")
+        if not (math.isfinite(self.grace_period) and self.grace_period > 0):
+            raise ConfigError(f"grace_period must be > 0 epochs, got {self.grace_period}.")
         if not self.reduction_factor > 1:
             raise ConfigError(f"reduction_factor must be > 1, got {self.reduction_factor}.")
         if self.max_epochs is not None and self.max_epochs < 1:

@@ -151,7 +151,7 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
     # diverging
     own = {r.path: r.config.get("num_train_epochs", args.train.num_train_epochs) for r in trials}
     planned = {path: min(epochs, outcome.epochs) for path, epochs in own.items()}
-    early = [p for p, m in last.items() if p not in diverged and m.get("training_iteration", 0) < planned[p]]
+    early = [p for p, m in last.items() if p not in diverged and _epochs_trained(m) < planned[p]]
     print(
         f"\nSearch finished in {seconds:.0f} s: {len(trials)} trials, {len(early)} stopped early, "
         f"{len(diverged)} diverged, {len(errors)} errored."
@@ -164,7 +164,7 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
         return 1
     best, shown_metrics, checkpoint = found
     shown = dict.fromkeys((metric, "accuracy", "f1_macro", "loss"))  # ordered, without duplicates
-    print(f"Best trial {Path(best.path).name}, epoch {int(shown_metrics['training_iteration'])}:")
+    print(f"Best trial {Path(best.path).name}, epoch {_epochs_trained(shown_metrics):g}:")
     config = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
     print(f"  config:     {config}")
     print("  validation: " + ", ".join(f"{k}={shown_metrics[k]:.4f}" for k in shown if k in shown_metrics))
@@ -176,6 +176,12 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
         print(f'  python -m lorasent.predict {checkpoint.path} --text "{EXAMPLE_TEXT}"')
     print(f"  tensorboard --logdir {experiment_path} --host 127.0.0.1")
     return 0
+
+
+def _epochs_trained(metrics: dict[str, Any]) -> float:
+    """Epochs a trial had trained when it reported `metrics` (lorasent reports `epoch`; a report is an epoch
+    without it)."""
+    return float(metrics.get("epoch", metrics.get("training_iteration", 0)))
 
 
 def _best_epoch(trials: list[Any], metric: str, mode: str) -> tuple[Any, dict[str, Any], Any] | None:
@@ -264,7 +270,7 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> Checke
         os.environ[CACHE_ENV] = str(Path(os.environ[CACHE_ENV]).expanduser().resolve())
     space, param_space = search.build_param_space(t, args.model, args.train)
     epochs = search.max_epochs(t, space, args.train)
-    scheduler = search.build_scheduler(t, epochs)
+    scheduler = search.build_scheduler(t, epochs, args.train.evals_per_epoch)
     points = search.starting_points(t, space, args.model, args.train)
     if t.fused_trials:
         check_shareable(args.model, args.train, searched=space)
@@ -384,7 +390,7 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
                 run_config=tune.RunConfig(
                     name=name,
                     storage_path=storage_path,
-                    stop={"training_iteration": epochs},
+                    stop={"training_iteration": epochs * args.train.evals_per_epoch},  # --max_epochs, in reports
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=t.keep_checkpoints,
                         checkpoint_score_attribute=t.metric,

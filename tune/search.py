@@ -1,7 +1,8 @@
 """Search space, searcher and scheduler: the parts of a search that decide which trials run and which stop.
 
-Optuna's TPE (seeded, with starting points) proposes configs, ASHA stops the weak trials at epoch rungs. Every
-impossible combination is refused here, before any trial starts.
+Optuna's TPE (seeded, with starting points) proposes configs, ASHA stops the weak trials at rungs counted in
+epochs (or in fractions of one, with evaluations within epochs). Every impossible combination is refused here,
+before any trial starts.
 """
 
 from __future__ import annotations
@@ -122,19 +123,27 @@ def build_searcher(
     )
 
 
-def build_scheduler(tune_args: TuneArguments, epochs: int) -> TrialScheduler | None:
-    """ASHA on epochs (`training_iteration` counts one per epoch report), or None for FIFO."""
+def build_scheduler(tune_args: TuneArguments, epochs: int, evals_per_epoch: int = 1) -> TrialScheduler | None:
+    """ASHA on reports (`training_iteration` counts one per evaluation: `evals_per_epoch` an epoch), its grace period
+    and budget given in epochs; or None for FIFO."""
     if tune_args.scheduler == "none":
         return None
     if tune_args.grace_period > epochs:
         raise ConfigError(
-            f"grace_period={tune_args.grace_period} exceeds the {epochs} epoch(s) a trial runs, so ASHA could never "
+            f"grace_period={tune_args.grace_period:g} exceeds the {epochs} epoch(s) a trial runs, so ASHA could never "
             "stop a trial. Lower --grace_period or raise --num_train_epochs / --max_epochs."
+        )
+    grace_reports = tune_args.grace_period * evals_per_epoch
+    if abs(grace_reports - round(grace_reports)) > 1e-6 or round(grace_reports) < 1:
+        raise ConfigError(
+            f"grace_period={tune_args.grace_period:g} epochs does not end at an evaluation: with evals_per_epoch "
+            f"{evals_per_epoch} trials are evaluated every 1/{evals_per_epoch} epoch. Use a multiple of "
+            f"{1 / evals_per_epoch:g}, or raise --evals_per_epoch."
         )
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=epochs,
-        grace_period=tune_args.grace_period,
+        max_t=epochs * evals_per_epoch,
+        grace_period=round(grace_reports),
         reduction_factor=tune_args.reduction_factor,
     )
 
