@@ -16,6 +16,10 @@ Parts (--parts picks; each prints its rows as soon as it has them and saves --ou
   process per trial (GPUs shared by fraction), and `fused`, the same command with --fused_trials (one trial engine
   per GPU trains every running trial on one shared base model). Rows of the fused way end in "(fused trials)".
   quickstart  (goal 5, CPU; not in the default) `python tune/run.py` as shipped: wall time, goal <= 5 minutes.
+  rungs     (CPU; not in the default) ASHA's first rung a quarter of an epoch in (--evals_per_epoch 4
+            --grace_period 0.25) against one evaluation an epoch (grace 1), and with twice the trials, on the
+            quick-start's model and the whole training split, for each --search_seeds: wall time, trial-epochs
+            trained, best validation accuracy.
 
     python bench/bench_search.py --smoke                 # CPU: tiny sizes, every code path
     python bench/bench_search.py --out results/search.json --gpus_per_trial 0.125
@@ -237,7 +241,8 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
         "search_s": float(finished.group(1)) if finished else None,  # tune/run.py's own count (after imports)
         "trials_span_s": float(epochs["timestamp"].max() - starts.min()),  # first trial start to last result
         "trials": len(trials),
-        "trial_epochs": len(epochs),
+        "trial_epochs": float(trials["epochs"].sum()),  # epochs trained; reports may be more (evals_per_epoch)
+        "reports": len(epochs),
         "early_stopped": int(trials["early_stopped"].sum()),
         "errors": int(trials["error"].astype(bool).sum()),
         "best_accuracy": float(exp.best_trial[exp.best_column]),
@@ -330,7 +335,7 @@ def search_one_way(ws: Workspace, data_file: Path, args: argparse.Namespace, res
         f"lorasent search, {found['trials']} trials (ASHA + Optuna), whole command{suffix}{incomplete(found)}",
         found["wall_s"],
         "s",
-        f"{found['trial_epochs']} trial-epochs, {found['early_stopped']} stopped early, {found['errors']} "
+        f"{found['trial_epochs']:g} trial-epochs, {found['early_stopped']} stopped early, {found['errors']} "
         f"errors; {found['plan']}{engine_memory(found) if suffix else ''}",
     )
     grid = results.extra.get("baseline", {}).get("grid_s")
@@ -346,7 +351,7 @@ def search_one_way(ws: Workspace, data_file: Path, args: argparse.Namespace, res
                 describe_split(found["time_split"]))  # fmt: skip
     if found["trials_per_step"] is not None:
         results.add(f"trials per shared step, mean over trial-epochs{suffix}", found["trials_per_step"], "trials",
-                    f"{found['trial_epochs']} trial-epochs")  # fmt: skip
+                    f"{found['trial_epochs']:g} trial-epochs")  # fmt: skip
     config = ", ".join(f"{k.split('/')[-1]}={v}" for k, v in found["best_config"].items())
     results.add(f"lorasent search best validation accuracy{suffix}", found["best_accuracy"], "", config)
     if way == "processes":  # the plan's per-trial footprint; an engine's peak is all its trials' (in the note above)
@@ -471,9 +476,37 @@ def quickstart(ws: Workspace, data_file: Path, args: argparse.Namespace, results
         f"quick-start search{' (--smoke-test)' if args.smoke else ''}, whole command{incomplete(found)}",
         found["wall_s"],
         "s",
-        f"goal <= 300 s on 2 CPU cores; {found['trials']} trials, {found['trial_epochs']} trial-epochs, best "
+        f"goal <= 300 s on 2 CPU cores; {found['trials']} trials, {found['trial_epochs']:g} trial-epochs, best "
         f"accuracy {found['best_accuracy']:.3f}",
     )
+
+
+def rungs(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    """What evaluating within epochs buys ASHA where an epoch is long next to an evaluation (the `full` preset's
+    3.6M reviews against 20k): trials it stops a quarter of an epoch in cost a quarter of the epoch."""
+    command = [sys.executable, str(REPO / "tune" / "run.py"), "--storage_path", str(ws.root / "tune")]
+    command += ["--include_dashboard", "false", "--max_train_samples", "none", "--max_eval_samples", "200"]
+    if args.smoke:
+        command.append("--smoke-test")
+    quarters = ["--evals_per_epoch", "4", "--grace_period", "0.25"]
+    ways = {  # (trials as a multiple of --rung_trials, flags)
+        "once an epoch, grace 1 epoch": (1, ["--evals_per_epoch", "1", "--grace_period", "1"]),
+        "4 times an epoch, grace 0.25 epoch": (1, quarters),
+        "4 times an epoch, grace 0.25 epoch, 2x trials": (2, quarters),  # what the compute saved buys
+    }
+    for seed in args.search_seeds:
+        for i, (way, (times, flags)) in enumerate(ways.items()):
+            name = f"rungs-{seed}-{i}"
+            flags = [*flags, "--num_samples", str(times * args.rung_trials), "--search_seed", str(seed)]
+            found = run_tune([*command, "--name", name, *flags, *args.tune_args], ws, name, args.timeout)
+            results.extra[name] = found
+            results.add(
+                f"search seed {seed}, evaluated {way}{incomplete(found)}",
+                found["wall_s"],
+                "s",
+                f"{found['trials']} trials, {found['trial_epochs']:g} trial-epochs in {found['reports']} reports, "
+                f"{found['early_stopped']} stopped early, best accuracy {found['best_accuracy']:.3f}",
+            )
 
 
 def main() -> None:
@@ -483,9 +516,11 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["baseline", "search", "packing"],
-        choices=["baseline", "search", "packing", "quickstart"],
-        help="quickstart (goal 5, CPU) is not in the default: it is the offline MiniLM search, not a GPU figure.",
+        choices=["baseline", "search", "packing", "quickstart", "rungs"],
+        help="quickstart (goal 5, CPU) and rungs are not in the default: they run the offline MiniLM search.",
     )
+    parser.add_argument("--search_seeds", type=int, nargs="+", default=[0, 1], help="Searches of the rungs part.")
+    parser.add_argument("--rung_trials", type=int, default=8, help="Trials of a rungs search (the third way: 2x).")
     parser.add_argument("--full-baseline", action="store_true", help="Run all 9 seed configs x 5 epochs.")
     parser.add_argument("--num_samples", type=int, default=27, help="Trials of the search (>= 27 for goal 1).")
     parser.add_argument(
@@ -521,7 +556,7 @@ def main() -> None:
     n = sizes(args)
     data_file = ws.reviews("search", {"train": n["train"], "validation": n["validation"], "test": n["test"]})
     results = Results("bench_search", args.smoke)
-    parts = {"baseline": baseline, "search": search, "packing": packing, "quickstart": quickstart}
+    parts = {"baseline": baseline, "search": search, "packing": packing, "quickstart": quickstart, "rungs": rungs}
     for name in args.parts:
         section(results, args.out, name, lambda fn=parts[name]: fn(ws, data_file, args, results))
     results.write(args.out)
