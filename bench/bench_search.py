@@ -464,13 +464,16 @@ def packing_ratios(packed: dict[str, Any], seq: dict[str, Any], results: Results
     )
 
 
+def quickstart_command(ws: Workspace, args: argparse.Namespace, name: str, *flags: str) -> list[str]:
+    """`python tune/run.py` on its default, the quick-start preset (offline MiniLM), into this workspace."""
+    command = [sys.executable, str(REPO / "tune" / "run.py"), "--storage_path", str(ws.root / "tune")]
+    command += ["--name", name, "--include_dashboard", "false", *(["--smoke-test"] if args.smoke else [])]
+    return [*command, *flags, *args.tune_args]
+
+
 def quickstart(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
     """Goal 5: `python tune/run.py` as a newcomer runs it (quick-start preset, offline, CPU) within 5 minutes."""
-    command = [sys.executable, str(REPO / "tune" / "run.py"), "--storage_path", str(ws.root / "tune")]
-    command += ["--name", "quickstart", "--include_dashboard", "false"]
-    if args.smoke:
-        command.append("--smoke-test")
-    found = run_tune(command + args.tune_args, ws, "quickstart", args.timeout)
+    found = run_tune(quickstart_command(ws, args, "quickstart"), ws, "quickstart", args.timeout)
     results.extra["quickstart"] = found
     results.add(
         f"quick-start search{' (--smoke-test)' if args.smoke else ''}, whole command{incomplete(found)}",
@@ -484,10 +487,7 @@ def quickstart(ws: Workspace, data_file: Path, args: argparse.Namespace, results
 def rungs(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
     """What evaluating within epochs buys ASHA where an epoch is long next to an evaluation (the `full` preset's
     3.6M reviews against 20k): trials it stops a quarter of an epoch in cost a quarter of the epoch."""
-    command = [sys.executable, str(REPO / "tune" / "run.py"), "--storage_path", str(ws.root / "tune")]
-    command += ["--include_dashboard", "false", "--max_train_samples", "none", "--max_eval_samples", "200"]
-    if args.smoke:
-        command.append("--smoke-test")
+    data_flags = ["--max_train_samples", "none", "--max_eval_samples", "200"]
     quarters = ["--evals_per_epoch", "4", "--grace_period", "0.25"]
     ways = {  # (trials as a multiple of --rung_trials, flags)
         "once an epoch, grace 1 epoch": (1, ["--evals_per_epoch", "1", "--grace_period", "1"]),
@@ -497,8 +497,8 @@ def rungs(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Res
     for seed in args.search_seeds:
         for i, (way, (times, flags)) in enumerate(ways.items()):
             name = f"rungs-{seed}-{i}"
-            flags = [*flags, "--num_samples", str(times * args.rung_trials), "--search_seed", str(seed)]
-            found = run_tune([*command, "--name", name, *flags, *args.tune_args], ws, name, args.timeout)
+            flags = [*data_flags, *flags, "--num_samples", str(times * args.rung_trials), "--search_seed", str(seed)]
+            found = run_tune(quickstart_command(ws, args, name, *flags), ws, name, args.timeout)
             results.extra[name] = found
             results.add(
                 f"search seed {seed}, evaluated {way}{incomplete(found)}",
