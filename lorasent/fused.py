@@ -576,10 +576,12 @@ class SharedBase:
         """Close the epochs of `slots` (their batches have run out): validation metrics, `train_loss`, `diverged`
         (a NaN or infinite training loss) and `epoch`, per slot."""
         results = self.evaluate(slots)
-        for slot, metrics in zip(slots, results, strict=True):
+        # whether each slot's weights are all finite, in one read from the device rather than one per tensor
+        finite = torch.stack([torch.stack([torch.isfinite(p).all() for p in s.parameters()]).all() for s in slots])
+        for slot, metrics, weights_finite in zip(slots, results, finite.tolist(), strict=True):
             slot.epoch += 1
             loss = slot.train_loss()
-            diverged = not math.isfinite(loss) or not all(torch.isfinite(p).all() for p in slot.parameters())
+            diverged = not math.isfinite(loss) or not weights_finite
             metrics.update(epoch=float(slot.epoch), train_loss=loss, diverged=float(diverged))
         return results
 
