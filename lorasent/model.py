@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorasent
 from lorasent.assets import resolve_model_path
-from lorasent.config import DataArguments, ModelArguments, TrainArguments
+from lorasent.config import DataArguments, ModelArguments, Precision, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.paths import atomic_dir, atomic_write_text
 
@@ -419,6 +419,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type != "cpu" and f"{resolved.type}:{resolved.index or 0}" not in available:
         raise ConfigError(f"Device '{device}' is not available on this machine. {fix}")
     return resolved
+
+
+def device_precision(precision: str, device: torch.device) -> str:
+    """What `precision` means on `device`: 'auto' is bf16 on GPUs that support it, else fp16 on CUDA, else fp32; a
+    forced choice the device cannot run is refused."""
+    if precision not in get_args(Precision):
+        raise ConfigError(f"Unknown precision {precision!r}; valid: {', '.join(get_args(Precision))}.")
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("precision 'fp16' needs a CUDA GPU. Use --precision auto (fp32 on the CPU) or bf16.")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("This GPU does not support bf16. Use --precision auto (picks fp16 here) or fp32.")
+    return precision
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 
 
 def load_model_dir(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import datasets
 import numpy as np
@@ -43,7 +43,6 @@ from lorasent.config import (
     ARGUMENT_CLASSES,
     DataArguments,
     ModelArguments,
-    Precision,
     TrainArguments,
     read_yaml,
 )
@@ -51,8 +50,10 @@ from lorasent.data import SPLITS
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import metric_names, metrics_fn
 from lorasent.model import (
+    AUTOCAST_DTYPES,
     build_model,
     check_model_dir,
+    device_precision,
     model_meta,
     read_meta,
     save_model_dir,
@@ -103,20 +104,9 @@ class TrainResult:
 
 
 def resolve_precision(train_args: TrainArguments) -> str:
-    """'auto' → bf16 on GPUs that support it, else fp16 on CUDA, else fp32; a forced choice is checked."""
+    """The precision `train_args` trains in on this machine (see `lorasent.model.device_precision`)."""
     cuda = torch.cuda.is_available() and not train_args.use_cpu
-    precision = train_args.precision
-    if precision not in get_args(Precision):
-        raise ConfigError(f"Unknown precision {precision!r}; valid: {', '.join(get_args(Precision))}.")
-    if precision == "auto":
-        if not cuda:
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and not cuda:
-        raise ConfigError("precision 'fp16' needs a CUDA GPU. Use --precision auto (fp32 on the CPU) or bf16.")
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ConfigError("This GPU does not support bf16. Use --precision auto (picks fp16 here) or fp32.")
-    return precision
+    return device_precision(train_args.precision, torch.device("cuda" if cuda else "cpu"))
 
 
 def lr_schedule(name: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -152,7 +142,7 @@ def frozen_dtype(train_args: TrainArguments) -> torch.dtype | None:
     """The dtype the frozen base weights are stored in: the autocast dtype (see `half_precision_base`), or None."""
     if not train_args.half_precision_base:
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(train_args))
+    return AUTOCAST_DTYPES.get(resolve_precision(train_args))
 
 
 def training_arguments(train_args: TrainArguments, work_dir: Path, *, evaluate: bool) -> TrainingArguments:
