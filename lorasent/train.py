@@ -152,7 +152,8 @@ def training_arguments(train_args: TrainArguments, work_dir: Path, *, evaluate: 
     counts steps across epochs, so its evaluations would not fall on epoch ends.
 
     Per-step costs removed: the loss is read from the device every LOG_EVERY_STEPS steps, not every step
-    (Trainer's NaN filter would sync each step and also hide a diverging loss); no reporting integrations.
+    (Trainer's NaN filter would sync each step and also hide a diverging loss); batches are copied to the GPU
+    without waiting for it; no reporting integrations.
     """
     cuda = torch.cuda.is_available() and not train_args.use_cpu
     precision = resolve_precision(train_args)
@@ -184,6 +185,9 @@ def training_arguments(train_args: TrainArguments, work_dir: Path, *, evaluate: 
         torch_compile=train_args.torch_compile,
         dataloader_num_workers=train_args.dataloader_num_workers,
         dataloader_pin_memory=cuda,
+        # Batches go up from pinned memory without blocking: a blocking copy waits until the GPU has run everything
+        # queued, so the host could not queue step N+1 while the GPU runs step N (as the hand loop does).
+        accelerator_config={"non_blocking": cuda},
         use_cpu=not cuda,  # said outright: transformers refuses bf16 on a CPU-only machine unless told
         disable_tqdm=not sys.stderr.isatty(),
     )
