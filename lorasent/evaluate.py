@@ -16,20 +16,20 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import classification_report, confusion_matrix, log_loss
 from transformers.utils import logging as hf_logging
 
-from lorasent.config import DataArguments
+from lorasent.config import DataArguments, Precision
 from lorasent.data import SPLITS, load_splits
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import scores
 from lorasent.model import META_FILE, read_meta, trained_splits
 from lorasent.paths import atomic_write_text
-from lorasent.predict import Predictor
+from lorasent.predict import PRECISION_HELP, Predictor
 from lorasent.process import exit_process
 
 
@@ -87,6 +87,7 @@ def evaluate_model_dir(
     split: str = "test",
     batch_size: int = 128,
     device: str | None = None,
+    precision: str = "auto",
 ) -> EvaluationResult:
     """Score a model folder on `split` of its own data (from lorasent.json) or of `data_args`.
 
@@ -102,7 +103,9 @@ def evaluate_model_dir(
             raise CheckpointError(f"{model_dir}/lorasent.json holds invalid data arguments ({e}).") from e
     if data_args.dataset == meta["data"].get("dataset"):  # the splits of other data are not the ones it learnt
         warn_if_trained_on(model_dir, split, trained_splits(meta))
-    predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size, max_length=data_args.max_length)
+    predictor = Predictor.from_dir(
+        model_dir, device=device, batch_size=batch_size, max_length=data_args.max_length, precision=precision
+    )
     label_names = predictor.label_names
     if list(data_args.label_names) != label_names:
         raise ConfigError(
@@ -150,9 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output_dir", help="Where to write <split>_metrics.json and <split>_predictions.csv.")
     parser.add_argument("--batch_size", type=int, default=128, help="Texts per forward pass.")
     parser.add_argument("--device", help="'cpu', 'cuda', ... (default: a GPU if there is one).")
+    parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
     args = parser.parse_args(argv)
     try:
-        result = evaluate_model_dir(args.model_dir, split=args.split, batch_size=args.batch_size, device=args.device)
+        result = evaluate_model_dir(
+            args.model_dir, split=args.split, batch_size=args.batch_size, device=args.device, precision=args.precision
+        )
         if args.output_dir:
             result.save(args.output_dir)
     except LorasentError as e:

@@ -20,19 +20,29 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from tqdm.auto import tqdm
+from transformers import BatchEncoding
 from transformers.utils import logging as hf_logging
 
+from lorasent.config import Precision
 from lorasent.errors import ConfigError, DataError, LorasentError
-from lorasent.model import LoadedModel, load_model_dir
+from lorasent.model import (
+    AUTOCAST_DTYPES,
+    LoadedModel,
+    device_precision,
+    load_model_dir,
+    resolve_device,
+    sdpa_attention_mask,
+)
 from lorasent.paths import atomic_write_text
 from lorasent.process import exit_process
 from lorasent.tokenize import make_collator
 
 Text = str | bytes
+PRECISION_HELP = "'auto': bf16 on GPUs that support it (as training), fp16 on other GPUs, fp32 on the CPU."
 
 
 @dataclass
@@ -63,9 +73,16 @@ def _as_text(item: Any) -> tuple[str | None, str | None]:
 
 
 class Predictor:
-    """Batched, length-sorted inference with a loaded model folder, on the CPU or a GPU."""
+    """Batched, length-sorted inference with a loaded model folder, on the CPU or a GPU.
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 64, max_length: int | None = None) -> None:
+    On a GPU it runs under autocast (bf16 where supported, as training and its evaluations did; `precision` forces
+    one) and waits for the GPU once per call, not per batch: inputs go up from pinned memory without blocking, the
+    probabilities stay on the device, and one copy brings them all back at the end (tests/test_device_reads.py).
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, batch_size: int = 64, max_length: int | None = None, precision: str = "auto"
+    ) -> None:
         _check_sizes(batch_size, max_length)
         self.loaded = loaded
         self.model = loaded.model
@@ -75,6 +92,7 @@ class Predictor:
         trained_length = loaded.meta.get("data", {}).get("max_length") or self.tokenizer.model_max_length
         self.max_length = min(max_length or trained_length, self.tokenizer.model_max_length)
         self.device = next(self.model.parameters()).device
+        self.precision = device_precision(precision, self.device)
         self.collate = make_collator(self.tokenizer, pad_to_multiple_of=8 if self.device.type == "cuda" else None)
 
     @classmethod
@@ -84,10 +102,13 @@ class Predictor:
         device: str | torch.device | None = None,
         batch_size: int = 64,
         max_length: int | None = None,
+        precision: str = "auto",
     ) -> Predictor:
         """Load a model folder (see `lorasent.model.load_model_dir`); max_length defaults to the trained one."""
         _check_sizes(batch_size, max_length)  # before the seconds that loading takes
-        return cls(load_model_dir(path, device=device), batch_size=batch_size, max_length=max_length)
+        device_precision(precision, resolve_device(device))
+        loaded = load_model_dir(path, device=device)
+        return cls(loaded, batch_size=batch_size, max_length=max_length, precision=precision)
 
     def predict(self, texts: Sequence[Text], *, progress: bool = False) -> list[Prediction]:
         """One `Prediction` per input, in input order; str or UTF-8 bytes accepted."""
@@ -107,21 +128,32 @@ class Predictor:
         # Longest first, so a memory problem shows on the first batch rather than after most of the work.
         order = sorted(range(len(valid)), key=lambda k: len(encoded["input_ids"][k]), reverse=True)
         batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
-            features = [{key: encoded[key][k] for key in encoded} for k in batch]
-            inputs = self.collate(features).to(self.device)
-            with torch.inference_mode():
-                probabilities = self.model(**inputs).logits.float().softmax(dim=-1).cpu()
-            for row, k in enumerate(batch):
-                prediction = predictions[valid[k][0]]
-                label_id = int(probabilities[row].argmax())
-                prediction.label_id = label_id
-                prediction.label = self.label_names[label_id]
-                prediction.probabilities = {
-                    name: float(p) for name, p in zip(self.label_names, probabilities[row].tolist(), strict=True)
-                }
-                prediction.truncated = bool(encoded.encodings[k].overflowing)
+        probabilities = self._probabilities(encoded, batches, progress).tolist()  # in `order`: the one read back
+        for k, row in zip(order, probabilities, strict=True):
+            prediction = predictions[valid[k][0]]
+            label_id = max(range(len(row)), key=row.__getitem__)  # the first of equals, as argmax
+            prediction.label_id = label_id
+            prediction.label = self.label_names[label_id]
+            prediction.probabilities = dict(zip(self.label_names, row, strict=True))
+            prediction.truncated = bool(encoded.encodings[k].overflowing)
         return predictions
+
+    @torch.inference_mode()
+    def _probabilities(self, encoded: BatchEncoding, batches: list[list[int]], progress: bool) -> torch.Tensor:
+        """[texts, labels] softmax probabilities of `batches` in turn, on the host (one wait for the device)."""
+        cuda = self.device.type == "cuda"
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        outputs = []
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress):
+                features = [{key: encoded[key][k] for key in encoded} for k in batch]
+                inputs = {
+                    key: (value.pin_memory() if cuda else value).to(self.device, non_blocking=True)
+                    for key, value in self.collate(features).items()
+                }
+                inputs["attention_mask"] = sdpa_attention_mask(self.model.config, inputs["attention_mask"])
+                outputs.append(self.model(**inputs).logits.float().softmax(dim=-1))
+        return torch.cat(outputs).cpu()
 
 
 def _check_sizes(batch_size: int, max_length: int | None) -> None:
@@ -256,6 +288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64, help="Texts per forward pass.")
     parser.add_argument("--max_length", type=int, help="Tokens kept per text (default: the trained max length).")
     parser.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: a GPU if there is one).")
+    parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
     return parser.parse_args(argv)
 
 
@@ -274,7 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not items:
                 raise DataError(f"{args.input} holds no texts. Give --input a file with at least one text in it.")
         predictor = Predictor.from_dir(
-            args.model_dir, device=args.device, batch_size=args.batch_size, max_length=args.max_length
+            args.model_dir,
+            device=args.device,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            precision=args.precision,
         )
         if args.interactive:
             _interactive(predictor)

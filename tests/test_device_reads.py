@@ -1,5 +1,5 @@
 """`lorasent.device_reads` finds on a CPU the reads that make a GPU's host wait, and holds lorasent to none per
-step: a training step through `Trainer` and a fused step of several trials."""
+step: a training step through `Trainer`, a fused step of several trials, and a whole `Predictor.predict` but one."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.device_reads import DeviceReads
 from lorasent.fused import SharedBase
+from lorasent.predict import Predictor
 from lorasent.train import LOG_EVERY_STEPS, train
 
 READS: dict[str, Callable[[torch.Tensor], object]] = {
@@ -121,3 +122,16 @@ def test_a_fused_step_reads_nothing_and_an_epoch_end_a_few_values_per_trial(
     # each trial's validation loss, predictions and training loss, the labels and every trial's weights' finiteness:
     # not one read per tensor
     assert 0 < reads.total <= 3 * len(slots) + 2, reads.sites
+
+
+def test_predict_reads_the_device_once_whatever_the_batches(vader_file: Path, tiny_model_dir: Path, tmp_path: Path):
+    args = TrainArguments(output_dir=str(tmp_path / "model"), num_train_epochs=1, per_device_train_batch_size=16)
+    data = DataArguments(max_train_samples=32, max_eval_samples=16, max_test_samples=16, max_length=32)
+    folder = train(data, ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4), args).output_dir
+    texts = [f"review number {i} says it is {'good' if i % 2 else 'bad'}" + " really" * (i % 7) for i in range(40)]
+    with DeviceReads() as reads:
+        predictor = Predictor.from_dir(folder, device="cpu", batch_size=4)
+        reads.clear()
+        predictions = predictor.predict(texts)
+    assert all(p.label is not None for p in predictions)
+    assert reads.total == 1, reads.sites

@@ -189,6 +189,30 @@ def test_cli_device_that_is_not_here_names_the_ones_that_are(model_dir: Path, ca
         Predictor.from_dir(model_dir, device=device)
 
 
+def test_a_precision_the_device_cannot_run_is_refused_before_the_model_loads(tmp_path: Path, capsys) -> None:
+    # The folder does not exist: the precision must be what is reported, without loading.
+    missing = tmp_path / "no-model"
+    assert predict_module.main([str(missing), "--text", "Great.", "--device", "cpu", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'fp16' needs a CUDA GPU" in err and "auto" in err
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        Predictor.from_dir(missing, device="cpu", precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_every_precision_the_cpu_runs_gives_the_same_labels(model_dir: Path, precision: str) -> None:
+    """On the CPU 'auto' is fp32; a forced bf16 runs under autocast, with probabilities within bf16's rounding."""
+    reference = Predictor.from_dir(model_dir, device="cpu", precision="fp32").predict(TEXTS)
+    predictions = Predictor.from_dir(model_dir, device="cpu", precision=precision).predict(TEXTS)
+    tolerance = 0.03 if precision == "bf16" else 0.0
+    for got, want in zip(predictions, reference, strict=True):
+        assert got.probabilities == pytest.approx(want.probabilities, abs=tolerance)
+        if abs(want.probabilities["positive"] - 0.5) > tolerance:
+            assert got.label == want.label
+    ran_in_bf16 = any(got.probabilities != want.probabilities for got, want in zip(predictions, reference, strict=True))
+    assert ran_in_bf16 == (precision == "bf16")
+
+
 @pytest.mark.parametrize("max_length", [0, -5])
 def test_cli_max_length_must_be_positive(model_dir: Path, capsys, max_length: int) -> None:
     assert predict_module.main([str(model_dir), "--text", "Great.", "--max_length", str(max_length)]) == 2
