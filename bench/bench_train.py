@@ -5,6 +5,8 @@ Prints, and writes to --out:
   - the hand-written loop (bench/handloop.py) on the same model, data, batch size and length-grouped order, and
     the ratio lorasent / hand loop (goal >= 0.85);
   - `Predictor` throughput on the test reviews;
+  - how often an epoch through `train()`, the hand loop's epoch and `Predictor.predict` make the host wait for the
+    GPU (reads of device values on any device; on CUDA every sync, blocking copies included);
   - the issue's anchor cases on 1,000 reviews: the seed-style epoch (fp32, padded to 512, batch 16, plain
     `Trainer`), fp32 with dynamic padding, and the hand loop at fp32 / bf16 batch 16 and bf16 batch 64;
   - why bf16 through `Trainer` looked slower than fp32: `Trainer` epochs and evaluations at fp32 and bf16 timed
@@ -19,12 +21,14 @@ Prints, and writes to --out:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +154,88 @@ def predictor(ws: Workspace, data_file: Path, args: argparse.Namespace, results:
         "reviews/s",
         f"{len(texts)} test reviews; load {load['s']:.1f} s; {errors} errors",
     )
+
+
+@contextlib.contextmanager
+def counted_syncs() -> Iterator[dict[str, Any]]:
+    """`with counted_syncs() as found:` what the block read back from its device. `found["reads"]`: lorasent's
+    DeviceReads (any device; values only). On CUDA also `found["syncs"]`: every wait torch's sync debug mode saw,
+    blocking host-to-device copies included (a copy from pageable memory waits for the GPU's queue to drain)."""
+    import torch
+
+    from lorasent.device_reads import DeviceReads
+
+    found: dict[str, Any] = {}
+    cuda = torch.cuda.is_available()
+    with warnings.catch_warnings(record=True) as caught, DeviceReads() as reads:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    found["reads"] = reads.total
+    found["read_sites"] = [f"{n} x {op} at {site}" for (op, site), n in reads.sites.most_common(6)]
+    if cuda:
+        found["syncs"] = sum("synchronizing" in str(w.message) for w in caught)
+
+
+def device_syncs(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    """How often lorasent's training steps and prediction make the host wait for the GPU (reads of device values
+    and, on CUDA, blocking copies), against the hand loop's steps. A step that waits lets the GPU idle while the host
+    queues the next step's kernels. Per step: what an epoch of n reviews adds over one of n / 2 (loading, evaluation
+    and checkpoints are the same in both); then one `Predictor.predict` call with the model trained on n."""
+    import pandas as pd
+    from handloop import hand_loop
+
+    from lorasent.config import replace
+    from lorasent.predict import Predictor
+    from lorasent.train import train
+
+    n, batch = size(args, "anchor"), 16
+
+    def lorasent_epoch(reviews: int) -> None:
+        data_args, model_args, train_args = lorasent_args(ws, data_file, reviews, size(args, "validation"))
+        train(
+            data_args,
+            model_args,
+            replace(train_args, num_train_epochs=1, output_dir=str(ws.run_dir(f"syncs{reviews}"))),
+        )
+
+    def hand_epoch(reviews: int) -> None:
+        data_args, model_args, _ = lorasent_args(ws, data_file, reviews, size(args, "validation"))
+        hand_loop(data_args, model_args, batch_size=batch, epochs=1)
+
+    steps = -(-n // batch) - -(-(n // 2) // batch)
+    for case, epoch in (("lorasent train() step", lorasent_epoch), ("hand loop step", hand_epoch)):
+        half, whole = _syncs_of(lambda epoch=epoch: epoch(n // 2)), _syncs_of(lambda epoch=epoch: epoch(n))
+        per_step = {key: (whole[key] - half[key]) / steps for key in ("syncs", "reads") if key in whole}
+        note = f"epochs of {n} and {n // 2} reviews at batch {batch}: " + ", ".join(
+            f"{key} {half[key]} and {whole[key]}" for key in per_step
+        )
+        _add_syncs(results, f"{case}, per step", {**whole, **per_step}, note)
+    frame = pd.read_csv(data_file)
+    texts = frame.loc[frame["split"] == "test", "text"].tolist()[: size(args, "test")]
+    predictor = Predictor.from_dir(ws.root / "runs" / f"syncs{n}")
+    found = _syncs_of(lambda: predictor.predict(texts))
+    batches = -(-len(texts) // predictor.batch_size)
+    _add_syncs(results, "Predictor.predict, one call", found, f"{len(texts)} reviews in {batches} batches")
+
+
+def _syncs_of(block: Callable[[], Any]) -> dict[str, Any]:
+    with counted_syncs() as found:
+        block()
+    return found
+
+
+def _add_syncs(results: Results, case: str, found: dict[str, Any], note: str) -> None:
+    note = "; ".join([note, *found["read_sites"][:3]])
+    if "syncs" in found:
+        results.add(f"{case}: syncs (CUDA sync debug mode)", found["syncs"], "", note)
+    results.add(f"{case}: reads of device values", found["reads"], "", note)
+    results.extra.setdefault("device_syncs", {})[case] = found
 
 
 def anchors(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
@@ -385,7 +471,7 @@ def main() -> None:
         "--skip",
         nargs="*",
         default=[],
-        help="Parts to skip: repeat, train, predict, anchors, precision, census, fresh.",
+        help="Parts to skip: repeat, train, predict, syncs, anchors, precision, census, fresh.",
     )
     args = parser.parse_args()
     if args.probe:
@@ -401,6 +487,7 @@ def main() -> None:
         "repeat": lambda: repeated_trial(ws, data_file, args, results),  # first: CUDA must still be cold
         "train": lambda: lorasent_vs_hand_loop(ws, data_file, args, results),
         "predict": lambda: predictor(ws, data_file, args, results),
+        "syncs": lambda: device_syncs(ws, data_file, args, results),
         "anchors": lambda: anchors(ws, data_file, args, results),
         "precision": lambda: trainer_precision(ws, data_file, args, results),
         "census": lambda: kernel_census(ws, data_file, args, results),
