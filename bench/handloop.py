@@ -18,18 +18,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from lorasent.config import DataArguments, ModelArguments
-from lorasent.model import build_model, sdpa_attention_mask
+from lorasent.model import AUTOCAST_DTYPES, build_model, device_precision, sdpa_attention_mask
 from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
 from lorasent.train import ShuffledLengthGroupedSampler
 
 
 def autocast_dtype(precision: str = "auto") -> torch.dtype | None:
-    """bf16 where the GPU supports it (or when asked), else None (fp32)."""
-    if precision == "fp32" or not torch.cuda.is_available():
-        return None
-    if precision == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    """The autocast dtype of `precision` on this machine's training device, as lorasent trains (None: fp32)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return AUTOCAST_DTYPES.get(device_precision(precision, device))
 
 
 @dataclass
