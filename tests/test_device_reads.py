@@ -124,7 +124,9 @@ def test_a_fused_step_reads_nothing_and_an_epoch_end_a_few_values_per_trial(
     assert 0 < reads.total <= 3 * len(slots) + 2, reads.sites
 
 
-def test_predict_reads_the_device_once_whatever_the_batches(vader_file: Path, tiny_model_dir: Path, tmp_path: Path):
+def test_predict_reads_the_device_once_whatever_the_batches(
+    vader_file: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
     args = TrainArguments(output_dir=str(tmp_path / "model"), num_train_epochs=1, per_device_train_batch_size=16)
     data = DataArguments(max_train_samples=32, max_eval_samples=16, max_test_samples=16, max_length=32)
     folder = train(data, ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4), args).output_dir
