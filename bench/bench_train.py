@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -208,7 +209,7 @@ def device_syncs(ws: Workspace, data_file: Path, args: argparse.Namespace, resul
         data_args, model_args, _ = lorasent_args(ws, data_file, reviews, size(args, "validation"))
         hand_loop(data_args, model_args, batch_size=batch, epochs=1)
 
-    steps = -(-n // batch) - -(-(n // 2) // batch)
+    steps = math.ceil(n / batch) - math.ceil(n // 2 / batch)
     for case, epoch in (("lorasent train() step", lorasent_epoch), ("hand loop step", hand_epoch)):
         half, whole = _syncs_of(lambda epoch=epoch: epoch(n // 2)), _syncs_of(lambda epoch=epoch: epoch(n))
         per_step = {key: (whole[key] - half[key]) / steps for key in ("syncs", "reads") if key in whole}
@@ -220,7 +221,7 @@ def device_syncs(ws: Workspace, data_file: Path, args: argparse.Namespace, resul
     texts = frame.loc[frame["split"] == "test", "text"].tolist()[: size(args, "test")]
     predictor = Predictor.from_dir(ws.root / "runs" / f"syncs{n}")
     found = _syncs_of(lambda: predictor.predict(texts))
-    batches = -(-len(texts) // predictor.batch_size)
+    batches = math.ceil(len(texts) / predictor.batch_size)
     _add_syncs(results, "Predictor.predict, one call", found, f"{len(texts)} reviews in {batches} batches")
 
 
