@@ -67,6 +67,9 @@ def test_cli_prints_the_report_and_writes_files(model_dir: Path, tmp_path: Path,
     assert (tmp_path / "test_metrics.json").is_file() and (tmp_path / "test_predictions.csv").is_file()
     assert evaluate_module.main([str(tmp_path / "no-model")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    assert evaluate_module.main([str(model_dir), "--device", "cpu", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'fp16' needs a CUDA GPU" in err and "Traceback" not in err
 
 
 def test_evaluating_on_a_split_the_model_learnt_from_warns(model_dir: Path, tmp_path: Path, write_data) -> None:
