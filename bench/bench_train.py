@@ -21,7 +21,6 @@ Prints, and writes to --out:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,30 +156,31 @@ def predictor(ws: Workspace, data_file: Path, args: argparse.Namespace, results:
     )
 
 
-@contextlib.contextmanager
-def counted_syncs() -> Iterator[dict[str, Any]]:
-    """`with counted_syncs() as found:` what the block read back from its device. `found["reads"]`: lorasent's
-    DeviceReads (any device; values only). On CUDA also `found["syncs"]`: every wait torch's sync debug mode saw,
-    blocking host-to-device copies included (a copy from pageable memory waits for the GPU's queue to drain)."""
+def syncs_of(block: Callable[[], Any]) -> dict[str, Any]:
+    """What `block()` read back from its device: `reads`, lorasent's DeviceReads (any device; values only), and on
+    CUDA `syncs`, every wait torch's sync debug mode saw, blocking host-to-device copies included (a copy without
+    non_blocking waits until the GPU has run everything queued)."""
     import torch
 
     from lorasent.device_reads import DeviceReads
 
-    found: dict[str, Any] = {}
     cuda = torch.cuda.is_available()
     with warnings.catch_warnings(record=True) as caught, DeviceReads() as reads:
         warnings.simplefilter("always")
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            yield found
+            block()
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
-    found["reads"] = reads.total
-    found["read_sites"] = [f"{n} x {op} at {site}" for (op, site), n in reads.sites.most_common(6)]
+    found: dict[str, Any] = {
+        "reads": reads.total,
+        "read_sites": [f"{n} x {op} at {site}" for (op, site), n in reads.sites.most_common(6)],
+    }
     if cuda:
         found["syncs"] = sum("synchronizing" in str(w.message) for w in caught)
+    return found
 
 
 def device_syncs(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
@@ -211,7 +211,7 @@ def device_syncs(ws: Workspace, data_file: Path, args: argparse.Namespace, resul
 
     steps = math.ceil(n / batch) - math.ceil(n // 2 / batch)
     for case, epoch in (("lorasent train() step", lorasent_epoch), ("hand loop step", hand_epoch)):
-        half, whole = _syncs_of(lambda epoch=epoch: epoch(n // 2)), _syncs_of(lambda epoch=epoch: epoch(n))
+        half, whole = syncs_of(lambda epoch=epoch: epoch(n // 2)), syncs_of(lambda epoch=epoch: epoch(n))
         per_step = {key: (whole[key] - half[key]) / steps for key in ("syncs", "reads") if key in whole}
         note = f"epochs of {n} and {n // 2} reviews at batch {batch}: " + ", ".join(
             f"{key} {half[key]} and {whole[key]}" for key in per_step
@@ -220,15 +220,9 @@ def device_syncs(ws: Workspace, data_file: Path, args: argparse.Namespace, resul
     frame = pd.read_csv(data_file)
     texts = frame.loc[frame["split"] == "test", "text"].tolist()[: size(args, "test")]
     predictor = Predictor.from_dir(ws.root / "runs" / f"syncs{n}")
-    found = _syncs_of(lambda: predictor.predict(texts))
+    found = syncs_of(lambda: predictor.predict(texts))
     batches = math.ceil(len(texts) / predictor.batch_size)
     _add_syncs(results, "Predictor.predict, one call", found, f"{len(texts)} reviews in {batches} batches")
-
-
-def _syncs_of(block: Callable[[], Any]) -> dict[str, Any]:
-    with counted_syncs() as found:
-        block()
-    return found
 
 
 def _add_syncs(results: Results, case: str, found: dict[str, Any], note: str) -> None:
