@@ -44,8 +44,8 @@ READ_OPS = {
 # Ops whose output size the host must read from the device, unless given it (`output_size`); `nonzero`, `unique*`
 # and indexing by a boolean mask are others.
 SIZED_BY_DATA = {_aten.repeat_interleave.Tensor, _aten.repeat_interleave.self_Tensor}
-# Tensor methods that copy device data to the host: on a CPU run the first three return without dispatching a read,
-# and under inference mode none of them dispatches one.
+# Tensor methods that copy device data to the host: on a CPU run the first three dispatch no read, and under inference
+# mode `item` and the conversions dispatch none either.
 READ_METHODS = {
     torch.Tensor.cpu,
     torch.Tensor.tolist,
