@@ -53,6 +53,7 @@ from lorasent.train import (
     ShuffledLengthGroupedSampler,
     check_batch_fits,
     check_schedule,
+    epoch_generator,
     longest_first,
     lr_schedule,
     resolve_precision,
@@ -372,8 +373,7 @@ class TrialSlot:
 
     def begin_epoch(self, lengths: Sequence[int]) -> None:
         """This epoch's batches: length-grouped in random order (or plain random), seeded by (seed, epoch)."""
-        seed = hash((self.train_args.seed, self.epoch)) & (2**63 - 1)
-        generator = torch.Generator().manual_seed(seed)
+        generator = epoch_generator(self.train_args.seed, self.epoch)
         size = self.train_args.per_device_train_batch_size
         if self.train_args.group_by_length:
             order = list(ShuffledLengthGroupedSampler(size, lengths=list(lengths), generator=generator))

@@ -196,6 +196,11 @@ def training_arguments(train_args: TrainArguments, work_dir: Path, *, evaluate: 
 # ------------------------------------------------------------------------------------------ the Trainer
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A generator that depends on (seed, epoch) alone: an epoch's batch order, the same in a resumed process."""
+    return torch.Generator().manual_seed(hash((seed, epoch)) & (2**63 - 1))
+
+
 class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     """transformers' length-grouped batches, from mega-batches of 50 batches, visited in random order.
 
@@ -226,7 +231,7 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self):
         generator = self.generator
         if self.seed is not None and self.epoch is not None:
-            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & (2**63 - 1))
+            generator = epoch_generator(self.seed, self.epoch)
         indices = get_length_grouped_indices(
             self.lengths, self.batch_size, mega_batch_mult=MEGA_BATCHES, generator=generator
         )
