@@ -13,11 +13,12 @@ of raising.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,8 +243,38 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
         return iter([i for b in order for i in batches[b]])
 
 
+@contextlib.contextmanager
+def walk_free_steps(model: torch.nn.Module, trained: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Bind to `model` a `train` that walks its modules only when the mode changes and a `zero_grad` that clears
+    only the trained tensors (the frozen ones never get a gradient), as accelerate binds its autocast `forward`.
+
+    Trainer calls both on every step. Every module is put in training mode first (peft adds LoRA layers in
+    training mode to a base loaded in eval mode), so from then on the model's own flag speaks for all of them:
+    Trainer changes modes only through the model itself (`eval()` is `train(False)`).
+    """
+    walk, clear = type(model).train, type(model).zero_grad
+    walk(model, True)
+
+    def train_mode(mode: bool = True) -> torch.nn.Module:
+        if mode != model.training:
+            walk(model, mode)
+        return model
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        if not set_to_none:
+            return clear(model, set_to_none)
+        for parameter in trained:
+            parameter.grad = None
+
+    model.train, model.zero_grad = train_mode, zero_grad
+    try:
+        yield
+    finally:
+        del model.train, model.zero_grad
+
+
 class LorasentTrainer(Trainer):
-    """`Trainer` with four per-run costs removed.
+    """`Trainer` with five costs removed, per run or per step.
 
     - Length grouping reads the cached `length` column; Trainer would drop that column first and then
       measure every example again in Python (minutes per trial on millions of reviews).
@@ -252,12 +283,23 @@ class LorasentTrainer(Trainer):
       walking all modules on every step.
     - The padding mask reaches attention in 4D (`sdpa_attention_mask`), so no step waits on the GPU to learn
       whether a batch is padded.
+    - A step touches the trained tensors only. Trainer walks all of the model's modules three times a step, to
+      set training mode, clip the gradients and clear them: host time that a launch-bound GPU step waits for
+      (~1.5 ms a step on DistilBERT-base's 224 modules, of which LoRA trains 28 of 132 tensors).
     """
 
     def __init__(self, *args: Any, train_lengths: list[int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._train_lengths = train_lengths
         self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+        self._trained = [p for p in self.model.parameters() if p.requires_grad]
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        with walk_free_steps(self.model, self._trained):
+            return super().train(*args, **kwargs)
+
+    def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(self._trained, self.args.max_grad_norm)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         if "attention_mask" in inputs:  # training and evaluation steps both come here, on the device

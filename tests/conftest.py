@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
 import pytest
+import torch
 
 from lorasent import assets
 
@@ -55,6 +56,31 @@ def kill_search(proc: subprocess.Popen) -> None:
     """Kill whatever is left of a `start_search` run's process group (its Ray processes), by the group id."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def forward_modes() -> Iterator[dict[bool, set[tuple[str, bool]]]]:
+    """(module kind, training flag) of every module that ran forward in the block, keyed by whether autograd was on
+    (training steps) or off (evaluations). Only modules whose mode matters are kept: dropout and those holding
+    weights; a forward also builds a ReLU and a loss module of its own each time, in training mode."""
+    seen: dict[bool, set[tuple[str, bool]]] = {True: set(), False: set()}
+
+    def record(module: torch.nn.Module, args: object) -> None:
+        if isinstance(module, torch.nn.Dropout) or next(module.parameters(recurse=False), None) is not None:
+            seen[torch.is_grad_enabled()].add((type(module).__name__, module.training))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def assert_modes_right(seen: dict[bool, set[tuple[str, bool]]]) -> None:
+    """Every module in training mode in training forwards, none in evaluations, and dropout seen in both."""
+    assert ("Dropout", True) in seen[True] and ("Dropout", False) in seen[False]
+    assert {training for _, training in seen[True]} == {True}, seen[True]
+    assert {training for _, training in seen[False]} == {False}, seen[False]
 
 
 class SmokeSearch(NamedTuple):

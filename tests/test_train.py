@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import assert_modes_right, forward_modes
 from safetensors.torch import load_file
 
 from lorasent import train as train_module
@@ -140,6 +142,44 @@ def test_evaluations_within_an_epoch_report_and_resume_exactly(tmp_path: Path) -
     resumed = train(TINY_DATA, TINY_MODEL_ARGS, args, resume_from_checkpoint=str(seen[-1].checkpoint_dir))
     assert [h["epoch"] for h in resumed.history] == [r.epoch for r in reports]
     assert _without_timing(resumed.history) == _without_timing(whole.history)
+
+
+def test_training_forwards_run_every_module_in_training_mode_and_evaluations_none(tmp_path: Path) -> None:
+    """Trainer's modes stay right although a step no longer walks the modules to set them: before the first step
+    (peft's LoRA layers start in training mode, the base in eval mode) and after each evaluation within an epoch."""
+    with forward_modes() as seen:
+        train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, evals_per_epoch=3), save_final=False)
+    assert_modes_right(seen)
+
+
+def _module_walks(texts: int, tmp: Path) -> int:
+    """Calls into torch's module walks (setting a mode, listing modules or parameters) during a 2-epoch run."""
+    data = DataArguments(**{**vars(TINY_DATA), "max_train_samples": texts})
+    args = _train_args(tmp, per_device_train_batch_size=4)
+    walks = {torch.nn.Module.train.__code__, torch.nn.Module._named_members.__code__}
+    calls = 0
+
+    def count(frame, event: str, arg: object) -> None:
+        nonlocal calls
+        calls += event == "call" and frame.f_code in walks
+
+    sys.setprofile(count)
+    try:
+        train(data, TINY_MODEL_ARGS, args, save_final=False)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_a_training_step_walks_none_of_the_models_modules(
+    vader_file: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Runs of 24 and 48 steps walk the modules equally often (set-up, evaluations, checkpoints): Trainer's own
+    `model.train()`, gradient clipping over `model.parameters()` and `model.zero_grad()` each walk them every step."""
+    assert train_module.LOG_EVERY_STEPS > 2 * 96 // 4  # logging, which reads parameters, stays out of both runs
+    short, long = _module_walks(48, tmp_path / "short"), _module_walks(96, tmp_path / "long")
+    assert short > 0
+    assert long == short
 
 
 @pytest.mark.parametrize("n", [64, 61, 8, 5])  # full batches only, a short last batch, one batch, less than one
