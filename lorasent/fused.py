@@ -280,6 +280,9 @@ class RoutedHead(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self._shared[0].rows
         heads = [s.heads[self.name] for s in rows.slots]
+        for head in heads:  # a slot's own copy lives outside the model, so the model's mode reaches it only here
+            if head.training != self.training:
+                head.train(self.training)
         if len(heads) == 1:
             return heads[0](x)
         if not self.linear:
@@ -446,7 +449,7 @@ class SharedBase:
             setattr(model, name, RoutedHead(name, self))
         if self.dtype is not None and train_args.half_precision_base:
             store_frozen_weights_in(model, self.dtype)
-        self.model = model.to(self.device)
+        self.model = model.to(self.device).eval()  # every module in one mode: from here on the model's flag says it
         self.rows: StepRows | None = None
 
     # ----------------------------------------------------------------------------------------- slots
@@ -560,7 +563,8 @@ class SharedBase:
         width = lead.batches.width(picks[0])
         picks += [slot.batches.nearest(width) for slot in others]
         groups = [slot.batches.rows(i) for slot, i in zip(slots, picks, strict=True)]
-        self.model.train()
+        if not self.model.training:  # after an evaluation: a walk over every module, not one a step
+            self.model.train()
         try:
             losses, padded_width = self.backward(slots, groups)
         except BaseException:  # e.g. out of GPU memory: leave every slot as it was, to step again (fewer at once)

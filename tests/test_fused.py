@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_modes_right, forward_modes
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -200,6 +201,16 @@ def test_trials_side_by_side_learn(tmp_path: Path, tiny_model_dir: Path, vader_f
     history = train_together(shared, slots, epochs=4)
     for trial in history:
         assert trial[-1]["train_loss"] < trial[0]["train_loss"]
+
+
+def test_steps_run_every_module_in_training_mode_and_evaluations_none(tiny_model_dir: Path, vader_file: Path) -> None:
+    """A step walks the modules to set their mode only after an evaluation, not every time."""
+    with forward_modes() as seen:
+        shared = SharedBase(
+            DataArguments(max_train_samples=48, max_eval_samples=32, max_length=32), MODEL, TrainArguments()
+        )
+        train_together(shared, [shared.new_slot(f"t{k}", *_args(k)) for k in range(2)], epochs=2)
+    assert_modes_right(seen)
 
 
 def test_each_batch_is_taken_once_in_own_order_or_nearest_a_width() -> None:
