@@ -7,6 +7,8 @@ Prints, and writes to --out:
   - `Predictor` throughput on the test reviews;
   - how often an epoch through `train()`, the hand loop's epoch and `Predictor.predict` make the host wait for the
     GPU (reads of device values on any device; on CUDA every sync, blocking copies included);
+  - host work per step of `train()` and of the hand loop on DistilBERT's modules at width 32, where a step is
+    almost all host work: Python calls per step (the same on any machine) and milliseconds per step;
   - the issue's anchor cases on 1,000 reviews: the seed-style epoch (fp32, padded to 512, batch 16, plain
     `Trainer`), fp32 with dynamic padding, and the hand loop at fp32 / bf16 batch 16 and bf16 batch 64;
   - why bf16 through `Trainer` looked slower than fp32: `Trainer` epochs and evaluations at fp32 and bf16 timed
@@ -21,9 +23,11 @@ Prints, and writes to --out:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +36,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data import Results, Workspace, add_common_args, describe_census, section, step_census, timed, workspace
+from data import (
+    ModelSize,
+    Results,
+    Workspace,
+    add_common_args,
+    build_model_dir,
+    describe_census,
+    section,
+    step_census,
+    timed,
+    workspace,
+)
 
 SIZES = {  # reviews: (GPU run, --smoke)
     "train": (4000, 96),
@@ -231,6 +246,82 @@ def _add_syncs(results: Results, case: str, found: dict[str, Any], note: str) ->
         results.add(f"{case}: syncs (CUDA sync debug mode)", found["syncs"], "", note)
     results.add(f"{case}: reads of device values", found["reads"], "", note)
     results.extra.setdefault("device_syncs", {})[case] = found
+
+
+def python_calls_of(block: Callable[[], Any]) -> int:
+    """Python function calls `block()` made (a generator's every resumption counts): host work in a measure that
+    neither the machine's speed nor its load changes."""
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        block()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def median_step_ms(block: Callable[[], Any]) -> float:
+    """Median milliseconds between successive optimizer steps in `block()`: a step's whole cycle (batch, forward,
+    backward, update), robust to the bursts of load on a shared machine that swing whole-epoch timings."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    stamps: list[float] = []
+    hook = register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    try:
+        block()
+    finally:
+        hook.remove()
+    return 1000 * statistics.median(b - a for a, b in itertools.pairwise(stamps))
+
+
+def host_work(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    """Host work per training step, lorasent's `train()` against the hand loop, on DistilBERT's modules at width 32
+    and reviews cut to 32 tokens, where a step is almost all host work (a stand-in for a launch-bound GPU step at
+    small batches): Python calls per step (what an epoch of n reviews adds over one of n / 2) and the median step."""
+    from handloop import hand_loop
+
+    from lorasent.config import replace
+    from lorasent.train import train
+
+    layers = ws.model_size.n_layers
+    narrow = build_model_dir(ws.root / "models" / f"distilbert-l{layers}-d32", ModelSize(layers, 32, 2, 64))
+    n, batch = size(args, "anchor"), 16
+
+    def narrow_args(reviews: int) -> tuple[Any, Any, Any]:
+        data_args, model_args, train_args = lorasent_args(ws, data_file, reviews, size(args, "validation"))
+        return replace(data_args, max_length=32), replace(model_args, model_name_or_path=str(narrow)), train_args
+
+    def lorasent_run(reviews: int, epochs: int) -> Any:
+        data_args, model_args, train_args = narrow_args(reviews)
+        run_args = replace(train_args, num_train_epochs=epochs, output_dir=str(ws.run_dir(f"host{reviews}")))
+        return train(data_args, model_args, run_args, save_final=False)
+
+    def hand_run(reviews: int, epochs: int) -> Any:
+        data_args, model_args, _ = narrow_args(reviews)
+        return hand_loop(data_args, model_args, batch_size=batch, epochs=epochs)
+
+    steps = math.ceil(n / batch)
+    half_steps = math.ceil(n // 2 / batch)
+    for case, run in (("lorasent train()", lorasent_run), ("hand loop", hand_run)):
+        for reviews in (n // 2, n):  # first calls import lazily and tokenise each size once: not counted
+            run(reviews, 1)
+        half, whole = (python_calls_of(lambda r=reviews, run=run: run(r, 1)) for reviews in (n // 2, n))
+        results.add(
+            f"{case} step, {layers} layers at width 32: Python calls",
+            (whole - half) / (steps - half_steps),
+            "calls/step",
+            f"epochs of {n // 2} and {n} reviews at batch {batch}: {half:,} and {whole:,} calls",
+        )
+    lorasent_ms = median_step_ms(lambda: lorasent_run(n, EPOCHS))
+    hand_ms = median_step_ms(lambda: hand_run(n, EPOCHS))
+    for case, ms in (("lorasent train()", lorasent_ms), ("hand loop", hand_ms)):
+        results.add(f"{case} step, {layers} layers at width 32: time", ms, "ms/step", f"median step, batch {batch}")
+    results.add("ratio lorasent / hand loop, steps per second, width 32", hand_ms / lorasent_ms, "x", "host-bound")
 
 
 def anchors(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
@@ -466,7 +557,7 @@ def main() -> None:
         "--skip",
         nargs="*",
         default=[],
-        help="Parts to skip: repeat, train, predict, syncs, anchors, precision, census, fresh.",
+        help="Parts to skip: repeat, train, predict, syncs, host, anchors, precision, census, fresh.",
     )
     args = parser.parse_args()
     if args.probe:
@@ -483,6 +574,7 @@ def main() -> None:
         "train": lambda: lorasent_vs_hand_loop(ws, data_file, args, results),
         "predict": lambda: predictor(ws, data_file, args, results),
         "syncs": lambda: device_syncs(ws, data_file, args, results),
+        "host": lambda: host_work(ws, data_file, args, results),
         "anchors": lambda: anchors(ws, data_file, args, results),
         "precision": lambda: trainer_precision(ws, data_file, args, results),
         "census": lambda: kernel_census(ws, data_file, args, results),

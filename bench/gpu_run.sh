@@ -17,7 +17,8 @@
 #   train        lorasent train() vs the hand loop, Predictor (goal 2)
 #   repeat       one seed-config trial (1 epoch) three times in a fresh process: cold vs warm per-trial cost
 #   syncs        how often an epoch of train() and of the hand loop, and Predictor.predict, wait for the GPU (CUDA's
-#                sync debug mode: value reads and blocking copies)
+#                sync debug mode: value reads and blocking copies); then host work per step of both at small width
+#                (Python calls, median step time), where a batch-16 step is launch-bound
 #   search       seed-style grid vs the lorasent search, each of WAYS (goal 1)
 #   scale        tokenisation + a batch-256 epoch at scale (goal 4)
 #   packing      8 trials on one GPU, each of WAYS, vs one trial per GPU (goal 3)
@@ -33,7 +34,7 @@
 #                ~27 s before ray.init here, ~6 s on the 2-core CPU
 #   startup      a trial process's and the driver's imports and exit, Python's garbage collector as is vs as lorasent
 #                runs them (collection paused over the imports, then frozen; no last walk at exit)
-# Files in $OUT (flat, at most 8): gpu_log.txt and one JSON file per step.
+# Files in $OUT (flat): gpu_log.txt and one JSON file per step, tarred into results.tar past the 8 files that come back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-0}
@@ -141,7 +142,7 @@ run_part() {  # the steps: name, longest and shortest useful time (s), command
     startup) step startup 90 40 "$PY" bench/bench_startup.py "${FLAGS[@]}" --repeats 3 --out "$OUT/startup.json" ;;
     train) step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat syncs anchors precision census \
       fresh --out "$OUT/train.json" ;;
-    syncs) step syncs 90 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat train predict anchors precision \
+    syncs) step syncs 150 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat train predict anchors precision \
       census fresh --out "$OUT/syncs.json" ;;
     repeat) step repeat 60 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict syncs anchors precision \
       census fresh --out "$OUT/repeat.json" ;;
@@ -179,3 +180,8 @@ for part in $PARTS; do
   [ -f "$OUT/$part.json" ] && summaries=("$OUT/$part.json" "${summaries[@]}")
 done
 [ ${#summaries[@]} -gt 0 ] && "$PY" bench/data.py summary "${summaries[@]}"
+# The device tool brings back at most 8 files: past that, the steps' JSON files travel as one tar.
+if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+  tar -C "$OUT" -cf "$OUT/results.tar" "${summaries[@]#"$OUT"/}" && rm -f "${summaries[@]}"
+  echo "=== more than 8 files: the JSON files are in $OUT/results.tar"
+fi
