@@ -285,7 +285,7 @@ class LorasentTrainer(Trainer):
       whether a batch is padded.
     - A step touches the trained tensors only. Trainer walks all of the model's modules three times a step, to
       set training mode, clip the gradients and clear them: host time that a launch-bound GPU step waits for
-      (~1.5 ms a step on DistilBERT-base's 224 modules, of which LoRA trains 28 of 132 tensors).
+      (~1.4 ms a step on a CPU for DistilBERT-base's 224 modules; LoRA trains 28 of its 132 tensors).
     """
 
     def __init__(self, *args: Any, train_lengths: list[int] | None = None, **kwargs: Any) -> None:
