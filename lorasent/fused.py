@@ -551,13 +551,22 @@ class SharedBase:
         losses.sum().backward()
         return losses, batch["input_ids"].shape[1]
 
+    def _seed_dropout(self, seed: int) -> None:
+        """Seed the host's generator and the device's, as `torch.manual_seed` does, without its cost every step: it
+        also seeds each device type not in use (XPU, MTIA and, on a CPU, CUDA) by queueing the call with a formatted
+        stack trace, 0.2-0.4 ms a step on a CPU."""
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(seed)
+
     def step(self, slots: Sequence[TrialSlot]) -> None:
         """One optimizer step of every slot, each on its next batch; a slot whose epoch has no batch left is refused.
         A step that fails before the optimizer step (out of memory, say) changes no slot."""
         if not all(slot.batches for slot in slots):
             raise ValueError(f"Slots {[s.key for s in slots if not s.batches]} have no batch left: begin_epoch first.")
         # Dropout draws follow from the slots and their step counts alone, so a resumed trial goes on exactly.
-        torch.manual_seed(hash(tuple((slot.train_args.seed, slot.step) for slot in slots)) & (2**63 - 1))
+        self._seed_dropout(hash(tuple((slot.train_args.seed, slot.step) for slot in slots)) & (2**63 - 1))
         lead, *others = slots
         picks = [lead.batches.in_order()]
         width = lead.batches.width(picks[0])
