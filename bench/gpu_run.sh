@@ -140,23 +140,23 @@ run_part() {  # the steps: name, longest and shortest useful time (s), command
     imports) step imports 60 20 bash -c '"$0" -X importtime -c "import tune.run, tune.search, tune.cluster, \
       tune.trainable, lorasent.tokenize, lorasent.footprint" 2>&1 >/dev/null | sort -t"|" -k2 -n | tail -15' "$PY" ;;
     startup) step startup 90 40 "$PY" bench/bench_startup.py "${FLAGS[@]}" --repeats 3 --out "$OUT/startup.json" ;;
-    train) step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat syncs anchors precision census \
-      fresh --out "$OUT/train.json" ;;
+    train) step train 150 60 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat syncs host anchors precision \
+      census fresh --out "$OUT/train.json" ;;
     syncs) step syncs 150 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat train predict anchors precision \
       census fresh --out "$OUT/syncs.json" ;;
-    repeat) step repeat 60 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict syncs anchors precision \
-      census fresh --out "$OUT/repeat.json" ;;
+    repeat) step repeat 60 30 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip train predict syncs host anchors \
+      precision census fresh --out "$OUT/repeat.json" ;;
     search) step search $((150 + 150 * ${#WAYS[@]})) 120 "$PY" bench/bench_search.py "${FLAGS[@]}" \
       --parts baseline search --ways "${WAYS[@]}" --timeout 210 --out "$OUT/search.json" ;;
     scale) step scale 120 45 "$PY" bench/bench_scale.py "${FLAGS[@]}" --out "$OUT/scale.json" ;;
     packing) step packing $((80 + 80 * ${#WAYS[@]})) 70 "$PY" bench/bench_search.py "${FLAGS[@]}" --parts packing \
       --ways "${WAYS[@]}" --timeout 120 --out "$OUT/packing.json" ;;
     train_extra) step train_extra 130 40 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat train predict syncs \
-      --probe_timeout 100 --out "$OUT/train_extra.json" ;;
+      host --probe_timeout 100 --out "$OUT/train_extra.json" ;;
     tokenise) step tokenise 80 30 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts tokenise \
       --out "$OUT/tokenise.json" ;;
-    precision) step precision 90 35 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat train predict syncs anchors \
-      fresh --out "$OUT/precision.json" ;;
+    precision) step precision 90 35 "$PY" bench/bench_train.py "${FLAGS[@]}" --skip repeat train predict syncs host \
+      anchors fresh --out "$OUT/precision.json" ;;
     tokenise_map) step tokenise_map 60 35 "$PY" bench/bench_scale.py "${FLAGS[@]}" --parts tokenise_map \
       --out "$OUT/tokenise_map.json" ;;
     fused) step fused 150 60 "$PY" bench/bench_fused.py "${FLAGS[@]}" --out "$OUT/fused.json" ;;
