@@ -1,10 +1,10 @@
 """The hand-written training loop that lorasent's `Trainer` path is measured against (goal 2: >= 85% of it).
 
-Same model (lorasent's `build_model`), same tokenised data (`tokenized_splits`), same collator (dynamic
-padding), same batch order policy (lorasent's `ShuffledLengthGroupedSampler`, which its `Trainer` uses under
-`group_by_length`), same gradient clipping. What it leaves out is everything a `Trainer` adds: callbacks,
-logging, the learning-rate schedule object, accelerate's wrapping. bf16 autocast on GPUs that support it,
-fp32 on the CPU; fused AdamW on CUDA.
+Same model (lorasent's `build_model`), same tokenised data (`tokenized_splits`), same batches (dynamic padding,
+gathered from the split's arrays by lorasent's `GatheredBatches`), same batch order policy (lorasent's
+`ShuffledLengthGroupedSampler`, which its `Trainer` uses under `group_by_length`), same gradient clipping. What it
+leaves out is everything a `Trainer` adds: callbacks, logging, the learning-rate schedule object, accelerate's
+wrapping. bf16 autocast on GPUs that support it, fp32 on the CPU; fused AdamW on CUDA.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from lorasent.config import DataArguments, ModelArguments
 from lorasent.model import AUTOCAST_DTYPES, build_model, device_precision, sdpa_attention_mask
 from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
-from lorasent.train import ShuffledLengthGroupedSampler
+from lorasent.train import GatheredBatches, ShuffledLengthGroupedSampler, as_gathered
 
 
 def autocast_dtype(precision: str = "auto") -> torch.dtype | None:
@@ -73,16 +73,16 @@ def hand_loop(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     dtype = autocast_dtype(precision)
-    train = tokenized_splits(data_args, model_args)["train"]
-    lengths = train["length"][:]
-    train = train.remove_columns("length")
+    split = tokenized_splits(data_args, model_args)["train"]
+    lengths = split["length"][:]
+    train = GatheredBatches(split, make_collator(load_tokenizer(model_args), pad_to_multiple_of=pad_to_multiple_of))
     loader = DataLoader(
         train,
         batch_size=batch_size,
         sampler=ShuffledLengthGroupedSampler(
             batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed)
         ),
-        collate_fn=make_collator(load_tokenizer(model_args), pad_to_multiple_of=pad_to_multiple_of),
+        collate_fn=as_gathered,
         pin_memory=device.type == "cuda",  # as lorasent's Trainer does
     )
     frozen = dtype if half_precision_base else None

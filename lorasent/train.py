@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import (
+    BatchEncoding,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -62,7 +63,7 @@ from lorasent.model import (
     write_meta,
 )
 from lorasent.process import exit_process
-from lorasent.tokenize import load_tokenizer, make_collator, tokenized_splits
+from lorasent.tokenize import PackedSplit, PadToLongest, load_tokenizer, make_collator, tokenized_splits
 
 LOG_EVERY_STEPS = 50  # the training loss is read (one device sync) this often, and at every epoch end
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept: the best and the latest
@@ -181,6 +182,7 @@ def training_arguments(train_args: TrainArguments, work_dir: Path, *, evaluate: 
         logging_strategy="steps",
         logging_steps=LOG_EVERY_STEPS,
         logging_nan_inf_filter=False,
+        remove_unused_columns=False,  # batches come gathered, with the model's columns only (GatheredBatches)
         report_to="none",
         train_sampling_strategy="group_by_length" if train_args.group_by_length else "random",
         torch_compile=train_args.torch_compile,
@@ -241,6 +243,27 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
         order = [0, *(torch.randperm(max(movable, 0), generator=generator) + 1).tolist()]
         order += range(len(order), len(batches))
         return iter([i for b in order for i in batches[b]])
+
+
+class GatheredBatches(torch.utils.data.Dataset):
+    """A tokenised split whose batches are gathered from its arrays in a few numpy calls (`PadToLongest.gather`), not
+    built row by row: `DataLoader` hands `__getitems__` a whole batch's rows. A batch of 256 reviews of ~100 tokens
+    comes in 0.5 ms instead of 5.3 ms on a 2-core CPU, host time that sits between two GPU steps."""
+
+    def __init__(self, split: datasets.Dataset, collator: PadToLongest) -> None:
+        self.rows = PackedSplit.of(split.select_columns([c for c in split.column_names if c != "length"]))
+        self.collator = collator
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, rows: list[int]) -> BatchEncoding:
+        return self.collator.gather(self.rows, rows)
+
+
+def as_gathered(batch: BatchEncoding) -> BatchEncoding:
+    """The collator of `GatheredBatches`: its batches arrive whole."""
+    return batch
 
 
 @contextlib.contextmanager
@@ -306,7 +329,7 @@ class LorasentTrainer(Trainer):
             inputs = {**inputs, "attention_mask": sdpa_attention_mask(model.config, inputs["attention_mask"])}
         return super().compute_loss(model, inputs, *args, **kwargs)
 
-    def _get_train_sampler(self, train_dataset: datasets.Dataset | None = None) -> torch.utils.data.Sampler | None:
+    def _get_train_sampler(self, train_dataset: GatheredBatches | None = None) -> torch.utils.data.Sampler | None:
         if self.args.train_sampling_strategy == "group_by_length" and self._train_lengths is not None:
             return ShuffledLengthGroupedSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps,
@@ -315,7 +338,7 @@ class LorasentTrainer(Trainer):
             )
         return super()._get_train_sampler(train_dataset)
 
-    def _get_eval_sampler(self, eval_dataset: datasets.Dataset) -> torch.utils.data.Sampler | None:
+    def _get_eval_sampler(self, eval_dataset: GatheredBatches) -> torch.utils.data.Sampler | None:
         return SequentialSampler(eval_dataset)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
@@ -555,13 +578,14 @@ def train(
         evals_per_epoch=train_args.evals_per_epoch,
     )
     cuda = torch.cuda.is_available() and not train_args.use_cpu
+    collator = make_collator(tokenizer, pad_to_multiple_of=8 if cuda else None)
     trainer = LorasentTrainer(
         model=model,
         args=args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=GatheredBatches(train_dataset, collator),
+        eval_dataset=GatheredBatches(eval_dataset, collator) if eval_dataset is not None else None,
         processing_class=tokenizer,
-        data_collator=make_collator(tokenizer, pad_to_multiple_of=8 if cuda else None),
+        data_collator=as_gathered,
         compute_metrics=metrics_fn(data_args.label_names),
         callbacks=[callback],
         train_lengths=train_lengths,

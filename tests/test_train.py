@@ -86,6 +86,14 @@ def test_same_seed_gives_identical_metrics(reference, tmp_path: Path) -> None:
     assert _without_timing(second.history) == _without_timing(first.history)
 
 
+def test_batches_gathered_in_dataloader_workers_train_the_same(reference, tmp_path: Path) -> None:
+    """Worker processes gather the same batches from the split's arrays as the main process does."""
+    _, first, _ = reference
+    args = _train_args(tmp_path, dataloader_num_workers=2)
+    in_workers = train(TINY_DATA, TINY_MODEL_ARGS, args, save_final=False)
+    assert _without_timing(in_workers.history) == _without_timing(first.history)
+
+
 def test_resume_from_a_mid_run_checkpoint_finishes_exactly(reference, tmp_path: Path) -> None:
     _, uninterrupted, _ = reference
     seen: list[EpochReport] = []
