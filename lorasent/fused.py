@@ -56,6 +56,7 @@ from lorasent.train import (
     epoch_generator,
     longest_first,
     lr_schedule,
+    packed_inputs,
     resolve_precision,
 )
 
@@ -419,9 +420,8 @@ class SharedBase:
         self.dtype = torch.bfloat16 if fused_precision(train_args) == "bf16" else None
         self.tokenizer = load_tokenizer(model_args)
         splits = tokenized_splits(data_args, model_args, self.tokenizer)
-        columns = [c for c in splits["train"].column_names if c != "length"]
-        self.train_data = PackedSplit.of(splits["train"].select_columns(columns))
-        self.eval_data = PackedSplit.of(longest_first(splits["validation"]).select_columns(columns))
+        self.train_data = packed_inputs(splits["train"])
+        self.eval_data = packed_inputs(longest_first(splits["validation"]))
         self.lengths = splits["train"]["length"][:]
         self.train_size = len(self.train_data)
         self.eval_rows = train_args.per_device_eval_batch_size  # per evaluation pass, all slots' rows together
