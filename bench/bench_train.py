@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from data import (
     ModelSize,
@@ -48,6 +48,8 @@ from data import (
     timed,
     workspace,
 )
+
+T = TypeVar("T")
 
 SIZES = {  # reviews: (GPU run, --smoke)
     "train": (4000, 96),
@@ -198,6 +200,15 @@ def syncs_of(block: Callable[[], Any]) -> dict[str, Any]:
     return found
 
 
+def half_and_whole_epoch(
+    measure: Callable[[Callable[[], Any]], T], epoch: Callable[[int], Any], n: int, batch: int
+) -> tuple[T, T, int]:
+    """`measure` of an epoch of n // 2 reviews and of one of n, and the steps the second has over the first: their
+    difference over those steps is what one step adds (loading, evaluation and checkpoints are the same in both)."""
+    half, whole = measure(lambda: epoch(n // 2)), measure(lambda: epoch(n))
+    return half, whole, math.ceil(n / batch) - math.ceil(n // 2 / batch)
+
+
 def device_syncs(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
     """How often lorasent's training steps and prediction make the host wait for the GPU (reads of device values
     and, on CUDA, blocking copies), against the hand loop's steps. A step that waits lets the GPU idle while the host
@@ -224,11 +235,10 @@ def device_syncs(ws: Workspace, data_file: Path, args: argparse.Namespace, resul
         data_args, model_args, _ = lorasent_args(ws, data_file, reviews, size(args, "validation"))
         hand_loop(data_args, model_args, batch_size=batch, epochs=1)
 
-    steps = math.ceil(n / batch) - math.ceil(n // 2 / batch)
     for case, epoch in (("lorasent train() step", lorasent_epoch), ("hand loop step", hand_epoch)):
-        half, whole = syncs_of(lambda epoch=epoch: epoch(n // 2)), syncs_of(lambda epoch=epoch: epoch(n))
+        half, whole, steps = half_and_whole_epoch(syncs_of, epoch, n, batch)
         per_step = {key: (whole[key] - half[key]) / steps for key in ("syncs", "reads") if key in whole}
-        note = f"epochs of {n} and {n // 2} reviews at batch {batch}: " + ", ".join(
+        note = f"epochs of {n // 2} and {n} reviews at batch {batch}: " + ", ".join(
             f"{key} {half[key]} and {whole[key]}" for key in per_step
         )
         _add_syncs(results, f"{case}, per step", {**whole, **per_step}, note)
@@ -305,15 +315,13 @@ def host_work(ws: Workspace, data_file: Path, args: argparse.Namespace, results:
         data_args, model_args, _ = narrow_args(reviews)
         return hand_loop(data_args, model_args, batch_size=batch, epochs=epochs)
 
-    steps = math.ceil(n / batch)
-    half_steps = math.ceil(n // 2 / batch)
     for case, run in (("lorasent train()", lorasent_run), ("hand loop", hand_run)):
         for reviews in (n // 2, n):  # first calls import lazily and tokenise each size once: not counted
             run(reviews, 1)
-        half, whole = (python_calls_of(lambda r=reviews, run=run: run(r, 1)) for reviews in (n // 2, n))
+        half, whole, steps = half_and_whole_epoch(python_calls_of, lambda r, run=run: run(r, 1), n, batch)
         results.add(
             f"{case} step, {layers} layers at width 32: Python calls",
-            (whole - half) / (steps - half_steps),
+            (whole - half) / steps,
             "calls/step",
             f"epochs of {n // 2} and {n} reviews at batch {batch}: {half:,} and {whole:,} calls",
         )
