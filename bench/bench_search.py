@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -241,6 +242,7 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
         "search_s": float(finished.group(1)) if finished else None,  # tune/run.py's own count (after imports)
         "trials_span_s": float(epochs["timestamp"].max() - starts.min()),  # first trial start to last result
         "trials": len(trials),
+        "distinct_configs": len(trials[list(exp.params)].drop_duplicates()),  # trials that repeat none before them
         "trial_epochs": float(trials["epochs"].sum()),  # epochs trained; reports may be more (evals_per_epoch)
         "reports": len(epochs),
         "early_stopped": int(trials["early_stopped"].sum()),
@@ -335,8 +337,9 @@ def search_one_way(ws: Workspace, data_file: Path, args: argparse.Namespace, res
         f"lorasent search, {found['trials']} trials (ASHA + Optuna), whole command{suffix}{incomplete(found)}",
         found["wall_s"],
         "s",
-        f"{found['trial_epochs']:g} trial-epochs, {found['early_stopped']} stopped early, {found['errors']} "
-        f"errors; {found['plan']}{engine_memory(found) if suffix else ''}",
+        f"{found['distinct_configs']} distinct configs, {found['trial_epochs']:g} trial-epochs, "
+        f"{found['early_stopped']} stopped early, {found['errors']} errors; {found['plan']}"
+        f"{engine_memory(found) if suffix else ''}",
     )
     grid = results.extra.get("baseline", {}).get("grid_s")
     if grid:
@@ -509,6 +512,81 @@ def rungs(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Res
             )
 
 
+WIDE_SPACE = {  # 125 configurations, of which a search of 30 trials sees a quarter
+    "learning_rate": {"choice": [1e-4, 2e-4, 5e-4, 1e-3, 2e-3]},
+    "per_device_train_batch_size": {"choice": [4, 8, 16, 32, 64]},
+    "lora_r": {"choice": [2, 4, 8, 16, 32]},
+}
+
+
+def simulated_search(searcher: Any, param_space: dict[str, Any], trials: int, seed: int) -> tuple[list, float]:
+    """Drive a Ray searcher as Tune does, without training: up to its ConcurrencyLimiter's trials pending, each
+    finishing in random order with a made-up accuracy (an effect per value, a learning-rate x batch interaction,
+    noise). Returns the configurations in the order proposed, and how far the best tried one falls short of the
+    space's best (0: found)."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    names = list(param_space)
+    values = [param_space[name].categories for name in names]
+    effect = {(i, v): rng.gauss(0, 1) for i, choices in enumerate(values) for v in choices}
+    pair = {(a, b): rng.gauss(0, 0.5) for a in values[0] for b in values[1]}
+
+    def accuracy(config: tuple) -> float:
+        return sum(effect[i, v] for i, v in enumerate(config)) + pair[config[0], config[1]]
+
+    searcher.set_search_properties("accuracy", "max", param_space)
+    proposed: list[tuple] = []
+    pending: dict[str, tuple] = {}
+    while len(proposed) < trials or pending:
+        while len(proposed) < trials and (config := searcher.suggest(str(len(proposed)))) is not None:
+            pending[str(len(proposed))] = tuple(config[name] for name in names)
+            proposed.append(pending[str(len(proposed))])
+        trial_id = rng.choice(list(pending))
+        score = accuracy(pending.pop(trial_id)) + rng.gauss(0, 0.3)
+        searcher.on_trial_complete(trial_id, {"accuracy": score, "training_iteration": 1})
+    best = max(accuracy(config) for config in itertools.product(*values))
+    return proposed, best - max(accuracy(config) for config in proposed)
+
+
+def configs(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
+    """Which configurations lorasent's searcher (what tune/run.py builds) proposes over spaces of choices, against
+    Optuna's TPE alone (how it ran before `DistinctSampler`): --config_searches simulated searches each, 8 trials
+    pending, the seed config first; no training, seconds on a CPU."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune import search as searching
+    from tune.config import parse_args
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for label, space, trials in (("the seed grid, 27", SEARCH_SPACE, 27), ("5 x 5 x 5 choices, 30", WIDE_SPACE, 30)):
+        figures: dict[str, list[tuple[int, float]]] = {"TPE alone": [], "lorasent": []}
+        for seed in range(args.config_searches):
+            a = parse_args(["--preset", "seed", "--search_space", json.dumps(space), "--search_seed", str(seed)])
+            searched, param_space = searching.build_param_space(a.tune, a.model, a.train)
+            points = searching.starting_points(a.tune, searched, a.model, a.train)
+            tpe = OptunaSearch(points_to_evaluate=points, sampler=optuna.samplers.TPESampler(seed=seed))
+            ways = {
+                "TPE alone": ConcurrencyLimiter(tpe, 8),
+                "lorasent": searching.build_searcher(a.tune, searched, points, 8),
+            }
+            for way, searcher in ways.items():
+                proposed, shortfall = simulated_search(searcher, param_space, trials, seed)
+                figures[way].append((len(set(proposed)), shortfall))
+        for way, runs in figures.items():
+            distinct, shortfalls = [d for d, _ in runs], [s for _, s in runs]
+            results.add(
+                f"{label} trials, {way}: distinct configurations",
+                statistics.mean(distinct),
+                "configs",
+                f"mean of {len(runs)} searches, {min(distinct)}-{max(distinct)}; the best one tried in "
+                f"{sum(s == 0 for s in shortfalls)}, mean shortfall {statistics.mean(shortfalls):.3f}",
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser, "results/bench_search.json")
@@ -516,10 +594,12 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["baseline", "search", "packing"],
-        choices=["baseline", "search", "packing", "quickstart", "rungs"],
-        help="quickstart (goal 5, CPU) and rungs are not in the default: they run the offline MiniLM search.",
+        choices=["baseline", "search", "packing", "quickstart", "rungs", "configs"],
+        help="quickstart (goal 5, CPU) and rungs are not in the default: they run the offline MiniLM search; nor is "
+        "configs (simulated searches, no training).",
     )
     parser.add_argument("--search_seeds", type=int, nargs="+", default=[0, 1], help="Searches of the rungs part.")
+    parser.add_argument("--config_searches", type=int, default=100, help="Simulated searches per way (configs).")
     parser.add_argument("--rung_trials", type=int, default=8, help="Trials of a rungs search (the third way: 2x).")
     parser.add_argument("--full-baseline", action="store_true", help="Run all 9 seed configs x 5 epochs.")
     parser.add_argument("--num_samples", type=int, default=27, help="Trials of the search (>= 27 for goal 1).")
@@ -556,7 +636,14 @@ def main() -> None:
     n = sizes(args)
     data_file = ws.reviews("search", {"train": n["train"], "validation": n["validation"], "test": n["test"]})
     results = Results("bench_search", args.smoke)
-    parts = {"baseline": baseline, "search": search, "packing": packing, "quickstart": quickstart, "rungs": rungs}
+    parts = {
+        "baseline": baseline,
+        "search": search,
+        "packing": packing,
+        "quickstart": quickstart,
+        "rungs": rungs,
+        "configs": configs,
+    }
     for name in args.parts:
         section(results, args.out, name, lambda fn=parts[name]: fn(ws, data_file, args, results))
     results.write(args.out)

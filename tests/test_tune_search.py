@@ -55,9 +55,9 @@ def test_param_space_per_searcher() -> None:
     assert random_space["lora_r"] == {"grid_search": [2, 4]}  # random search expands grid lists...
     assert not isinstance(random_space["per_device_train_batch_size"], dict)  # ...and samples choices
     grid = _args("--searcher", "grid", "--search_space", json.dumps({"learning_rate": {"choice": [1e-3, 2e-3]}}))
-    _, grid_space = search.build_param_space(grid.tune, grid.model, grid.train)
+    grid_searched, grid_space = search.build_param_space(grid.tune, grid.model, grid.train)
     assert grid_space["learning_rate"] == {"grid_search": [1e-3, 2e-3]}
-    assert search.num_samples(grid.tune) == 1
+    assert search.num_samples(grid.tune, grid_searched) == 1
 
 
 @pytest.mark.parametrize(
@@ -83,10 +83,10 @@ def test_searchers_and_scheduler() -> None:
     points = search.starting_points(a.tune, space, a.model, a.train)
     # The point leaves learning_rate and batch size out: they come from the flags (learning_rate's default 5e-4).
     assert points == [{"learning_rate": 5e-4, "per_device_train_batch_size": 8, "lora_r": 4}]
-    limited = search.build_searcher(a.tune, points, max_concurrent=2)
+    limited = search.build_searcher(a.tune, space, points, max_concurrent=2)
     assert isinstance(limited, ConcurrencyLimiter) and isinstance(limited.searcher, OptunaSearch)
     assert limited.max_concurrent == 2
-    random = search.build_searcher(_args("--searcher", "random").tune, points, max_concurrent=2)
+    random = search.build_searcher(_args("--searcher", "random").tune, space, points, max_concurrent=2)
     assert isinstance(random, BasicVariantGenerator)
     scheduler = search.build_scheduler(a.tune, epochs=3)
     assert isinstance(scheduler, ASHAScheduler)
@@ -318,6 +318,24 @@ def test_summary_counts_a_trial_that_ran_its_epochs_as_finished(local_ray, tmp_p
     capsys.readouterr()
     assert _summary(outcome, args, 0.0) == 0
     assert "2 trials, 0 stopped early, 0 diverged, 0 errored" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_optuna_runs_each_configuration_of_a_space_of_choices_once(local_ray, tmp_path: Path, capsys) -> None:
+    """Over 2 x 2 choices, --num_samples 6 runs the 4 configurations once each (TPE alone repeats them: the same
+    training seed, the same model again), says so, and records the 4 trials it plans."""
+    from analysis.results import load_experiment, unfinished_note
+
+    argv = ["--search_space", '{"learning_rate": null}', "--num_samples", "6", "--scheduler", "none"]
+    argv += ["--num_train_epochs", "1", "--storage_path", str(tmp_path), "--name", "choices"]
+    args = _args(*argv, "--verbose", "0")
+    outcome = run_search(args, *experiment_location(args))
+    assert "The search space holds 4 configurations: running 4 trials, not --num_samples 6" in capsys.readouterr().out
+    configs = sorted((r.config["lora_r"], r.config["per_device_train_batch_size"]) for r in outcome.results)
+    assert configs == [(2, 8), (2, 16), (4, 8), (4, 16)] and outcome.results.errors == []
+    assert outcome.expected_trials == 4
+    assert _summary(outcome, args, 0.0) == 0 and "interrupted" not in capsys.readouterr().out
+    assert unfinished_note(load_experiment(Path(outcome.experiment_path))) == ""
 
 
 @pytest.mark.ray

@@ -321,6 +321,11 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
     from tune import search
 
     space, param_space, epochs, scheduler, points = checked[:5]
+    fewer = search.fewer_trials_note(t, space)
+    if fewer is not None:
+        print(fewer)
+        t = dataclasses.replace(t, num_samples=search.num_samples(t, space))
+        args = args._replace(tune=t)  # the experiment's record plans the trials the search runs
     engines = None
     try:
         plan = session.plan
@@ -382,9 +387,9 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
                 tune_config=tune.TuneConfig(
                     metric=t.metric,
                     mode=t.mode,
-                    search_alg=search.build_searcher(t, points, max_concurrent),
+                    search_alg=search.build_searcher(t, space, points, max_concurrent),
                     scheduler=scheduler,
-                    num_samples=search.num_samples(t),
+                    num_samples=search.num_samples(t, space),
                     reuse_actors=t.reuse_actors,
                 ),
                 run_config=tune.RunConfig(

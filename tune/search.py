@@ -106,14 +106,27 @@ def starting_points(
     return points
 
 
+def configurations(space: SearchSpace) -> int | None:
+    """How many distinct configurations the space holds, or None where a parameter takes any value in a range."""
+    if any(spec.is_range for spec in space.values()):
+        return None
+    return math.prod(len(spec.values) for spec in space.values())
+
+
 def build_searcher(
-    tune_args: TuneArguments, points: list[dict[str, Any]], max_concurrent: int
+    tune_args: TuneArguments, space: SearchSpace, points: list[dict[str, Any]], max_concurrent: int
 ) -> ConcurrencyLimiter | BasicVariantGenerator:
-    """Optuna TPE behind a ConcurrencyLimiter (TPE learns little from many pending trials), or seeded random/grid."""
+    """Optuna TPE behind a ConcurrencyLimiter (TPE learns little from many pending trials), or seeded random/grid.
+    Over a space of choices only, TPE proposes each configuration once until all have been tried (`DistinctSampler`)."""
     if tune_args.searcher == "optuna":
         import optuna
 
+        from tune.sampler import DistinctSampler
+
         sampler = optuna.samplers.TPESampler(seed=tune_args.search_seed)
+        if configurations(space) is not None:
+            choices = {name: list(spec.values) for name, spec in space.items()}
+            sampler = DistinctSampler(sampler, choices, seed=tune_args.search_seed)
         optuna_search = OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
         return ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent)
     return BasicVariantGenerator(
@@ -197,11 +210,26 @@ def trial_footprint(
 def expected_trials(tune_args: TuneArguments, space: SearchSpace) -> int:
     """How many trials the finished search holds (at least): grid points times samples."""
     if tune_args.searcher == "optuna":
-        return tune_args.num_samples
+        return num_samples(tune_args, space)
     walked = [s for s in space.values() if tune_args.searcher == "grid" or s.distribution == "grid"]
-    return num_samples(tune_args) * math.prod(len(s.values) for s in walked)
+    return num_samples(tune_args, space) * math.prod(len(s.values) for s in walked)
 
 
-def num_samples(tune_args: TuneArguments) -> int:
-    """Grid search runs each grid point once; the other searchers run --num_samples trials."""
-    return 1 if tune_args.searcher == "grid" else tune_args.num_samples
+def num_samples(tune_args: TuneArguments, space: SearchSpace) -> int:
+    """Grid search runs each grid point once; Optuna at most once per configuration of a space of choices (a second
+    trial of one trains with the same seed: the same result again); random search --num_samples trials."""
+    if tune_args.searcher == "grid":
+        return 1
+    held = configurations(space) if tune_args.searcher == "optuna" else None
+    return min(tune_args.num_samples, held) if held is not None else tune_args.num_samples
+
+
+def fewer_trials_note(tune_args: TuneArguments, space: SearchSpace) -> str | None:
+    """Why the search runs fewer trials than --num_samples asked for, or None where it runs them all."""
+    trials = num_samples(tune_args, space)
+    if tune_args.searcher != "optuna" or trials >= tune_args.num_samples:
+        return None
+    return (
+        f"The search space holds {trials} configurations: running {trials} trials, not --num_samples "
+        f"{tune_args.num_samples} (a second trial of a configuration would train the same model again)."
+    )

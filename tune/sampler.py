@@ -1,0 +1,84 @@
+"""An Optuna sampler that proposes no configuration twice while the search space still holds one it has not tried.
+
+Over a space of a few choices per parameter, TPE proposes the same configuration again and again: it samples from
+a model of the good ones, and ignores the trials still running (eight at a time on one GPU). In 27 trials over the
+seed study's 3 x 3 x 3 grid it tried 16-23 distinct configurations (100 simulated searches), so trials repeated
+results the search already had (trials train with the same seed) while part of the grid was never tried.
+`DistinctSampler` asks TPE for its proposal and takes it if it is new; else it asks again, and after a few redraws
+takes the untried configuration nearest TPE's last proposal (fewest parameters changed, ties drawn at random).
+In 30 trials over 5 x 5 x 5 choices that found the best configuration in 64 of 100 simulated searches, against 44
+for TPE alone (`python bench/bench_search.py --parts configs`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.samplers import BaseSampler
+from optuna.study import Study
+from optuna.trial import FrozenTrial, TrialState
+
+REDRAWS = 16  # TPE proposals tried before the nearest untried configuration is taken; each costs milliseconds
+
+
+class DistinctSampler(BaseSampler):
+    """`sampler`'s proposals over the finite `space` ({name: choices}, as the searcher declares them), each
+    configuration at most once until all have been tried; then `sampler`'s proposals as they come."""
+
+    def __init__(self, sampler: BaseSampler, space: dict[str, Sequence[Any]], seed: int | None = None) -> None:
+        self._sampler = sampler
+        self._space = {name: CategoricalDistribution(list(choices)) for name, choices in space.items()}
+        self._rng = random.Random(seed)
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return dict(self._space)  # the whole space from the first trial on: a configuration is sampled as one
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        names = list(search_space)
+        taken = {
+            tuple(other.params.get(name) for name in names)
+            for other in study.get_trials(deepcopy=False)
+            if other.number != trial.number and other.state != TrialState.WAITING
+        }
+        for _ in range(REDRAWS):
+            proposal = self._propose(study, trial, search_space)
+            if tuple(proposal[name] for name in names) not in taken:
+                return proposal
+        choices = [distribution.choices for distribution in search_space.values()]  # type: ignore[attr-defined]
+        untried = [values for values in itertools.product(*choices) if values not in taken]
+        if not untried:
+            return proposal
+        wanted = tuple(proposal[name] for name in names)
+        changes = [sum(a != b for a, b in zip(values, wanted, strict=True)) for values in untried]
+        nearest = [values for values, changed in zip(untried, changes, strict=True) if changed == min(changes)]
+        return dict(zip(names, self._rng.choice(nearest), strict=True))
+
+    def _propose(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        """The wrapped sampler's configuration: jointly where it samples jointly (multivariate TPE once enough trials
+        have finished), parameter by parameter where it does not (its random start-up trials)."""
+        params = self._sampler.sample_relative(study, trial, search_space)
+        return {
+            name: params[name] if name in params else self._sampler.sample_independent(study, trial, name, dist)
+            for name, dist in search_space.items()
+        }
+
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._sampler.before_trial(study, trial)
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
+        self._rng.seed()
