@@ -64,6 +64,16 @@ def test_when_tpe_insists_the_nearest_untried_configuration_runs() -> None:
     assert len(set(configs)) == 27
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_huge_space_is_never_enumerated() -> None:
+    """10^10 configurations and a sampler that insists: the nearest untried ones are its neighbours, found at once."""
+    space = {f"p{i}": list(range(10)) for i in range(10)}
+    insists = optuna.samplers.PartialFixedSampler({name: 5 for name in space}, optuna.samplers.RandomSampler(seed=0))
+    configs = _search(DistinctSampler(insists, space, seed=0), space, trials=40)
+    assert len(set(configs)) == 40
+    assert all(sum(value != 5 for value in config) <= 1 for config in configs)  # 90 neighbours differ in one
+
+
 def test_a_used_up_space_repeats_rather_than_fails() -> None:
     space = {"lora_r": [2, 4], "per_device_train_batch_size": [8, 16]}
     sampler = DistinctSampler(optuna.samplers.TPESampler(seed=0), space, seed=0)
