@@ -141,6 +141,7 @@ def test_search_space_flag_merges_per_parameter() -> None:
         (["--search_space", '{"lora_r": {"choice": [4.5]}}'], "4.5 is not a valid int"),
         (["--search_space", '{"learning_rate": {"loguniform": [0, 1e-3]}}'], "lower bound must be > 0"),
         (["--search_space", '{"learning_rate": {"uniform": [1e-3, 1e-4]}}'], "low < high"),
+        (["--search_space", '{"lora_r": {"choice": [4, 8, 4.0]}}'], "lora_r.choice: 4 listed more than once"),
         (["--learning_rate", "-1"], "learning_rate must be a positive number"),
         (["--no_such_flag", "1"], "Unrecognised arguments ['--no_such_flag', '1']"),
         (["--output_dir", "models/best"], "--output_dir has no effect in a search: a search writes into"),

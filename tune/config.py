@@ -333,6 +333,12 @@ def parse_search_space(raw: Mapping[str, Any]) -> SearchSpace:
                 )
             if distribution == "loguniform" and values[0] <= 0:
                 raise ConfigError(f"search_space.{name}.loguniform: the lower bound must be > 0, got {values[0]}.")
+        elif len(set(values)) < len(values):  # a grid would train each repeat again; a choice would weigh it double
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+            raise ConfigError(
+                f"search_space.{name}.{distribution}: {', '.join(map(repr, repeated))} listed more than once in "
+                f"{list(values)}. List each value once."
+            )
         space[name] = ParamSpec(name, distribution, values)
     return space
 
