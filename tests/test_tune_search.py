@@ -103,6 +103,9 @@ def test_searchers_and_scheduler() -> None:
         search.build_scheduler(_args("--grace_period", "0.5").tune, epochs=2)
     with pytest.raises(ConfigError, match="lies outside its search space"):
         search.starting_points(_args("--points_to_evaluate", '[{"lora_r": 64}]').tune, space, a.model, a.train)
+    twice = _args("--points_to_evaluate", '[{"lora_r": 4}, {"lora_r": 4, "learning_rate": 5e-4}]').tune
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[1\] is points_to_evaluate\[0\] again"):
+        search.starting_points(twice, space, a.model, a.train)
     with pytest.raises(ConfigError, match="which are not searched"):
         search.starting_points(_args("--points_to_evaluate", '[{"lora_alpha": 8}]').tune, space, a.model, a.train)
     epochs_searched = _args("--search_space", '{"num_train_epochs": {"choice": [2, 5]}}')

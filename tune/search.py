@@ -102,6 +102,11 @@ def starting_points(
                     f"{list(spec.values)}. Add it to the space or change the point."
                 )
             full[name] = value
+        if full in points:
+            raise ConfigError(
+                f"points_to_evaluate[{i}] is points_to_evaluate[{points.index(full)}] again once completed with the "
+                f"flags' values ({full}): it would train the same model twice. Remove one."
+            )
         points.append(full)
     return points
 
