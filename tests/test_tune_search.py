@@ -87,7 +87,22 @@ def test_searchers_and_scheduler() -> None:
     assert isinstance(limited, ConcurrencyLimiter) and isinstance(limited.searcher, OptunaSearch)
     assert limited.max_concurrent == 2
     random = search.build_searcher(_args("--searcher", "random").tune, space, points, max_concurrent=2)
-    assert isinstance(random, BasicVariantGenerator)
+    assert isinstance(random, BasicVariantGenerator)  # learning rate from a range: repeats are improbable
+    # Random search over choices only draws without replacement, as scikit-learn's ParameterSampler does.
+    drawn = _args("--searcher", "random", "--search_space", '{"learning_rate": null}', "--num_samples", "9")
+    choices, param_space = search.build_param_space(drawn.tune, drawn.model, drawn.train)
+    assert search.num_samples(drawn.tune, choices) == 4 and "holds 4 configurations" in search.fewer_trials_note(
+        drawn.tune, choices
+    )
+    searcher = search.build_searcher(drawn.tune, choices, [], max_concurrent=4)
+    searcher.set_search_properties("accuracy", "max", param_space)
+    configs = [searcher.suggest(str(i)) for i in range(4)]
+    assert sorted((c["lora_r"], c["per_device_train_batch_size"]) for c in configs) == [
+        (2, 8),
+        (2, 16),
+        (4, 8),
+        (4, 16),
+    ]
     scheduler = search.build_scheduler(a.tune, epochs=3)
     assert isinstance(scheduler, ASHAScheduler)
     assert (scheduler._max_t, scheduler._time_attr) == (3, "training_iteration")

@@ -118,20 +118,34 @@ def configurations(space: SearchSpace) -> int | None:
     return math.prod(len(spec.values) for spec in space.values())
 
 
+def distinct_configurations(tune_args: TuneArguments, space: SearchSpace) -> int | None:
+    """How many configurations the searcher draws from, each at most once, or None where it may repeat one: Optuna
+    over a space of choices only, and random search over choices without grid lists (Ray expands those itself)."""
+    if tune_args.searcher == "random" and any(spec.distribution == "grid" for spec in space.values()):
+        return None
+    return configurations(space) if tune_args.searcher in ("optuna", "random") else None
+
+
 def build_searcher(
     tune_args: TuneArguments, space: SearchSpace, points: list[dict[str, Any]], max_concurrent: int
 ) -> ConcurrencyLimiter | BasicVariantGenerator:
     """Optuna TPE behind a ConcurrencyLimiter (TPE learns little from many pending trials), or seeded random/grid.
-    Over a space of choices only, TPE proposes each configuration once until all have been tried (`DistinctSampler`)."""
-    if tune_args.searcher == "optuna":
+    Over a space of choices only, each configuration is proposed once until all have been tried (`DistinctSampler`
+    around TPE, or around Optuna's random sampler: random search without replacement, as scikit-learn's
+    ParameterSampler does over lists)."""
+    distinct = distinct_configurations(tune_args, space) is not None
+    if tune_args.searcher == "optuna" or distinct:
         import optuna
 
         from tune.sampler import DistinctSampler
 
-        sampler = optuna.samplers.TPESampler(seed=tune_args.search_seed)
-        if configurations(space) is not None:
-            choices = {name: list(spec.values) for name, spec in space.items()}
-            sampler = DistinctSampler(sampler, choices, seed=tune_args.search_seed)
+        seed = tune_args.search_seed
+        if tune_args.searcher == "optuna":
+            sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(seed=seed)
+        else:
+            sampler = optuna.samplers.RandomSampler(seed=seed)
+        if distinct:
+            sampler = DistinctSampler(sampler, {name: list(spec.values) for name, spec in space.items()}, seed=seed)
         optuna_search = OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
         return ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent)
     return BasicVariantGenerator(
@@ -221,18 +235,19 @@ def expected_trials(tune_args: TuneArguments, space: SearchSpace) -> int:
 
 
 def num_samples(tune_args: TuneArguments, space: SearchSpace) -> int:
-    """Grid search runs each grid point once; Optuna at most once per configuration of a space of choices (a second
-    trial of one trains with the same seed: the same result again); random search --num_samples trials."""
+    """Grid search runs each grid point once; a searcher that draws each configuration at most once, at most as
+    many trials as there are configurations (a second trial of one trains with the same seed: the same result
+    again); otherwise --num_samples trials."""
     if tune_args.searcher == "grid":
         return 1
-    held = configurations(space) if tune_args.searcher == "optuna" else None
+    held = distinct_configurations(tune_args, space)
     return min(tune_args.num_samples, held) if held is not None else tune_args.num_samples
 
 
 def fewer_trials_note(tune_args: TuneArguments, space: SearchSpace) -> str | None:
     """Why the search runs fewer trials than --num_samples asked for, or None where it runs them all."""
     trials = num_samples(tune_args, space)
-    if tune_args.searcher != "optuna" or trials >= tune_args.num_samples:
+    if tune_args.searcher == "grid" or trials >= tune_args.num_samples:
         return None
     return (
         f"The search space holds {trials} configurations: running {trials} trials, not --num_samples "
