@@ -321,13 +321,13 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
     from tune import search
 
     space, param_space, epochs, scheduler, points = checked[:5]
-    fewer = search.fewer_trials_note(t, space)
-    if fewer is not None:
-        print(fewer)
-        t = dataclasses.replace(t, num_samples=search.num_samples(t, space))
-        args = args._replace(tune=t)  # the experiment's record plans the trials the search runs
     engines = None
     try:
+        fewer = None if t.resume else search.fewer_trials_note(t, space)  # a resumed search keeps its own count
+        if fewer is not None:
+            print(fewer)
+            t = dataclasses.replace(t, num_samples=search.num_samples(t, space))
+            args = args._replace(tune=t)  # the experiment's record plans the trials the search runs
         plan = session.plan
         cluster.warn_if_storage_not_shared(plan, storage_path)
         if t.fused_trials:
