@@ -163,6 +163,22 @@ def test_search_with_unknown_target_modules_is_refused_before_any_trial(tmp_path
     captured = capsys.readouterr()
     assert "Resource plan" not in captured.out  # refused before the plan, not by every trial after retries
     refused(subprocess.CompletedProcess([], code, captured.out, captured.err), "['query']", "q_lin", "v_lin")
+    # ... and before the data is read and tokenised (minutes for a large dataset): a file it would refuse comes later.
+    no_text = tmp_path / "no_text.csv"
+    no_text.write_text("review,label\nfine,positive\nbad,negative\n")
+    code = main(
+        [
+            *SMOKE[1:],
+            "--storage_path",
+            str(tmp_path / "storage"),
+            "--target_modules",
+            "query",
+            "--dataset",
+            str(no_text),
+        ]
+    )
+    captured = capsys.readouterr()
+    refused(subprocess.CompletedProcess([], code, captured.out, captured.err), "['query']", "q_lin")
 
 
 def test_search_space_of_unknown_target_modules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

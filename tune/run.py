@@ -274,6 +274,7 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> Checke
     points = search.starting_points(t, space, args.model, args.train)
     if t.fused_trials:
         check_shareable(args.model, args.train, searched=space)
+    search.check_target_modules(space, args.model)  # before the memory plan (which builds the model) and the data
     # The address answers, or the local Ray's plan fits (trials per GPU from one trial's memory): before any trial.
     # Trials that share engines hold almost nothing themselves: how many run at once is the engines' to say.
     plan_args = dataclasses.replace(t, max_concurrent_trials=None) if t.fused_trials else t
@@ -282,7 +283,7 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> Checke
         resources = {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial}
         trial_train_arguments(args.data, args.train, metric=t.metric, **resources)
     splits = tokenized_splits(args.data, args.model)
-    search.check_trials_fit(space, args.model, args.train, len(splits["train"]))
+    search.check_batches_fit(space, args.train, len(splits["train"]))
     return CheckedSearch(space, param_space, epochs, scheduler, points, plan_args, plan)
 
 

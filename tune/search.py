@@ -180,13 +180,22 @@ def build_scheduler(tune_args: TuneArguments, epochs: int, evals_per_epoch: int 
     )
 
 
-def check_trials_fit(
-    space: SearchSpace, model_args: ModelArguments, train_args: TrainArguments, train_examples: int
-) -> None:
-    """Refuse, before any trial starts, what every trial would fail on after its retries: a batch larger than the train
-    split, or LoRA target modules the model does not have."""
+def check_target_modules(space: SearchSpace, model_args: ModelArguments) -> None:
+    """Refuse LoRA target modules the model does not have, before the data is tokenised (minutes for a large
+    dataset), since every trial would fail on them after its retries."""
     from lorasent.model import meta_model, resolve_target_modules
 
+    targets = space.get("target_modules")
+    architecture = meta_model(model_args)
+    for spec in targets.values if targets else (model_args.target_modules,):
+        try:
+            resolve_target_modules(architecture, spec)
+        except ConfigError as e:
+            raise ConfigError(f"search_space.target_modules: {spec!r}: {e}" if targets else str(e)) from None
+
+
+def check_batches_fit(space: SearchSpace, train_args: TrainArguments, train_examples: int) -> None:
+    """Refuse a batch larger than the train split, which every trial would fail on after its retries."""
     batch = space.get("per_device_train_batch_size")
     largest = int(max(batch.values)) if batch else train_args.per_device_train_batch_size
     if largest > train_examples:
@@ -195,13 +204,6 @@ def check_trials_fit(
             f"{where}: a batch of {largest} exceeds the {train_examples} training examples. Use smaller batches or "
             "more data (max_train_samples)."
         )
-    targets = space.get("target_modules")
-    architecture = meta_model(model_args)
-    for spec in targets.values if targets else (model_args.target_modules,):
-        try:
-            resolve_target_modules(architecture, spec)
-        except ConfigError as e:
-            raise ConfigError(f"search_space.target_modules: {spec!r}: {e}" if targets else str(e)) from None
 
 
 def trial_footprint(
