@@ -56,8 +56,10 @@ from lorasent.model import (
     build_model,
     check_model_dir,
     device_precision,
+    meta_model,
     model_meta,
     read_meta,
+    resolve_target_modules,
     save_model_dir,
     sdpa_attention_mask,
     write_meta,
@@ -682,6 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
     try:
         data_args, model_args, train_args, run_args = parse_cli(argv)
+        # Refused before the data is read and tokenised (minutes for a large dataset), not after.
+        resolve_target_modules(meta_model(model_args), model_args.target_modules)
 
         def show(report: EpochReport) -> None:
             flag = "  DIVERGED" if report.metrics.get("diverged") else ""

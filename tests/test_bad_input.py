@@ -198,6 +198,11 @@ def test_training_config_with_a_wrong_type(runs: dict[str, Any]) -> None:
 
 def test_training_with_unknown_target_modules_writes_nothing(tmp_path: Path, capsys) -> None:
     _train_refused(tmp_path, capsys, ["--target_modules", "query"], "['query']", "q_lin", "v_lin")
+    # Refused before the data is read and tokenised: a data file it would also refuse comes second.
+    no_text, out = tmp_path / "no_text.csv", tmp_path / "out"
+    no_text.write_text("review,label\nfine,positive\nbad,negative\n")
+    out.mkdir()
+    _train_refused(out, capsys, ["--target_modules", "query", "--dataset", str(no_text)], "['query']", "q_lin")
 
 
 def test_training_with_an_unknown_flag_or_schedule(tmp_path: Path, capsys) -> None:
