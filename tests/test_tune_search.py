@@ -96,13 +96,16 @@ def test_searchers_and_scheduler() -> None:
     )
     searcher = search.build_searcher(drawn.tune, choices, [], max_concurrent=4)
     searcher.set_search_properties("accuracy", "max", param_space)
-    configs = [searcher.suggest(str(i)) for i in range(4)]
-    assert sorted((c["lora_r"], c["per_device_train_batch_size"]) for c in configs) == [
-        (2, 8),
-        (2, 16),
-        (4, 8),
-        (4, 16),
-    ]
+    drawn_configs = sorted((c["lora_r"], c["per_device_train_batch_size"]) for c in map(searcher.suggest, "0123"))
+    assert drawn_configs == [(2, 8), (2, 16), (4, 8), (4, 16)]
+    # A whole-number range is finite too: TPE over 2 x 2 x 3 configurations (lora_alpha 8, 9 or 10) tries each once.
+    ints = _args("--search_space", '{"learning_rate": null, "lora_alpha": {"uniform": [8, 10]}}', "--num_samples", "20")
+    finite, param_space = search.build_param_space(ints.tune, ints.model, ints.train)
+    assert search.configurations(finite) == search.num_samples(ints.tune, finite) == 12
+    searcher = search.build_searcher(ints.tune, finite, [], max_concurrent=12)
+    searcher.set_search_properties("accuracy", "max", param_space)
+    configs = [searcher.suggest(str(i)) for i in range(12)]
+    assert len({tuple(sorted(c.items())) for c in configs}) == 12 and {c["lora_alpha"] for c in configs} == {8, 9, 10}
     scheduler = search.build_scheduler(a.tune, epochs=3)
     assert isinstance(scheduler, ASHAScheduler)
     assert (scheduler._max_t, scheduler._time_attr) == (3, "training_iteration")

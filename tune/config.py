@@ -124,8 +124,9 @@ class TuneArguments:
         default="optuna",
         metadata={
             "help": "optuna (TPE, seeded by --search_seed), random (seeded), or grid (every combination of the "
-            "choice/grid values once; --num_samples is ignored). Over choice lists only, optuna and random propose "
-            "each configuration once, and --num_samples is cut to the number of configurations."
+            "choice/grid values once; --num_samples is ignored). Over a finite space (choice lists, whole-number "
+            "ranges), optuna and random propose each configuration once, and --num_samples is cut to the number of "
+            "configurations."
         },
     )
     scheduler: str = field(

@@ -112,15 +112,19 @@ def starting_points(
 
 
 def configurations(space: SearchSpace) -> int | None:
-    """How many distinct configurations the space holds, or None where a parameter takes any value in a range."""
-    if any(spec.is_range for spec in space.values()):
-        return None
-    return math.prod(len(spec.values) for spec in space.values())
+    """How many distinct configurations the space holds (choices, and the whole numbers of an integer parameter's
+    range), or None where a parameter takes real numbers from a range."""
+    counts = []
+    for name, spec in space.items():
+        if spec.is_range and SEARCHABLE[name][1] is not int:
+            return None
+        counts.append(spec.values[1] - spec.values[0] + 1 if spec.is_range else len(spec.values))
+    return math.prod(counts)
 
 
 def distinct_configurations(tune_args: TuneArguments, space: SearchSpace) -> int | None:
     """How many configurations the searcher draws from, each at most once, or None where it may repeat one: Optuna
-    over a space of choices only, and random search over choices without grid lists (Ray expands those itself)."""
+    over a finite space, and random search over one without grid lists (Ray expands those itself)."""
     if tune_args.searcher == "random" and any(spec.distribution == "grid" for spec in space.values()):
         return None
     return configurations(space) if tune_args.searcher in ("optuna", "random") else None
@@ -130,9 +134,9 @@ def build_searcher(
     tune_args: TuneArguments, space: SearchSpace, points: list[dict[str, Any]], max_concurrent: int
 ) -> ConcurrencyLimiter | BasicVariantGenerator:
     """Optuna TPE behind a ConcurrencyLimiter (TPE learns little from many pending trials), or seeded random/grid.
-    Over a space of choices only, each configuration is proposed once until all have been tried (`DistinctSampler`
-    around TPE, or around Optuna's random sampler: random search without replacement, as scikit-learn's
-    ParameterSampler does over lists)."""
+    Over a finite space, each configuration is proposed once until all have been tried (`DistinctSampler` around
+    TPE, or around Optuna's random sampler: random search without replacement, as scikit-learn's ParameterSampler
+    does over lists)."""
     distinct = distinct_configurations(tune_args, space) is not None
     if tune_args.searcher == "optuna" or distinct:
         import optuna
@@ -144,8 +148,9 @@ def build_searcher(
             sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(seed=seed)
         else:
             sampler = optuna.samplers.RandomSampler(seed=seed)
-        if distinct:
-            sampler = DistinctSampler(sampler, {name: list(spec.values) for name, spec in space.items()}, seed=seed)
+        if distinct:  # over the distributions the searcher itself converts the space to, so that they match
+            domains = {name: _domain(spec, tune_args.searcher) for name, spec in space.items()}
+            sampler = DistinctSampler(sampler, OptunaSearch.convert_search_space(domains), seed=seed)
         optuna_search = OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
         return ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent)
     return BasicVariantGenerator(
