@@ -102,6 +102,13 @@ def test_searchers_and_scheduler() -> None:
     ints = _args("--search_space", '{"learning_rate": null, "lora_alpha": {"uniform": [8, 10]}}', "--num_samples", "20")
     finite, param_space = search.build_param_space(ints.tune, ints.model, ints.train)
     assert search.configurations(finite) == search.num_samples(ints.tune, finite) == 12
+    one = _args(
+        "--search_space", '{"learning_rate": null, "lora_r": null, "per_device_train_batch_size": {"grid": [8]}}'
+    )
+    single, _ = search.build_param_space(one.tune, one.model, one.train)
+    assert search.fewer_trials_note(one.tune, single).startswith(
+        "The search space holds 1 configuration: running 1 trial,"
+    )
     searcher = search.build_searcher(ints.tune, finite, [], max_concurrent=12)
     searcher.set_search_properties("accuracy", "max", param_space)
     configs = [searcher.suggest(str(i)) for i in range(12)]

@@ -256,7 +256,8 @@ def fewer_trials_note(tune_args: TuneArguments, space: SearchSpace) -> str | Non
     trials = num_samples(tune_args, space)
     if tune_args.searcher == "grid" or trials >= tune_args.num_samples:
         return None
+    held, running = ("1 configuration", "1 trial") if trials == 1 else (f"{trials} configurations", f"{trials} trials")
     return (
-        f"The search space holds {trials} configurations: running {trials} trials, not --num_samples "
-        f"{tune_args.num_samples} (a second trial of a configuration would train the same model again)."
+        f"The search space holds {held}: running {running}, not --num_samples {tune_args.num_samples} (a second "
+        "trial of a configuration would train the same model again)."
     )
