@@ -500,14 +500,17 @@ def _summarise_trials(
 
 
 def summary_line(exp: Experiment) -> str:
-    """One line on the trials: how many, their statuses, early stops, the metric."""
+    """One line on the trials: how many (and how many distinct configurations, where some repeat one: the same
+    seed trains the same model again), their statuses, early stops, the metric."""
     stops = (
         f"{int(exp.trials['early_stopped'].sum())} stopped early by ASHA"
         if exp.early_stopping
         else "no early stopping (--scheduler none)"
     )
     statuses = ", ".join(f"{n} {status}" for status, n in exp.trials["status"].value_counts().items())
-    return f"{len(exp.trials)} trial(s): {statuses}; {stops}; metric: {exp.metric} ({exp.mode})"
+    distinct = len(exp.trials[exp.params].drop_duplicates()) if exp.params else len(exp.trials)
+    repeats = f", {distinct} distinct configuration(s)" if distinct < len(exp.trials) else ""
+    return f"{len(exp.trials)} trial(s){repeats}: {statuses}; {stops}; metric: {exp.metric} ({exp.mode})"
 
 
 def unfinished_note(exp: Experiment) -> str:

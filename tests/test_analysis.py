@@ -545,6 +545,19 @@ def test_summary_names_no_early_stopping_without_a_scheduler(search: tuple[Path,
     assert "no early stopping (--scheduler none)" in summary_line(load_experiment(copy))
 
 
+def test_summary_counts_the_distinct_configurations_where_trials_repeat_one(
+    search: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Experiments of searches that repeated configurations (TPE before DistinctSampler) say how many were distinct."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    trials = len(load_experiment(copy).trials)
+    assert f"{trials} trial(s): " in summary_line(load_experiment(copy))  # all distinct: nothing to say
+    first, second = sorted(copy.glob("*/params.json"))[:2]
+    second.write_text(first.read_text())
+    assert f"{trials} trial(s), {trials - 1} distinct configuration(s): " in summary_line(load_experiment(copy))
+
+
 def test_report_flags_a_final_model_that_is_no_longer_the_best(
     search: tuple[Path, str], final_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
