@@ -499,6 +499,11 @@ def _summarise_trials(
 # --------------------------------------------------------------------------------------------------- status
 
 
+def configurations_tried(exp: Experiment) -> int:
+    """How many distinct configurations the trials ran (fewer than the trials where some repeat one)."""
+    return len(exp.trials[exp.params].drop_duplicates()) if exp.params else len(exp.trials)
+
+
 def summary_line(exp: Experiment) -> str:
     """One line on the trials: how many (and how many distinct configurations, where some repeat one: the same
     seed trains the same model again), their statuses, early stops, the metric."""
@@ -508,7 +513,7 @@ def summary_line(exp: Experiment) -> str:
         else "no early stopping (--scheduler none)"
     )
     statuses = ", ".join(f"{n} {status}" for status, n in exp.trials["status"].value_counts().items())
-    distinct = len(exp.trials[exp.params].drop_duplicates()) if exp.params else len(exp.trials)
+    distinct = configurations_tried(exp)
     repeats = f", {distinct} distinct configuration(s)" if distinct < len(exp.trials) else ""
     return f"{len(exp.trials)} trial(s){repeats}: {statuses}; {stops}; metric: {exp.metric} ({exp.mode})"
 

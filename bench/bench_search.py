@@ -212,7 +212,7 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
     """Run one search as a fresh process; its wall time covers Python start, tokenisation, Ray and shutdown."""
     import shutil
 
-    from analysis.results import load_experiment
+    from analysis.results import configurations_tried, load_experiment
 
     shutil.rmtree(ws.root / "tune" / name, ignore_errors=True)
     print("$ " + " ".join(command), flush=True)
@@ -242,7 +242,7 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
         "search_s": float(finished.group(1)) if finished else None,  # tune/run.py's own count (after imports)
         "trials_span_s": float(epochs["timestamp"].max() - starts.min()),  # first trial start to last result
         "trials": len(trials),
-        "distinct_configs": len(trials[list(exp.params)].drop_duplicates()),  # trials that repeat none before them
+        "distinct_configs": configurations_tried(exp),
         "trial_epochs": float(trials["epochs"].sum()),  # epochs trained; reports may be more (evals_per_epoch)
         "reports": len(epochs),
         "early_stopped": int(trials["early_stopped"].sum()),

@@ -32,7 +32,8 @@ class DistinctSampler(BaseSampler):
     converts them), each a list of choices or a range of whole numbers (`finite_values`)."""
 
     def __init__(self, sampler: BaseSampler, space: dict[str, BaseDistribution], seed: int | None = None) -> None:
-        unbounded = sorted(name for name, distribution in space.items() if finite_values(distribution) is None)
+        self._values = {name: finite_values(distribution) for name, distribution in space.items()}
+        unbounded = sorted(name for name, values in self._values.items() if values is None)
         if unbounded:
             raise ValueError(f"DistinctSampler needs finite distributions; {unbounded} take real numbers")
         self._sampler = sampler
@@ -55,7 +56,7 @@ class DistinctSampler(BaseSampler):
             proposal = self._propose(study, trial, search_space)
             if tuple(proposal[name] for name in names) not in taken:
                 return proposal
-        choices = [finite_values(distribution) or [] for distribution in search_space.values()]
+        choices = [self._values[name] for name in names]
         wanted = tuple(proposal[name] for name in names)
         for count in range(1, len(names) + 1):  # nearest first: in a large space a near neighbour is still untried
             nearest = [config for config in _changing(wanted, choices, count) if config not in taken]
