@@ -12,9 +12,11 @@ Parts (--parts picks; each prints its rows as soon as it has them and saves --ou
             next to the seed-style config's.
   packing   8 trials x 3 epochs (batch 16, lr searched) at 1/8 GPU each, against trials given a whole GPU each
             (so one at a time): trial throughput ratio, goal >= 5x.
-  search and packing each run their trials in the ways --ways names, in that order (default both): `processes`, one
-  process per trial (GPUs shared by fraction), and `fused`, the same command with --fused_trials (one trial engine
-  per GPU trains every running trial on one shared base model). Rows of the fused way end in "(fused trials)".
+  search and packing each run their trials in the ways --ways names, in that order (default the first two):
+  `processes`, one process per trial (GPUs shared by fraction); `fused`, the same command with --fused_trials (one
+  trial engine per GPU trains every running trial on one shared base model, as many at once as its memory plan
+  gives it, up to the search's trials); `fused8` (search only), fused with 8 trials at once, as many as processes
+  share a GPU. Rows of the fused ways end in "(fused trials)" and "(fused trials, 8 at once)".
   quickstart  (goal 5, CPU; not in the default) `python tune/run.py` as shipped: wall time, goal <= 5 minutes.
   rungs     (CPU; not in the default) ASHA's first rung a quarter of an epoch in (--evals_per_epoch 4
             --grace_period 0.25) against one evaluation an epoch (grace 1), and with twice the trials, on the
@@ -216,7 +218,7 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
 
     shutil.rmtree(ws.root / "tune" / name, ignore_errors=True)
     print("$ " + " ".join(command), flush=True)
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     # Streamed, so a log cut short by a timeout still shows how far the search got.
     proc = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
     watchdog = threading.Timer(timeout, proc.kill)
@@ -241,6 +243,9 @@ def run_tune(command: list[str], ws: Workspace, name: str, timeout: float) -> di
         "wall_s": wall,
         "search_s": float(finished.group(1)) if finished else None,  # tune/run.py's own count (after imports)
         "trials_span_s": float(epochs["timestamp"].max() - starts.min()),  # first trial start to last result
+        # Tune's timestamps are whole seconds: these two are +-1 s
+        "startup_s": float(starts.min() - started_at),  # the command's start to the first trial's
+        "winddown_s": float(started_at + wall - epochs["timestamp"].max()),  # the last result to the command's end
         "trials": len(trials),
         "distinct_configs": configurations_tried(exp),
         "trial_epochs": float(trials["epochs"].sum()),  # epochs trained; reports may be more (evals_per_epoch)
@@ -296,17 +301,21 @@ def incomplete(found: dict[str, Any]) -> str:
     return "" if found["complete"] else " (INCOMPLETE: cut at the timeout or failed)"
 
 
-FUSED = " (fused trials)"  # ends the name of every row of the fused way
+WAYS = {  # way of running trials: tune/run.py's flags, what ends the name of each of its rows
+    "processes": ([], ""),
+    # one engine per GPU, as many trials at once as the plan gives it (memory, the search's trials)
+    "fused": (["--fused_trials"], " (fused trials)"),
+    # the same with 8 at once, as many as processes share a GPU: what the trials at once are worth (search only)
+    "fused8": (["--fused_trials", "--max_concurrent_trials", "8"], " (fused trials, 8 at once)"),
+}
 
 
 def way_flags(way: str) -> list[str]:
-    """tune/run.py's flags for a way of running trials."""
-    return ["--fused_trials"] if way == "fused" else []
+    return WAYS[way][0]
 
 
 def row_suffix(way: str) -> str:
-    """What ends the name of each row of a way of running trials."""
-    return FUSED if way == "fused" else ""
+    return WAYS[way][1]
 
 
 def search(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
@@ -350,6 +359,10 @@ def search_one_way(ws: Workspace, data_file: Path, args: argparse.Namespace, res
             "x",
             f"goal <= 0.125 (1/8); grid {grid:.0f} s ({kind})",
         )
+    results.add(f"where the whole command's time went{suffix}", found["wall_s"], "s",
+                f"start-up {found['startup_s']:.0f} s (the command's start to the first trial's: imports, checks, "
+                f"Ray, engines), trials {found['trials_span_s']:.0f} s, wind-down {found['winddown_s']:.0f} s (the "
+                "last result to the exit); +-1 s")  # fmt: skip
     results.add(f"where the trials' time went{suffix}", found["time_split"]["trial_seconds"], "trial-s",
                 describe_split(found["time_split"]))  # fmt: skip
     if found["trials_per_step"] is not None:
@@ -437,6 +450,8 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
 
     found: dict[str, dict[str, Any]] = {}
     for way in args.ways:
+        if way not in ("processes", "fused"):  # fused8: 8 trials at once, the same as fused here
+            continue
         packed = run("packed" if way == "processes" else way)
         seq = found.get("sequential") or run("sequential")
         packing_ratios(packed, seq, results, row_suffix(way))
@@ -620,9 +635,9 @@ def main() -> None:
         "--ways",
         nargs="+",
         default=["processes", "fused"],
-        choices=["processes", "fused"],
-        help="How search and packing run their trials, in this order: one process per trial, and/or --fused_trials "
-        "(one trial engine per GPU, one shared base model).",
+        choices=list(WAYS),
+        help="How search and packing run their trials, in this order: one process per trial, --fused_trials (one "
+        "trial engine per GPU, one shared base model), and --fused_trials with 8 trials at once (search only).",
     )
     parser.add_argument("--timeout", type=float, default=600, help="Seconds one tune/run.py may take.")
     parser.add_argument(

@@ -9,8 +9,9 @@
 #   fused trials only:   PARTS="search packing" WAYS=fused bash bench/gpu_run.sh
 #
 # WAYS (bench_search.py --ways; default "processes fused") picks how the search and packing steps run their trials,
-# in that order: one process per trial, and/or --fused_trials (one trial engine per GPU, one shared base model).
-# Each way adds a whole search (~150 s) to the search step and a packed run (~80 s) to the packing step, so with
+# in that order: one process per trial, --fused_trials (one trial engine per GPU, one shared base model, as many
+# trials at once as its memory plan gives it), and fused8 (fused, 8 trials at once; search only). Each way adds a
+# whole search (~150 s) to the search step and a packed run (~80 s) to the packing step, so with
 # both ways those two steps need ~450 s and ~240 s: WAYS=fused (or processes) fits them in a short lease.
 #
 # PARTS picks the steps, in order (default: the full run). Each step writes $OUT/<step>.json:
@@ -68,6 +69,14 @@ else
     || echo "!!! WHEEL INSTALL FAILED: ray/optuna/datasets parts will fail"
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   export BENCH_ASSETS=$PWD/.whl/bench-assets
+  # The wheels went in without bytecode (--no-compile). Where Python may not write it either, every process would
+  # compile Ray, Optuna, datasets and peft as it imports them (~1.3 s a process on the 2-core CPU): a cost no pip
+  # install has, inside every figure that starts a process. So compile them once, now, outside the figures.
+  if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ]; then
+    started=$SECONDS
+    "$PY" -m compileall -q -j 0 /tmp/site lorasent tune analysis bench >/dev/null 2>&1
+    echo "PYTHONDONTWRITEBYTECODE is set: wheels and repo compiled to bytecode in $((SECONDS - started))s"
+  fi
 fi
 
 echo "=== machine $(date -u +%FT%TZ) budget ${BUDGET_S}s smoke=$SMOKE ways=${WAYS[*]}"

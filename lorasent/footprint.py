@@ -1,6 +1,7 @@
 """How much accelerator memory one LoRA training run needs, known before any GPU is touched.
 
-A search packs several trials onto one GPU, and how many fit follows from this estimate (`tune/cluster.py`).
+A search packs several trials onto one GPU, as processes or as trials sharing one base model (`--fused_trials`), and
+how many fit follows from this estimate (`tune/cluster.py`).
 Activations are not guessed from a formula per architecture: the model runs one forward pass on the meta device
 (shapes only: no memory, milliseconds) while autograd's saved-tensor hooks add up what a real training step keeps
 for its backward pass. A forward pass on real tensors keeps the same tensors; a test compares the two on the CPU.
@@ -35,18 +36,44 @@ RUNTIME_BYTES = GIB
 class TrainingFootprint:
     """Bytes one training run needs on its accelerator, by what holds them."""
 
-    weights: int  # every parameter as stored: frozen base, LoRA adapter, head
-    optimizer: int  # the trainable parameters' gradients and AdamW's two moments (fp32)
-    activations: int  # the larger of: what the largest training batch keeps for backward; an evaluation batch's peak
+    frozen_weights: int  # the base model's frozen parameters, as stored
+    trained_weights: int  # the LoRA adapter and the head
+    optimizer: int  # the trained parameters' gradients and AdamW's two moments (fp32)
+    train_batch: int  # what the largest training batch keeps for its backward pass
+    eval_batch: int  # the peak of an evaluation batch's forward pass
     runtime: int = RUNTIME_BYTES
+
+    @property
+    def weights(self) -> int:
+        return self.frozen_weights + self.trained_weights
+
+    @property
+    def activations(self) -> int:
+        """Training and evaluation take turns: the larger of the two."""
+        return max(self.train_batch, self.eval_batch)
 
     @property
     def total(self) -> int:
         return self.weights + self.optimizer + self.activations + self.runtime
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in self.__dataclass_fields__)
+        parts = ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in ENTRIES)
         return f"~{self.total / GIB:.1f} GiB ({parts} GiB)"
+
+    @property
+    def per_shared_trial(self) -> int:
+        """What each run adds where several train side by side on one shared base model (`lorasent.fused`): its
+        adapter, head, optimizer state and training batch."""
+        return self.trained_weights + self.optimizer + self.train_batch
+
+    def shared_total(self, trials: int) -> int:
+        """Bytes of `trials` runs on one shared base model: the frozen base and the runtime once, each run's own, and
+        an evaluation pass where it needs more than the runs' batches (it evaluates eval-batch rows at a time)."""
+        own = trials * (self.trained_weights + self.optimizer)
+        return self.frozen_weights + self.runtime + own + max(trials * self.train_batch, self.eval_batch)
+
+
+ENTRIES = ("weights", "optimizer", "activations", "runtime")  # how `describe` breaks a footprint down
 
 
 def training_footprint(
@@ -80,10 +107,13 @@ def training_footprint(
             f"Cannot estimate the memory of model '{model_args.model_name_or_path}' on the meta device ({e}). Set "
             "--gpus_per_trial (e.g. 0.25 packs four trials per GPU) instead of leaving it automatic."
         ) from None
+    trained = sum(p.numel() * p.element_size() for p in trainable)
     return TrainingFootprint(
-        weights=sum(p.numel() * p.element_size() for p in model.parameters()),
+        frozen_weights=sum(p.numel() * p.element_size() for p in model.parameters()) - trained,
+        trained_weights=trained,
         optimizer=sum(3 * p.numel() * 4 for p in trainable),
-        activations=int(max(per_batch, eval_peak)),
+        train_batch=int(per_batch),
+        eval_batch=int(eval_peak),
     )
 
 

@@ -19,13 +19,17 @@ from lorasent.footprint import (
 )
 from lorasent.model import add_lora, build_model, meta_model
 from tune.cluster import (
+    GPU_MEMORY_USABLE,
+    MAX_SHARED_TRIALS_PER_GPU,
     MAX_TRIALS_PER_GPU,
     automatic_gpu_sharing,
     plan_resources,
     preflight,
+    shared_gpu_sharing,
     trials_per_gpu,
 )
 from tune.config import TuneArguments
+from tune.engine import EngineLayout, EnginePlan
 
 LABELS = ["negative", "positive"]
 
@@ -89,6 +93,42 @@ def test_trials_per_gpu_follow_memory() -> None:
         assert automatic_gpu_sharing(2 * GIB, footprint)[0] == 1.0
     explicit = plan_resources(TuneArguments(gpus_per_trial=0.5), [{"CPU": 16.0, "GPU": 1.0}], gpu_sharing=(share, why))
     assert explicit.gpus_per_trial == 0.5 and why not in explicit.describe()
+
+
+def test_trials_sharing_one_base_hold_it_once_and_pack_by_their_own_memory() -> None:
+    """--fused_trials: the frozen base, the runtime and an evaluation pass once per GPU, each trial its adapter, head,
+    optimizer state and batch; as many trials as fit, at most MAX_SHARED_TRIALS_PER_GPU and the search's trials."""
+    footprint = training_footprint(
+        ModelArguments(model_name_or_path=OFFLINE_MODEL), batch_size=32, max_length=512, eval_batch_size=128
+    )
+    assert footprint.shared_total(1) == footprint.total  # one trial alone needs what a trial process needs
+    assert footprint.train_batch > footprint.eval_batch  # so every further trial adds exactly its own part
+    assert footprint.shared_total(5) - footprint.shared_total(4) == footprint.per_shared_trial
+    evaluation_heavy = training_footprint(
+        ModelArguments(model_name_or_path=OFFLINE_MODEL), batch_size=2, max_length=64, eval_batch_size=512
+    )
+    assert evaluation_heavy.shared_total(2) == evaluation_heavy.total + evaluation_heavy.trained_weights + (
+        evaluation_heavy.optimizer
+    )  # two small batches still fit in what one evaluation pass needs
+
+    memory = 16 * GIB
+    share, why = shared_gpu_sharing(memory, footprint, trials=1000)
+    n = round(1 / share)
+    assert footprint.shared_total(n) <= GPU_MEMORY_USABLE * memory < footprint.shared_total(n + 1)
+    assert n > trials_per_gpu(memory, footprint.total)  # the base is held once, not once a trial
+    assert f"{n} trial(s) per GPU of 16 GiB sharing one base model (at most 32)" in why
+    assert shared_gpu_sharing(1000 * GIB, footprint, trials=1000)[0] == 1 / MAX_SHARED_TRIALS_PER_GPU
+    assert shared_gpu_sharing(1000 * GIB, footprint, trials=5)[0] == 1 / 5  # no room kept for trials never run
+    with pytest.warns(UserWarning, match="One trial may not fit a GPU of 2 GiB"):
+        assert shared_gpu_sharing(2 * GIB, footprint, trials=27)[0] == 1.0
+
+    # The plan's share becomes the engine's trials at once, and the plan's reason the engines' description.
+    plan = plan_resources(
+        TuneArguments(), [{"CPU": 16.0, "GPU": 1.0}], gpu_sharing=shared_gpu_sharing(memory, footprint, 1000)
+    )
+    layout = EngineLayout.of(plan.gpus, plan.cpus, plan.trials_per_gpu, None)
+    assert (plan.trials_per_gpu, layout.trials_at_once) == (n, n)
+    assert why in EnginePlan([], layout.trials_at_once, 1.0, why=plan.gpu_sharing).describe()
 
 
 def test_plan_without_visible_gpus_never_estimates_memory() -> None:

@@ -23,7 +23,7 @@ from lorasent.fused import FUSED_STATE
 from lorasent.model import check_model_dir
 from lorasent.predict import Predictor
 from tune import engine as engine_module
-from tune.cluster import ResourcePlan
+from tune.cluster import MAX_SHARED_TRIALS_PER_GPU, ResourcePlan
 from tune.config import METADATA_FILE, parse_args
 from tune.engine import TRIAL_CPUS, EngineLayout, folder_files, start_engines, write_files
 from tune.run import experiment_location, run_search
@@ -144,9 +144,11 @@ def test_engines_started_before_the_plan_are_kept_when_they_fit_it() -> None:
     cpu = EngineLayout.of(0, 2, None, None)
     assert (cpu.count, cpu.options, cpu.threads, cpu.trials_at_once) == (1, (("num_cpus", 1.0),), 2, 4)
     assert cpu.serves(EngineLayout.of(0, 2, None, 3)) and not cpu.serves(EngineLayout.of(0, 2, None, 5))
-    gpus = EngineLayout.of(2, 16, None, None)  # 8 per GPU at most while the plan is not known
-    assert (gpus.count, gpus.trials_at_once) == (2, 16) and dict(gpus.options) == {"num_gpus": 1, "num_cpus": 1}
+    gpus = EngineLayout.of(2, 16, None, None)  # the most that can share a GPU while the plan is not known
+    assert (gpus.count, gpus.trials_at_once) == (2, 2 * MAX_SHARED_TRIALS_PER_GPU)
+    assert dict(gpus.options) == {"num_gpus": 1, "num_cpus": 1}
     assert gpus.serves(EngineLayout.of(2, 16, 6, None))  # 6 per GPU fit in memory
+    assert gpus.serves(EngineLayout.of(2, 16, MAX_SHARED_TRIALS_PER_GPU, None))
     assert not gpus.serves(EngineLayout.of(1, 16, 6, None)) and not gpus.serves(EngineLayout.of(0, 16, None, None))
 
 

@@ -32,6 +32,12 @@ if TYPE_CHECKING:  # the footprint module imports torch and peft; the plan only 
 # (the rest is headroom for fragmentation and other processes). Where GPU memory is not known before trials start (a
 # joined or autoscaling cluster), DEFAULT_GPU_FRACTION.
 MAX_TRIALS_PER_GPU = 8
+# With --fused_trials the trials on a GPU share one base model and step together: a step of more trials is one pass
+# over more rows, not more passes. The issue's H200 anchors put a bf16 step of ~1.6k tokens (batch 16) at ~17 ms and
+# one of ~6.4k (batch 64) at ~20 ms: below ~25k tokens a step is mostly its fixed launch cost, so trials added up to
+# there come almost free (32 trials of batch 8 at ~100 tokens). At most MAX_SHARED_TRIALS_PER_GPU, as memory allows,
+# and no more than the search holds. Unmeasured on a GPU (bench/RESULTS.md, C21).
+MAX_SHARED_TRIALS_PER_GPU = 32
 GPU_MEMORY_USABLE = 0.9
 DEFAULT_GPU_FRACTION = 0.25
 UNKNOWN_GPU_MEMORY = "GPU memory not known before trials start: 0.25 GPU per trial (--gpus_per_trial chooses)"
@@ -331,6 +337,28 @@ def automatic_gpu_sharing(gpu_memory: int, footprint: TrainingFootprint) -> tupl
     return 1 / n, why
 
 
+def shared_gpu_sharing(gpu_memory: int, footprint: TrainingFootprint, trials: int) -> tuple[float, str]:
+    """(gpus_per_trial, why) for trials that share one base model per GPU (--fused_trials), for a search of `trials`
+    trials on GPUs of `gpu_memory` bytes: as many as fit, at most MAX_SHARED_TRIALS_PER_GPU and `trials`."""
+    from lorasent.footprint import GIB  # imported already: the footprint was computed
+
+    usable = GPU_MEMORY_USABLE * gpu_memory
+    most = max(1, min(MAX_SHARED_TRIALS_PER_GPU, trials))
+    n = max([k for k in range(1, most + 1) if footprint.shared_total(k) <= usable], default=1)
+    why = (
+        f"{n} trial(s) per GPU of {gpu_memory / GIB:.0f} GiB sharing one base model (at most {most}): "
+        f"~{footprint.shared_total(n) / GIB:.1f} GiB for them all, ~{footprint.per_shared_trial / GIB:.2f} GiB a trial"
+    )
+    if footprint.shared_total(1) > usable:
+        warnings.warn(
+            f"One trial may not fit a GPU of {gpu_memory / GIB:.0f} GiB: it needs {footprint.describe()}, an upper "
+            "bound. Lower per_device_train_batch_size, per_device_eval_batch_size or max_length, or use "
+            "--half_precision_base.",
+            stacklevel=2,
+        )
+    return 1 / n, why
+
+
 def plan_resources(
     tune_args: TuneArguments,
     nodes: list[dict[str, float]],
@@ -551,12 +579,14 @@ def preflight(
     tune_args: TuneArguments,
     footprint: Callable[[], TrainingFootprint] | None = None,
     early: EarlyRay | None = None,
+    shared_by: int | None = None,
 ) -> ResourcePlan | None:
     """Checks that need no Ray: the cluster address answers, or the local Ray's plan fits this machine.
 
     `footprint` gives one trial's memory, asked for only to share local GPUs automatically (without it, 0.25 GPU per
-    trial). Returns the local plan (also for the `early` Ray, which this process started for it), or None when joining
-    a cluster (planned once joined) or the caller's own Ray.
+    trial); `shared_by`: the trials of a search whose trials share one base model per GPU (--fused_trials), which
+    packs them by `shared_gpu_sharing`. Returns the local plan (also for the `early` Ray, which this process started
+    for it), or None when joining a cluster (planned once joined) or the caller's own Ray.
     """
     import ray
 
@@ -571,6 +601,8 @@ def preflight(
     automatic = footprint is not None and tune_args.gpus_per_trial is None and any(n["GPU"] for n in nodes)
     memory = local_gpu_memory() if automatic else None
     if memory is not None:
+        if shared_by is not None:
+            return plan_resources(tune_args, nodes, gpu_sharing=shared_gpu_sharing(memory, footprint(), shared_by))
         return plan_resources(tune_args, nodes, gpu_sharing=automatic_gpu_sharing(memory, footprint()))
     return plan_resources(tune_args, nodes)
 

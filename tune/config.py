@@ -187,7 +187,8 @@ class TuneArguments:
             "adapter and head, so small-batch trials fill the GPU instead of taking turns on it. Trials stay Tune "
             "trials (ASHA, Optuna, checkpoints, --resume); target_modules cannot be searched, precision is bf16 or "
             "fp32. Trials at once: --max_concurrent_trials, else per GPU 1 / --gpus_per_trial or as many as fit its "
-            "memory (up to 8), else 4 on CPUs (one CPU engine also with --gpus_per_trial 0)."
+            "memory with the base model counted once (up to 32, and no more than the search holds), else 4 on CPUs "
+            "(one CPU engine also with --gpus_per_trial 0)."
         },
     )
     max_failures: int = field(

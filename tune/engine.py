@@ -33,7 +33,7 @@ from ray import tune
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, to_dict
 from lorasent.errors import CheckpointError, ConfigError
 from lorasent.process import import_modules
-from tune.cluster import ResourcePlan, local_cpus, trials_sharing_a_gpu
+from tune.cluster import MAX_SHARED_TRIALS_PER_GPU, ResourcePlan, local_cpus, trials_sharing_a_gpu
 from tune.config import TuneArguments, apply_trial_config
 from tune.reporting import epoch_reporter
 
@@ -327,6 +327,7 @@ class EnginePlan:
     engines: list[Any]  # actor handles
     trials_at_once: int
     gpus: float  # of the cluster: the engines' share of them
+    why: str = ""  # how many trials share a GPU, and why, when that was automatic
 
     @property
     def resources_per_trial(self) -> dict[str, float]:
@@ -335,9 +336,10 @@ class EnginePlan:
 
     def describe(self) -> str:
         where = f"{len(self.engines)} GPU(s)" if self.gpus else "the CPUs"
+        why = f"\n  {self.why}" if self.why else ""
         return (
             f"Fused trials: {len(self.engines)} engine(s) on {where}, up to {self.trials_at_once} trial(s) at once "
-            f"sharing each base model; each trial process reserves {TRIAL_CPUS:g} CPU."
+            f"sharing each base model; each trial process reserves {TRIAL_CPUS:g} CPU.{why}"
         )
 
     def shutdown(self) -> None:
@@ -358,10 +360,12 @@ class EngineLayout:
 
     @classmethod
     def of(cls, gpus: float, cpus: float, trials_per_gpu: int | None, trials_at_once: int | None) -> EngineLayout:
-        """Trials at once: `trials_at_once`, else `trials_per_gpu` (8 if None) per GPU, else 4 on the CPUs."""
+        """Trials at once: `trials_at_once`, else `trials_per_gpu` (if None, MAX_SHARED_TRIALS_PER_GPU) per GPU, else
+        4 on the CPUs."""
         count = int(gpus)
         if count:
-            options, threads, per_engine = (("num_gpus", 1), ("num_cpus", 1)), 2, trials_per_gpu or 8
+            options, threads = (("num_gpus", 1), ("num_cpus", 1)), 2
+            per_engine = trials_per_gpu or MAX_SHARED_TRIALS_PER_GPU
         else:  # the rest of the CPUs for Tune and the light trial processes
             options, threads, per_engine = (("num_cpus", max(1.0, cpus - 1)),), max(1, math.floor(cpus)), 4
         return cls(max(count, 1), float(count), options, threads, trials_at_once or per_engine * max(count, 1))
@@ -402,7 +406,7 @@ def launch_engines_early(
     """Start a local search's engines on the Ray it just started, before its checks: as the plan will place them
     (the GPUs Ray counted, unless --gpus_per_trial 0), with room for as many trials as the plan can give them."""
     gpus = ray.cluster_resources().get("GPU", 0.0) if tune_args.gpus_per_trial != 0 else 0.0
-    per_gpu = trials_sharing_a_gpu(tune_args.gpus_per_trial)  # None: from memory, at most 8
+    per_gpu = trials_sharing_a_gpu(tune_args.gpus_per_trial)  # None: from memory, the most that can share a GPU
     layout = EngineLayout.of(gpus, local_cpus(tune_args), per_gpu, tune_args.max_concurrent_trials)
     return LaunchedEngines(layout, layout.launch(data_args, model_args, train_args))
 
@@ -447,7 +451,7 @@ def start_engines(
             ) from None
         cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e  # `prepare` raised it, or the engine died
         raise ConfigError(f"The trial engine could not load the base model: {type(cause).__name__}: {cause}") from None
-    return EnginePlan(engines, layout.trials_at_once, gpus)
+    return EnginePlan(engines, layout.trials_at_once, gpus, why="" if trials_at_once or not gpus else plan.gpu_sharing)
 
 
 def fused_train_trial(config: dict[str, Any], base: dict[str, Any]) -> None:

@@ -275,10 +275,17 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> Checke
     if t.fused_trials:
         check_shareable(args.model, args.train, searched=space)
     search.check_target_modules(space, args.model)  # before the memory plan (which builds the model) and the data
-    # The address answers, or the local Ray's plan fits (trials per GPU from one trial's memory): before any trial.
-    # Trials that share engines hold almost nothing themselves: how many run at once is the engines' to say.
+    # The address answers, or the local Ray's plan fits (trials per GPU from one trial's memory; for trials that
+    # share a base model, from the base's memory once and each trial's own, up to the trials the search holds):
+    # before any trial. Trials that share engines hold almost nothing themselves: how many run at once is the
+    # engines' to say.
     plan_args = dataclasses.replace(t, max_concurrent_trials=None) if t.fused_trials else t
-    plan = cluster.preflight(plan_args, lambda: search.trial_footprint(space, args.data, args.model, args.train), early)
+    plan = cluster.preflight(
+        plan_args,
+        lambda: search.trial_footprint(space, args.data, args.model, args.train),
+        early,
+        shared_by=search.expected_trials(t, space) if t.fused_trials else None,
+    )
     if plan is not None:  # a local Ray: its trials' resources are known, so is what they can train with
         resources = {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial}
         trial_train_arguments(args.data, args.train, metric=t.metric, **resources)
