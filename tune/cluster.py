@@ -327,13 +327,7 @@ def automatic_gpu_sharing(gpu_memory: int, footprint: TrainingFootprint) -> tupl
 
     n = trials_per_gpu(gpu_memory, footprint.total)
     why = f"{n} trial(s) per GPU of {gpu_memory / GIB:.0f} GiB: each trial needs {footprint.describe()}"
-    if footprint.total > GPU_MEMORY_USABLE * gpu_memory:
-        warnings.warn(
-            f"One trial may not fit a GPU of {gpu_memory / GIB:.0f} GiB: it needs {footprint.describe()}, an upper "
-            "bound. Lower per_device_train_batch_size, per_device_eval_batch_size or max_length, or use "
-            "--half_precision_base; each trial gets a whole GPU.",
-            stacklevel=2,
-        )
+    _warn_if_one_trial_does_not_fit(gpu_memory, footprint)
     return 1 / n, why
 
 
@@ -349,14 +343,21 @@ def shared_gpu_sharing(gpu_memory: int, footprint: TrainingFootprint, trials: in
         f"{n} trial(s) per GPU of {gpu_memory / GIB:.0f} GiB sharing one base model (at most {most}): "
         f"~{footprint.shared_total(n) / GIB:.1f} GiB for them all, ~{footprint.per_shared_trial / GIB:.2f} GiB a trial"
     )
-    if footprint.shared_total(1) > usable:
+    _warn_if_one_trial_does_not_fit(gpu_memory, footprint)  # one trial on a base needs what a trial process needs
+    return 1 / n, why
+
+
+def _warn_if_one_trial_does_not_fit(gpu_memory: int, footprint: TrainingFootprint) -> None:
+    """Warn (at the plan's caller) where even one trial may not fit: it then gets a whole GPU."""
+    from lorasent.footprint import GIB
+
+    if footprint.total > GPU_MEMORY_USABLE * gpu_memory:
         warnings.warn(
             f"One trial may not fit a GPU of {gpu_memory / GIB:.0f} GiB: it needs {footprint.describe()}, an upper "
             "bound. Lower per_device_train_batch_size, per_device_eval_batch_size or max_length, or use "
-            "--half_precision_base.",
-            stacklevel=2,
+            "--half_precision_base; each trial gets a whole GPU.",
+            stacklevel=3,
         )
-    return 1 / n, why
 
 
 def plan_resources(
