@@ -586,7 +586,7 @@ def configs(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
             tpe = OptunaSearch(points_to_evaluate=points, sampler=optuna.samplers.TPESampler(seed=seed))
             ways = {
                 "TPE alone": ConcurrencyLimiter(tpe, 8),
-                "lorasent": searching.build_searcher(a.tune, searched, points, 8),
+                "lorasent": searching.build_searcher(a.tune, searched, points, 8).searcher,
             }
             for way, searcher in ways.items():
                 proposed, shortfall = simulated_search(searcher, param_space, trials, seed)

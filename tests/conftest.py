@@ -52,6 +52,15 @@ def start_search(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
         )
 
 
+def exit_code(proc: subprocess.Popen, log: Path, timeout: float) -> int:
+    """`proc`'s exit code once it ends; a run still going after `timeout` seconds fails the test with its output's
+    end (a hang shows where it hangs)."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout:g} s; its output ends:\n{log.read_text()[-6000:]}")
+
+
 def kill_search(proc: subprocess.Popen) -> None:
     """Kill whatever is left of a `start_search` run's process group (its Ray processes), by the group id."""
     with contextlib.suppress(ProcessLookupError):
@@ -97,7 +106,7 @@ def smoke_search(tmp_path_factory: pytest.TempPathFactory) -> SmokeSearch:
     log = root / "smoke.log"
     process = start_search(["--smoke-test", "--storage_path", str(root / "runs"), "--name", "smoke"], root, log)
     try:
-        code = process.wait(timeout=400)
+        code = exit_code(process, log, timeout=400)
     finally:
         kill_search(process)
     output = log.read_text()

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, SmokeSearch, kill_search, start_search
+import ray.tune.search.optuna  # noqa: F401  (imported now: the searcher's files are unpickled while trials run)
+from conftest import REPO, SmokeSearch, exit_code, kill_search, start_search
 
 from tune.cluster import saved_trial_statuses
 
@@ -44,8 +48,10 @@ def test_smoke_test_runs_end_to_end(smoke_search: SmokeSearch) -> None:
     assert set(_trial_states(experiment).values()) == {"TERMINATED"}
 
 
-@pytest.mark.parametrize("way", [[], ["--fused_trials"]], ids=["processes", "fused"])
-def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_path: Path, way: list[str]) -> None:
+def _killed_search(tmp_path: Path, way: list[str], on_state: Callable[[Path], None] = lambda _: None) -> Path:
+    """Start a search of 6 trials of 3 epochs, one at a time, and SIGKILL its driver once two trials have finished
+    in its saved state (the driver dies at once: no handler, no last snapshot); `on_state(experiment)` runs at each
+    look before. Returns the experiment folder, with `latest` in its storage folder pointing at it."""
     storage = tmp_path / "runs"
     experiment = storage / "killed"
     argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "3", "--max_concurrent_trials", "1", *way]
@@ -56,21 +62,26 @@ def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_p
             log = (tmp_path / "first.log").read_text
             assert first.poll() is None, f"the search ended before it was killed: {log()}"
             assert time.monotonic() < deadline, f"no trial finished in time: {log()}"
+            on_state(experiment)
             time.sleep(0.2)
-        first.send_signal(signal.SIGKILL)  # the driver dies at once: no handler, no last snapshot
+        first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
         kill_search(first)
+    return experiment
 
+
+def _resume_keeps_the_finished_and_runs_the_rest(tmp_path: Path, experiment: Path) -> None:
+    """`--resume` of a killed 6-trial search: it finishes with exactly the 6 trials, each finished one untouched."""
     before = _trial_states(experiment)
     finished = {trial for trial, status in before.items() if status == "TERMINATED"}
-    assert 2 <= len(finished) < 6
+    assert 1 <= len(finished) < 6
     finished_results = {trial: _results(experiment, trial) for trial in finished}
 
     log = tmp_path / "resume.log"
-    second = start_search(["--resume", str(storage / "latest")], tmp_path, log)
+    second = start_search(["--resume", str(experiment.parent / "latest")], tmp_path, log)
     try:
-        assert second.wait(timeout=400) == 0, log.read_text()
+        assert exit_code(second, log, timeout=400) == 0, log.read_text()
     finally:
         kill_search(second)
     out = log.read_text()
@@ -85,6 +96,57 @@ def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_p
     for trial in after:  # every trial reported each of its epochs
         epochs = [json.loads(line)["training_iteration"] for line in _results(experiment, trial).splitlines()]
         assert sorted(set(epochs)) == list(range(1, max(epochs) + 1)) and max(epochs) <= 3
+
+
+@pytest.mark.parametrize("way", [[], ["--fused_trials"]], ids=["processes", "fused"])
+def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_path: Path, way: list[str]) -> None:
+    _resume_keeps_the_finished_and_runs_the_rest(tmp_path, _killed_search(tmp_path, way))
+
+
+# Ray's saved state, by what it holds, with how to read it: the trials, and the searcher (pickles, whatever the name
+# says): Optuna's study and its wrappers, or random (and grid) search
+SAVED_STATE = {
+    "trials": (("experiment_state-*.json", json.loads),),
+    "optuna": (("searcher-state-*.pkl", pickle.loads), ("search_gen_state-*.json", pickle.loads)),
+    "random": (("basic-variant-state-*.json", pickle.loads),),
+}
+
+
+@pytest.mark.parametrize(
+    ("searcher", "behind"),
+    [("optuna", "optuna"), ("random", "random"), ("optuna", "trials")],
+    ids=["optuna-searcher-behind", "random-searcher-behind", "trials-behind"],
+)
+def test_resume_with_the_searcher_and_the_trials_saved_a_snapshot_apart(
+    tmp_path: Path, searcher: str, behind: str
+) -> None:
+    """Ray saves the trials, then the searcher, and a thread copies them to storage: a driver killed in between
+    leaves them a snapshot apart. Here one of them (`behind`) is put back as it was while one trial had finished,
+    beside the other as it was when two had. Restored as they are, the searcher counts a trial as running for ever
+    (one that has finished, or one the trials never held), so its concurrency limit (1) is never free again (a killed
+    search in CI hung so), and it makes a trial too many or too few; --resume must finish the search, with each of
+    its 6 trials once."""
+    earlier = tmp_path / "earlier"
+
+    def keep_the_state_while_one_trial_has_finished(experiment: Path) -> None:
+        if sum(s == "TERMINATED" for s in _trial_states(experiment).values()) != 1:
+            return
+        for pattern, load in SAVED_STATE[behind]:
+            for file in experiment.glob(pattern):
+                data = file.read_bytes()
+                try:
+                    load(data)  # a whole file, not one caught mid-write
+                except (pickle.UnpicklingError, EOFError, ValueError):
+                    continue
+                earlier.mkdir(exist_ok=True)
+                (earlier / file.name).write_bytes(data)
+
+    experiment = _killed_search(tmp_path, ["--searcher", searcher], keep_the_state_while_one_trial_has_finished)
+    kept = list(earlier.iterdir())
+    assert len(kept) == len(SAVED_STATE[behind]), kept
+    for file in kept:
+        shutil.copyfile(file, experiment / file.name)
+    _resume_keeps_the_finished_and_runs_the_rest(tmp_path, experiment)
 
 
 def _interrupt_after_a_trial_finished(tmp_path: Path, name: str, ctrl_c: int) -> tuple[Path, str]:

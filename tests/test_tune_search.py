@@ -83,7 +83,7 @@ def test_searchers_and_scheduler() -> None:
     points = search.starting_points(a.tune, space, a.model, a.train)
     # The point leaves learning_rate and batch size out: they come from the flags (learning_rate's default 5e-4).
     assert points == [{"learning_rate": 5e-4, "per_device_train_batch_size": 8, "lora_r": 4}]
-    limited = search.build_searcher(a.tune, space, points, max_concurrent=2)
+    limited = search.build_searcher(a.tune, space, points, max_concurrent=2).searcher
     assert isinstance(limited, ConcurrencyLimiter) and isinstance(limited.searcher, OptunaSearch)
     assert limited.max_concurrent == 2
     random = search.build_searcher(_args("--searcher", "random").tune, space, points, max_concurrent=2)
@@ -94,7 +94,7 @@ def test_searchers_and_scheduler() -> None:
     assert search.num_samples(drawn.tune, choices) == 4 and "holds 4 configurations" in search.fewer_trials_note(
         drawn.tune, choices
     )
-    searcher = search.build_searcher(drawn.tune, choices, [], max_concurrent=4)
+    searcher = search.build_searcher(drawn.tune, choices, [], max_concurrent=4).searcher
     searcher.set_search_properties("accuracy", "max", param_space)
     drawn_configs = sorted((c["lora_r"], c["per_device_train_batch_size"]) for c in map(searcher.suggest, "0123"))
     assert drawn_configs == [(2, 8), (2, 16), (4, 8), (4, 16)]
@@ -109,7 +109,7 @@ def test_searchers_and_scheduler() -> None:
     assert search.fewer_trials_note(one.tune, single).startswith(
         "The search space holds 1 configuration: running 1 trial,"
     )
-    searcher = search.build_searcher(ints.tune, finite, [], max_concurrent=12)
+    searcher = search.build_searcher(ints.tune, finite, [], max_concurrent=12).searcher
     searcher.set_search_properties("accuracy", "max", param_space)
     configs = [searcher.suggest(str(i)) for i in range(12)]
     assert len({tuple(sorted(c.items())) for c in configs}) == 12 and {c["lora_alpha"] for c in configs} == {8, 9, 10}

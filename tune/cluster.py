@@ -147,20 +147,41 @@ def read_trial_data(fs: Any, state_file: str) -> list[Any]:
         return json.loads(f.read().decode("utf-8"))["trial_data"]
 
 
+@dataclass(frozen=True)
+class SavedTrial:
+    """A trial as the experiment's newest saved state holds it."""
+
+    trial_id: str
+    folder: str  # its folder's name in the experiment folder
+    status: str  # Ray's: PENDING, RUNNING, PAUSED, TERMINATED or ERROR
+    last_result: dict[str, Any]  # its last report ({} before the first)
+
+
+def saved_trials(experiment_path: str) -> list[SavedTrial] | None:
+    """The trials in the experiment's newest saved state (the one a resume starts from), or None when there is none
+    to read (none yet, or caught mid-write)."""
+    try:
+        newest = newest_experiment_state(experiment_path)
+        if newest is None:
+            return None
+        trials = []
+        for trial_json, runtime_json in read_trial_data(*newest):
+            trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+            folder, status = trial["relative_logdir"], trial["status"]
+            trials.append(SavedTrial(trial["trial_id"], folder, status, runtime.get("last_result") or {}))
+        return trials
+    except (ConfigError, OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
 def saved_trial_statuses(experiment_path: str) -> dict[str, str] | None:
     """Trial folder name -> status in the experiment's newest saved state, or None when there is none to read.
 
     After Ctrl-C, Ray saves the state and then marks the trials it stops TERMINATED in memory only: the saved state
     is the one that says which trials had finished.
     """
-    try:
-        newest = newest_experiment_state(experiment_path)
-        if newest is None:
-            return None
-        trials = [json.loads(trial_json) for trial_json, _ in read_trial_data(*newest)]
-        return {trial["relative_logdir"]: trial["status"] for trial in trials}
-    except (ConfigError, OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None
+    trials = saved_trials(experiment_path)
+    return None if trials is None else {trial.folder: trial.status for trial in trials}
 
 
 def update_latest_link(storage_path: str, experiment_name: str) -> Path | None:

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace
 from lorasent.errors import ConfigError
 from tune.config import SEARCHABLE, ParamSpec, SearchSpace, TuneArguments, parse_search_space, typed_value
+from tune.resumable import ResumableSearchGenerator, ResumableVariantGenerator
 
 if TYPE_CHECKING:
     from lorasent.footprint import TrainingFootprint
@@ -132,8 +133,9 @@ def distinct_configurations(tune_args: TuneArguments, space: SearchSpace) -> int
 
 def build_searcher(
     tune_args: TuneArguments, space: SearchSpace, points: list[dict[str, Any]], max_concurrent: int
-) -> ConcurrencyLimiter | BasicVariantGenerator:
-    """Optuna TPE behind a ConcurrencyLimiter (TPE learns little from many pending trials), or seeded random/grid.
+) -> ResumableSearchGenerator | ResumableVariantGenerator:
+    """Optuna TPE behind a ConcurrencyLimiter (TPE learns little from many pending trials), or seeded random/grid;
+    either restores consistent with the trials on --resume (`tune.resumable`).
     Over a finite space, each configuration is proposed once until all have been tried (`DistinctSampler` around
     TPE, or around Optuna's random sampler: random search without replacement, as scikit-learn's ParameterSampler
     does over lists)."""
@@ -152,8 +154,8 @@ def build_searcher(
             domains = {name: _domain(spec, tune_args.searcher) for name, spec in space.items()}
             sampler = DistinctSampler(sampler, OptunaSearch.convert_search_space(domains), seed=seed)
         optuna_search = OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
-        return ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent)
-    return BasicVariantGenerator(
+        return ResumableSearchGenerator(ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent))
+    return ResumableVariantGenerator(
         points_to_evaluate=(points or None) if tune_args.searcher == "random" else None,
         max_concurrent=max_concurrent,
         random_state=tune_args.search_seed,
