@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import psutil
@@ -20,7 +20,7 @@ import pytest
 import ray.tune.search.optuna  # noqa: F401  (imported now: the searcher's files are unpickled while trials run)
 from conftest import REPO, SmokeSearch, exit_code, kill_search, start_search
 
-from tune.cluster import saved_trial_statuses
+from tune.cluster import saved_trial_statuses, saved_trials
 
 pytestmark = pytest.mark.ray
 
@@ -48,22 +48,43 @@ def test_smoke_test_runs_end_to_end(smoke_search: SmokeSearch) -> None:
     assert set(_trial_states(experiment).values()) == {"TERMINATED"}
 
 
-def _killed_search(tmp_path: Path, way: list[str], on_state: Callable[[Path], None] = lambda _: None) -> Path:
-    """Start a search of 6 trials of 3 epochs, one at a time, and SIGKILL its driver once two trials have finished
-    in its saved state (the driver dies at once: no handler, no last snapshot); `on_state(experiment)` runs at each
-    look before. Returns the experiment folder, with `latest` in its storage folder pointing at it."""
+def _two_finished(experiment: Path) -> bool:
+    return sum(s == "TERMINATED" for s in _trial_states(experiment).values()) >= 2
+
+
+def _searcher_saved_whole(experiment: Path) -> bool:
+    """Whether none of the searcher's files in storage is cut short (Ray's thread copies them there after each
+    snapshot): each is a pickle, which ends with its STOP opcode."""
+    patterns = ("search_gen_state-*", "searcher-state-*", "basic-variant-state-*")
+    return all(file.read_bytes().endswith(pickle.STOP) for pattern in patterns for file in experiment.glob(pattern))
+
+
+def _killed_search(
+    tmp_path: Path,
+    way: list[str],
+    on_state: Callable[[Path], None] = lambda _: None,
+    until: Callable[[Path], bool] = _two_finished,
+    epochs: int = 3,
+) -> Path:
+    """Start a search of 6 trials of `epochs` epochs, one at a time, and SIGKILL its driver once `until(experiment)`
+    holds (by default: two trials have finished in its saved state); the driver dies at once: no handler, no last
+    snapshot. `on_state(experiment)` runs at each look before. Returns the experiment folder, with `latest` in its
+    storage folder pointing at it."""
     storage = tmp_path / "runs"
     experiment = storage / "killed"
-    argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", "3", "--max_concurrent_trials", "1", *way]
+    argv = ["--smoke-test", "--num_samples", "6", "--num_train_epochs", str(epochs), "--max_concurrent_trials", "1"]
+    argv += way
     first = start_search([*argv, "--storage_path", str(storage), "--name", "killed"], tmp_path, tmp_path / "first.log")
     try:
         deadline = time.monotonic() + 300
-        while sum(s == "TERMINATED" for s in _trial_states(experiment).values()) < 2:
+        while not until(experiment):
             log = (tmp_path / "first.log").read_text
             assert first.poll() is None, f"the search ended before it was killed: {log()}"
-            assert time.monotonic() < deadline, f"no trial finished in time: {log()}"
+            assert time.monotonic() < deadline, f"no kill point in time: {log()}"
             on_state(experiment)
             time.sleep(0.2)
+        while not _searcher_saved_whole(experiment):  # a kill mid-copy has tests of its own
+            time.sleep(0.005)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
@@ -71,8 +92,11 @@ def _killed_search(tmp_path: Path, way: list[str], on_state: Callable[[Path], No
     return experiment
 
 
-def _resume_keeps_the_finished_and_runs_the_rest(tmp_path: Path, experiment: Path) -> None:
-    """`--resume` of a killed 6-trial search: it finishes with exactly the 6 trials, each finished one untouched."""
+def _resume_keeps_the_finished_and_runs_the_rest(
+    tmp_path: Path, experiment: Path, epochs: int = 3, gapped: Collection[str] = ()
+) -> None:
+    """`--resume` of a killed 6-trial search: it finishes with exactly the 6 trials, each finished one untouched;
+    the trials `gapped` (folder names) may lack the reports their checkpoint was restored past."""
     before = _trial_states(experiment)
     finished = {trial for trial, status in before.items() if status == "TERMINATED"}
     assert 1 <= len(finished) < 6
@@ -86,6 +110,8 @@ def _resume_keeps_the_finished_and_runs_the_rest(tmp_path: Path, experiment: Pat
         kill_search(second)
     out = log.read_text()
     assert f"Resuming {experiment}" in out and "Search finished" in out
+    # A checkpoint deleted after the snapshot is one INFO line, where Ray logs an ERROR with a traceback
+    assert "Error handling checkpoint" not in out, out
 
     after = _trial_states(experiment)
     assert len(after) == 6, f"trials were added or lost: {sorted(after)}"  # the searcher did not start over
@@ -93,14 +119,34 @@ def _resume_keeps_the_finished_and_runs_the_rest(tmp_path: Path, experiment: Pat
     assert finished <= set(after)
     for trial in finished:  # kept as they were: not re-run, not a single result row added
         assert _results(experiment, trial) == finished_results[trial], f"finished trial {trial} was run again"
-    for trial in after:  # every trial reported each of its epochs
-        epochs = [json.loads(line)["training_iteration"] for line in _results(experiment, trial).splitlines()]
-        assert sorted(set(epochs)) == list(range(1, max(epochs) + 1)) and max(epochs) <= 3
+    for trial in after:  # every trial reported each of its epochs (a restored one again those since its checkpoint)
+        reported = [json.loads(line)["training_iteration"] for line in _results(experiment, trial).splitlines()]
+        if trial in gapped:  # reports after the last snapshot died with the driver: it went on from where it got
+            assert reported == sorted(set(reported)), reported
+            metas = experiment.glob(f"{trial}/checkpoint_*/lorasent.json")
+            trained = [json.loads(meta.read_text())["metrics"]["epoch"] for meta in metas]
+            assert max(trained) == epochs, trained
+        else:
+            assert sorted(set(reported)) == list(range(1, max(reported) + 1)) and max(reported) <= epochs
 
 
-@pytest.mark.parametrize("way", [[], ["--fused_trials"]], ids=["processes", "fused"])
-def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(tmp_path: Path, way: list[str]) -> None:
-    _resume_keeps_the_finished_and_runs_the_rest(tmp_path, _killed_search(tmp_path, way))
+@pytest.mark.parametrize(
+    ("way", "moved"), [([], False), (["--fused_trials"], False), ([], True)], ids=["processes", "fused", "moved"]
+)
+def test_killed_search_resumes_without_losing_or_rerunning_finished_trials(
+    tmp_path: Path, way: list[str], moved: bool
+) -> None:
+    """Resumed where it ran, or copied elsewhere first (another disk, another machine): there Ray alone would put
+    the trials the searcher has yet to make back where the search started."""
+    experiment = _killed_search(tmp_path, way)
+    if moved:
+        started, copied = experiment, {path.name for path in experiment.iterdir()}
+        shutil.copytree(experiment.parent, tmp_path / "elsewhere", symlinks=True)
+        experiment = tmp_path / "elsewhere" / experiment.name
+    _resume_keeps_the_finished_and_runs_the_rest(tmp_path, experiment)
+    if moved:  # what the resume wrote (its trials, its state files) is where it ran, none of it where the search began
+        written = {path.name for path in experiment.iterdir()} - copied
+        assert written and not written & {path.name for path in started.iterdir()}
 
 
 # Ray's saved state, by what it holds, with how to read it: the trials, and the searcher (pickles, whatever the name
@@ -147,6 +193,57 @@ def test_resume_with_the_searcher_and_the_trials_saved_a_snapshot_apart(
     for file in kept:
         shutil.copyfile(file, experiment / file.name)
     _resume_keeps_the_finished_and_runs_the_rest(tmp_path, experiment)
+
+
+def test_resume_with_optunas_saved_study_cut_short(tmp_path: Path) -> None:
+    """Ray copies the searcher's files to storage after the trials: a kill during that copy leaves Optuna's study
+    (searcher-state-*.pkl) cut short. Ray alone starts the whole experiment afresh then (and a CI run hung so);
+    --resume must rebuild the study from the finished trials and finish the search, with each of its 6 trials once."""
+    experiment = _killed_search(tmp_path, [])
+    (study,) = experiment.glob("searcher-state-*.pkl")
+    study.write_bytes(study.read_bytes()[: study.stat().st_size // 2])
+    _resume_keeps_the_finished_and_runs_the_rest(tmp_path, experiment)
+    assert "rebuilt from the finished trials' results" in (tmp_path / "resume.log").read_text()
+
+
+def test_resume_with_the_searchers_wrappers_cut_short_is_refused(smoke_search: SmokeSearch, tmp_path: Path) -> None:
+    """Cut short, the searcher's wrappers (search_gen_state-*.json: the trials made, the experiment's spec) cannot be
+    rebuilt, and Ray would start the experiment afresh: refused before Ray starts, naming the file."""
+    copy = tmp_path / "runs" / "smoke"
+    shutil.copytree(smoke_search.experiment, copy, symlinks=True)
+    (wrappers,) = copy.glob("search_gen_state-*.json")
+    wrappers.write_bytes(wrappers.read_bytes()[:-100])
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tune" / "run.py"), "--resume", str(copy)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"its Ray Tune state file {wrappers.name} is damaged" in run.stderr and "Ray dashboard" not in run.stdout
+
+
+def test_resume_when_a_trials_latest_checkpoint_was_deleted_after_the_snapshot(tmp_path: Path) -> None:
+    """Ray deletes a trial's older checkpoints (--keep_checkpoints) as soon as it reports a new one: a driver killed
+    before its next snapshot leaves the snapshot naming a deleted checkpoint as the trial's latest. Here the driver
+    dies while a trial runs with two epochs saved, and the checkpoint its snapshot names goes: Ray alone fails that
+    trial's restore on every retry; --resume must go on from the trial's nearest checkpoint that exists."""
+
+    def a_trial_running_with_two_epochs_saved(experiment: Path) -> bool:
+        trials = saved_trials(str(experiment)) or []
+        done = any(t.status == "TERMINATED" for t in trials)
+        return done and any(t.status == "RUNNING" and t.last_result.get("training_iteration", 0) >= 2 for t in trials)
+
+    way = ["--scheduler", "none"]  # every trial runs all its epochs: none is stopped before the kill point
+    experiment = _killed_search(tmp_path, way, until=a_trial_running_with_two_epochs_saved, epochs=6)
+    running = [t for t in saved_trials(str(experiment)) or [] if t.status == "RUNNING"]
+    assert running
+    for trial in running:
+        named = experiment / trial.folder / trial.last_result["checkpoint_dir_name"]
+        assert len(list(named.parent.glob("checkpoint_*"))) >= 2  # the best one is kept beside the latest
+        shutil.rmtree(named)
+    _resume_keeps_the_finished_and_runs_the_rest(tmp_path, experiment, epochs=6, gapped={t.folder for t in running})
 
 
 def _interrupt_after_a_trial_finished(tmp_path: Path, name: str, ctrl_c: int) -> tuple[Path, str]:

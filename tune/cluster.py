@@ -155,6 +155,7 @@ class SavedTrial:
     folder: str  # its folder's name in the experiment folder
     status: str  # Ray's: PENDING, RUNNING, PAUSED, TERMINATED or ERROR
     last_result: dict[str, Any]  # its last report ({} before the first)
+    config: dict[str, Any]  # its hyperparameters
 
 
 def saved_trials(experiment_path: str) -> list[SavedTrial] | None:
@@ -168,7 +169,8 @@ def saved_trials(experiment_path: str) -> list[SavedTrial] | None:
         for trial_json, runtime_json in read_trial_data(*newest):
             trial, runtime = json.loads(trial_json), json.loads(runtime_json)
             folder, status = trial["relative_logdir"], trial["status"]
-            trials.append(SavedTrial(trial["trial_id"], folder, status, runtime.get("last_result") or {}))
+            last_result, config = runtime.get("last_result") or {}, trial.get("config") or {}
+            trials.append(SavedTrial(trial["trial_id"], folder, status, last_result, config))
         return trials
     except (ConfigError, OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         return None

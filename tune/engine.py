@@ -35,9 +35,9 @@ from lorasent.errors import CheckpointError, ConfigError
 from lorasent.process import import_modules
 from tune.cluster import MAX_SHARED_TRIALS_PER_GPU, ResourcePlan, local_cpus, trials_sharing_a_gpu
 from tune.config import TuneArguments, apply_trial_config
-from tune.reporting import epoch_reporter
+from tune.reporting import META_FILE, epoch_reporter
+from tune.resumable import restorable
 
-META_FILE = "lorasent.json"  # lorasent.model.META_FILE, named here so that trial processes need not import torch
 TRIAL_CPUS = 0.01  # what a trial process reserves: it waits on its engine, which does the work
 # A lost engine (e.g. killed for memory) comes back, and the epochs it was running run again there: a request holds
 # all an epoch needs (the hyperparameters and the last checkpoint), so running it twice is harmless.
@@ -505,4 +505,4 @@ def make_fused_trainable(
         "mode": mode,
         "engines": plan.engines,
     }
-    return tune.with_resources(tune.with_parameters(fused_train_trial, base=base), {"cpu": TRIAL_CPUS})
+    return restorable(tune.with_resources(tune.with_parameters(fused_train_trial, base=base), {"cpu": TRIAL_CPUS}))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import pickle
@@ -114,13 +115,19 @@ def _damaged_state(path: str | Path, filename: str, error: BaseException) -> Exp
 
 
 def _check_experiment_state(path: Path) -> None:
-    """Refuse an experiment whose newest experiment_state file does not parse: Ray would silently start it afresh."""
+    """Refuse an experiment whose newest experiment_state file does not parse, or whose searcher's saved wrappers
+    were cut short (a kill while Ray copied them): Ray would silently start it afresh. (Optuna's own file, cut
+    short, is rebuilt from the trials: `tune.resumable`.)"""
     newest = newest_experiment_state(str(path))
     if newest is not None:
         try:
             read_trial_data(*newest)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise _damaged_state(path, Path(newest[1]).name, e) from None
+    for pattern in ("search_gen_state-*.json", "basic-variant-state-*.json"):  # pickles, whatever the name says
+        files = sorted(path.glob(pattern))
+        if files and not files[-1].read_bytes().endswith(pickle.STOP):  # the newest, as Ray picks it
+            raise _damaged_state(path, files[-1].name, EOFError("the file was cut short"))
 
 
 def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> int:
@@ -377,6 +384,10 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
             os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         if t.resume:
             print(f"Resuming {experiment_path}: finished trials are kept, the rest continue from their checkpoints.")
+            from tune.resumable import AlreadyDeletedCheckpoint, resuming_at
+
+            logging.getLogger(AlreadyDeletedCheckpoint.LOGGER).addFilter(AlreadyDeletedCheckpoint())
+            resuming_at(storage_path, name)
             try:
                 tuner = tune.Tuner.restore(
                     experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True

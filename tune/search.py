@@ -154,7 +154,8 @@ def build_searcher(
             domains = {name: _domain(spec, tune_args.searcher) for name, spec in space.items()}
             sampler = DistinctSampler(sampler, OptunaSearch.convert_search_space(domains), seed=seed)
         optuna_search = OptunaSearch(points_to_evaluate=points or None, sampler=sampler)
-        return ResumableSearchGenerator(ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent))
+        limiter = ConcurrencyLimiter(optuna_search, max_concurrent=max_concurrent)
+        return ResumableSearchGenerator(limiter, tune_args.metric, tune_args.mode)
     return ResumableVariantGenerator(
         points_to_evaluate=(points or None) if tune_args.searcher == "random" else None,
         max_concurrent=max_concurrent,

@@ -24,6 +24,7 @@ from lorasent.metrics import metric_names
 from lorasent.process import import_modules
 from tune.config import apply_trial_config
 from tune.reporting import epoch_reporter
+from tune.resumable import restorable
 
 
 def require_gpu(gpus: float) -> None:
@@ -157,4 +158,4 @@ def make_trainable(
         "gpus_per_trial": gpus_per_trial,
     }
     resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(train_trial, base=base), resources)
+    return restorable(tune.with_resources(tune.with_parameters(train_trial, base=base), resources))
