@@ -100,7 +100,11 @@ class FaultInjector(threading.Thread):
         """learning rate -> {worker pid -> the latest result row that worker reported}."""
         seen: dict[float, dict[int, dict[str, Any]]] = {}
         for root, pattern in self.patterns:
-            for result_file in root.glob(pattern):
+            try:
+                result_files = list(root.glob(pattern))
+            except FileNotFoundError:  # a folder went while it was listed (Ray re-points session_latest): next round
+                continue
+            for result_file in result_files:
                 try:
                     lr = json.loads(result_file.with_name("params.json").read_text())["learning_rate"]
                 except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
