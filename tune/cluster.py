@@ -624,11 +624,13 @@ def preflight(
     nodes = local_nodes(tune_args)
     automatic = footprint is not None and tune_args.gpus_per_trial is None and any(n["GPU"] for n in nodes)
     memory = local_gpu_memory() if automatic else None
-    if memory is not None:
-        if shared_by is not None:
-            return plan_resources(tune_args, nodes, gpu_sharing=shared_gpu_sharing(memory, footprint(), shared_by))
-        return plan_resources(tune_args, nodes, gpu_sharing=automatic_gpu_sharing(memory, footprint()))
-    return plan_resources(tune_args, nodes)
+    if memory is None:
+        return plan_resources(tune_args, nodes)
+    if shared_by is not None:
+        sharing = shared_gpu_sharing(memory, footprint(), shared_by)
+    else:
+        sharing = automatic_gpu_sharing(memory, footprint())
+    return plan_resources(tune_args, nodes, gpu_sharing=sharing)
 
 
 class EarlyRay:

@@ -33,7 +33,7 @@ from ray.tune.experiment import Trial
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.utils.util import _load_newest_checkpoint
 
-from tune.cluster import saved_trials
+from tune.cluster import SavedTrial, saved_trials
 from tune.reporting import META_FILE
 
 FINISHED = "TERMINATED"  # errored trials are not finished: --resume runs them again
@@ -70,13 +70,13 @@ class ResumableSearchGenerator(SearchGenerator):
         self.objective = (metric, mode)  # what Tune gives the searcher when the search starts, and not on a resume
 
     def restore_from_dir(self, dirpath: str) -> None:
+        trials = saved_trials(dirpath)  # Ray has just copied the experiment's state files here, and restores them
         try:
             super().restore_from_dir(dirpath)
         except (EOFError, pickle.UnpicklingError):
-            self._restore_without_the_searchers_file(dirpath)
+            self._restore_without_the_searchers_file(dirpath, trials or [])
         if self._experiment is not None and "storage" in self._experiment.spec:  # of the trials it has yet to make
             self._experiment.spec["storage"] = _stored_here(self._experiment.spec["storage"])
-        trials = saved_trials(dirpath)  # Ray has just copied the experiment's state files here, and restores them
         if trials is None:
             return
         saved = {trial.trial_id: trial for trial in trials}
@@ -94,7 +94,7 @@ class ResumableSearchGenerator(SearchGenerator):
                 limiter.live_trials.discard(trial_id)
         self._counter = len(trials)
 
-    def _restore_without_the_searchers_file(self, dirpath: str) -> None:
+    def _restore_without_the_searchers_file(self, dirpath: str, trials: list[SavedTrial]) -> None:
         """Restore when Optuna's own file (searcher-state-*.pkl, the last Ray copies to storage) was cut short by
         the kill: the rest of the state as saved, and Optuna's study set up afresh and told the result of every
         finished trial. The limiter then counts none as running: the study knows none."""
@@ -103,7 +103,7 @@ class ResumableSearchGenerator(SearchGenerator):
         self.searcher.live_trials.clear()
         study, space, (metric, mode) = self.searcher.searcher, self._experiment.spec["config"], self.objective
         study.set_search_properties(metric, mode, space)
-        for trial in saved_trials(dirpath) or []:
+        for trial in trials:
             value = trial.last_result.get(metric)
             if trial.status == FINISHED and isinstance(value, (int, float)) and math.isfinite(value):
                 study.add_evaluated_point({name: v for name, v in trial.config.items() if name in space}, value)
@@ -197,12 +197,9 @@ def _nearest_checkpoint(missing: tune.Checkpoint) -> _TrainingResult | None:
                 rows[row.get("checkpoint_dir_name") or ""] = row
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         pass
-    indices = {}
-    for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_folder)):
-        index = info.base_name.removeprefix("checkpoint_")
-        if index != info.base_name and index.isdigit():
-            indices[info.base_name] = int(index)
-    gone = int(missing_name.removeprefix("checkpoint_")) if missing_name.removeprefix("checkpoint_").isdigit() else 0
+    folders = (info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_folder)))
+    indices = {name: index for name in folders if (index := _checkpoint_index(name)) is not None}
+    gone = _checkpoint_index(missing_name) or 0
     after = sorted((name for name in indices if indices[name] > gone), key=indices.get)
     before = sorted((name for name in indices if indices[name] < gone), key=indices.get, reverse=True)
     for name in after + before:
@@ -216,3 +213,9 @@ def _nearest_checkpoint(missing: tune.Checkpoint) -> _TrainingResult | None:
         metrics = rows.get(name) or {"training_iteration": indices[name] + 1}
         return _TrainingResult(tune.Checkpoint(f"{trial_folder}/{name}", filesystem=fs), metrics)
     return None
+
+
+def _checkpoint_index(name: str) -> int | None:
+    """N of Ray's checkpoint folder `checkpoint_<N>`; None for any other name."""
+    index = name.removeprefix("checkpoint_")
+    return int(index) if index != name and index.isdigit() else None
