@@ -10,6 +10,7 @@ not repeated here.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from lorasent.tokenize import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["tune/run.py", "--preset", "smoke", "--include_dashboard", "false", "--num_cpus", "2", "--name", "exp"]
+CLOSED_HUB = "http://127.0.0.1:9"  # the hub at a closed local port, whatever this machine's connectivity
 TINY_TRAIN = ["-m", "lorasent.train", "--model_name_or_path", TINY_MODEL, "--max_train_samples", "32"]
 
 
@@ -67,14 +69,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str,
     cases = {
         "unreachable_cluster": [*SMOKE, "--storage_path", str(tmp / "storage"), "--address", "127.0.0.1:1"],
         "refused_beside_ray": [*SMOKE, "--storage_path", str(tmp / "storage-2"), "--num_gpus", "99"],
+        "unreachable_hub": [
+            "-X", "importtime", *SMOKE, "--storage_path", str(tmp / "storage-3"),
+            "--model_name_or_path", "distilbert-base-uncased",
+        ],
         "train_wrong_type": [*TINY_TRAIN, "--output_dir", str(tmp / "model"), "--config", str(tmp / "fast.yaml")],
         "predict_binary_garbage": [
             "-m", "lorasent.predict", str(model_dir), "--input", str(garbage), "--output", str(tmp / "out.csv"),
         ],
     }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": CLOSED_HUB}
     running = {
         name: subprocess.Popen(
-            [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for name, args in cases.items()
     }
@@ -129,6 +136,15 @@ def test_a_search_refused_while_its_ray_starts_says_only_why(runs: dict[str, Any
     refused(done, "--num_gpus 99, but torch sees")
     assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr  # Ray's held lines were dropped
     assert not (runs["tmp"] / "storage-2").exists() or not any((runs["tmp"] / "storage-2").iterdir())
+
+
+def test_an_unreachable_hub_is_refused_before_the_search_imports_torch_or_starts_ray(runs: dict[str, Any]) -> None:
+    """A hub model the local cache lacks needs the hub: asked first, in seconds, not after the ~15 s of imports and
+    Ray's start that the checks once came after (`-X importtime` lists every module the process imported)."""
+    done = runs["unreachable_hub"]
+    refused(done, "distilbert-base-uncased", f"the Hugging Face hub at {CLOSED_HUB} is unreachable")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "ray" in imported and "torch" not in imported
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

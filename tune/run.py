@@ -308,10 +308,14 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
     and with --fused_trials so do its engines; a refused search stops them before it says why. Where those modules
     are imported already, the checks come first and Ray after them.
     """
+    from lorasent.assets import BUILTIN_MODELS, resolve_model_path
     from tune import cluster
     from tune.engine import launch_engines_early
 
     t = args.tune
+    if args.model.model_name_or_path not in BUILTIN_MODELS:  # a missing folder, or a hub model the local cache lacks
+        resolve_model_path(args.model.model_name_or_path)  # while the hub does not answer: refused in seconds, not
+        # after the imports and Ray's start (~15 s on 2 cores)
     experiment_path = cluster.join_location(storage_path, name)
     # Ray starts first only where there are imports to hide it behind: a process that has them (a notebook's second
     # search, a test) runs the checks first, so that a refusal starts no Ray at all.
