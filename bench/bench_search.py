@@ -410,15 +410,15 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
     common = ["--scheduler", "none", "--searcher", "random", "--num_train_epochs", "3"]
     common += ["--search_space", json.dumps(space), "--points_to_evaluate", "[]"]
     packed_gpus, packed_concurrency = (args.pack_fraction, n["packed"]) if gpus else (0.0, 2)
-    cases = {  # name: (trials, --gpus_per_trial, trials at once)
-        "packed": (n["packed"], packed_gpus, packed_concurrency),
+    cases = {  # name: (way of running its trials, trials, --gpus_per_trial, trials at once)
+        "packed": ("processes", n["packed"], packed_gpus, packed_concurrency),
         # With --fused_trials the share places nothing (one engine per GPU); 1 / share is the trials per engine.
-        "fused": (n["packed"], packed_gpus, packed_concurrency),
-        "sequential": (n["sequential"], 1.0 if gpus else 0.0, 1),
+        "fused": ("fused", n["packed"], packed_gpus, packed_concurrency),
+        "sequential": ("processes", n["sequential"], 1.0 if gpus else 0.0, 1),
     }
 
     def run(name: str) -> dict[str, Any]:
-        trials, fraction, concurrency = cases[name]
+        way, trials, fraction, concurrency = cases[name]
         share = "one shared base per GPU" if name == "fused" else f"{fraction:g} GPU each"
         command = tune_command(
             ws,
@@ -432,10 +432,10 @@ def packing(ws: Workspace, data_file: Path, args: argparse.Namespace, results: R
             str(fraction),
             "--max_concurrent_trials",
             str(concurrency),
-            *way_flags(name),
+            *way_flags(way),
         )
         f = found[name] = run_tune(command, ws, f"pack-{name}", args.timeout)
-        suffix = row_suffix(name)
+        suffix = row_suffix(way)
         fused_note = f"; {f['trials_per_step']:.2f} trials per step{engine_memory(f)}" if suffix else ""
         results.add(
             f"{name}: {trials} trials x 3 epochs, {share}, {concurrency} at once{suffix}{incomplete(f)}",

@@ -367,10 +367,17 @@ class Results:
         return payload
 
     def write(self, out: str | Path) -> None:
-        """Save, then print the table."""
+        """Save, print the table, then end the process with status 1 if a part failed: `section` keeps the other
+        parts going, but a run (or dry run) whose every step says "exit 0" must not hide a lost figure."""
         payload = self.save(out)
         print_table(f"{self.bench} on {payload['device']}{' (smoke sizes)' if self.smoke else ''}", self.rows)
         print(f"results written to {out}", flush=True)
+        failed = [row["case"].removesuffix(FAILED) for row in self.rows if row["case"].endswith(FAILED)]
+        if failed:
+            raise SystemExit(f"[{self.bench}] failed: {', '.join(failed)} (see the traceback above each)")
+
+
+FAILED = ": FAILED"  # ends the row of a part that raised
 
 
 def section(results: Results, out: str, name: str, fn: Callable[[], None]) -> None:
@@ -380,7 +387,7 @@ def section(results: Results, out: str, name: str, fn: Callable[[], None]) -> No
         fn()
     except Exception as e:  # a benchmark keeps going: every other figure is still worth having
         traceback.print_exc()
-        results.add(f"{name}: FAILED", f"{type(e).__name__}: {e}"[:300])
+        results.add(f"{name}{FAILED}", f"{type(e).__name__}: {e}"[:300])
     results.extra.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
     results.save(out)
 
