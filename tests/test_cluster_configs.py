@@ -5,6 +5,8 @@ structure and safety, and all of them against the container recipe they run (ima
 from __future__ import annotations
 
 import copy
+import fnmatch
+import json
 import re
 import shlex
 from pathlib import Path
@@ -80,6 +82,11 @@ def rayjob() -> dict[str, dict[str, Any]]:
     return _k8s("rayjob.yaml")
 
 
+@pytest.fixture(scope="module")
+def service_account() -> dict[str, Any]:
+    return _k8s("serviceaccount.yaml")["ServiceAccount"]
+
+
 # -- the container recipe ----------------------------------------------------------------------------------------
 
 
@@ -121,6 +128,41 @@ def test_launcher_has_cpu_head_and_autoscaling_gpu_workers(aws):
         assert 0 <= t["min_workers"] < t["max_workers"] <= aws["max_workers"], f"{name} must autoscale"
     assert aws["provider"]["type"] == "aws" and aws["provider"]["cache_stopped_nodes"] is False
     assert 0 < aws["idle_timeout_minutes"] <= 30 and aws["max_workers"] <= 16, "cost control"
+
+
+def _statements(policy_file: str) -> list[dict[str, Any]]:
+    policy = json.loads((CLUSTER / "aws-iam" / policy_file).read_text())
+    return [
+        {**st, "Action": [st["Action"]] if isinstance(st["Action"], str) else st["Action"]}
+        for st in policy["Statement"]
+    ]
+
+
+def _allows(statements: list[dict[str, Any]], action: str, resource: str) -> bool:
+    return any(
+        st["Effect"] == "Allow" and action in st["Action"] and fnmatch.fnmatchcase(resource, st["Resource"])
+        for st in statements
+    )
+
+
+def test_launcher_head_may_launch_its_workers_and_they_may_write_the_bucket(aws):
+    """Launching an instance with a profile takes iam:PassRole on its role: the role Ray makes for a head that names
+    none (ray-autoscaler-v1) has no such right, so the head names its own, whose policy may pass the workers' role;
+    the workers' policy reads and writes the bucket the documented search stores results in."""
+    types = aws["available_node_types"]
+    profile = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in types.items()}
+    head = profile.pop(aws["head_node_type"])
+    assert head == "lorasent-head" and set(profile.values()) == {"lorasent-worker"}, profile
+    head_policy, worker_policy = _statements("head-policy.json"), _statements("worker-policy.json")
+    assert _allows(head_policy, "iam:PassRole", "arn:aws:iam::123456789012:role/lorasent-worker")
+    assert not _allows(head_policy, "iam:PassRole", "arn:aws:iam::123456789012:role/admin"), "only the worker's"
+    bucket = re.search(r"--storage_path s3://([^/\s']+)", (CLUSTER / "aws.yaml").read_text()).group(1)
+    for statements in (head_policy, worker_policy):  # the driver on the head writes the experiment's own files
+        assert _allows(statements, "s3:PutObject", f"arn:aws:s3:::{bucket}/lorasent/seed/trial/checkpoint")
+        assert _allows(statements, "s3:ListBucket", f"arn:aws:s3:::{bucket}")
+    assert not any(_allows(worker_policy, a, "*") for a in ("ec2:RunInstances", "iam:PassRole")), "workers: S3 only"
+    readme = (CLUSTER / "README.md").read_text()
+    assert "cluster/aws-iam/$node-policy.json" in readme and "cluster/aws-iam/*.json" in readme
 
 
 def test_launcher_runs_the_image_with_auth_cache_and_shared_storage(aws, docker):
@@ -171,8 +213,10 @@ def _containers(group: dict[str, Any]) -> list[dict[str, Any]]:
     return group["template"]["spec"]["containers"]
 
 
-def test_raycluster_structure(raycluster, docker):
-    assert set(raycluster) == {"ServiceAccount", "RayCluster"}
+def test_raycluster_structure(raycluster, service_account, docker):
+    # The account lives in a file of its own: `kubectl delete -f rayjob.yaml` must not delete the one a running
+    # RayCluster's new pods need.
+    assert set(raycluster) == {"RayCluster"}
     cluster = raycluster["RayCluster"]
     assert cluster["apiVersion"] == "ray.io/v1"
     spec = cluster["spec"]
@@ -195,7 +239,7 @@ def test_raycluster_structure(raycluster, docker):
     for group in (head, gpu_group):
         assert all(isinstance(v, str) for v in group["rayStartParams"].values()), "KubeRay wants strings"
         pod = group["template"]["spec"]
-        assert pod["serviceAccountName"] == raycluster["ServiceAccount"]["metadata"]["name"]
+        assert pod["serviceAccountName"] == service_account["metadata"]["name"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         [container] = _containers(group)
         assert container["image"] == docker["image"]
@@ -216,7 +260,7 @@ def _strings(node: Any) -> list[str]:
 
 
 def test_kuberay_never_exposes_the_dashboard():
-    for name in ("raycluster.yaml", "rayjob.yaml"):
+    for name in ("raycluster.yaml", "rayjob.yaml", "serviceaccount.yaml"):
         docs = [d for d in yaml.safe_load_all((CLUSTER / "kuberay" / name).read_text()) if d]
         assert all(d["kind"] not in ("Service", "Ingress") for d in docs), name
         values = [s for d in docs for s in _strings(d)]
@@ -225,12 +269,11 @@ def test_kuberay_never_exposes_the_dashboard():
 
 
 def test_rayjob_runs_the_search_on_the_same_cluster_spec(rayjob, raycluster, docker):
-    assert set(rayjob) == {"ServiceAccount", "RayJob"}
+    assert set(rayjob) == {"RayJob"}
     job = rayjob["RayJob"]
     assert job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
     assert spec["rayClusterSpec"] == raycluster["RayCluster"]["spec"], "rayjob.yaml drifted from raycluster.yaml"
-    assert rayjob["ServiceAccount"] == raycluster["ServiceAccount"]
     # ttlSecondsAfterFinished is how long the whole cluster, GPU pods included, outlives the search (it only acts
     # with shutdownAfterJobFinishes): results are in the bucket already, so a short grace period is enough.
     assert spec["shutdownAfterJobFinishes"] is True and 0 < spec["ttlSecondsAfterFinished"] <= 120
@@ -242,3 +285,25 @@ def test_rayjob_runs_the_search_on_the_same_cluster_spec(rayjob, raycluster, doc
     assert search.tune.address == "auto"
     assert (PRESET_DIR / f"{search.tune.preset}.yaml").is_file()
     assert search.tune.storage_path.startswith("s3://"), "results must outlive the cluster"
+
+
+def _documented_searches() -> list[tuple[str, list[str]]]:
+    """Every `tune/run.py` command for KubeRay: rayjob.yaml's entrypoint, and those raycluster.yaml's comments and the
+    cluster README give (continuation lines joined): (where, its flags)."""
+    commands = [("rayjob.yaml", _k8s("rayjob.yaml")["RayJob"]["spec"]["entrypoint"])]
+    for path in (CLUSTER / "README.md", CLUSTER / "kuberay" / "raycluster.yaml"):
+        text = re.sub(r"\\\n#?\s*", " ", path.read_text())
+        commands += [(path.name, line) for line in text.splitlines() if "/home/ray/lorasent/tune/run.py" in line]
+    return [(where, shlex.split(line.split("tune/run.py", 1)[1])) for where, line in commands]
+
+
+def test_the_documented_kuberay_searches_plan_before_any_gpu_pod_is_up():
+    """On KubeRay the driver sees only the CPU head (no GPU pod yet) and an autoscaler that publishes no worker
+    group: an automatic GPU share is refused there, so each documented search must say what a trial takes."""
+    from tune.cluster import Autoscaler, plan_resources
+
+    searches = _documented_searches()
+    assert len(searches) == 3, searches  # rayjob.yaml's entrypoint, raycluster.yaml's and the README's submit
+    for where, argv in searches:
+        plan = plan_resources(parse_args(argv).tune, [{"CPU": 0.0}], Autoscaler("autoscaler node types headgroup"))
+        assert plan.gpus_per_trial > 0, where

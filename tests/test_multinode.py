@@ -197,3 +197,37 @@ def test_killed_worker_node_its_trial_is_rescheduled_and_the_search_completes(tm
     assert len(repeated) <= 1, f"at most the epoch in flight is trained twice: {epochs_seen}"
     assert [r["training_iteration"] for r in victim_results] == list(range(1, len(victim_results) + 1))
     assert lc.cluster_processes(run_dir) == [], "nothing of the cluster left running"
+
+
+def _can_unshare_mounts() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-m", "true"]).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs `unshare -m` (root or user namespaces)")
+def test_a_results_folder_the_nodes_cannot_see_is_refused_before_any_trial(tmp_path, run_dir):
+    """The nodes run in a mount namespace of their own, where an empty tmpfs lies over the results folder: they see
+    a folder of their own there, as the nodes of a real cluster see their own disks, while the driver sees this
+    machine's. Ray would fail every trial at its first checkpoint; the search is refused before it starts one."""
+    storage = tmp_path / "runs"
+    storage.mkdir()
+    blind = 'mount -t tmpfs lorasent-blind "$1" && shift && exec "$@"'
+    start = [sys.executable, str(SCRIPT), "--run_dir", str(run_dir), "--keep", "--no_search"]
+    up = subprocess.run(
+        ["unshare", "-m", "sh", "-c", blind, "sh", str(storage), *start], capture_output=True, text=True, timeout=180
+    )
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+    address = json.loads((run_dir / lc.STATE_FILE).read_text())["address"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(run_dir / "auth_token"), lc.MARKER_ENV: str(run_dir)}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tune" / "run.py"), "--address", address, *SMOKE, "--storage_path", str(storage)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    error = done.stderr[done.stderr.index("error: ") :]
+    assert re.match(rf"error: Ray node\(s\) (head|worker-1) \([\d.]+\) cannot see the results folder {storage} ", error)
+    assert "--storage_path s3://BUCKET/PATH" in error and "Traceback" not in done.stderr
+    assert list(storage.iterdir()) == [], "no trial started, and the marker is gone"

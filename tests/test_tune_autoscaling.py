@@ -154,6 +154,8 @@ def test_search_on_an_autoscaling_cluster_makes_it_add_a_node(autoscaling_cluste
     assert "The Ray cluster autoscales (autoscaler node types ray.head.default)" in output
     # Before the fix: "No node can hold one trial" (the head has no CPU) and the autoscaler was never asked.
     assert "Resource plan: now 1 node(s), 0 CPUs, 0 GPUs | per trial: 1 CPU | as many trials at once" in output
+    # The nodes it will add cannot be asked whether they see the local results folder: said, not refused.
+    assert f"autoscaling cluster but stores results in the local folder {tmp_path}: the nodes up now see it" in output
 
     experiment = tmp_path / "autoscaled"
     results = _results(experiment)

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import socket
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -782,13 +783,62 @@ def _join_error(address: str | None, error: Exception) -> ConfigError:
     )
 
 
-def warn_if_storage_not_shared(plan: ResourcePlan, storage_path: str) -> None:
-    """On several nodes, a node-local results folder leaves each trial's files on the node that ran it."""
-    if (plan.nodes > 1 or plan.autoscaler) and not is_uri(storage_path):
-        nodes = "an autoscaling cluster" if plan.autoscaler else f"{plan.nodes} nodes"
+def check_storage_shared(plan: ResourcePlan, storage_path: str, timeout_s: float = 120.0) -> None:
+    """Refuse a local results folder that a node of the joined cluster cannot see, before any trial starts.
+
+    Ray checks, at each trial's first checkpoint, that the trial's node sees the experiment folder the driver made,
+    and fails the trial otherwise: every trial placed there would fail, be retried and fail again. So a marker is
+    written here and one zero-CPU task per other node (every node through Ray Client, whose driver runs elsewhere)
+    looks for it. Nodes an autoscaler has not started yet cannot be asked: for those the warning stays.
+    """
+    import ray
+
+    if is_uri(storage_path):
+        return
+    client = ray.util.client.ray.is_connected()
+    here = None if client else ray.get_runtime_context().get_node_id()
+    nodes = {n["NodeID"]: _node_label(n) for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here}
+    if plan.autoscaler:
         warnings.warn(
-            f"The search runs on {nodes} but stores results in the local folder {storage_path}. Unless "
-            "that folder is a filesystem shared by every node at the same path (NFS), checkpoints written on other "
-            "nodes will not be gathered here. Use --storage_path s3://BUCKET/PATH, gs://... or a shared mount.",
+            f"The search runs on an autoscaling cluster but stores results in the local folder {storage_path}: the "
+            "nodes up now see it, those added later must mount it at the same path (EFS, NFS), or their trials fail "
+            "at their first checkpoint. Use --storage_path s3://BUCKET/PATH, gs://... or a shared mount.",
             stacklevel=2,
         )
+    if not nodes:
+        return
+    blind = nodes_without(storage_path, nodes, timeout_s)
+    if blind:
+        raise ConfigError(
+            f"Ray node(s) {', '.join(sorted(blind))} cannot see the results folder {storage_path} that this driver "
+            f"{'(through Ray Client, on another machine) ' if client else ''}writes: Ray would fail every trial "
+            "placed there at its first checkpoint. Use --storage_path s3://BUCKET/PATH or gs://... (every node needs "
+            "the bucket's credentials), or a filesystem mounted at the same path on every node (EFS, Filestore, NFS)."
+        )
+
+
+def _node_label(node: dict[str, Any]) -> str:
+    """A node's address, and its name where it has one of its own (`ray start --node-name`)."""
+    address, name = node["NodeManagerAddress"], node.get("NodeName") or ""
+    return address if name in ("", address) else f"{name} ({address})"
+
+
+def nodes_without(folder: str, nodes: dict[str, str], timeout_s: float) -> list[str]:
+    """The labels of the `nodes` (id -> label) on which a marker file written into `folder` here is not seen
+    (a node that does not answer within `timeout_s` counts as seeing it: busy is not blind)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    marker = Path(folder) / f".lorasent-shared-{uuid.uuid4().hex}"
+    marker.touch()
+    try:
+        sees = ray.remote(num_cpus=0)(os.path.isfile)
+        asked = {
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(str(marker)): a
+            for node_id, a in nodes.items()
+        }
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+        return [asked[ref] for ref in answered if not ray.get(ref)]
+    finally:
+        marker.unlink(missing_ok=True)

@@ -348,7 +348,7 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
             t = dataclasses.replace(t, num_samples=search.num_samples(t, space))
             args = args._replace(tune=t)  # the experiment's record plans the trials the search runs
         plan = session.plan
-        cluster.warn_if_storage_not_shared(plan, storage_path)
+        cluster.check_storage_shared(plan, storage_path)
         if t.fused_trials:
             from tune.engine import make_fused_trainable, start_engines
 
