@@ -37,7 +37,7 @@ from analysis.results import (
     unfinished_note,
 )
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace
-from lorasent.errors import CheckpointError, ExperimentError
+from lorasent.errors import CheckpointError, ConfigError, ExperimentError
 from lorasent.paths import atomic_dir, atomic_write_text
 
 FINAL_MODEL_DIR = "final_model"
@@ -77,16 +77,27 @@ def retrain_best(
     out_dir: str | os.PathLike[str] | None = None,
     *,
     use_checkpoint: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
-    """Build, test and save the final model of a search; returns its folder."""
+    """Build, test and save the final model of a search; returns its folder.
+
+    A search run with --trust_remote_code ran its base model's own code: retraining and testing it run that code
+    again, so they take the same flag here (an experiment folder is data, which must not turn code on by itself).
+    """
     from lorasent.evaluate import evaluate_model_dir
-    from lorasent.model import check_model_dir
+    from lorasent.model import check_model_dir, check_output_dir
     from lorasent.train import train
 
     exp = load_experiment(experiment_path)
     best = exp.best_trial
     _warn_if_unfinished(exp)
     out = Path(out_dir) if out_dir else exp.path / FINAL_MODEL_DIR
+    check_output_dir(out)  # before minutes of training, which would end by replacing it whole
+    if (exp.search or {}).get("model", {}).get("trust_remote_code") and not trust_remote_code:
+        raise ConfigError(
+            f"{exp.source} was searched with --trust_remote_code: its base model runs code of its own. Pass "
+            "--trust_remote_code to retrain and test it, only if you trust that code."
+        )
     provenance: dict[str, Any] = {
         "experiment": exp.location,
         "trial_id": best["trial_id"],
@@ -135,7 +146,8 @@ def retrain_best(
                     "Evaluate the best trial's own checkpoint with --use-checkpoint, or lower the learning rate."
                 )
             provenance["method"] = f"retrained on train + validation for {epochs} epoch(s){rounded}"
-        evaluation = dataclasses.replace(evaluate_model_dir(tmp, split=TEST_SPLIT), model_dir=out)
+        tested = evaluate_model_dir(tmp, split=TEST_SPLIT, trust_remote_code=trust_remote_code)
+        evaluation = dataclasses.replace(tested, model_dir=out)
         evaluation.save(tmp)
         atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
     print(f"Final model: {out}")

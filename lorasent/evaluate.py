@@ -29,8 +29,9 @@ from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import scores
 from lorasent.model import META_FILE, read_meta, trained_splits
 from lorasent.paths import atomic_write_text
-from lorasent.predict import PRECISION_HELP, Predictor
+from lorasent.predict import PRECISION_HELP, TRUST_REMOTE_CODE_HELP, Predictor
 from lorasent.process import exit_process
+from lorasent.tokenize import source_identity
 
 
 class SeenSplitWarning(UserWarning):
@@ -80,6 +81,18 @@ class EvaluationResult:
         return out
 
 
+def _check_unchanged(model_dir: str | Path, dataset: str, split: str, meta: dict[str, Any]) -> None:
+    """The splits are carved again from the data: from changed content they are other splits, and the one scored
+    may then hold rows the model learnt from (a folder saved before lorasent.json recorded the source is trusted)."""
+    recorded = meta.get("source")
+    if recorded and source_identity(dataset) != recorded:
+        raise ConfigError(
+            f"{dataset} has changed since {model_dir} was trained ({META_FILE} records {recorded}): the {split} split "
+            "carved from it now is not the one the model was kept from, and may hold rows it trained on. Evaluate "
+            "on the data as it was, or score new data with `python -m lorasent.predict`."
+        )
+
+
 def evaluate_model_dir(
     model_dir: str | Path,
     *,
@@ -88,10 +101,12 @@ def evaluate_model_dir(
     batch_size: int = 128,
     device: str | None = None,
     precision: str = "auto",
+    trust_remote_code: bool = False,
 ) -> EvaluationResult:
     """Score a model folder on `split` of its own data (from lorasent.json) or of `data_args`.
 
-    Warns (SeenSplitWarning) when the model learnt from that split of that data.
+    Warns (SeenSplitWarning) when the model learnt from that split of that data. `trust_remote_code` lets a base
+    model that needs its own code run it (see `load_model_dir`).
     """
     if split not in SPLITS:
         raise ConfigError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}.")
@@ -102,9 +117,15 @@ def evaluate_model_dir(
         except (TypeError, LorasentError) as e:
             raise CheckpointError(f"{model_dir}/lorasent.json holds invalid data arguments ({e}).") from e
     if data_args.dataset == meta["data"].get("dataset"):  # the splits of other data are not the ones it learnt
+        _check_unchanged(model_dir, data_args.dataset, split, meta)
         warn_if_trained_on(model_dir, split, trained_splits(meta))
     predictor = Predictor.from_dir(
-        model_dir, device=device, batch_size=batch_size, max_length=data_args.max_length, precision=precision
+        model_dir,
+        device=device,
+        batch_size=batch_size,
+        max_length=data_args.max_length,
+        precision=precision,
+        trust_remote_code=trust_remote_code,
     )
     label_names = predictor.label_names
     if list(data_args.label_names) != label_names:
@@ -154,10 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=128, help="Texts per forward pass.")
     parser.add_argument("--device", help="'cpu', 'cuda', ... (default: a GPU if there is one).")
     parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
+    parser.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     args = parser.parse_args(argv)
     try:
         result = evaluate_model_dir(
-            args.model_dir, split=args.split, batch_size=args.batch_size, device=args.device, precision=args.precision
+            args.model_dir,
+            split=args.split,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            trust_remote_code=args.trust_remote_code,
         )
         if args.output_dir:
             result.save(args.output_dir)

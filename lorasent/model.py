@@ -263,15 +263,19 @@ def model_meta(
     train_args: TrainArguments,
     train_splits: Sequence[str] = ("train",),
     metrics: dict[str, float] | None = None,
+    source: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The content of `lorasent.json`: enough to rebuild the base, reload the data and read the results.
 
     `train_splits` are the splits the model learnt from: scores on them are optimistic (see `trained_splits`).
+    `source` identifies the data's content (`lorasent.tokenize.source_identity`): its splits are carved again from
+    the data when the model is evaluated, and are only the same splits if the content is.
     """
     return {
         "lorasent_version": lorasent.__version__,
         "label_names": list(label_names),
         "data": dataclasses.asdict(data_args),
+        "source": dict(source or {}),
         "model": dataclasses.asdict(model_args),
         "train": dataclasses.asdict(train_args),
         "train_splits": list(train_splits),
@@ -290,6 +294,20 @@ def write_meta(folder: str | Path, meta: dict[str, Any]) -> None:
     atomic_write_text(Path(folder) / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def check_output_dir(path: str | Path) -> None:
+    """Refuse to save a model over a folder that is not one: saving replaces the folder whole, and a mistyped
+    --output_dir must never delete the user's files. A missing or empty folder, or a lorasent model folder (a run
+    saved again in the same place), may be replaced."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"Output folder {folder} is a file. Pick a folder name for the model.")
+    if folder.is_dir() and not (folder / META_FILE).is_file() and any(folder.iterdir()):
+        raise ConfigError(
+            f"Output folder {folder} holds files and is not a lorasent model folder (no {META_FILE}): saving the "
+            "model replaces the folder whole, which would delete them. Pick a new or empty output folder."
+        )
+
+
 def save_model_dir(
     model: PeftModel,
     tokenizer: Any,
@@ -300,8 +318,10 @@ def save_model_dir(
     train_args: TrainArguments,
     train_splits: Sequence[str] = ("train",),
     metrics: dict[str, float] | None = None,
+    source: dict[str, str] | None = None,
 ) -> Path:
     """Save adapter, tokenizer and `lorasent.json` to `out_dir`, all or nothing (write, then rename)."""
+    check_output_dir(out_dir)
     meta = model_meta(
         data_args.label_names,
         data_args=data_args,
@@ -309,6 +329,7 @@ def save_model_dir(
         train_args=train_args,
         train_splits=train_splits,
         metrics=metrics,
+        source=source,
     )
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, save_embedding_layers=False)
@@ -441,11 +462,14 @@ def device_precision(precision: str, device: torch.device) -> str:
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 
 
-def load_model_dir(path: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+def load_model_dir(
+    path: str | Path, device: str | torch.device | None = None, *, trust_remote_code: bool = False
+) -> LoadedModel:
     """Load a model folder for inference: base from `lorasent.json`, adapter and head from the folder.
 
     The folder is validated first, so a missing or corrupt file is a CheckpointError naming the file and the fix
-    rather than a stack trace from inside peft or safetensors.
+    rather than a stack trace from inside peft or safetensors. A model folder is data: one whose `lorasent.json`
+    records trust_remote_code is refused unless the caller passes `trust_remote_code` too.
     """
     folder = Path(path)
     target = resolve_device(device)
@@ -454,15 +478,31 @@ def load_model_dir(path: str | Path, device: str | torch.device | None = None) -
         model_args = ModelArguments(**meta["model"])
     except (TypeError, LorasentError) as e:
         raise CheckpointError(f"{folder / META_FILE} holds invalid model arguments ({e}). {_FIX_CHECKPOINT}") from e
+    if model_args.trust_remote_code and not trust_remote_code:
+        raise ConfigError(
+            f"{folder / META_FILE} records trust_remote_code for the base model '{model_args.model_name_or_path}', "
+            "but a model folder cannot turn on running model code. Pass --trust_remote_code (in Python the "
+            "trust_remote_code argument) only if you trust that model's code."
+        )
     label_names = list(meta["label_names"])
     base = load_base(model_args, label_names)
     try:
-        model = PeftModel.from_pretrained(base, folder, is_trainable=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = PeftModel.from_pretrained(base, folder, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. shapes that do not fit the base model
         raise CheckpointError(
             f"The adapter in {folder} does not fit the base model '{model_args.model_name_or_path}' ({e}). "
             f"{_FIX_CHECKPOINT}"
         ) from e
+    for warning in caught:
+        # peft only warns when the adapter file lacks some of the adapter's weights: those layers would then run
+        # with fresh, untrained LoRA weights and predict as if never fine-tuned.
+        if "missing adapter keys" in str(warning.message):
+            raise CheckpointError(
+                f"{folder / ADAPTER_WEIGHTS} lacks adapter weights: {warning.message} {_FIX_CHECKPOINT}"
+            )
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
@@ -476,6 +516,7 @@ def merge_and_export(model_dir: str | Path, out_dir: str | Path) -> Path:
 
     The result loads with `AutoModelForSequenceClassification.from_pretrained(out_dir)`, without peft.
     """
+    check_output_dir(out_dir)
     loaded = load_model_dir(model_dir, device="cpu")
     merged = loaded.model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import codecs
 import csv
+import ctypes
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,10 +41,19 @@ from lorasent.model import (
 )
 from lorasent.paths import atomic_write_text
 from lorasent.process import exit_process
-from lorasent.tokenize import make_collator
+from lorasent.tokenize import check_room_for_text, make_collator
 
 Text = str | bytes
 PRECISION_HELP = "'auto': bf16 on GPUs that support it (as training), fp16 on other GPUs, fp32 on the CPU."
+TRUST_REMOTE_CODE_HELP = (
+    "Run code that comes with the base model, when the model folder needs it. Off: only turn on for code you trust."
+)
+EXIT_STATUS = (
+    "Exit status: 0 when at least one text was scored (the rows that failed are reported beside the others), 1 when "
+    "no text could be scored, 2 when the command is refused (bad arguments, input, output or model folder)."
+)
+# The largest field csv can read (a C long): its default, 131,072 characters, refuses long reviews, which are truncated.
+CSV_FIELD_LIMIT = 2 ** (8 * ctypes.sizeof(ctypes.c_long) - 1) - 1
 
 
 @dataclass
@@ -91,6 +102,7 @@ class Predictor:
         self.batch_size = batch_size
         trained_length = loaded.meta.get("data", {}).get("max_length") or self.tokenizer.model_max_length
         self.max_length = min(max_length or trained_length, self.tokenizer.model_max_length)
+        check_room_for_text(self.max_length, self.tokenizer)
         self.device = next(self.model.parameters()).device
         self.precision = device_precision(precision, self.device)
         self.collate = make_collator(self.tokenizer, pad_to_multiple_of=8 if self.device.type == "cuda" else None)
@@ -103,11 +115,12 @@ class Predictor:
         batch_size: int = 64,
         max_length: int | None = None,
         precision: str = "auto",
+        trust_remote_code: bool = False,
     ) -> Predictor:
         """Load a model folder (see `lorasent.model.load_model_dir`); max_length defaults to the trained one."""
         _check_sizes(batch_size, max_length)  # before the seconds that loading takes
         device_precision(precision, resolve_device(device))
-        loaded = load_model_dir(path, device=device)
+        loaded = load_model_dir(path, device=device, trust_remote_code=trust_remote_code)
         return cls(loaded, batch_size=batch_size, max_length=max_length, precision=precision)
 
     def predict(self, texts: Sequence[Text], *, progress: bool = False) -> list[Prediction]:
@@ -171,6 +184,8 @@ def _check_sizes(batch_size: int, max_length: int | None) -> None:
 
 def _read_input(path: Path, text_column: str) -> Iterator[Text | DataError]:
     """Texts from a .txt (one per line), .jsonl or .csv file; a row that cannot be read yields a DataError."""
+    if path.is_dir():
+        raise DataError(f"Input {path} is a folder. Pass --input a .txt, .jsonl or .csv file.")
     if not path.is_file():
         raise DataError(f"Input file {path} does not exist. Check the path passed to --input.")
     suffix = path.suffix.lower()
@@ -194,9 +209,20 @@ def _read_input(path: Path, text_column: str) -> Iterator[Text | DataError]:
                 continue
             yield row[text_column]
     elif suffix == ".csv":
-        # surrogateescape keeps undecodable bytes, so one bad row is reported instead of failing the whole file.
-        reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="surrogateescape"), newline=""))
-        if text_column not in (reader.fieldnames or []):
+        yield from _read_csv(path, raw, text_column)
+    else:
+        raise DataError(f"Cannot read {path}: use a .txt (one text per line), .jsonl or .csv file for --input.")
+
+
+def _read_csv(path: Path, raw: bytes, text_column: str) -> Iterator[Text]:
+    """The texts of a CSV file's `text_column`, however long (they are truncated later, and flagged)."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    # surrogateescape keeps undecodable bytes, so one bad row is reported instead of failing the whole file.
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="surrogateescape"), newline=""))
+    try:
+        if reader.fieldnames is None:
+            raise DataError(f"{path} is empty. Give --input a CSV file with a header row and a text per row.")
+        if text_column not in reader.fieldnames:
             raise DataError(
                 f"{path} has no column '{text_column}' (columns: {reader.fieldnames}). Set --text_column to the "
                 "column that holds the texts."
@@ -204,8 +230,11 @@ def _read_input(path: Path, text_column: str) -> Iterator[Text | DataError]:
         for row in reader:
             text = row[text_column] or ""
             yield text.encode("utf-8", errors="surrogateescape") if _has_surrogates(text) else text
-    else:
-        raise DataError(f"Cannot read {path}: use a .txt (one text per line), .jsonl or .csv file for --input.")
+    except csv.Error as e:
+        raise DataError(
+            f"{path} is not valid CSV at line {reader.reader.line_num} ({e}). Check the quotes around that row: a "
+            "quote left open runs on through the rows after it."
+        ) from None
 
 
 def _has_surrogates(text: str) -> bool:
@@ -237,9 +266,16 @@ def predict_items(predictor: Predictor, items: Sequence[Text | DataError], progr
 
 
 def _check_output(path: Path) -> None:
-    """Refuse an output format before the model loads and the texts are scored, not after."""
+    """Refuse an output that cannot be written before the model loads and the texts are scored, not after."""
     if path.suffix.lower() not in (".csv", ".jsonl"):
         raise DataError(f"Cannot write {path}: use a .csv or .jsonl file for --output.")
+    if path.is_dir():
+        raise DataError(f"Cannot write {path}: it is a folder. Name a .csv or .jsonl file for --output.")
+    folder = next(p for p in path.absolute().parents if p.exists())  # where the output, or its folders, go
+    if not folder.is_dir():
+        raise DataError(f"Cannot write {path}: {folder} is a file, not a folder. Pick another path for --output.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"Cannot write {path}: {folder} is not writable. Pick a writable place for --output.")
 
 
 def _write_output(path: Path, records: list[dict[str, Any]]) -> None:
@@ -277,6 +313,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lorasent.predict",
         description="Classify texts with a trained lorasent model folder.",
+        epilog=EXIT_STATUS,
     )
     parser.add_argument("model_dir", help="A model folder written by lorasent training (holds lorasent.json).")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -289,14 +326,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_length", type=int, help="Tokens kept per text (default: the trained max length).")
     parser.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: a GPU if there is one).")
     parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help=TRUST_REMOTE_CODE_HELP,
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns its exit status (`EXIT_STATUS`)."""
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
     args = parse_args(argv)
     try:
         # Everything that can be refused without the model is checked before it loads.
+        if args.interactive and args.output is not None:
+            raise ConfigError(
+                "--output does not apply to --interactive, which prints each prediction as a line is typed. Drop "
+                "--output, or put the texts in a file and pass it with --input."
+            )
         if args.output is not None:
             _check_output(args.output)
         items: list[Text | DataError] = []
@@ -312,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_length=args.max_length,
             precision=args.precision,
+            trust_remote_code=args.trust_remote_code,
         )
         if args.interactive:
             _interactive(predictor)
@@ -328,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorasentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if any(p.error is None for p in predictions) else 1
 
 
 if __name__ == "__main__":

@@ -100,10 +100,22 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def effective_max_length(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase) -> int:
     """data_args.max_length, capped at the model's own limit (its position embeddings hold no more)."""
+    check_room_for_text(data_args.max_length, tokenizer)
     return min(data_args.max_length, tokenizer.model_max_length)
 
 
-def _source_identity(dataset: str) -> dict[str, Any]:
+def check_room_for_text(max_length: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a max_length the tokenizer's special tokens fill: at their count every text is [CLS] [SEP] (a model that
+    learns nothing, with no error), and below it the tokenizer stops truncating at all."""
+    special = tokenizer.num_special_tokens_to_add()
+    if max_length <= special:
+        raise ConfigError(
+            f"max_length {max_length} leaves no room for text: the tokenizer adds {special} special token(s) to "
+            f"every text. Use at least {special + 1} (reviews need 128-512)."
+        )
+
+
+def source_identity(dataset: str) -> dict[str, Any]:
     """What identifies the data's content: the asset hash, the file's sha256, or the hub name.
 
     A file is hashed, not stat-ed: a new version copied over it with `cp -p`, `rsync -a` or out of an archive keeps
@@ -126,7 +138,7 @@ def tokenized_cache_dir(data_args: DataArguments, tokenizer: PreTrainedTokenizer
     fields = {k: v for k, v in dataclasses.asdict(data_args).items() if k != "cache_dir"}
     key = {
         "data": fields,
-        "source": _source_identity(data_args.dataset),
+        "source": source_identity(data_args.dataset),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": effective_max_length(data_args, tokenizer),
         "lorasent": lorasent.__version__,

@@ -55,6 +55,7 @@ from lorasent.model import (
     AUTOCAST_DTYPES,
     build_model,
     check_model_dir,
+    check_output_dir,
     device_precision,
     meta_model,
     model_meta,
@@ -65,7 +66,14 @@ from lorasent.model import (
     write_meta,
 )
 from lorasent.process import exit_process
-from lorasent.tokenize import PackedSplit, PadToLongest, load_tokenizer, make_collator, tokenized_splits
+from lorasent.tokenize import (
+    PackedSplit,
+    PadToLongest,
+    load_tokenizer,
+    make_collator,
+    source_identity,
+    tokenized_splits,
+)
 
 LOG_EVERY_STEPS = 50  # the training loss is read (one device sync) this often, and at every epoch end
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept: the best and the latest
@@ -480,10 +488,12 @@ class EpochCallback(TrainerCallback):
 
 def _check_request(
     data_args: DataArguments,
+    model_args: ModelArguments,
     train_args: TrainArguments,
     train_splits: Sequence[str],
     eval_split: str | None,
     resume_from_checkpoint: str | None,
+    save_final: bool,
 ) -> None:
     """Refuse impossible requests before any data is read or model loaded."""
     valid_metrics = metric_names(data_args.label_names)
@@ -504,7 +514,26 @@ def _check_request(
                 f"Cannot resume from {resume_from_checkpoint}: it is not a training checkpoint (no "
                 "trainer_state.json). Pass a checkpoint-<step> folder written by an earlier run of this training."
             )
-        check_model_dir(resume_from_checkpoint)  # a truncated adapter fails here, not deep inside Trainer
+        saved = check_model_dir(resume_from_checkpoint)  # a truncated adapter fails here, not deep inside Trainer
+        _check_resumed_run_matches(saved, resume_from_checkpoint, data_args, model_args)
+    if save_final:
+        check_output_dir(train_args.output_dir)
+
+
+def _check_resumed_run_matches(
+    saved: dict[str, Any], checkpoint: str, data_args: DataArguments, model_args: ModelArguments
+) -> None:
+    """A checkpoint continues the run that wrote it: another base, adapter or label set would fail on a shape deep
+    inside the load (or, where the shapes happen to fit, train another model from its weights), and other data
+    would continue the epoch on other rows."""
+    now = {**dataclasses.asdict(model_args), "label_names": list(data_args.label_names), "dataset": data_args.dataset}
+    then = {**saved.get("model", {}), "label_names": saved.get("label_names"), "dataset": saved["data"]["dataset"]}
+    differ = [f"{key} {then[key]!r} there, {now[key]!r} now" for key in now if key in then and then[key] != now[key]]
+    if differ:
+        raise ConfigError(
+            f"Cannot resume from {checkpoint}: it was written by another run ({'; '.join(differ)}). Resume with that "
+            "run's settings, or start a new run without --resume_from_checkpoint."
+        )
 
 
 def check_batch_fits(train_args: TrainArguments, examples: int, train_splits: Sequence[str] = ("train",)) -> None:
@@ -549,11 +578,12 @@ def train(
     `<output_dir>-checkpoints`); the final model folder to `train_args.output_dir`, written atomically.
     """
     started = time.perf_counter()
-    _check_request(data_args, train_args, train_splits, eval_split, resume_from_checkpoint)
+    _check_request(data_args, model_args, train_args, train_splits, eval_split, resume_from_checkpoint, save_final)
     if train_args.torch_threads:
         torch.set_num_threads(train_args.torch_threads)
     tokenizer = load_tokenizer(model_args)
     splits = tokenized_splits(data_args, model_args, tokenizer)
+    source = source_identity(data_args.dataset)  # hashed once a run: a file's sha256 takes ~1 s a GB
     parts = [splits[name] for name in train_splits]
     train_dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     check_batch_fits(train_args, len(train_dataset), train_splits)
@@ -574,6 +604,7 @@ def train(
             model_args=model_args,
             train_args=train_args,
             train_splits=train_splits,
+            source=source,
         ),
         metric=train_args.metric_for_best_model.removeprefix("eval_") if eval_dataset is not None else None,
         greater_is_better=bool(args.greater_is_better),
@@ -620,6 +651,7 @@ def train(
             train_args=train_args,
             train_splits=train_splits,
             metrics=best_metrics,
+            source=source,
         )
     seconds = callback.train_seconds
     return TrainResult(

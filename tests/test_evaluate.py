@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
@@ -100,3 +101,22 @@ def test_evaluating_on_a_split_the_model_learnt_from_warns(model_dir: Path, tmp_
         for split in ("validation", "test"):
             evaluate_model_dir(model_dir, split=split, device="cpu")
         evaluate_model_dir(model_dir, data_args=other, split="train", device="cpu")
+
+
+def test_a_model_is_not_scored_on_splits_carved_from_changed_data(tmp_path: Path, write_data) -> None:
+    """Rows appended to the training file move others across the splits: the test split carved again would hold rows
+    the model learnt from. lorasent.json records the data's sha256, and evaluation refuses other content."""
+    rows = [{"text": f"review number {i} was {['bad', 'good'][i % 2]}", "label": i % 2} for i in range(80)]
+    source = write_data(rows, name="reviews.csv")
+    data = DataArguments(dataset=str(source), max_length=32, label_names=["negative", "positive"])
+    args = TrainArguments(output_dir=str(tmp_path / "model"), num_train_epochs=1, per_device_train_batch_size=8)
+    model = train(data, ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4), args).output_dir
+    recorded = json.loads((model / "lorasent.json").read_text())["source"]
+    assert recorded["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert evaluate_model_dir(model, device="cpu").split == "test"
+
+    write_data(rows + [{"text": f"another review {i}", "label": i % 2} for i in range(40)], name="reviews.csv")
+    changed = rf"{source} has changed since {model} was trained .*may hold rows it trained on"
+    with pytest.raises(ConfigError, match=changed):
+        evaluate_model_dir(model, device="cpu")
+    assert evaluate_module.main([str(model), "--device", "cpu"]) == 2

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
 from lorasent.config import OFFLINE_MODEL, TINY_MODEL, DataArguments, ModelArguments, TrainArguments
@@ -189,6 +190,11 @@ def _corrupt(folder: Path, tmp_path: Path, how: str) -> Path:
         (broken / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
     elif how == "garbage-weights":
         (broken / ADAPTER_WEIGHTS).write_bytes(b"\x00garbage" * 100)
+    elif how == "no-lora-weights":  # the head is there, a LoRA layer's weights are not: peft only warned
+        weights = load_file(broken / ADAPTER_WEIGHTS)
+        save_file(
+            {k: v for k, v in weights.items() if "layer.1.attention.q_lin.lora_" not in k}, broken / ADAPTER_WEIGHTS
+        )
     elif how == "wrong-shapes":  # the adapter config claims another rank than the stored weights have
         config = json.loads((broken / ADAPTER_CONFIG).read_text())
         config["r"] = 2
@@ -205,6 +211,7 @@ def _corrupt(folder: Path, tmp_path: Path, how: str) -> Path:
         ("truncated-weights", "adapter_model.safetensors is corrupt or truncated"),
         ("garbage-weights", "adapter_model.safetensors is corrupt or truncated"),
         ("wrong-shapes", "does not fit the base model"),
+        ("no-lora-weights", "adapter_model.safetensors lacks adapter weights: .*layer.1.attention.q_lin.lora_A"),
     ],
 )
 def test_corrupt_model_folder_is_a_clear_checkpoint_error(saved_tiny, tmp_path: Path, how: str, message: str) -> None:

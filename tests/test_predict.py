@@ -3,19 +3,22 @@ every supported format, interactive use, and clean errors."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from test_security import _model_with_custom_code
 
 from lorasent import predict as predict_module
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
-from lorasent.model import build_model, save_model_dir
+from lorasent.model import build_model, load_model_dir, save_model_dir
 from lorasent.predict import Predictor
 from lorasent.tokenize import load_tokenizer
 
@@ -139,6 +142,16 @@ def test_cli_interactive_reads_until_eof(model_dir: Path, monkeypatch, capsys) -
     assert len(lines) == 3 and lines[1].startswith("error")
 
 
+def test_cli_interactive_refuses_an_output_file(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    stdin = io.TextIOWrapper(io.BytesIO(b"Great phone.\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    output = tmp_path / "out.csv"
+    assert predict_module.main([str(model_dir), "--interactive", "--output", str(output)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "--output does not apply to --interactive" in captured.err
+    assert captured.out == "" and not output.exists()
+
+
 @pytest.mark.parametrize(
     ("make_args", "message"),
     [
@@ -146,6 +159,11 @@ def test_cli_interactive_reads_until_eof(model_dir: Path, monkeypatch, capsys) -
         (lambda d, t: [str(d), "--input", str(t / "missing.txt")], "does not exist"),
         (lambda d, t: [str(d), "--input", str(_write(t / "in.csv", b"a,b\n1,2\n"))], "no column 'text'"),
         (lambda d, t: [str(d), "--input", str(_write(t / "in.xml", b"<x/>"))], "use a .txt"),
+        (lambda d, t: [str(d), "--input", str(t)], "is a folder"),
+        (lambda d, t: [str(d), "--input", str(_write(t / "empty.csv", b""))], "empty.csv is empty"),
+        # [CLS] [SEP] fill 2 tokens: every text looked alike (2), or truncation stopped and the model crashed (1)
+        (lambda d, t: [str(d), "--text", "great", "--max_length", "2"], "max_length 2 leaves no room for text"),
+        (lambda d, t: [str(d), "--text", "great " * 600, "--max_length", "1"], "max_length 1 leaves no room"),
     ],
 )
 def test_cli_errors_are_one_clean_line(model_dir: Path, tmp_path: Path, capsys, make_args, message) -> None:
@@ -241,3 +259,87 @@ def test_cli_utf8_bom_is_not_part_of_the_first_column_or_text(model_dir: Path, t
     txt_file = _write(tmp_path / "notepad.txt", bom + b"Nice.\n")
     assert predict_module.main([str(model_dir), "--input", str(txt_file), "--output", str(out)]) == 0
     assert json.loads(out.read_text())["text"] == "Nice."
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("blocker/out.csv", "blocker is a file, not a folder"),
+        ("blocker/sub/out.jsonl", "blocker is a file, not a folder"),
+        ("folder.csv", "it is a folder"),
+    ],
+)
+def test_cli_output_that_cannot_be_written_is_refused_before_the_model_loads(
+    tmp_path: Path, capsys, output: str, message: str
+) -> None:
+    # The model folder does not exist: the output location must be what is reported, without loading or scoring.
+    _write(tmp_path / "blocker", b"a file where a folder would go")
+    (tmp_path / "folder.csv").mkdir()
+    args = [str(tmp_path / "missing-model"), "--text", "x", "--output", str(tmp_path / output)]
+    assert predict_module.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "--output" in err and "Traceback" not in err
+
+
+def test_cli_csv_field_longer_than_the_csv_modules_default_limit(model_dir: Path, tmp_path: Path) -> None:
+    long = "good value " * 20_000  # 220,000 characters; csv refuses fields over 131,072 unless told otherwise
+    csv_file = _write(tmp_path / "long.csv", f'id,text\n1,"{long}"\n2,Fine.\n'.encode())
+    out = tmp_path / "out.jsonl"
+    assert predict_module.main([str(model_dir), "--input", str(csv_file), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["text"] == long and rows[0]["truncated"] and rows[0]["label"] in LABELS
+    assert rows[1]["text"] == "Fine." and not rows[1]["truncated"]
+
+
+def test_cli_csv_the_csv_module_cannot_read_names_the_file_and_line(
+    model_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """csv's limit is a C long, 2**31 - 1 characters where that is 32 bits; a limit of 64 makes its real error."""
+    csv_file = _write(tmp_path / "in.csv", b'text\nshort\n"' + b"x" * 100 + b'"\nafter\n')
+    monkeypatch.setattr(predict_module, "CSV_FIELD_LIMIT", 64)
+    previous = csv.field_size_limit()
+    try:
+        code = predict_module.main([str(model_dir), "--input", str(csv_file)])
+    finally:
+        csv.field_size_limit(previous)  # the limit is the process's, not this test's
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{csv_file} is not valid CSV at line 3" in err and "Traceback" not in err
+
+
+def test_cli_exits_1_when_no_text_could_be_scored(model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert predict_module.main([str(model_dir), "--text", ""]) == 1
+    assert capsys.readouterr().out.startswith("error  empty")  # each row's error is still reported
+    assert predict_module.main([str(model_dir), "--text", "", "--text", "Great."]) == 0
+
+    source = _write(tmp_path / "bad.txt", b"\n\xff\xfe\n")
+    out = tmp_path / "out.csv"
+    assert predict_module.main([str(model_dir), "--input", str(source), "--output", str(out)]) == 1
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert "empty" in frame.loc[0, "error"] and "not valid UTF-8" in frame.loc[1, "error"]
+
+
+def test_a_model_folder_cannot_turn_on_remote_code(
+    model_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A model folder is data: its lorasent.json asking for trust_remote_code, with a base whose config.json names
+    code in a .py file, runs that code only when the user passes --trust_remote_code."""
+    import transformers.dynamic_module_utils
+
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    marker = tmp_path / "custom-code-ran"
+    base = _model_with_custom_code(tiny_model_dir, tmp_path / "custom-base", marker)
+    folder = shutil.copytree(model_dir, tmp_path / "model")
+    meta = json.loads((folder / "lorasent.json").read_text())
+    meta["model"].update(model_name_or_path=str(base), trust_remote_code=True)
+    (folder / "lorasent.json").write_text(json.dumps(meta))
+
+    assert predict_module.main([str(folder), "--text", "Great."]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Pass --trust_remote_code" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="cannot turn on running model code"):
+        load_model_dir(folder)
+    assert not marker.exists()
+    # Passed by the user, the switch does run the base's code: the refusal above is not vacuous.
+    assert predict_module.main([str(folder), "--text", "Great.", "--trust_remote_code"]) == 0
+    assert marker.exists()

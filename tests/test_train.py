@@ -3,9 +3,11 @@ divergence, early refusal of impossible requests, the command line, and a real f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from lorasent import train as train_module
 from lorasent.config import OFFLINE_MODEL, TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
 from lorasent.evaluate import evaluate_model_dir
-from lorasent.model import ADAPTER_WEIGHTS, load_model_dir
+from lorasent.model import ADAPTER_WEIGHTS, load_model_dir, merge_and_export, read_meta
 from lorasent.predict import Predictor
 from lorasent.train import EpochReport, train
 
@@ -271,6 +273,48 @@ def test_impossible_requests_are_refused_before_training(tmp_path: Path, changes
     with pytest.raises(error, match=message):
         train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, **changes), **kwargs)
     assert not (tmp_path / "model").exists() and not (tmp_path / "model-checkpoints").exists()
+
+
+def test_a_folder_that_is_not_a_model_is_never_replaced_by_one(reference, tmp_path: Path) -> None:
+    """Saving replaces the output folder whole: a folder of the user's own files is refused before any training (it
+    was deleted after it), a file too; a model folder, saved again in the same place, is replaced."""
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "reviews.csv").write_text("text,label\n")
+    for output in (own, own / "reviews.csv"):
+        with pytest.raises(ConfigError, match=r"Pick a (new or empty output folder|folder name)"):
+            train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, output_dir=str(output)))
+    assert sorted(p.name for p in own.iterdir()) == ["reviews.csv"] and not (tmp_path / "mine-checkpoints").exists()
+    with pytest.raises(ConfigError, match="holds files and is not a lorasent model folder"):
+        merge_and_export(reference[1].output_dir, own)
+    assert sorted(p.name for p in own.iterdir()) == ["reviews.csv"]
+
+    model = Path(shutil.copytree(reference[1].output_dir, tmp_path / "model"))
+    again = train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, num_train_epochs=1))
+    assert again.output_dir == model and read_meta(model)["metrics"]["epoch"] == 1  # the new run's model
+
+
+def test_a_checkpoint_resumes_only_the_run_that_wrote_it(reference, tmp_path: Path) -> None:
+    """Another rank would fail on a shape deep inside the load; other labels or data would train another model from
+    the checkpoint's weights without a word. Refused before the data is read, naming what differs."""
+    checkpoint = str(reference[2][0].checkpoint_dir)
+    other_rank = dataclasses.replace(TINY_MODEL_ARGS, lora_r=8)
+    with pytest.raises(ConfigError, match=r"another run \(lora_r 4 there, 8 now\)"):
+        train(TINY_DATA, other_rank, _train_args(tmp_path), resume_from_checkpoint=checkpoint)
+    other_data = dataclasses.replace(TINY_DATA, dataset=str(tmp_path / "reviews.csv"))  # need not exist: not read
+    with pytest.raises(ConfigError, match="dataset 'offline:vader-amazon' there"):
+        train(other_data, TINY_MODEL_ARGS, _train_args(tmp_path), resume_from_checkpoint=checkpoint)
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model-checkpoints").exists()
+
+
+@pytest.mark.parametrize("max_length", [1, 2])
+def test_a_max_length_the_special_tokens_fill_is_refused(tmp_path: Path, max_length: int) -> None:
+    """At 2 every text was [CLS] [SEP] (a model that learnt nothing, accuracy 0.5, no error); at 1 the tokenizer
+    stopped truncating and training crashed on the position embeddings."""
+    data = dataclasses.replace(TINY_DATA, max_length=max_length)
+    with pytest.raises(ConfigError, match=rf"max_length {max_length} leaves no room for text.*at least 3"):
+        train(data, TINY_MODEL_ARGS, _train_args(tmp_path))
+    assert not (tmp_path / "model").exists()
 
 
 def test_bf16_training_stores_the_frozen_base_in_bf16_and_saves_fp32(tmp_path: Path) -> None:
