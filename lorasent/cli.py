@@ -8,14 +8,18 @@ command line (`--max_train_samples none`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import argparse
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from transformers import HfArgumentParser
 
+from lorasent.config import COMMA_SEPARATED
 from lorasent.errors import ConfigError
 
 NONE_WORDS = ("none", "null")
+_KINDS = {"int": "a whole number", "float": "a number", "str": "a string", "string_to_bool": "true or false"}
 
 
 def _number_or_none(kind: type) -> Callable[[str], Any]:
@@ -36,7 +40,20 @@ class ArgumentParser(HfArgumentParser):
                 action.type = _number_or_none(action.type)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message}. See `{self.prog} --help`.")
+        raise ConfigError(f"{message.rstrip('.')}. See `{self.prog} --help`.")
+
+    def config_defaults(self, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+        """A config file's `values` as defaults of this parser's options, read as the same flags would be.
+
+        A scalar becomes the string a command line holds, so argparse converts it alike; a list is taken only by an
+        option of several values or a comma-separated one (`COMMA_SEPARATED`); null only by an optional
+        one. Anything else would reach the dataclasses as a wrong type (a traceback, or worse a string read
+        character by character), so it is refused here with the key, the value and what the option takes.
+        """
+        actions: dict[str, argparse.Action] = {}
+        for action in self._actions:
+            actions.setdefault(action.dest, action)  # `--x` comes before HfArgumentParser's `--no_x`
+        return {key: _config_value(actions[key], value, f"{source}: {key}") for key, value in values.items()}
 
     def parse_dataclasses(self, argv: Sequence[str]) -> tuple[Any, ...]:
         """The dataclasses filled from `argv`; an argument no dataclass takes is refused, not ignored."""
@@ -46,3 +63,53 @@ class ArgumentParser(HfArgumentParser):
         if remaining:
             raise ConfigError(f"Unrecognised arguments {remaining}. See `{self.prog} --help`.")
         return tuple(parsed)
+
+
+def _takes(action: argparse.Action) -> str:
+    """What an option takes, in words."""
+    if action.choices is not None:
+        one = f"one of {list(action.choices)}"
+    else:
+        one = _KINDS.get(getattr(action.type, "__name__", ""), "one value")
+    if action.nargs in ("+", "*"):
+        return f"a list, each item {one}"
+    return f"{one} or null" if action.default is None else one
+
+
+def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """One config value as its option's default (see `ArgumentParser.config_defaults`)."""
+    key, takes = action.dest, _takes(action)
+    several, joined = action.nargs in ("+", "*"), key in COMMA_SEPARATED
+    if value is None:
+        if action.default is None:
+            return None
+        raise ConfigError(
+            f"{where} is null (an empty value), but --{key} takes {takes}. Give it a value, or delete the line to keep "
+            f"the default {action.default!r}."
+        )
+    if isinstance(value, dict):
+        raise ConfigError(
+            f"{where} is the mapping {value!r}, but --{key} takes {takes}: a config file gives each option one value. "
+            f"To search over values, give them to `python tune/run.py --search_space '{json.dumps({key: value})}'`."
+        )
+    if isinstance(value, list) and not (several or joined):
+        raise ConfigError(f"{where} is the list {value!r}, but --{key} takes one value: {takes}.")
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if item is None or isinstance(item, (dict, list)):
+            raise ConfigError(f"{where} holds {item!r}, but --{key} takes {takes}.")
+        if isinstance(item, bool) and action.type is str:
+            example = '["no", "yes"]' if several or joined else '"no"'
+            raise ConfigError(
+                f"{where} holds {value!r}: YAML reads an unquoted no / yes / off / on as a boolean, but --{key} takes "
+                f"{takes}. Quote such values in the config file as written, e.g. {key}: {example}."
+            )
+        if action.choices is not None and action.type(str(item)) not in action.choices:
+            raise ConfigError(f"{where} is {item!r}, but --{key} takes {takes}.")
+    if joined:
+        return ",".join(map(str, items))
+    try:  # converted here too, so that a bad value names the file it came from (argparse would name only the flag)
+        converted = [action.type(str(item)) if action.type else str(item) for item in items]
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{where} is {value!r}, but --{key} takes {takes}.") from None
+    return converted if several else str(value)  # argparse converts a string default only

@@ -24,6 +24,7 @@ OFFLINE_MODEL = "offline:all-MiniLM-L6-v2"
 TINY_MODEL = "tiny:distilbert"
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+COMMA_SEPARATED = ("target_modules",)  # options of one comma-separated value, which a YAML file may give as a list
 INTEGER_LABEL = re.compile(r"[+-]?\d+(?:\.0*)?")  # 1, -1, 01, 1.0: how spreadsheets and pandas write integer labels
 
 
@@ -45,6 +46,15 @@ def _absolute_if_local(value: str) -> str:
     path would name nothing (or something else)."""
     path = Path(value).expanduser()
     return str(path.resolve()) if path.exists() else value
+
+
+MAX_SEED = 2**32 - 1  # numpy's and sklearn's seeds are unsigned 32-bit integers
+
+
+def _seed(name: str, value: int) -> None:
+    """Refused here, not by numpy or sklearn once the data is read."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"--{name} must lie in [0, 2**32 - 1] ({MAX_SEED}), got {value!r}. Pass e.g. --{name} 42.")
 
 
 def _fraction(name: str, value: float, *, upper_inclusive: bool = False) -> None:
@@ -120,7 +130,8 @@ class DataArguments:
         if len(keys) < 2 or len(set(keys)) != len(keys) or "" in keys:
             raise ConfigError(
                 f"label_names must hold at least two distinct, non-blank names, got {self.label_names!r}; labels are "
-                "matched ignoring case and spaces, and '1', '01' and '1.0' are one name."
+                "matched ignoring case and spaces, and '1', '01' and '1.0' are one name. Give each name its own word "
+                "(--label_names negative positive), or in a config file a list (label_names: [negative, positive])."
             )
         _fraction("validation_fraction", self.validation_fraction)
         _fraction("test_fraction", self.test_fraction)
@@ -131,6 +142,7 @@ class DataArguments:
         for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             _positive(name, getattr(self, name), allow_none=True)
         _positive("max_length", self.max_length)
+        _seed("data_seed", self.data_seed)
 
 
 @dataclass
@@ -245,6 +257,7 @@ class TrainArguments:
         if self.dataloader_num_workers < 0:
             raise ConfigError("dataloader_num_workers must be >= 0.")
         _positive("torch_threads", self.torch_threads, allow_none=True)
+        _seed("seed", self.seed)
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainArguments)

@@ -29,7 +29,13 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 AMAZON_POLARITY = "amazon_polarity"
 AMAZON_POLARITY_IDS = (AMAZON_POLARITY, "fancyzhx/amazon_polarity")
-FILE_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
+_FORMATS = {  # each file type, and what a file of it holds (named when one cannot be parsed)
+    ".csv": "comma-separated values under a header row; a cell holding a comma, quote or line break is quoted",
+    ".jsonl": "one JSON object per line",
+    ".json": "a JSON array of objects, or one object per line",
+    ".parquet": "a Parquet table, as pandas' DataFrame.to_parquet writes it",
+}
+FILE_EXTENSIONS = tuple(_FORMATS)
 SPLIT_COLUMN = "split"
 _SHOWN = 5  # offending rows or values quoted in an error message
 
@@ -220,6 +226,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         )
     if path.stat().st_size == 0:
         raise DataError(f"Data file {path} is empty (0 bytes). Put a header and labelled rows in it.")
+    _refuse_compressed_or_utf16(path)
     try:
         if suffix == ".csv":
             # Everything as text and empty cells as "", so labels like "01" or "NA" are judged as written.
@@ -232,8 +239,8 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise _non_utf8_error(path) from None
     except (ValueError, pd.errors.ParserError, OSError) as e:
         raise DataError(
-            f"{path} could not be parsed as {suffix[1:].upper()}: {e}. Check the file's format "
-            "(.jsonl: one JSON object per line; .json: a JSON array of objects, or one object per line)."
+            f"{path} could not be parsed as {suffix[1:].upper()}: {str(e).strip().rstrip('.')}. Check the file's "
+            f"format: a {suffix} file holds {_FORMATS[suffix]}."
         ) from e
     if frame.empty:
         raise DataError(f"Data file {path} has no data rows. Add labelled rows below the header.")
@@ -259,6 +266,22 @@ def _separator_hint(frame: pd.DataFrame) -> str:
     header = str(frame.columns[0]) if len(frame.columns) == 1 else ""
     separator = next((sep for sep in (";", "\t", "|") if sep in header), None)
     return f" Its header is one column split by {separator!r}: save the file comma-separated." if separator else ""
+
+
+def _refuse_compressed_or_utf16(path: Path) -> None:
+    """Name a gzipped or UTF-16 file as such: read as UTF-8 it fails on its first bytes, which are no latin1 text."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"\x1f\x8b":
+        raise DataError(
+            f"{path} is gzip-compressed (it starts with gzip's magic bytes 1f 8b). Decompress it first, e.g. "
+            f"`gunzip -c {path.name} > plain-{path.name}`, and pass that file."
+        )
+    if head in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(
+            f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark, as Excel's 'Unicode Text' and PowerShell "
+            f"save files). Re-save it as UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 {path.name} > utf8-{path.name}`."
+        )
 
 
 def _non_utf8_error(path: Path) -> DataError:
@@ -376,44 +399,56 @@ def _complete_splits(
         )
     splits = dict(splits)
     test_share = 0.0 if "test" in splits else data_args.test_fraction
-    for split, share in (("test", test_share), ("validation", data_args.validation_fraction)):
-        if split in splits:
-            continue
+    shares = {"test": test_share, "validation": data_args.validation_fraction}  # test first, then validation
+    missing = {split: share for split, share in shares.items() if split not in splits}
+    options = " and ".join(f"--{split}_fraction {share:g}" for split, share in reversed(missing.items()))
+    too_few = f"{data_args.dataset}: its {len(splits['train'])} rows to carve splits from are too few for {options}"
+    for split, share in missing.items():
         fraction = share / (1 - test_share) if split == "validation" else share
         option = f"--{split}_fraction"
         if fraction <= 0:
             raise DataError(f"The {split} split is empty because {option} is 0. Set {option} > 0.")
-        splits["train"], splits[split] = _carve(splits["train"], fraction, data_args.data_seed, group_column, split)
+        carved = _carve(splits["train"], fraction, data_args.data_seed, group_column, split, too_few)
+        splits["train"], splits[split] = carved
     return splits
 
 
 def _carve(
-    ds: datasets.Dataset, fraction: float, seed: int, group_column: str | None, split: str
+    ds: datasets.Dataset, fraction: float, seed: int, group_column: str | None, split: str, too_few: str
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split off `fraction` of `ds`: of whole groups if `group_column`, else of rows, stratified where possible.
 
     `group_column="text"` keeps identical texts together (one in train and one in test would be a test seen in
-    training), stratified, and gives the plain row split where no text repeats.
+    training), stratified, and gives the plain row split where no text repeats. `too_few` begins the error where
+    the split would leave nothing to train on.
     """
-    if len(ds) < 2:
-        raise DataError(
-            f"Only {len(ds)} row(s) left to carve the {split} split from. Provide more data or a '{SPLIT_COLUMN}' "
-            "column."
-        )
     if group_column is None:
-        return _stratified_split(ds, max(1, round(fraction * len(ds))), seed)
+        return _stratified_split(ds, _carved_size(fraction, len(ds), "rows", split, too_few), seed)
     if group_column == "text":
         texts = pd.factorize(_column(ds, "text"))[0]
         distinct = int(texts.max()) + 1
-        if distinct < 2:
+        if distinct < 2 and len(ds) > 1:
             raise DataError(f"Every row left has the same text: cannot carve a {split} split without sharing it.")
-        return _stratified_split(ds, max(1, round(fraction * distinct)), seed, texts if distinct < len(ds) else None)
+        size = _carved_size(fraction, distinct, "distinct texts", split, too_few)
+        return _stratified_split(ds, size, seed, texts if distinct < len(ds) else None)
     groups = _column(ds, group_column)
     if len(set(groups)) < 2:
         raise DataError(f"Only one {group_column} left: cannot carve a {split} split without sharing it.")
     splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
     keep, carved = next(splitter.split(groups, groups=groups))
     return _take_rows(ds, np.sort(keep)), _take_rows(ds, np.sort(carved))
+
+
+def _carved_size(fraction: float, units: int, unit: str, split: str, too_few: str) -> int:
+    """How many of the `units` rows or texts left the split takes: at least one, and never all, which sklearn would
+    refuse with a bare ValueError after the data was read."""
+    size = max(1, round(fraction * units))
+    if size >= units:
+        raise DataError(
+            f"{too_few}: the {split} split would take {size} of the {units} {unit} left, leaving none to train on. "
+            f"Lower the fractions, add rows, or give each row its split in a '{SPLIT_COLUMN}' column."
+        )
+    return size
 
 
 def _column(ds: datasets.Dataset, name: str) -> np.ndarray:
@@ -472,10 +507,25 @@ def _subset(ds: datasets.Dataset, limit: int | None, split: str, data_args: Data
 
 
 def _require_all_classes(ds: datasets.Dataset, split: str, data_args: DataArguments) -> None:
+    """Two classes in every split, and every named class in train: a class without training rows would get a head
+    output the model can never learn to predict, and train without a word of warning."""
     present = set(np.unique(_column(ds, "label")).tolist())
     if len(present) < 2:
         only = data_args.label_names[present.pop()] if present else "none"
         raise DataError(
             f"The {split} split of {data_args.dataset} holds a single class ('{only}', {len(ds)} rows); a classifier "
             "needs at least two. Include examples of every class, and check --label_column and --label_names."
+        )
+    absent = [name for index, name in enumerate(data_args.label_names) if index not in present]
+    if split == "train" and absent:
+        limit, it = data_args.max_train_samples, "it" if len(absent) == 1 else "them"
+        raise DataError(
+            f"The train split of {data_args.dataset} has no rows of {', '.join(map(repr, absent))}, named in "
+            f"--label_names {data_args.label_names}: the model could never learn to predict {it}. Drop {it} from "
+            f"--label_names, or add training rows labelled with {it}"
+            + (
+                f". If the data holds {it}, the --max_train_samples {limit} subset left {it} out: raise it."
+                if limit
+                else "."
+            )
         )

@@ -685,14 +685,15 @@ class RunArguments:
     )
 
 
-def _yaml_defaults(path: str) -> dict[str, Any]:
+def _yaml_defaults(parser: ArgumentParser, path: str) -> dict[str, Any]:
+    """The `--config` file's values as defaults, each read as its flag would be: a null, list or mapping where the
+    option takes none is refused here, before any data is read, not by a traceback (or a wrong value) later."""
     values = read_yaml(path)
     valid = {f.name for cls in (*ARGUMENT_CLASSES, RunArguments) for f in dataclasses.fields(cls)} - {"config"}
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ConfigError(f"Unknown key(s) {unknown} in {path}. Valid keys: {', '.join(sorted(valid))}.")
-    # As strings, scalars go through the same type conversion as command-line values (so `epochs: 2.5` is refused).
-    return {key: str(value) if isinstance(value, (bool, int, float)) else value for key, value in values.items()}
+    return parser.config_defaults(values, f"config file {path}")
 
 
 def parse_cli(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments, RunArguments]:
@@ -702,7 +703,7 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelAr
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        parser.set_defaults(**_yaml_defaults(known.config))
+        parser.set_defaults(**_yaml_defaults(parser, known.config))
     return parser.parse_dataclasses(sys.argv[1:] if argv is None else argv)
 
 

@@ -208,7 +208,7 @@ def test_search_batch_larger_than_the_train_split(tmp_path: Path, capsys: pytest
 
 
 def test_training_config_with_a_wrong_type(runs: dict[str, Any]) -> None:
-    refused(runs["train_wrong_type"], "--learning_rate", "invalid float value: 'fast'")
+    refused(runs["train_wrong_type"], "fast.yaml: learning_rate is 'fast', but --learning_rate takes a number")
     assert not (runs["tmp"] / "model").exists()
 
 
@@ -266,3 +266,47 @@ def test_binary_garbage_is_reported_per_row(runs: dict[str, Any]) -> None:
     assert "not valid UTF-8" in " ".join(errors)
     # Every line either got a label or says why not; the run as a whole never fails on one bad line.
     assert all((label != "") != (error != "") for label, error in zip(frame["label"], errors, strict=True))
+
+
+# ----------------------------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize(
+    ("line", "fragments"),
+    [
+        ("target_modules: null", ["target_modules is null", "takes a string", "the default 'auto'"]),
+        ("label_names: null", ["label_names is null", "takes a list", "the default ['negative', 'positive']"]),
+        ("metric_for_best_model: null", ["metric_for_best_model is null", "the default 'accuracy'"]),
+        ("output_dir: null", ["output_dir is null", "the default 'runs/train'"]),
+        ("learning_rate: [1.0e-3, 1.0e-4]", ["learning_rate is the list [0.001, 0.0001]", "takes one value: a number"]),
+        ("lora_r: {choice: [2, 4]}", ["lora_r is the mapping", "one value", """--search_space '{"lora_r": {"""]),
+        ("dataset: [a, b]", ["dataset is the list ['a', 'b']", "takes one value: a string"]),
+        ("precision: fp64", ["precision is 'fp64'", "one of ['auto', 'fp32', 'bf16', 'fp16']"]),
+        ("label_names: [no, yes]", ["holds [False, True]", "Quote such values", 'label_names: ["no", "yes"]']),
+    ],
+)
+def test_training_config_values_of_the_wrong_kind_name_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, fragments: list[str]
+) -> None:
+    """A null, list or mapping where the option takes one value, a choice that is none, or YAML's booleans for
+    names: refused naming the file, the key, the value and what it takes, before the data is read (the file given
+    is one it would refuse)."""
+    config = tmp_path.parent / f"{tmp_path.name}.yaml"
+    config.write_text(line + "\n")
+    no_text = tmp_path.parent / f"{tmp_path.name}-no-text.csv"
+    no_text.write_text("review,label\nfine,positive\nbad,negative\n")
+    argv = ["--config", str(config), "--dataset", str(no_text)]
+    _train_refused(tmp_path, capsys, argv, f"config file {config}: ", *fragments)
+
+
+def test_a_yaml_string_for_label_names_is_one_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As `--label_names ab` is, not the names 'a' and 'b' (its characters); one name is too few."""
+    config = tmp_path.parent / f"{tmp_path.name}.yaml"
+    config.write_text("label_names: ab\n")
+    _train_refused(tmp_path, capsys, ["--config", str(config)], "got ['ab']", "label_names: [negative, positive]")
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--data_seed"])
+@pytest.mark.parametrize("value", ["-1", str(2**32)])
+def test_training_seed_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str) -> None:
+    _train_refused(tmp_path, capsys, [flag, value], f"{flag} must lie in [0, 2**32 - 1]", f"got {value}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from collections.abc import Callable
@@ -367,3 +368,57 @@ def test_split_column_that_parts_identical_texts_warns(
     rows = [{"text": f"t{i % 8}", "label": i % 2, "split": ["train", "validation", "test"][i % 3]} for i in range(24)]
     load_splits(DataArguments(dataset=str(write_data(rows))))
     assert "8 of those texts appear in more than one value of column 'split'" in caplog.text
+
+
+def test_a_named_class_without_training_rows_is_refused(write_data: Callable[..., Path]) -> None:
+    """A class in --label_names with no training rows would get a head output that can never be predicted."""
+    rows = [{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(30)]
+    message = _refused(write_data(rows), label_names=["negative", "neutral", "positive"])
+    assert "train split" in message and "no rows of 'neutral'" in message
+    assert "Drop it from --label_names, or add training rows labelled with it." in message
+    # Rows of it only in the test split teach the model nothing either.
+    split_of = ["train"] * 30 + ["test"] * 3
+    rows += [{"text": f"so-so {i}", "label": "neutral"} for i in range(3)]
+    rows = [{**row, "split": split} for row, split in zip(rows, split_of, strict=True)]
+    message = _refused(write_data(rows), label_names=["negative", "neutral", "positive"], max_train_samples=10)
+    assert "no rows of 'neutral'" in message and "--max_train_samples 10 subset" in message
+
+
+def test_split_fractions_too_large_for_a_tiny_file(write_data: Callable[..., Path]) -> None:
+    """Where the carved splits would take every row (or text) left, the error names the fractions and the rows."""
+    three = write_data([{"text": t, "label": label} for t, label in (("good", 1), ("bad", 0), ("fine", 1))])
+    message = _refused(three, validation_fraction=0.8, test_fraction=0.1)
+    assert "its 3 rows" in message and "--validation_fraction 0.8 and --test_fraction 0.1" in message
+    assert "the validation split would take 2 of the 2 distinct texts left" in message
+    # Repeated texts are carved whole (the stratified split of groups); a source's own test split leaves validation.
+    rows = [{"text": f"review {i % 3}", "label": i % 2, "split": "test" if i >= 9 else "train"} for i in range(12)]
+    message = _refused(write_data(rows, "repeated.csv"), validation_fraction=0.85, test_fraction=0.1)
+    assert "its 9 rows" in message and "too few for --validation_fraction 0.85:" in message
+    assert "would take 3 of the 3 distinct texts left" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "format_hint"),
+    [
+        ("data.csv", b"text,label\ngood,1\nbad,0,extra,cells\n", "a .csv file holds comma-separated values"),
+        ("data.parquet", b"not a parquet file", "a .parquet file holds a Parquet table"),
+        ("data.jsonl", b'{"text": "good", "label": 1\n', "a .jsonl file holds one JSON object per line"),
+    ],
+)
+def test_a_file_that_cannot_be_parsed_gets_its_own_formats_hint(
+    write_data: Callable[..., Path], name: str, raw: bytes, format_hint: str
+) -> None:
+    message = _refused(write_data(raw=raw, name=name))
+    assert "could not be parsed" in message and format_hint in message
+    assert "(.jsonl:" not in message  # the JSON formats' hint, once given to every format
+
+
+def test_gzipped_or_utf16_files_are_named_as_such(write_data: Callable[..., Path]) -> None:
+    """Read as UTF-8 both fail at their first bytes, where converting from latin1 would be wrong advice."""
+    text = "text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(20))
+    message = _refused(write_data(raw=gzip.compress(text.encode()), name="data.csv"))
+    assert "is gzip-compressed" in message and "gunzip -c data.csv" in message and "latin1" not in message
+    for encoding in ("utf-16", "utf-16-be"):
+        raw = text.encode(encoding) if encoding == "utf-16" else b"\xfe\xff" + text.encode(encoding)
+        message = _refused(write_data(raw=raw, name="data.csv"))
+        assert "is UTF-16" in message and "iconv -f UTF-16 -t UTF-8 data.csv" in message and "latin1" not in message

@@ -376,7 +376,7 @@ def test_cli_reads_yaml_and_lets_flags_override(tmp_path: Path, capsys: pytest.C
         ({"learning_rat": 1e-3}, [], "Unknown key.*learning_rat.*Valid keys"),
         ({"model_name_or_path": TINY_MODEL}, ["--lora_r", "0"], "lora_r must be a positive number"),
         ({"model_name_or_path": "offline:nothing"}, [], "Unknown built-in model"),
-        ({"model_name_or_path": TINY_MODEL, "precision": "bf17"}, [], "Unknown precision 'bf17'"),
+        ({"model_name_or_path": TINY_MODEL, "precision": "bf17"}, [], "precision is 'bf17', but --precision takes one"),
     ],
 )
 def test_cli_errors_are_one_clean_line(tmp_path: Path, capsys, content, flags, message) -> None:

@@ -181,9 +181,15 @@ def test_unknown_yaml_keys_list_the_valid_ones(tmp_path: Path) -> None:
     ("content", "message"),
     [
         ({"searcher": "bayes"}, "Unknown searcher 'bayes'"),
-        ({"num_samples": "ten"}, "num_samples='ten' is invalid"),
-        ({"precision": "fp64"}, "precision='fp64' is not one of"),
-        ({"search_space": ["lora_r"]}, "search_space=['lora_r'] is invalid"),
+        ({"num_samples": "ten"}, "num_samples is 'ten', but --num_samples takes a whole number"),
+        ({"precision": "fp64"}, "precision is 'fp64', but --precision takes one of"),
+        ({"search_space": ["lora_r"]}, "search_space is invalid (expected a JSON dict"),
+        # what YAML holds besides scalars: a null, a list or a mapping where the option takes one value
+        ({"target_modules": None}, "target_modules is null (an empty value), but --target_modules takes"),
+        ({"label_names": None}, "label_names is null (an empty value)"),
+        ({"dataset": ["a.csv", "b.csv"]}, "dataset is the list ['a.csv', 'b.csv'], but --dataset takes one value"),
+        ({"lora_r": {"choice": [4, 8]}}, """--search_space '{"lora_r": {"choice": [4, 8]}}'"""),
+        ({"label_names": [False, True]}, 'Quote such values in the config file as written, e.g. label_names: ["no"'),
         ({"resume": "runs/tune/latest"}, "['resume'] can only be given on the command line (--resume)"),
         ({"config": "other.yaml"}, "['config'] can only be given on the command line (--config)"),
     ],

@@ -457,8 +457,9 @@ def _dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest != "help"}
 
 
-def _coerce_layer(parser: argparse.ArgumentParser, values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Check a preset/YAML mapping's keys and convert its values exactly as the same flags would be."""
+def _coerce_layer(parser: "ArgumentParser", values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check a preset/YAML mapping's keys and read its values as the same flags would be (`config_defaults`: a
+    null, list or mapping an option does not take is refused, naming it); JSON options take their structure."""
     actions = _dests(parser)
     unknown = sorted(set(values) - set(actions))
     if unknown:
@@ -467,25 +468,13 @@ def _coerce_layer(parser: argparse.ArgumentParser, values: Mapping[str, Any], so
     if misplaced:  # they choose the layers (or the saved experiment), so a layer cannot set them
         flags = " / ".join(f"--{key}" for key in misplaced)
         raise ConfigError(f"{source}: {misplaced} can only be given on the command line ({flags}).")
-    coerced: dict[str, Any] = {}
-    for key, value in values.items():
-        action = actions[key]
+    structured = {key for key in values if actions[key].type in (JsonObject, JsonList)}
+    coerced = parser.config_defaults({k: v for k, v in values.items() if k not in structured}, source)
+    for key in structured:
         try:
-            if value is None or action.type is None:
-                coerced[key] = value
-            elif action.nargs == "+":
-                items = value if isinstance(value, list) else [value]
-                coerced[key] = [action.type(str(v)) for v in items]
-            elif isinstance(value, list) and action.type is str:  # a YAML list for a comma-separated option
-                coerced[key] = ",".join(map(str, value))
-            elif isinstance(value, (dict, list)):
-                coerced[key] = action.type(value)
-            else:
-                coerced[key] = action.type(str(value))
-        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-            raise ConfigError(f"{source}: {key}={value!r} is invalid ({e}). See `python tune/run.py --help`.") from None
-        if action.choices is not None and coerced[key] not in action.choices:
-            raise ConfigError(f"{source}: {key}={value!r} is not one of {list(action.choices)}.")
+            coerced[key] = actions[key].type(values[key])
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(f"{source}: {key} is invalid ({e}). See `python tune/run.py --help`.") from None
     return coerced
 
 
