@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from analysis.results import DEFAULT_EXPERIMENT
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--final-model", help="Final model folder to report on (default: <experiment>/final_model).")
     report.add_argument("--no-execute", action="store_true", help="Only write the notebook, do not run it.")
-    report.add_argument("--timeout", type=int, default=600, help="Seconds one notebook cell may run.")
+    report.add_argument("--timeout", type=_positive_int, default=600, help="Seconds one notebook cell may run.")
+    report.add_argument("--trust_remote_code", action="store_true", help=f"With --retrain: {TRUST_REMOTE_CODE}")
 
     retrain = commands.add_parser(
         "retrain", help="Retrain the best config on train + validation, test it once, save the final model."
@@ -51,16 +53,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--use-checkpoint", action="store_true", help="Test the best trial's own best checkpoint instead."
     )
     retrain.add_argument("--output", help="Final model folder (default: <experiment>/final_model).")
+    retrain.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE)
 
     evaluate = commands.add_parser("evaluate", help="Evaluate a model folder on a split of its own data.")
     evaluate.add_argument("model_dir", help="A lorasent model folder (final model or trial checkpoint).")
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split to score.")
     evaluate.add_argument("--output", help="Write <split>_metrics.json and <split>_predictions.csv here.")
+    evaluate.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE)
 
     table = commands.add_parser("table", help="Print the trial table.")
     table.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT, help=experiment_help)
     table.add_argument("--csv", help="Also write the full per-trial table to this CSV file.")
     return parser
+
+
+TRUST_REMOTE_CODE = (
+    "Run the base model's own code, for a search run with --trust_remote_code. Off: only turn on for code you trust."
+)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+_python_format_warning = warnings.formatwarning
+
+
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """lorasent's own warnings as one line: they say what to do, and Python's format would add a line of our code."""
+    if category.__module__.split(".")[0] in ("analysis", "lorasent"):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
 
 
 def _predict_hint(model_dir: object) -> None:
@@ -83,7 +111,12 @@ def run(args: argparse.Namespace) -> int:
 
         final_model = args.final_model
         if args.retrain:
-            final_model = retrain_best(args.experiment, args.final_model, use_checkpoint=args.use_checkpoint)
+            final_model = retrain_best(
+                args.experiment,
+                args.final_model,
+                use_checkpoint=args.use_checkpoint,
+                trust_remote_code=args.trust_remote_code,
+            )
         paths = write_report(
             args.experiment, args.output, final_model=final_model, execute=not args.no_execute, timeout=args.timeout
         )
@@ -101,13 +134,17 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "retrain":
         from analysis.retrain import retrain_best
 
-        _predict_hint(retrain_best(args.experiment, args.output, use_checkpoint=args.use_checkpoint))
+        final_model = retrain_best(
+            args.experiment, args.output, use_checkpoint=args.use_checkpoint, trust_remote_code=args.trust_remote_code
+        )
+        _predict_hint(final_model)
     elif args.command == "evaluate":
         from analysis.retrain import warn_if_trained_on_legacy
         from lorasent.evaluate import main as evaluate_main
 
         warn_if_trained_on_legacy(args.model_dir, args.split)
         forwarded = [args.model_dir, "--split", args.split, *(["--output_dir", args.output] if args.output else [])]
+        forwarded += ["--trust_remote_code"] if args.trust_remote_code else []
         return evaluate_main(forwarded)
     elif args.command == "table":
         import pandas as pd
@@ -133,11 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "report" and args.use_checkpoint and not args.retrain:
         parser.error("--use-checkpoint only applies with --retrain")
+    warnings.formatwarning = _format_warning
     try:
         return run(args)
     except LorasentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # a ReportInterrupted says what it kept
+        print(f"error: {e or 'Interrupted.'}", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = _python_format_warning  # a caller's process (a notebook, a test) keeps its own
 
 
 if __name__ == "__main__":

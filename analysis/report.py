@@ -8,9 +8,12 @@ whatever kernelspecs the machine has registered, so a fresh virtual environment 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-import shlex
 import textwrap
+import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,17 +21,22 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from analysis.results import Experiment, load_experiment, unfinished_note
-from analysis.retrain import FINAL_MODEL_DIR, final_model_mismatch
-from lorasent.errors import LorasentError
+from analysis.retrain import FINAL_MODEL_DIR, final_model_mismatch, load_final_evaluation
+from lorasent.errors import CheckpointError, LorasentError
 from lorasent.paths import atomic_write_text
 
 REPORT_DIR = "report"
 NOTEBOOK_NAME = "report.ipynb"
 HTML_NAME = "report.html"
+PARTIAL_NAME = "report.partial.ipynb"  # a run that did not finish, beside the last good report
 
 
 class ReportError(LorasentError):
     """A report cell failed; the partly executed notebook is kept for its traceback."""
+
+
+class ReportInterrupted(KeyboardInterrupt):
+    """Ctrl-C while the notebook ran; the message says what was kept."""
 
 
 @dataclass
@@ -49,8 +57,9 @@ def _md(source: str) -> nbformat.NotebookNode:
 
 
 def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
-    """The report's cells. Code cells read everything from EXPERIMENT and FINAL_MODEL at run time."""
-    retrain_cmd = f"python -m analysis retrain {shlex.quote(experiment)}"
+    """The report's cells. Code cells read everything from EXPERIMENT and FINAL_MODEL at run time: paths enter the
+    code only as the parameter cell's literals (`repr`), never pasted into code, where a quote or brace would break
+    it or run as code."""
     return [
         _md("""
             # lorasent search report
@@ -67,6 +76,7 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
         ),
         _code("""
             %matplotlib inline
+            import shlex
             import warnings
 
             import pandas as pd
@@ -142,27 +152,28 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
             """),
         _code("""
             spent = results.compute_spent(exp)
-            print("full grid levels:", results.grid_levels(exp), f"x {exp.max_epochs} epochs")
+            print("full grid levels:", results.grid_levels(exp), f"x {exp.planned_epochs} epochs")
             display(spent)
             plots.compute_plot(exp, spent)
             """),
-        _md(f"""
+        _md("""
             ## Final test evaluation
 
             The final model, evaluated once on the untouched test split: by default the best configuration
             retrained on train + validation for its best epoch count, or with `--use-checkpoint` the best trial's
-            own checkpoint (the summary below says which). Create it with `{retrain_cmd}`.
+            own checkpoint (the summary below says which). Create it with `python -m analysis retrain EXPERIMENT`.
             """),
-        _code(f"""
+        _code("""
             final = retrain.load_final_evaluation(FINAL_MODEL)
             if final is None and exp.scored_trials.empty:
                 display(Markdown("No final model: no trial has a score, so there is no best configuration to retrain."))
             elif final is None:
-                display(Markdown(f"No final model at `{{FINAL_MODEL}}` yet. Create it with `{retrain_cmd}`."))
+                retrain_command = f"python -m analysis retrain {shlex.quote(exp.location)}"
+                display(Markdown(f"No final model at `{FINAL_MODEL}` yet. Create it with `{retrain_command}`."))
             else:
                 mismatch = retrain.final_model_mismatch(exp, FINAL_MODEL)
                 if mismatch:
-                    display(Markdown(f"**Warning: not the current best.** {{mismatch}}"))
+                    display(Markdown(f"**Warning: not the current best.** {mismatch}"))
                 display(Markdown(final.summary_markdown()))
                 display(final.per_class)
                 display(plots.confusion_matrix_plot(final.confusion_matrix, final.label_names))
@@ -218,17 +229,38 @@ def execute_notebook(
             on_cell_executed=lambda **_: bar.update(1),
         )
         try:
-            client.execute(cleanup_kc=True)  # we made the kernel manager, so nbclient would not stop the kernel
+            # cleanup_kc: we made the kernel manager, so nbclient would not stop the kernel
+            _run_off_main_thread(client.async_execute(cleanup_kc=True))
         except CellExecutionError as e:
-            raise ReportError(
-                f"A report cell failed: {e.ename}: {e.evalue}. The notebook with its traceback is kept; open it "
-                "in Jupyter to see the failing cell."
-            ) from e
+            raise ReportError(f"A report cell failed: {e.ename}: {e.evalue.rstrip('.')}.") from e
         except CellTimeoutError as e:
             raise ReportError(f"A report cell ran longer than {timeout} s. Allow more with --timeout.") from e
         except DeadKernelError as e:
-            raise ReportError(f"The notebook kernel died ({e}); out of memory? The partial notebook is kept.") from e
+            raise ReportError(f"The notebook kernel died ({e}); out of memory?") from e
     return nb
+
+
+def _run_off_main_thread(run: Coroutine[object, object, object]) -> None:
+    """Await nbclient's `run` in a worker thread. In the main thread nbclient takes SIGINT over and stops the kernel
+    behind its own back, which then fails with unrelated errors (AssertionError, AttributeError); off it, Ctrl-C
+    stays a KeyboardInterrupt here, which cancels the run so that nbclient shuts its kernel down in order."""
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(run)
+
+    def drive() -> None:
+        with contextlib.suppress(BaseException):  # the outcome stays in `task`, for the main thread
+            loop.run_until_complete(task)
+
+    worker = threading.Thread(target=drive, name="report-kernel", daemon=True)
+    worker.start()
+    try:
+        worker.join()
+    except KeyboardInterrupt:
+        loop.call_soon_threadsafe(task.cancel)
+        worker.join()  # nbclient stops the kernel; a second Ctrl-C leaves it to exit with this process
+        raise
+    loop.close()
+    task.result()  # its exception, if any
 
 
 def to_html(nb: nbformat.NotebookNode) -> str:
@@ -249,15 +281,17 @@ def write_report(
 ) -> ReportPaths:
     """Generate the report notebook, execute it and export HTML into `output_dir` (default <experiment>/report).
 
-    Both files are written atomically; when a cell fails, the partly executed notebook is still written (for its
-    traceback) and ReportError is raised. An HTML page of an earlier run is removed whenever no new one replaces
-    it (`execute=False`, a failed cell), so it never passes for the report of the notebook beside it.
+    report.ipynb and report.html are replaced (each atomically) only by a run that finished: a failed cell, a cell
+    timeout or Ctrl-C keeps the earlier report and writes the partly executed notebook to report.partial.ipynb for
+    its traceback (ReportError / ReportInterrupted name it). `execute=False` writes the unexecuted notebook and
+    removes an earlier HTML page, which would not show it.
     """
     exp = load_experiment(experiment)
     final = Path(final_model or exp.path / FINAL_MODEL_DIR).resolve()
+    _check_final_model(exp, final)  # before the kernel starts
     nb = build_notebook(exp, final)
     out = Path(output_dir) if output_dir else exp.path / REPORT_DIR
-    notebook_path, html_path = out / NOTEBOOK_NAME, out / HTML_NAME
+    notebook_path, html_path, partial_path = out / NOTEBOOK_NAME, out / HTML_NAME, out / PARTIAL_NAME
     mismatch, unfinished = final_model_mismatch(exp, final), unfinished_note(exp)
     if not execute:
         atomic_write_text(notebook_path, nbformat.writes(nb))
@@ -265,13 +299,30 @@ def write_report(
         return ReportPaths(notebook_path, None, final, mismatch, unfinished)
     try:
         execute_notebook(nb, timeout=timeout)
-    except BaseException:
-        _remove_stale_html(html_path, "this run did not finish; fix what stopped it and run the report again")
-        raise
-    finally:
-        atomic_write_text(notebook_path, nbformat.writes(nb))
-    atomic_write_text(html_path, to_html(nb))
+    except (ReportError, KeyboardInterrupt) as e:
+        atomic_write_text(partial_path, nbformat.writes(nb))
+        kept = f" The earlier report in {out} is kept." if notebook_path.exists() else ""
+        where = f"The partly run notebook is {partial_path}; open it in Jupyter to see how far it got.{kept}"
+        if isinstance(e, KeyboardInterrupt):
+            raise ReportInterrupted(f"Report interrupted. {where}") from None
+        raise ReportError(f"{e} {where}") from e
+    html = to_html(nb)
+    atomic_write_text(notebook_path, nbformat.writes(nb))
+    atomic_write_text(html_path, html)
+    partial_path.unlink(missing_ok=True)  # an earlier run's, which this one supersedes
     return ReportPaths(notebook_path, html_path, final, mismatch, unfinished)
+
+
+def _check_final_model(exp: Experiment, final: Path) -> None:
+    """A damaged final model stops the report before its kernel starts, naming the command that rebuilds it."""
+    try:
+        load_final_evaluation(final)
+    except CheckpointError as e:
+        output = "" if final == exp.path / FINAL_MODEL_DIR else f" --output {final}"
+        raise CheckpointError(
+            f"{final} is a damaged final model ({e.__cause__}). Recreate it with `python -m analysis retrain "
+            f"{exp.location}{output}`, or move it away to report without it."
+        ) from e
 
 
 def _remove_stale_html(html_path: Path, why: str) -> None:

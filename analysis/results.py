@@ -133,6 +133,15 @@ class Experiment:
         """The search space as `tune/run.py` recorded it: {parameter: {distribution: values}}; {} if unknown."""
         return self.search.get("tune", {}).get("search_space") or {}
 
+    @property
+    def planned_epochs(self) -> int:
+        """Epochs a configuration runs without early stopping: its num_train_epochs (the largest searched one), at
+        most `max_epochs`. ASHA's budget `--max_epochs` may be above num_train_epochs, which then ends trials first."""
+        searched = self.search_space.get("num_train_epochs")
+        base = self.search.get("train", {}).get("num_train_epochs")
+        longest = max(next(iter(searched.values()))) if searched else base
+        return min(int(longest or self.max_epochs), self.max_epochs)
+
 
 def load_experiment(path: str | os.PathLike[str] = DEFAULT_EXPERIMENT) -> Experiment:
     """Read an experiment folder (finished, running or interrupted; local path or storage URI)."""
@@ -162,12 +171,13 @@ def load_experiment(path: str | os.PathLike[str] = DEFAULT_EXPERIMENT) -> Experi
     trials = pd.DataFrame(trial_rows)
 
     metric, mode = _metric_and_mode(search, state, epochs)
-    params = _searched_params(trials, state, config_columns)
+    params = _searched_params(search, state, config_columns)
     max_epochs = _max_epochs(search, trials, epochs)
     base_epochs = min(int(search.get("train", {}).get("num_train_epochs") or max_epochs), max_epochs)
     _summarise_trials(trials, epochs, metric, mode, max_epochs, base_epochs)
     first = ["trial_id", "status", *params]
-    trials = trials[first + [c for c in trials.columns if c not in first]]
+    # A searched parameter no trial's config holds (every params.json damaged, no state) is a blank column.
+    trials = trials.reindex(columns=first + [c for c in trials.columns if c not in first])
     return Experiment(root, source, trials, epochs, metric, mode, max_epochs, params, config_columns, configs, search)
 
 
@@ -241,25 +251,49 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_state(root: Path) -> dict[str, Any]:
-    """Trial states by trial folder name, from Ray's newest experiment_state file (plain JSON fields only)."""
-    files = sorted(root.glob(STATE_GLOB))
-    if not files:
-        return {"trials": {}, "metric": None}
-    try:
-        state = json.loads(files[-1].read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {"trials": {}, "metric": None}  # being rewritten by a live search: infer from the trial folders
+    """Trial states by trial folder name, from Ray's newest readable experiment_state file (plain JSON fields only).
+
+    A damaged newest file is read around with a warning: an older file (a resumed search writes one per run) is
+    behind the trial folders, so its unfinished statuses are left out and inferred from the folders instead.
+    """
+    damaged: list[str] = []
+    for number, path in enumerate(sorted(root.glob(STATE_GLOB), reverse=True)):
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            trial_data = [[json.loads(part) for part in pair] for pair in state.get("trial_data", [])]
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+            damaged.append(f"{path} ({e})")
+            continue
+        if damaged:
+            _warn_damaged_state(damaged, f"Read the trials' statuses from the older {path.name} and their folders")
+        metric = state.get("runner_data", {}).get("_metric")
+        return {"trials": _state_trials(trial_data, stale=number > 0), "metric": metric}
+    if damaged:
+        _warn_damaged_state(damaged, "Inferred the trials' statuses from their folders")
+    return {"trials": {}, "metric": None}
+
+
+def _warn_damaged_state(damaged: list[str], fallback: str) -> None:
+    warnings.warn(
+        f"Ray's experiment state {', '.join(damaged)} is not valid JSON. {fallback} instead; restore it from a copy "
+        "before resuming the search.",
+        ExperimentWarning,
+        stacklevel=2,
+    )
+
+
+def _state_trials(trial_data: list[list[dict[str, Any]]], *, stale: bool) -> dict[str, dict[str, Any]]:
+    """Trial states by folder name; `stale` (an older state file) drops statuses a trial may have left since."""
     trials = {}
-    for trial_json, metadata_json in state.get("trial_data", []):
-        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+    for trial, metadata in trial_data:
         trials[trial["relative_logdir"]] = {
             "trial_id": trial["trial_id"],
-            "status": trial["status"],
+            "status": None if stale and trial["status"] in UNFINISHED else trial["status"],
             "config": trial.get("config") if isinstance(trial.get("config"), dict) else {},
             "evaluated_params": trial.get("evaluated_params") or {},
             "num_failures": metadata.get("num_failures", 0),
         }
-    return {"trials": trials, "metric": state.get("runner_data", {}).get("_metric")}
+    return trials
 
 
 def _trial_dirs(root: Path, state: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
@@ -288,8 +322,9 @@ def _read_trial(
     known = (trial_state or {}).get("num_failures", 0)
     failures = max(len(FAILURE_HEADER.findall(error)), known)
     out_of_retries = failures > known and max_failures is not None and 0 <= max_failures < failures
-    if trial_state and not (out_of_retries and trial_state["status"] in ("RUNNING", "PENDING", "PAUSED")):
-        status = trial_state["status"]
+    state_status = (trial_state or {}).get("status")
+    if state_status and not (out_of_retries and state_status in UNFINISHED):
+        status = state_status
     elif out_of_retries or (error and not trial_state):
         status = "ERROR"
     elif results:
@@ -297,7 +332,9 @@ def _read_trial(
     else:
         status = "PENDING"
 
-    row: dict[str, Any] = {"trial_id": trial_id, "status": status}
+    # `_inferred`: no state says how the trial ended, and Ray writes `done` only on some trials' last row (ASHA's
+    # stops); _summarise_trials finishes one that reached its planned epochs.
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status, "_inferred": not state_status}
     row.update(config)
     row.update(
         {
@@ -384,7 +421,7 @@ def _plain(value: Any) -> Any:
 
 
 def _no_trials_message(source: str, root: Path) -> str:
-    nested = sorted(p.parent.name for p in root.glob(f"*/{STATE_GLOB}"))
+    nested = sorted({p.parent.name for p in root.glob(f"*/{STATE_GLOB}")})
     hint = f" It contains experiment folder(s) {nested}: pass one of those." if nested else ""
     return (
         f"{source} holds no trials (no {STATE_GLOB} and no trial folder with {PARAMS_FILE} or {RESULT_FILE}).{hint} "
@@ -411,12 +448,17 @@ def _metric_and_mode(search: dict[str, Any], state: dict[str, Any], epochs: pd.D
     return metric, mode
 
 
-def _searched_params(trials: pd.DataFrame, state: dict[str, Any], config_columns: list[str]) -> list[str]:
-    """Sampled hyperparameters: Ray's `evaluated_params` when recorded, else the config values that vary."""
+def _searched_params(search: dict[str, Any], state: dict[str, Any], config_columns: list[str]) -> list[str]:
+    """Sampled hyperparameters: the search space `tune/run.py` recorded, else Ray's `evaluated_params`, else every
+    config key (a trial's config is its sampled values). Never only the values that vary: a single trial, or a
+    value every trial drew, is searched all the same, and retraining must not drop it for the base argument."""
+    space = search.get("tune", {}).get("search_space") or {}
+    if space:
+        return [next((c for c in config_columns if c.split("/")[-1] == name), name) for name in space]
     sampled: list[str] = []
     for trial in state["trials"].values():
         sampled += [k for k in trial["evaluated_params"] if k not in sampled and k in config_columns]
-    return sampled or [c for c in config_columns if trials[c].astype(str).nunique() > 1]
+    return sampled or config_columns
 
 
 def _max_epochs(search: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame) -> int:
@@ -480,6 +522,8 @@ def _summarise_trials(
     sampled = next((trials[c] for c in trials.columns if c.split("/")[-1] == "num_train_epochs"), None)
     planned = sampled.fillna(base_epochs).clip(upper=max_epochs) if sampled is not None else base_epochs
     trials["max_epochs"] = planned
+    finished = trials.pop("_inferred") & (trials["status"] == "RUNNING") & (trials["epochs"] >= planned)
+    trials.loc[finished, "status"] = "TERMINATED"
     # ASHA ends a trial by terminating it before its planned epochs; diverged and errored trials end themselves.
     trials["early_stopped"] = (trials["status"] == "TERMINATED") & (trials["epochs"] < planned) & ~trials["diverged"]
     # Ties go to a trial whose best epoch kept its checkpoint, then to the one that got there in fewer epochs, then
@@ -541,8 +585,9 @@ def no_score_note(exp: Experiment) -> str:
     """Why there is no best trial: no trial has a usable score yet, or none will (all failed or diverged)."""
     if unfinished_note(exp):
         return (
-            f"No trial of {exp.location} has reported '{exp.metric}' yet, so there is no best trial. Wait for the "
-            "first epoch to finish; a trial that failed shows why in the trial table's error column (its error.txt)."
+            f"No trial of {exp.location} has reported '{exp.metric}' yet, so there is no best trial. If the search is "
+            f"running, wait for the first epoch to finish; if it was stopped, continue it: `{TUNE_COMMAND} --resume "
+            f"{exp.location}`. A trial that failed shows why in the trial table's error column (its error.txt)."
         )
     errored = exp.trials[exp.trials["status"] == "ERROR"]
     example = f" (e.g. {errored['error'].iloc[0]})" if not errored.empty and errored["error"].iloc[0] else ""
@@ -630,7 +675,7 @@ def grid_levels(exp: Experiment, continuous_levels: int = 3) -> dict[str, int]:
     A choice or grid counts its values; a range (loguniform, uniform) counts `continuous_levels`, the size of
     the seed's 3-point grids (fewer if an integer range holds fewer values). Without a recorded search space
     the trials' distinct values stand in for choices. The epoch count is not a grid axis: the grid runs every
-    config for `max_epochs`.
+    config for `Experiment.planned_epochs`.
     """
     levels = {}
     for name in exp.params:
@@ -654,7 +699,7 @@ def grid_levels(exp: Experiment, continuous_levels: int = 3) -> dict[str, int]:
 def compute_spent(exp: Experiment, continuous_levels: int = 3) -> pd.DataFrame:
     """Trial-epochs and device-hours this search used, against running its configs without early stopping (each
     for its own planned epochs, which differ when the search samples epochs) and against the equivalent full grid
-    (`grid_levels`) × max epochs, at the search's measured cost per epoch.
+    (`grid_levels`) × planned epochs, at the search's measured cost per epoch.
     """
     resources = exp.resources
     used_epochs = exp.trials["epochs"].sum()
@@ -664,7 +709,7 @@ def compute_spent(exp: Experiment, continuous_levels: int = 3) -> pd.DataFrame:
     rows = [
         ("this search", len(exp.trials), used_epochs, used_hours),
         ("same trials, no early stopping", len(exp.trials), int(exp.trials["max_epochs"].sum()), math.nan),
-        ("full grid", grid, grid * exp.max_epochs, math.nan),
+        ("full grid", grid, grid * exp.planned_epochs, math.nan),
     ]
     table = pd.DataFrame(rows, columns=["run", "configs", "trial_epochs", "trial_hours"]).set_index("run")
     estimated = table["trial_hours"].isna()

@@ -9,7 +9,11 @@ import io
 import json
 import math
 import re
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -33,7 +37,13 @@ from analysis.results import (
     summary_line,
     trial_table,
 )
-from analysis.retrain import PROVENANCE_FILE, final_model_mismatch, load_final_evaluation, retrain_best
+from analysis.retrain import (
+    PROVENANCE_FILE,
+    best_arguments,
+    final_model_mismatch,
+    load_final_evaluation,
+    retrain_best,
+)
 from lorasent.errors import ExperimentError
 from lorasent.evaluate import SeenSplitWarning
 from lorasent.evaluate import main as evaluate_main
@@ -135,6 +145,73 @@ def test_interrupted_experiment_statuses_are_inferred(search: tuple[Path, str], 
     assert {status[d.name] for d in ended} == {"TERMINATED"}
     assert status[pending.name] == "PENDING"
     assert exp.trials.set_index("trial_dir").loc[str(running), "epochs"] == len(lines) - 1
+
+
+def test_damaged_newest_state_file_is_read_around_with_a_warning(search: tuple[Path, str], tmp_path: Path) -> None:
+    """A damaged newest experiment_state file: the older one is read instead, with a warning naming the damage (on
+    the command line, one clean line); without any, a trial that reported its planned epochs is finished even where
+    Ray wrote no `done`."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    expected = load_experiment(copy).trials.set_index("trial_id")["status"]
+    (readable,) = copy.glob("experiment_state-*.json")
+    damaged = copy / "experiment_state-2099-01-01_00-00-00.json"  # a later run's, cut short
+    damaged.write_text(readable.read_text()[:200])
+    with pytest.warns(ExperimentWarning, match=rf"{re.escape(str(damaged))} .* older {readable.name}"):
+        exp = load_experiment(copy)
+    assert exp.trials.set_index("trial_id")["status"].to_dict() == expected.to_dict()
+    table = subprocess.run(
+        [sys.executable, "-m", "analysis", "table", str(copy)],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (line,) = [line for line in table.stderr.splitlines() if line]  # no echo of the code that warned
+    assert line.startswith(f"warning: Ray's experiment state {damaged} (") and line.endswith(
+        f"is not valid JSON. Read the trials' statuses from the older {readable.name} and their folders instead; "
+        "restore it from a copy before resuming the search."
+    )
+
+    readable.unlink()
+    planned = exp.trials.set_index("trial_dir")["max_epochs"]
+    for trial_dir, epochs in exp.trials.set_index("trial_dir")["epochs"].items():
+        if epochs == planned[trial_dir]:  # ran every epoch: Ray may leave `done` false on all its rows
+            _rewrite_results(Path(trial_dir) / "result.json", done=False)
+    with pytest.warns(ExperimentWarning, match=rf"{re.escape(str(damaged))} .* Inferred the trials' statuses"):
+        blind = load_experiment(copy)
+    assert set(blind.trials["status"]) == {"TERMINATED"}
+
+
+def test_searched_parameters_come_from_the_search_space(search: tuple[Path, str], tmp_path: Path) -> None:
+    """Without Ray's state, a parameter every trial drew the same is still searched: retraining uses its sampled
+    value, not the base argument."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    for state in copy.glob("experiment_state-*.json"):
+        state.unlink()
+    for params in copy.glob("*/params.json"):
+        params.write_text(json.dumps(json.loads(params.read_text()) | {"lora_r": 3}))
+    exp = load_experiment(copy)
+    assert exp.params == list(json.loads((copy / "lorasent_search.json").read_text())["tune"]["search_space"])
+    assert exp.best_config == json.loads((Path(exp.best_trial["trial_dir"]) / "params.json").read_text())
+    assert best_arguments(exp)[1].lora_r == 3
+
+
+def test_compute_spent_plans_num_train_epochs_under_a_larger_max_epochs(
+    search: tuple[Path, str], tmp_path: Path
+) -> None:
+    """--max_epochs above num_train_epochs: trials, and the full grid, still run num_train_epochs."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    search_file = copy / "lorasent_search.json"
+    saved = json.loads(search_file.read_text())
+    saved["tune"]["max_epochs"] = 5
+    search_file.write_text(json.dumps(saved))
+    exp = load_experiment(copy)
+    epochs = saved["train"]["num_train_epochs"]
+    assert compute_spent(exp).loc["full grid", "trial_epochs"] == 12 * epochs
+    assert f"max {epochs} epochs" in plots.learning_curves(exp).get_suptitle()
 
 
 def test_corrupt_result_line_before_the_last_warns_and_names_it(search: tuple[Path, str], tmp_path: Path) -> None:
@@ -325,11 +402,19 @@ def test_missing_or_empty_experiment_is_a_clear_error(tmp_path: Path, capsys: py
     empty.mkdir()
     with pytest.raises(ExperimentError, match=r"holds no trials .* start a search: python tune/run\.py"):
         load_experiment(empty)
+    for run in ("2026-01-01_00-00-00", "2026-01-02_00-00-00"):  # a resumed search has a state file per run
+        (empty / "exp" / f"experiment_state-{run}.json").parent.mkdir(exist_ok=True)
+        (empty / "exp" / f"experiment_state-{run}.json").write_text("{}")
+    with pytest.raises(ExperimentError, match=r"It contains experiment folder\(s\) \['exp'\]: pass one of those"):
+        load_experiment(empty)
     # the CLI turns both into one clean line and exit status 2
     assert analysis_main(["report", str(empty)]) == 2
     assert analysis_main(["table", str(tmp_path / "no-such-experiment")]) == 2
     err = capsys.readouterr().err
     assert err.count("error: ") == 2 and "Traceback" not in err
+    with pytest.raises(SystemExit, match="2"):
+        analysis_main(["report", str(empty), "--timeout", "0"])
+    assert "--timeout: must be a positive number of seconds, not 0" in capsys.readouterr().err
 
 
 def _outputs(nb: nbformat.NotebookNode, source_start: str) -> list[dict]:
@@ -338,17 +423,20 @@ def _outputs(nb: nbformat.NotebookNode, source_start: str) -> list[dict]:
 
 
 def test_report_without_final_model_says_how_to_make_it(search: tuple[Path, str], tmp_path: Path) -> None:
-    paths = write_report(search[0], tmp_path / "report", final_model=tmp_path / "none")
+    """In a folder whose name holds quotes and braces too: the notebook takes paths as data, never as code."""
+    copy = tmp_path / """it's "a" {x}"""
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    paths = write_report(copy, final_model=tmp_path / "none")
     nb = nbformat.read(paths.notebook, as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     note = _outputs(nb, "final = retrain.load_final_evaluation")[0]["data"]["text/markdown"]
-    assert f"python -m analysis retrain {search[0]}" in note
+    assert f"python -m analysis retrain {shlex.quote(str(copy))}" in note
 
 
 def test_stale_html_is_removed_when_no_new_one_replaces_it(
     search: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """An earlier run's report.html must not sit beside a notebook it does not show: --no-execute, a failed cell."""
+    """An earlier run's report.html must not sit beside a notebook it does not show (--no-execute)."""
     out = tmp_path / "report"
     out.mkdir()
     stale = out / "report.html"
@@ -357,14 +445,64 @@ def test_stale_html_is_removed_when_no_new_one_replaces_it(
     assert (out / "report.ipynb").is_file() and not stale.exists()
     assert f"Removed {stale}, an earlier run's report: this notebook is not executed" in capsys.readouterr().out
 
-    stale.write_text("<html>an earlier run</html>")
-    broken = tmp_path / "broken_model"  # its test evaluation is unreadable: the final-evaluation cell fails
-    broken.mkdir()
-    (broken / "test_metrics.json").write_text("{")
-    assert analysis_main(["report", str(search[0]), "--output", str(out), "--final-model", str(broken)]) == 2
-    printed = capsys.readouterr()
-    assert "A report cell failed" in printed.err and not stale.exists()
-    assert f"Removed {stale}, an earlier run's report: this run did not finish" in printed.out
+
+def test_a_report_run_that_does_not_finish_keeps_the_last_good_report(
+    search: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failed cell, Ctrl-C or a damaged final model leaves report.ipynb and report.html as the last good run made
+    them; the partly run notebook goes beside them, named in one error line."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    out = copy / "report"
+    assert analysis_main(["report", str(copy)]) == 0
+    good = {name: (out / name).read_bytes() for name in ("report.ipynb", "report.html")}
+    partial = out / "report.partial.ipynb"
+    capsys.readouterr()
+
+    odd = tmp_path / "odd_model"  # readable files, but no predictions' columns: the final-evaluation cell fails
+    odd.mkdir()
+    metrics = {"label_names": [], "metrics": {}, "classification_report": {}, "confusion_matrix": []}
+    (odd / "test_metrics.json").write_text(json.dumps(metrics))
+    (odd / "test_predictions.csv").write_text("text\n")
+    assert analysis_main(["report", str(copy), "--final-model", str(odd)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert err.startswith("error: A report cell failed: KeyError: 'correct'. The partly run notebook is ")
+    assert f"{partial};" in err and f"The earlier report in {out} is kept." in err and ".." not in err
+    assert {name: (out / name).read_bytes() for name in good} == good
+    errors = [o for c in nbformat.read(partial, as_version=4).cells for o in c.get("outputs", [])]
+    assert [o["ename"] for o in errors if o["output_type"] == "error"] == ["KeyError"]
+
+    damaged = tmp_path / "damaged_model"  # caught before the kernel starts, naming this experiment
+    shutil.copytree(odd, damaged)
+    (damaged / "test_predictions.csv").unlink()
+    partial.unlink()
+    assert analysis_main(["report", str(copy), "--final-model", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"Recreate it with `python -m analysis retrain {copy.resolve()} --output {damaged}`" in err
+    assert "EXPERIMENT" not in err and ".." not in err and not partial.exists()
+
+    report = subprocess.Popen(
+        [sys.executable, "-m", "analysis", "report", str(copy)],
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = ""
+    while "executing report notebook" not in seen:  # the kernel runs: interrupt it mid-notebook
+        seen += report.stderr.read(1)
+    report.send_signal(signal.SIGINT)
+    _, rest = report.communicate(timeout=60)
+    assert report.returncode == 130
+    # The error may follow the progress bar on its line (the bar ends without a newline when interrupted).
+    printed = seen + rest
+    expected = f"error: Report interrupted. The partly run notebook is {partial}; open it in Jupyter to see how far"
+    expected += f" it got. The earlier report in {out} is kept."
+    assert re.findall(r"error: [^\r\n]*", printed) == [expected] and "Traceback" not in printed, printed
+    assert {name: (out / name).read_bytes() for name in good} == good and partial.exists()
+
+    assert analysis_main(["report", str(copy)]) == 0
+    assert not partial.exists()  # a finished run supersedes it
 
 
 def test_report_with_retrained_model(search: tuple[Path, str], final_model: Path, capsys) -> None:
@@ -439,6 +577,40 @@ def test_use_checkpoint_tests_the_best_trials_checkpoint(search: tuple[Path, str
     assert saved.metrics["accuracy"] == pytest.approx(saved.predictions["correct"].mean())
     again = Predictor.from_dir(out, device="cpu").predict(saved.predictions["text"].tolist())
     assert [p.label for p in again] == saved.predictions["prediction"].tolist()
+
+
+def test_retrain_never_replaces_a_folder_that_is_not_a_final_model(
+    search: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The final model replaces its folder whole: `--output` pointed at the experiment itself (or any folder of other
+    files) deleted every trial; it is refused before training. A final model is replaced by the next."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    for argv in (
+        ["retrain", str(copy), "--output", str(copy)],
+        ["report", str(copy), "--retrain", "--final-model", str(copy)],
+    ):
+        assert analysis_main(argv) == 2
+        assert "holds files and is not a lorasent model folder" in capsys.readouterr().err
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+    first = retrain_best(copy, tmp_path / "final", use_checkpoint=True)
+    assert retrain_best(copy, first, use_checkpoint=True) == first
+
+
+def test_retrain_runs_a_base_models_own_code_only_when_asked(search: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    """An experiment folder is data: one whose search ran with --trust_remote_code turns code on only with the flag
+    again (retraining and testing run the base model's code)."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    meta = json.loads((copy / "lorasent_search.json").read_text())
+    meta["model"]["trust_remote_code"] = True
+    (copy / "lorasent_search.json").write_text(json.dumps(meta))
+    assert analysis_main(["retrain", str(copy), "--use-checkpoint"]) == 2
+    assert "was searched with --trust_remote_code" in capsys.readouterr().err
+    assert not (copy / "final_model").exists()
+    assert analysis_main(["retrain", str(copy), "--use-checkpoint", "--trust_remote_code"]) == 0
+    assert (copy / "final_model" / PROVENANCE_FILE).is_file()
 
 
 def test_final_model_records_the_experiment_a_latest_link_pointed_at(search: tuple[Path, str], tmp_path: Path) -> None:
