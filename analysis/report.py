@@ -20,12 +20,11 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from analysis.results import Experiment, load_experiment, unfinished_note
-from analysis.retrain import FINAL_MODEL_DIR, final_model_mismatch, load_final_evaluation
+from analysis.results import FINAL_MODEL_DIR, REPORT_DIR, Experiment, load_experiment, unfinished_note
+from analysis.retrain import final_model_mismatch, load_final_evaluation
 from lorasent.errors import CheckpointError, LorasentError
 from lorasent.paths import atomic_write_text
 
-REPORT_DIR = "report"
 NOTEBOOK_NAME = "report.ipynb"
 HTML_NAME = "report.html"
 PARTIAL_NAME = "report.partial.ipynb"  # a run that did not finish, beside the last good report

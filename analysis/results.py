@@ -9,10 +9,12 @@ cache first, so every later step (plots, retraining from a checkpoint) works on 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import posixpath
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ STATE_GLOB = "experiment_state-*.json"
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")  # trial statuses of a search still running, or interrupted
 FAILURE_HEADER = re.compile(r"^Failure # \d+", re.MULTILINE)  # one per failed attempt in a trial's error.txt
 TUNE_COMMAND = "python tune/run.py"
+REPORT_DIR = "report"  # written into the experiment (or its local copy) by `python -m analysis report`
+FINAL_MODEL_DIR = "final_model"  # written there by `python -m analysis retrain`
 # Reported by some trials only, summarised per trial in the trial table: a GPU trial's memory peak (what the search's
 # GPU sharing really needed) and a fused trial's mean trials per step (how packed its engine stepped it).
 EPOCH_SUMMARIES = {"gpu_memory_peak_gib": "max", "trials_per_step": "mean"}
@@ -234,11 +238,27 @@ def _mirror(uri: str) -> Path:
         local = cache_root() / "experiments" / f"{Path(remote).name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
         local.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(remote, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        listed = fs.get_file_info(pafs.FileSelector(remote, recursive=True))
+        _drop_what_is_gone(local, {posixpath.relpath(info.path, remote) for info in listed})
     except (OSError, ValueError) as e:  # unknown scheme, unreachable endpoint, bucket, credentials: e says which
         raise ExperimentError(
             f"Cannot read experiment {uri}: {e}. Check the URI, the network and your storage credentials."
         ) from e
     return local
+
+
+def _drop_what_is_gone(local: Path, remote: set[str]) -> None:
+    """Delete the files of an earlier copy that the remote experiment no longer holds (a trial folder removed or an
+    experiment replaced there would otherwise still count here), but not what the analysis writes into the copy."""
+    for path in sorted(local.rglob("*"), reverse=True):  # a folder's files before the folder
+        relative = path.relative_to(local)
+        if relative.parts[0] in (REPORT_DIR, FINAL_MODEL_DIR) or relative.as_posix() in remote:
+            continue
+        if path.is_dir():
+            with contextlib.suppress(OSError):  # a folder that still holds files the remote has
+                path.rmdir()
+        else:
+            path.unlink()
 
 
 def _read_json(path: Path) -> Any:

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.results import (
+    FINAL_MODEL_DIR,
     PARAMS_FILE,
     SEARCH_FILE,
     Experiment,
@@ -40,7 +41,6 @@ from lorasent.config import DataArguments, ModelArguments, TrainArguments, repla
 from lorasent.errors import CheckpointError, ConfigError, ExperimentError
 from lorasent.paths import atomic_dir, atomic_write_text
 
-FINAL_MODEL_DIR = "final_model"
 PROVENANCE_FILE = "final_model.json"
 TEST_SPLIT = "test"
 EXAMPLE_TEXT = "Works great, would buy again."

@@ -378,6 +378,19 @@ def test_storage_uri_is_mirrored(search: tuple[Path, str], tmp_path: Path, monke
         remote, local = load_experiment("memory://bucket/exp"), load_experiment(search[0])
         assert remote.path.is_relative_to(tmp_path / "cache")
         pd.testing.assert_frame_equal(trial_table(remote), trial_table(local))
+        # The bucket's experiment loses a trial (as when another search is written over it): the next read must not
+        # count the trial from the copy's old files. What the analysis wrote into the copy (the report) stays.
+        (remote.path / "report").mkdir()
+        (remote.path / "report" / "report.ipynb").write_text("{}")
+        gone = Path(remote.trials["trial_dir"].iloc[0]).name
+        memory.rm(f"/bucket/exp/{gone}", recursive=True)
+        for state_file in memory.glob("/bucket/exp/experiment_state-*.json"):
+            state = json.loads(memory.cat(state_file))
+            state["trial_data"] = [pair for pair in state["trial_data"] if gone not in pair[0]]
+            memory.pipe(state_file, json.dumps(state).encode())
+        again = load_experiment("memory://bucket/exp")
+        assert again.path == remote.path and len(again.trials) == len(remote.trials) - 1
+        assert not (remote.path / gone).exists() and (remote.path / "report" / "report.ipynb").is_file()
         with pytest.raises(ExperimentError, match="does not exist"):
             load_experiment("memory://bucket/missing")
     finally:
