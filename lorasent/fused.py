@@ -565,7 +565,8 @@ class SharedBase:
         A step that fails before the optimizer step (out of memory, say) changes no slot."""
         if not all(slot.batches for slot in slots):
             raise ValueError(f"Slots {[s.key for s in slots if not s.batches]} have no batch left: begin_epoch first.")
-        # Dropout draws follow from the slots and their step counts alone, so a resumed trial goes on exactly.
+        # Dropout draws follow from the slots stepping together and their step counts alone: a trial resumed among
+        # the same trials goes on exactly (among others, its dropout and batch order follow them: README).
         self._seed_dropout(hash(tuple((slot.train_args.seed, slot.step) for slot in slots)) & (2**63 - 1))
         lead, *others = slots
         picks = [lead.batches.in_order()]

@@ -537,11 +537,26 @@ def _check_resumed_run_matches(
 
 
 def check_batch_fits(train_args: TrainArguments, examples: int, train_splits: Sequence[str] = ("train",)) -> None:
-    """Refuse a training batch larger than the data it is drawn from."""
+    """Refuse a training batch larger than the data it is drawn from, and more evaluations an epoch than it has
+    steps."""
     if train_args.per_device_train_batch_size > examples:
         raise ConfigError(
             f"per_device_train_batch_size {train_args.per_device_train_batch_size} exceeds the {examples} "
             f"training examples of {'+'.join(train_splits)}. Use a smaller batch or more data (max_train_samples)."
+        )
+    check_evals_fit(train_args.evals_per_epoch, train_args.per_device_train_batch_size, examples)
+
+
+def check_evals_fit(evals_per_epoch: int, batch_size: int, examples: int) -> None:
+    """Refuse more evaluations an epoch than an epoch has steps: two would fall on one step, so fewer reports came
+    than `evals_per_epoch` promised, and a search that counts reports as fractions of an epoch (ASHA's rungs,
+    --max_epochs) would read them as other epochs than they were."""
+    steps = math.ceil(examples / batch_size)
+    if evals_per_epoch > steps:
+        raise ConfigError(
+            f"evals_per_epoch {evals_per_epoch} asks for more evaluations an epoch than its {steps} step(s) (batches "
+            f"of {batch_size} over {examples} training examples). Use --evals_per_epoch {steps} or fewer, smaller "
+            "batches, or more data."
         )
 
 

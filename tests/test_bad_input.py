@@ -207,6 +207,31 @@ def test_search_batch_larger_than_the_train_split(tmp_path: Path, capsys: pytest
     _search_refused(tmp_path, capsys, ["--search_space", space], "128", "64 training examples", "max_train_samples")
 
 
+def test_a_search_given_the_name_another_is_starting_under_is_refused(tmp_path: Path, capsys) -> None:
+    """Ray writes tuner.pkl (what marks an experiment) only once the search runs, seconds in: two searches started
+    with one --name (or one default name, in the same second) both passed the check and wrote their trials into one
+    experiment. The first to start claims the folder; the second is refused and leaves the first's folder alone."""
+    from tune.run import _claim, main
+
+    storage = tmp_path / "storage"
+    _claim(storage / "exp")  # a search starting under this name right now
+    code = main([*SMOKE[1:], "--storage_path", str(storage)])
+    refused(
+        subprocess.CompletedProcess([], code, *capsys.readouterr()), f"{storage / 'exp'} is taken by another search"
+    )
+    assert [p.name for p in (storage / "exp").iterdir()] == [".lorasent-claim"]
+
+
+def test_search_evaluating_more_often_than_its_largest_batch_steps(tmp_path: Path, capsys) -> None:
+    """The smoke preset's 64 training examples in batches of 16 make 4 steps an epoch: 8 evaluations would have given
+    4 reports an epoch, which ASHA and --max_epochs read as half epochs (a trial ran 2 epochs under --max_epochs 1)."""
+    space = json.dumps({"per_device_train_batch_size": {"choice": [8, 16]}})
+    args = ["--search_space", space, "--evals_per_epoch", "8", "--grace_period", "0.5"]
+    _search_refused(
+        tmp_path, capsys, args, "evals_per_epoch 8", "its 4 step(s) (batches of 16 over 64", "--evals_per_epoch 4"
+    )
+
+
 def test_training_config_with_a_wrong_type(runs: dict[str, Any]) -> None:
     refused(runs["train_wrong_type"], "fast.yaml: learning_rate is 'fast', but --learning_rate takes a number")
     assert not (runs["tmp"] / "model").exists()

@@ -267,6 +267,8 @@ def test_retrain_on_train_plus_validation_reports_training_metrics(tmp_path: Pat
         ({}, {"train_splits": ("train", "dev")}, ConfigError, "valid splits"),
         ({"per_device_train_batch_size": 64}, {}, ConfigError, "exceeds the 48 training examples"),
         ({}, {"resume_from_checkpoint": "/no/such/checkpoint"}, CheckpointError, "not a training checkpoint"),
+        # 48 examples in batches of 8: 6 steps an epoch, so 7 evaluations would share steps (fewer reports came)
+        ({"evals_per_epoch": 7}, {}, ConfigError, r"evals_per_epoch 7 asks .* its 6 step\(s\) .* --evals_per_epoch 6"),
     ],
 )
 def test_impossible_requests_are_refused_before_training(tmp_path: Path, changes, kwargs, error, message) -> None:

@@ -146,6 +146,9 @@ def test_search_space_flag_merges_per_parameter() -> None:
         (["--no_such_flag", "1"], "Unrecognised arguments ['--no_such_flag', '1']"),
         (["--output_dir", "models/best"], "--output_dir has no effect in a search: a search writes into"),
         (["--metric_for_best_model", "f1_macro"], "--metric (accuracy) also picks each trial's best epoch"),
+        (["--name", "."], "name '.' is not allowed"),
+        (["--name", ".."], "'..' would put the experiment in the storage folder itself, or outside it"),
+        (["--verbose", "5"], "verbose must be 0, 1 or 2, got 5"),
     ],
 )
 def test_bad_flags_are_clear_config_errors(argv: list[str], message: str) -> None:

@@ -103,13 +103,14 @@ def _resume_keeps_the_finished_and_runs_the_rest(
     finished_results = {trial: _results(experiment, trial) for trial in finished}
 
     log = tmp_path / "resume.log"
-    second = start_search(["--resume", str(experiment.parent / "latest")], tmp_path, log)
+    second = start_search(["--resume", str(experiment.parent / "latest"), "--verbose", "0"], tmp_path, log)
     try:
         assert exit_code(second, log, timeout=400) == 0, log.read_text()
     finally:
         kill_search(second)
     out = log.read_text()
     assert f"Resuming {experiment}" in out and "Search finished" in out
+    assert "Trial status" not in out, out  # the search ran with --verbose 1: the resume's --verbose 0 holds
     # A checkpoint deleted after the snapshot is one INFO line, where Ray logs an ERROR with a traceback
     assert "Error handling checkpoint" not in out, out
 

@@ -367,6 +367,25 @@ def test_optuna_runs_each_configuration_of_a_space_of_choices_once(local_ray, tm
 
 
 @pytest.mark.ray
+def test_random_search_counts_a_point_as_one_of_its_grid_samples(local_ray, tmp_path: Path, capsys) -> None:
+    """Ray's random search runs a point in a sample's place, as one trial (it sets the grid parameter), and walks
+    the grid in each other sample: 1 + (2 - 1) x 2 = 3 trials. Counted as 2 x 2, the finished search was reported
+    interrupted (exit 130), and its resume could never finish it."""
+    space = '{"lora_r": {"grid": [2, 4]}, "learning_rate": null, "per_device_train_batch_size": null}'
+    argv = ["--searcher", "random", "--search_space", space, "--num_samples", "2", "--scheduler", "none"]
+    argv += ["--points_to_evaluate", '[{"lora_r": 2}]', "--num_train_epochs", "1"]
+    args = _args(*argv, "--storage_path", str(tmp_path), "--name", "grid-point", "--verbose", "0")
+    outcome = run_search(args, *experiment_location(args))
+    assert sorted(r.config["lora_r"] for r in outcome.results) == [2, 2, 4] and outcome.results.errors == []
+    assert outcome.expected_trials == 3
+    assert _summary(outcome, args, 0.0) == 0 and "interrupted" not in capsys.readouterr().out
+    more = _args("--points_to_evaluate", '[{"lora_r": 2}, {"lora_r": 4}]', "--num_samples", "1")
+    space_of_more, _ = search.build_param_space(more.tune, more.model, more.train)
+    with pytest.raises(ConfigError, match=r"holds 2 points, but the search runs 1 trial.* at least 2"):
+        search.starting_points(more.tune, space_of_more, more.model, more.train)
+
+
+@pytest.mark.ray
 def test_asha_stops_trials_within_an_epoch(local_ray, tmp_path: Path, capsys) -> None:
     """Two evaluations an epoch and a grace period of half an epoch: ASHA's first rung comes half an epoch in, the
     analysis reads fractional epochs, and retrain-best rounds a mid-epoch best up to whole epochs."""

@@ -47,13 +47,15 @@ SEARCHABLE: dict[str, tuple[type, type]] = {
     "target_modules": (ModelArguments, str),
 }
 
-# Options that only say how to reach Ray; everything else is fixed once an experiment has started.
+# Options that only say how to reach Ray, or what the console shows; everything else is fixed once an experiment has
+# started.
 SESSION_FIELDS = frozenset(
     {"resume", "address", "num_cpus", "num_gpus", "include_dashboard", "dashboard_host", "dashboard_port", "verbose"}
 )
 
 SEARCH_SPACE_HELP = (
-    "Search space as a JSON/YAML mapping {parameter: {distribution: values}}. Distributions: "
+    "Search space as JSON (in a --config file, a YAML mapping) {parameter: {distribution: values}}, merged per "
+    "parameter over the preset's space. Distributions: "
     "loguniform: [low, high], uniform: [low, high] (whole numbers for integer parameters, both ends included), "
     "choice: [v1, v2, ...], grid: [v1, v2, ...] (every value; Optuna treats it as a choice). "
     f"Parameters: {', '.join(SEARCHABLE)}. Layers merge per parameter and null removes one, e.g. "
@@ -263,8 +265,13 @@ class TuneArguments:
             )
         if self.max_failures < 0 or self.keep_checkpoints < 1:
             raise ConfigError("max_failures must be >= 0 and keep_checkpoints >= 1.")
-        if self.name is not None and (self.name in ("", "latest") or "/" in self.name):
-            raise ConfigError(f"name {self.name!r} is not allowed: give a plain folder name other than 'latest'.")
+        if self.name is not None and (self.name in ("", ".", "..", "latest") or "/" in self.name):
+            raise ConfigError(
+                f"name {self.name!r} is not allowed: give a plain folder name other than 'latest' ('.' and '..' would "
+                "put the experiment in the storage folder itself, or outside it)."
+            )
+        if self.verbose not in (0, 1, 2):
+            raise ConfigError(f"verbose must be 0, 1 or 2, got {self.verbose}.")
         if not self.storage_path:
             raise ConfigError("storage_path is empty. Give a folder (e.g. runs/tune) or a URI (s3://bucket/tune).")
         parse_search_space({k: v for k, v in self.search_space.items() if v is not None})  # None: removed by a layer

@@ -15,12 +15,14 @@ adapter and the next commands.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import pickle
+import shlex
 import sys
 import threading
 import time
@@ -38,6 +40,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 NOTHING_TO_RESUME = "Interrupted before the search started: no trial ran, there is nothing to resume."
+CLAIM_FILE = ".lorasent-claim"  # in a new experiment's folder from the moment its name is checked
 
 try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly as one during the checks in main()
     from lorasent.errors import ConfigError, ExperimentError, LorasentError
@@ -83,6 +86,29 @@ def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str,
             f"Experiment {path} already exists. Continue it with --resume {path}, or pick another --name."
         )
     return storage_path, name
+
+
+def _claim(folder: Path) -> None:
+    """Create `folder`'s claim file, or refuse: Ray writes tuner.pkl, which `_can_restore` looks for, only once the
+    search starts, seconds later, so two searches given one name (or one default name, in the same second) would
+    both pass that check and write their trials into one experiment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise ConfigError(
+            f"Experiment {folder} is taken by another search started with this name. Pick another --name (if no "
+            f"search is running there, one was killed while it started: delete {folder})."
+        ) from None
+
+
+def _release(experiment_path: str) -> None:
+    """A search stopped before it started leaves nothing behind: its claim, and its folder if nothing else is in it."""
+    if _can_restore(experiment_path):  # it started: the claim stays with the experiment
+        return
+    (Path(experiment_path) / CLAIM_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        Path(experiment_path).rmdir()
 
 
 def _resume_location(path: str) -> tuple[str, str]:
@@ -146,7 +172,8 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
     if finished < outcome.expected_trials:
         print(
             f"\nSearch interrupted after {seconds:.0f} s with {finished} of {outcome.expected_trials} trials "
-            f"finished; nothing is lost. Continue it with:\n  python tune/run.py --resume {experiment_path}",
+            "finished; nothing is lost. Continue it with:\n"
+            f"  python tune/run.py --resume {shlex.quote(experiment_path)}",
             file=sys.stderr,
         )
         return 130
@@ -178,10 +205,10 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
     print(f"  adapter:    {checkpoint.path if checkpoint else '(no checkpoint kept)'}")
     print(f"Experiment:   {experiment_path}")
     print("Next:")
-    print(f"  python -m analysis report {experiment_path}")
+    print(f"  python -m analysis report {shlex.quote(experiment_path)}")
     if checkpoint:
-        print(f'  python -m lorasent.predict {checkpoint.path} --text "{EXAMPLE_TEXT}"')
-    print(f"  tensorboard --logdir {experiment_path} --host 127.0.0.1")
+        print(f'  python -m lorasent.predict {shlex.quote(str(checkpoint.path))} --text "{EXAMPLE_TEXT}"')
+    print(f"  tensorboard --logdir {shlex.quote(experiment_path)} --host 127.0.0.1")
     return 0
 
 
@@ -302,6 +329,20 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> Checke
 
 
 def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOutcome:
+    """Run (or resume) the search at storage_path/name (see `_run_search`). A new local experiment's folder is
+    claimed first (`_claim`), and released if the search stops before it started."""
+    experiment_path = join_location(storage_path, name)
+    if args.tune.resume or is_uri(experiment_path):
+        return _run_search(args, storage_path, name)
+    _claim(Path(experiment_path))
+    try:
+        return _run_search(args, storage_path, name)
+    except BaseException:
+        _release(experiment_path)
+        raise
+
+
+def _run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOutcome:
     """Validate everything, tokenise once, start or join Ray, then run (or resume) the search at storage_path/name.
 
     A local Ray starts first, while a thread imports what the checks need (torch, transformers, peft: seconds each),
@@ -398,6 +439,8 @@ def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOut
                 )
             except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
                 raise _damaged_state(experiment_path, "tuner.pkl", e) from None  # Ray unpickles it as is
+            if tuner._local_tuner is not None:  # Ray restores the first run's console verbosity with the rest
+                tuner._local_tuner.get_run_config().verbose = t.verbose
         else:
             metadata = experiment_metadata(args, resources)
             cluster.write_experiment_file(experiment_path, METADATA_FILE, metadata)
@@ -445,7 +488,7 @@ def _interrupted(experiment_path: str | None) -> int:
     if resumable:
         print(
             f"\nInterrupted; finished trials are saved. Continue the search with:\n"
-            f"  python tune/run.py --resume {experiment_path}",
+            f"  python tune/run.py --resume {shlex.quote(experiment_path)}",
             file=sys.stderr,
         )
     else:

@@ -109,6 +109,13 @@ def starting_points(
                 f"flags' values ({full}): it would train the same model twice. Remove one."
             )
         points.append(full)
+    samples = num_samples(tune_args, space)
+    if tune_args.searcher != "grid" and len(points) > samples:  # Optuna would drop the rest, Ray's random run them
+        raise ConfigError(
+            f"points_to_evaluate holds {len(points)} points, but the search runs {samples} trial(s) (--num_samples "
+            f"{tune_args.num_samples}) and each point is one of them. Raise --num_samples to at least {len(points)}, "
+            "or give fewer points."
+        )
     return points
 
 
@@ -203,7 +210,10 @@ def check_target_modules(space: SearchSpace, model_args: ModelArguments) -> None
 
 
 def check_batches_fit(space: SearchSpace, train_args: TrainArguments, train_examples: int) -> None:
-    """Refuse a batch larger than the train split, which every trial would fail on after its retries."""
+    """Refuse a batch larger than the train split, which every trial would fail on after its retries, and more
+    evaluations an epoch than the largest batch leaves steps (see `check_evals_fit`)."""
+    from lorasent.train import check_evals_fit
+
     batch = space.get("per_device_train_batch_size")
     largest = int(max(batch.values)) if batch else train_args.per_device_train_batch_size
     if largest > train_examples:
@@ -212,6 +222,7 @@ def check_batches_fit(space: SearchSpace, train_args: TrainArguments, train_exam
             f"{where}: a batch of {largest} exceeds the {train_examples} training examples. Use smaller batches or "
             "more data (max_train_samples)."
         )
+    check_evals_fit(train_args.evals_per_epoch, largest, train_examples)
 
 
 def trial_footprint(
@@ -237,11 +248,14 @@ def trial_footprint(
 
 
 def expected_trials(tune_args: TuneArguments, space: SearchSpace) -> int:
-    """How many trials the finished search holds (at least): grid points times samples."""
+    """How many trials the finished search holds (at least): each sample walks the grid lists, and a point to
+    evaluate takes a sample's place as one trial (it sets every searched parameter), as Ray's variant generator
+    counts them."""
     if tune_args.searcher == "optuna":
         return num_samples(tune_args, space)
     walked = [s for s in space.values() if tune_args.searcher == "grid" or s.distribution == "grid"]
-    return num_samples(tune_args, space) * math.prod(len(s.values) for s in walked)
+    points = len(tune_args.points_to_evaluate) if tune_args.searcher == "random" else 0
+    return points + (num_samples(tune_args, space) - points) * math.prod(len(s.values) for s in walked)
 
 
 def num_samples(tune_args: TuneArguments, space: SearchSpace) -> int:
