@@ -40,7 +40,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 NOTHING_TO_RESUME = "Interrupted before the search started: no trial ran, there is nothing to resume."
-CLAIM_FILE = ".lorasent-claim"  # in a new experiment's folder from the moment its name is checked
+CLAIM_FILE = ".lorasent-claim"  # in a new local experiment's folder from the moment its search starts
 
 try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly as one during the checks in main()
     from lorasent.errors import ConfigError, ExperimentError, LorasentError
