@@ -136,6 +136,14 @@ def test_searchers_and_scheduler() -> None:
     epochs_searched = _args("--search_space", '{"num_train_epochs": {"choice": [2, 5]}}')
     space, _ = search.build_param_space(epochs_searched.tune, epochs_searched.model, epochs_searched.train)
     assert search.max_epochs(epochs_searched.tune, space, epochs_searched.train) == 5
+    # --max_epochs above every trial's epochs: the budget is theirs, so a grace period past them is refused (ASHA
+    # could never stop a trial), not planned against 8 epochs no trial runs.
+    beyond = _args("--max_epochs", "8", "--grace_period", "3", "--num_train_epochs", "2")
+    space, _ = search.build_param_space(beyond.tune, beyond.model, beyond.train)
+    epochs = search.max_epochs(beyond.tune, space, beyond.train)
+    assert epochs == 2 and search.max_epochs(_args("--max_epochs", "1").tune, space, beyond.train) == 1
+    with pytest.raises(ConfigError, match="grace_period=3 exceeds the 2 epoch"):
+        search.build_scheduler(beyond.tune, epochs)
 
 
 def test_resource_plans() -> None:

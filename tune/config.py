@@ -155,7 +155,10 @@ class TuneArguments:
     )
     max_epochs: int | None = field(
         default=None,
-        metadata={"help": "ASHA: epoch budget of a trial (None: the largest num_train_epochs of the search)."},
+        metadata={
+            "help": "Most epochs a trial runs, and ASHA's budget: caps num_train_epochs (None, or more than the "
+            "largest num_train_epochs of the search: that)."
+        },
     )
     metric: str = field(
         default="accuracy",

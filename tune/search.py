@@ -74,10 +74,12 @@ def build_param_space(
 
 
 def max_epochs(tune_args: TuneArguments, space: SearchSpace, train_args: TrainArguments) -> int:
-    """The most epochs any trial can run: ASHA's time budget."""
+    """The most epochs any trial can run, ASHA's time budget: --max_epochs caps the trials' own (searched) epochs,
+    and above them counts for nothing (a grace period past every trial's end would otherwise pass its check, and
+    ASHA never stop a trial)."""
     spec = space.get("num_train_epochs")
-    longest = max(spec.values) if spec else train_args.num_train_epochs
-    return tune_args.max_epochs or int(longest)
+    longest = int(max(spec.values) if spec else train_args.num_train_epochs)
+    return min(tune_args.max_epochs or longest, longest)
 
 
 def starting_points(
