@@ -48,7 +48,7 @@ from lorasent.model import (
 )
 from lorasent.multi_adamw import TrialAdamW, step_all
 from lorasent.paths import atomic_dir
-from lorasent.tokenize import PackedSplit, load_tokenizer, make_collator, tokenized_splits
+from lorasent.tokenize import PackedSplit, load_tokenizer, make_collator, source_identity, tokenized_splits
 from lorasent.train import (
     ShuffledLengthGroupedSampler,
     check_batch_fits,
@@ -419,7 +419,8 @@ class SharedBase:
         self.data_args, self.model_args, self.train_args = data_args, model_args, train_args
         self.dtype = torch.bfloat16 if fused_precision(train_args) == "bf16" else None
         self.tokenizer = load_tokenizer(model_args)
-        splits = tokenized_splits(data_args, model_args, self.tokenizer)
+        self.source = source_identity(data_args.dataset)  # what each trial's lorasent.json records
+        splits = tokenized_splits(data_args, model_args, self.tokenizer, self.source)
         self.train_data = packed_inputs(splits["train"])
         self.eval_data = packed_inputs(longest_first(splits["validation"]))
         self.lengths = splits["train"]["length"][:]

@@ -133,12 +133,15 @@ def source_identity(dataset: str) -> dict[str, Any]:
     return {"name": dataset}
 
 
-def tokenized_cache_dir(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase) -> Path:
-    """The cache folder of these data arguments tokenised by this tokenizer (it may not exist yet)."""
+def tokenized_cache_dir(
+    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, source: dict[str, Any] | None = None
+) -> Path:
+    """The cache folder of these data arguments tokenised by this tokenizer (it may not exist yet). `source` is the
+    data's `source_identity`, where the caller has it already (a file's is its sha256: ~1 s a GB)."""
     fields = {k: v for k, v in dataclasses.asdict(data_args).items() if k != "cache_dir"}
     key = {
         "data": fields,
-        "source": source_identity(data_args.dataset),
+        "source": source or source_identity(data_args.dataset),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": effective_max_length(data_args, tokenizer),
         "lorasent": lorasent.__version__,
@@ -149,16 +152,20 @@ def tokenized_cache_dir(data_args: DataArguments, tokenizer: PreTrainedTokenizer
 
 
 def tokenized_splits(
-    data_args: DataArguments, model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    source: dict[str, Any] | None = None,
 ) -> datasets.DatasetDict:
     """train / validation / test as input_ids, attention_mask, label, length (tokens), unpadded.
 
     The first call tokenises and saves atomically; every later call with the same key (in any process)
     memory-maps the saved splits and neither reads the source data nor tokenises again. Pass the model's
-    `tokenizer` when the caller already loaded it (`load_tokenizer(model_args)`), so it is not loaded twice.
+    `tokenizer` when the caller already loaded it (`load_tokenizer(model_args)`), so it is not loaded twice, and
+    the data's `source_identity` when the caller needs it too, so the data is not hashed twice.
     """
     tokenizer = tokenizer or load_tokenizer(model_args)
-    folder = tokenized_cache_dir(data_args, tokenizer)
+    folder = tokenized_cache_dir(data_args, tokenizer, source)
     # One tokeniser per node: trials that start together wait for the first instead of all tokenising.
     locks = folder.parent.parent / "locks"
     locks.mkdir(parents=True, exist_ok=True)

@@ -597,8 +597,8 @@ def train(
     if train_args.torch_threads:
         torch.set_num_threads(train_args.torch_threads)
     tokenizer = load_tokenizer(model_args)
-    splits = tokenized_splits(data_args, model_args, tokenizer)
-    source = source_identity(data_args.dataset)  # hashed once a run: a file's sha256 takes ~1 s a GB
+    source = source_identity(data_args.dataset)  # what lorasent.json records; the cache's key holds it too
+    splits = tokenized_splits(data_args, model_args, tokenizer, source)
     parts = [splits[name] for name in train_splits]
     train_dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     check_batch_fits(train_args, len(train_dataset), train_splits)

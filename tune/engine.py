@@ -102,7 +102,6 @@ class TrialEngine:
         if torch.cuda.is_available() and not self._base_args[1].use_cpu:
             torch.ones(1, device="cuda")  # CUDA's context, a second or more, while the driver works
         self.shared: Any = None  # lorasent.fused.SharedBase, once loaded
-        self.source: dict[str, str] = {}  # the data's identity, with it
         self._loading = threading.Lock()
         self._requests: queue.SimpleQueue[_EpochRequest] = queue.SimpleQueue()
         self._running = 0
@@ -113,12 +112,10 @@ class TrialEngine:
         """Load the base model and the cached splits (once: the driver asks when the splits are cached, a restarted
         engine's first trial asks again) and start stepping; returns the device and base this engine trains on."""
         from lorasent.fused import SharedBase
-        from lorasent.tokenize import source_identity
 
         with self._loading:
             if self.shared is None:
                 self.shared = SharedBase(self.data_args, *self._base_args)
-                self.source = source_identity(self.data_args.dataset)  # what each trial's lorasent.json records
                 threading.Thread(target=self._serve, name="lorasent-engine", daemon=True).start()
         return f"{self.shared.device} ({len(self.shared.targets)} LoRA layers, {self.shared.dtype or 'fp32'})"
 
@@ -281,7 +278,7 @@ class TrialEngine:
                 data_args=self.data_args,
                 model_args=slot.model_args,
                 train_args=slot.train_args,
-                source=self.source,
+                source=self.shared.source,
             )
             meta.update(metrics=metrics, history=[*request.history, metrics])
             try:
