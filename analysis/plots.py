@@ -113,7 +113,7 @@ def learning_curves(exp: Experiment) -> Figure:
         handles += [Line2D([], [], color=palette[t], label=f"{t} (#{i})") for i, t in enumerate(order, 1)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=9, title="trial (rank)")
     stops = f"{len(stopped)} stopped early" if exp.early_stopping else "no early stopping"
-    fig.suptitle(f"Learning curves of {len(order)} trials ({stops}, max {exp.planned_epochs} epochs)")
+    fig.suptitle(f"Learning curves of {len(order)} trials ({stops}, max {exp.max_epochs} epochs)")
     return fig
 
 

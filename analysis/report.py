@@ -151,7 +151,7 @@ def _cells(experiment: str, final_model: Path) -> list[nbformat.NotebookNode]:
             """),
         _code("""
             spent = results.compute_spent(exp)
-            print("full grid levels:", results.grid_levels(exp), f"x {exp.planned_epochs} epochs")
+            print("full grid levels:", results.grid_levels(exp), f"x {exp.max_epochs} epochs")
             display(spent)
             plots.compute_plot(exp, spent)
             """),

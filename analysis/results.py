@@ -137,15 +137,6 @@ class Experiment:
         """The search space as `tune/run.py` recorded it: {parameter: {distribution: values}}; {} if unknown."""
         return self.search.get("tune", {}).get("search_space") or {}
 
-    @property
-    def planned_epochs(self) -> int:
-        """Epochs a configuration runs without early stopping: its num_train_epochs (the largest searched one), at
-        most `max_epochs`. ASHA's budget `--max_epochs` may be above num_train_epochs, which then ends trials first."""
-        searched = self.search_space.get("num_train_epochs")
-        base = self.search.get("train", {}).get("num_train_epochs")
-        longest = max(next(iter(searched.values()))) if searched else base
-        return min(int(longest or self.max_epochs), self.max_epochs)
-
 
 def load_experiment(path: str | os.PathLike[str] = DEFAULT_EXPERIMENT) -> Experiment:
     """Read an experiment folder (finished, running or interrupted; local path or storage URI)."""
@@ -482,10 +473,20 @@ def _searched_params(search: dict[str, Any], state: dict[str, Any], config_colum
 
 
 def _max_epochs(search: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame) -> int:
-    """The epochs a trial may run at most: the search's setting, else the configs', else the most seen."""
-    tune_max = search.get("tune", {}).get("max_epochs")
+    """The epochs a trial may run at most, as `tune.search.max_epochs` plans them: the trials' own num_train_epochs
+    (the search space's, else the configs', else the base argument), capped by the search's --max_epochs, which above
+    them counts for nothing; else the most seen."""
+    longest, tune_max = _longest_planned(search, trials), search.get("tune", {}).get("max_epochs")
+    if longest is not None:
+        return min(longest, int(tune_max)) if tune_max else longest
     if tune_max:
         return int(tune_max)
+    return int(epochs["epoch"].max()) if not epochs.empty else 0
+
+
+def _longest_planned(search: dict[str, Any], trials: pd.DataFrame) -> int | None:
+    """The most epochs a trial was set to run (None where nothing says): the searched num_train_epochs, else the
+    trials' configs', else the base argument."""
     searched = next(iter((search.get("tune", {}).get("search_space") or {}).get("num_train_epochs", {}).values()), None)
     if searched:
         return int(max(searched))
@@ -493,9 +494,7 @@ def _max_epochs(search: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFra
     if configured and trials[configured[0]].notna().any():
         return int(trials[configured[0]].max())
     train_epochs = search.get("train", {}).get("num_train_epochs")
-    if train_epochs:
-        return int(train_epochs)
-    return int(epochs["epoch"].max()) if not epochs.empty else 0
+    return int(train_epochs) if train_epochs else None
 
 
 def _epoch_values(epochs: pd.Series) -> pd.Series:
@@ -695,7 +694,7 @@ def grid_levels(exp: Experiment, continuous_levels: int = 3) -> dict[str, int]:
     A choice or grid counts its values; a range (loguniform, uniform) counts `continuous_levels`, the size of
     the seed's 3-point grids (fewer if an integer range holds fewer values). Without a recorded search space
     the trials' distinct values stand in for choices. The epoch count is not a grid axis: the grid runs every
-    config for `Experiment.planned_epochs`.
+    config for `max_epochs`.
     """
     levels = {}
     for name in exp.params:
@@ -719,7 +718,7 @@ def grid_levels(exp: Experiment, continuous_levels: int = 3) -> dict[str, int]:
 def compute_spent(exp: Experiment, continuous_levels: int = 3) -> pd.DataFrame:
     """Trial-epochs and device-hours this search used, against running its configs without early stopping (each
     for its own planned epochs, which differ when the search samples epochs) and against the equivalent full grid
-    (`grid_levels`) × planned epochs, at the search's measured cost per epoch.
+    (`grid_levels`) × max epochs, at the search's measured cost per epoch.
     """
     resources = exp.resources
     used_epochs = exp.trials["epochs"].sum()
@@ -729,7 +728,7 @@ def compute_spent(exp: Experiment, continuous_levels: int = 3) -> pd.DataFrame:
     rows = [
         ("this search", len(exp.trials), used_epochs, used_hours),
         ("same trials, no early stopping", len(exp.trials), int(exp.trials["max_epochs"].sum()), math.nan),
-        ("full grid", grid, grid * exp.planned_epochs, math.nan),
+        ("full grid", grid, grid * exp.max_epochs, math.nan),
     ]
     table = pd.DataFrame(rows, columns=["run", "configs", "trial_epochs", "trial_hours"]).set_index("run")
     estimated = table["trial_hours"].isna()
