@@ -186,7 +186,7 @@ class TrialEngine:
             except torch.OutOfMemoryError:
                 self._release_memory()
                 if len(group) > 1:
-                    self.max_trials_per_step = len(group) // 2
+                    self.max_trials_per_step = (len(group) + 1) // 2  # two halves, also of an odd group
                     print(
                         f"lorasent engine: out of GPU memory stepping {len(group)} trials together; from now on at "
                         f"most {self.max_trials_per_step} per step (to start with fewer: --max_concurrent_trials).",
