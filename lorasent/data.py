@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import shlex
+import unicodedata
 from pathlib import Path
 
 import datasets
@@ -308,12 +309,21 @@ def _rows(mask: np.ndarray) -> str:
     return shown if len(rows) <= _SHOWN else f"{shown} and {len(rows) - _SHOWN} more"
 
 
+_INVISIBLE = ("Cc", "Cf")  # Unicode's control and format characters
+
+
+def _has_text(value: object) -> bool:
+    """A string with a visible character. Tokenizers' normalisers delete control and format characters (a zero-width
+    space, a stray byte-order mark): a text of only those, and spaces, would train as an empty text."""
+    return isinstance(value, str) and any(not c.isspace() and unicodedata.category(c) not in _INVISIBLE for c in value)
+
+
 def _check_text(texts: pd.Series, path: Path, column: str) -> None:
-    bad = ~texts.map(lambda v: isinstance(v, str) and bool(v.strip())).to_numpy(dtype=bool)
+    bad = ~texts.map(_has_text).to_numpy(dtype=bool)
     if bad.any():
         raise DataError(
-            f"{path}: column '{column}' has empty, whitespace-only or non-text values in rows {_rows(bad)} "
-            "(1-based data rows). Fill in or remove those rows."
+            f"{path}: column '{column}' has empty, whitespace-only, invisible (control or zero-width characters only) "
+            f"or non-text values in rows {_rows(bad)} (1-based data rows). Fill in or remove those rows."
         )
 
 

@@ -47,7 +47,9 @@ def printable_ascii_twin(backend: Tokenizer) -> Tokenizer | None:
     if normalizer.get("type") != "BertNormalizer":
         return None
     config["normalizer"] = {"type": "Lowercase"} if normalizer.get("lowercase", True) else None
-    return Tokenizer.from_str(json.dumps(config))
+    twin = Tokenizer.from_str(json.dumps(config))
+    twin.encode_special_tokens = backend.encode_special_tokens  # not serialised: "[SEP]" in a text stays text
+    return twin
 
 
 def _printable_ascii(text: str) -> bool:
@@ -121,8 +123,9 @@ def compact(chunk: pa.Table) -> pa.Table:
     return chunk.take(np.arange(len(chunk)))
 
 
-def start_encoder_process(tokenizer_json: str) -> None:
-    """Initializer of an encoder process: the serialised backend tokenizer, truncation settings included.
+def start_encoder_process(tokenizer_json: str, encode_special_tokens: bool) -> None:
+    """Initializer of an encoder process: the serialised backend tokenizer, truncation settings included, and its
+    `encode_special_tokens` (a tokenizer's `split_special_tokens`), which the serialisation lacks.
 
     The process encodes on its one thread. Whatever TOKENIZERS_PARALLELISM the user set: a forked child whose parent
     had already used the Rust thread pool inherits that pool without its threads, and waits on it forever.
@@ -130,6 +133,7 @@ def start_encoder_process(tokenizer_json: str) -> None:
     global _process_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the Rust side on every call
     backend = Tokenizer.from_str(tokenizer_json)
+    backend.encode_special_tokens = encode_special_tokens
     _process_encoder = backend_encoder(backend, by_word=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import uuid
@@ -56,6 +57,14 @@ def atomic_dir(final: str | os.PathLike[str], *, replace: bool = True) -> Iterat
         _commit_dir(tmp, final, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(final: str | os.PathLike[str]) -> None:
+    """Delete the temporary and moved-aside folders that writers of `final` killed mid-write left behind (a
+    partial cache can be gigabytes). Only a caller that alone may write `final` (holding its lock) may call this."""
+    final = Path(final)
+    for leftover in final.parent.glob(f".{glob.escape(final.name)}.*-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _commit_dir(tmp: Path, final: Path, *, replace: bool) -> None:

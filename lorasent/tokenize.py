@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
@@ -39,8 +40,8 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from filelock import FileLock
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase, TokenizersBackend
-from transformers.tokenization_utils_base import TruncationStrategy
+from transformers import AutoConfig, AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase, TokenizersBackend
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER, TruncationStrategy
 from transformers.utils import PaddingStrategy
 
 import lorasent
@@ -49,7 +50,7 @@ from lorasent.assets import VADER_FILE_SHA256, resolve_model_path
 from lorasent.config import OFFLINE_DATASET, DataArguments, ModelArguments
 from lorasent.data import load_splits
 from lorasent.errors import ConfigError
-from lorasent.paths import atomic_dir, cache_root
+from lorasent.paths import CACHE_ENV, atomic_dir, cache_root, remove_leftovers
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +82,16 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
             "Use a model that ships tokenizer.json (a fast tokenizer), or convert it with "
             "`AutoTokenizer.from_pretrained(..., from_slow=True).save_pretrained(folder)`."
         )
+    if tokenizer.model_max_length >= VERY_LARGE_INTEGER:  # unset in tokenizer_config.json: the model's own limit
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        tokenizer.model_max_length = getattr(config, "max_position_embeddings", None) or VERY_LARGE_INTEGER
     return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the tokenizer's full serialisation, minus the truncation/padding state that calls change.
+    """sha256 of the tokenizer's full serialisation, minus the truncation/padding state that calls change, plus the
+    settings a call reads from the tokenizer itself, which that serialisation lacks: the side it truncates (a call
+    sets it on the backend) and whether special tokens in the text are split like any text.
 
     Every trial computes it: the copy's state is reset and serialised in Rust (~20 ms for a 30k vocabulary, where
     re-encoding the parsed JSON in Python took ~0.3 s).
@@ -93,7 +99,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_truncation()
     backend.no_padding()
-    identity = json.dumps({"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map}, sort_keys=True,
+    identity = json.dumps({"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map,
+                           "truncation_side": tokenizer.truncation_side,
+                           "split_special_tokens": tokenizer.split_special_tokens}, sort_keys=True,
                           default=str)  # fmt: skip
     return hashlib.sha256(f"{identity}\n{backend.to_str()}".encode()).hexdigest()
 
@@ -168,31 +176,62 @@ def tokenized_splits(
     folder = tokenized_cache_dir(data_args, tokenizer, source)
     # One tokeniser per node: trials that start together wait for the first instead of all tokenising.
     locks = folder.parent.parent / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / f"tokenized-{folder.name}.lock")):
+    lock = FileLock(str(locks / f"tokenized-{folder.name}.lock"))
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as e:  # a read-only cache: what it holds is complete (writes are atomic), so read it unlocked
+        if (splits := _cached(folder)) is not None:
+            return splits
+        raise _cache_unwritable(folder, e) from e
+    try:
         return _load_or_build(folder, tokenizer, data_args, model_args)
+    finally:
+        lock.release()
+
+
+def _cache_unwritable(folder: Path, error: OSError) -> ConfigError:
+    """A cache that cannot take the tokenised splits (read-only, full, not the user's), named with the fix."""
+    return ConfigError(
+        f"Cannot write the tokenised splits to {folder}: {error.strerror or error}. Point {CACHE_ENV} (or "
+        "--cache_dir) at a writable folder with room for them."
+    )
+
+
+def _cached(folder: Path) -> datasets.DatasetDict | None:
+    """The splits saved in `folder`, memory-mapped; None where there are none or they are damaged."""
+    if not (folder / "dataset_dict.json").is_file():
+        return None
+    try:
+        splits = datasets.load_from_disk(str(folder))
+    except (OSError, ValueError) as e:
+        logger.warning("Tokenised cache %s is unreadable (%s).", folder, e)
+        return None
+    logger.info("Using the tokenised splits cached in %s.", folder)
+    return splits
 
 
 def _load_or_build(
     folder: Path, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, model_args: ModelArguments
 ) -> datasets.DatasetDict:
-    if (folder / "dataset_dict.json").is_file():
-        try:
-            splits = datasets.load_from_disk(str(folder))
-            logger.info("Using the tokenised splits cached in %s.", folder)
-            return splits
-        except (OSError, ValueError) as e:  # only a damaged cache gets here: rebuild it in place
-            logger.warning("Tokenised cache %s is unreadable (%s); rebuilding it.", folder, e)
+    if (splits := _cached(folder)) is not None:
+        return splits  # else missing, or damaged: rebuilt in place
     max_length = effective_max_length(data_args, tokenizer)
     if max_length < data_args.max_length:
         logger.warning("max_length %d exceeds the model's limit; truncating at %d.", data_args.max_length, max_length)
     splits = load_splits(data_args)
+    remove_leftovers(folder)  # of writers killed before us: we hold the lock
     # A healthy folder another writer committed first wins (same key, same content); a damaged one is replaced.
-    with atomic_dir(folder, replace=folder.exists()) as tmp:
-        staging = tmp / ".staging"  # streamed Arrow files, copied into save_to_disk's layout, then deleted
-        _tokenize(splits, tokenizer, max_length, staging).save_to_disk(str(tmp))
-        shutil.rmtree(staging)
-        (tmp / "lorasent_source.json").write_text(json.dumps(_describe(data_args, model_args), indent=1), "utf-8")
+    try:
+        with atomic_dir(folder, replace=folder.exists()) as tmp:
+            staging = tmp / ".staging"  # streamed Arrow files, copied into save_to_disk's layout, then deleted
+            _tokenize(splits, tokenizer, max_length, staging).save_to_disk(str(tmp))
+            shutil.rmtree(staging)
+            (tmp / "lorasent_source.json").write_text(json.dumps(_describe(data_args, model_args), indent=1), "utf-8")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):  # no room, or no write
+            raise
+        raise _cache_unwritable(folder, e) from e
     logger.info("Tokenised splits cached in %s.", folder)
     return datasets.load_from_disk(str(folder))
 
@@ -225,7 +264,7 @@ def _tokenize(
             workers,
             mp_context=multiprocessing.get_context("fork"),
             initializer=encoding.start_encoder_process,
-            initargs=(backend.to_str(),),
+            initargs=(backend.to_str(), backend.encode_special_tokens),
         )
         encode_chunk: Callable[[Any], Any] = encoding.encode_chunk_in_process
     else:
@@ -299,7 +338,8 @@ def _batch_encoder(tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple
         pad_to_multiple_of=None,
         padding_side=None,
     )
-    backend = tokenizer.backend_tokenizer  # split_special_tokens was set on it when the tokenizer was loaded
+    backend = tokenizer.backend_tokenizer
+    backend.encode_special_tokens = tokenizer.split_special_tokens  # as a call sets it
     return encoding.backend_encoder(backend), backend
 
 

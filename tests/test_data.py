@@ -216,6 +216,13 @@ def test_empty_or_whitespace_text_names_rows(write_data: Callable[..., Path]) ->
     assert "rows 2, 4" in message and "whitespace-only" in message
 
 
+def test_invisible_text_names_rows(write_data: Callable[..., Path]) -> None:
+    """Texts of control or zero-width characters only: every tokenizer's normaliser leaves them empty."""
+    texts = ["fine", "\u200b", "ok", "\x07", "\ufeff \u200d", "\x7f", "good\u200b", "\u00a0\u3000"]
+    message = _refused(write_data([{"text": t, "label": i % 2} for i, t in enumerate(texts)]))
+    assert "rows 2, 4, 5, 6, 8 " in message and "invisible (control or zero-width characters only)" in message
+
+
 def test_non_utf8_names_line_and_byte_offset(write_data: Callable[..., Path]) -> None:
     path = write_data(raw=b"text,label\ngood,0\ncaf\xe9 au lait,1\n", name="data.csv")
     message = _refused(path)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,8 +65,25 @@ TRICKY_TEXTS = [
 ]
 
 
+def _edited_tiny_model(tiny_model_dir: Path, folder: Path, **settings: object) -> Path:
+    """A copy of the tiny model whose tokenizer_config.json also holds `settings` (None: lacks that key), as a user
+    edits a model folder."""
+    shutil.copytree(tiny_model_dir, folder)
+    config = folder / "tokenizer_config.json"
+    edited = {**json.loads(config.read_text("utf-8")), **settings}
+    config.write_text(json.dumps({key: value for key, value in edited.items() if value is not None}), "utf-8")
+    return folder
+
+
+@pytest.fixture
+def split_special_model(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny model with `split_special_tokens`: a "[SEP]" in a review is text, not the separator."""
+    return _edited_tiny_model(tiny_model_dir, tmp_path / "split-special", split_special_tokens=True)
+
+
 @pytest.mark.parametrize(
-    ("model", "workers"), [("tiny", "threads"), ("tiny", "processes"), ("minilm", "threads"), ("minilm", "processes")]
+    ("model", "workers"),
+    [(model, workers) for model in ("tiny", "minilm", "split_special") for workers in ("threads", "processes")],
 )
 def test_tokens_equal_the_tokenizer_call(
     model: str,
@@ -78,7 +96,8 @@ def test_tokens_equal_the_tokenizer_call(
 ) -> None:
     """The Rust path, in threads or encoder processes, stores exactly what `tokenizer(texts, truncation=True,
     max_length=...)` returns."""
-    folder = TINY_MODEL if model == "tiny" else str(request.getfixturevalue("offline_model_dir"))
+    fixture = {"minilm": "offline_model_dir", "split_special": "split_special_model"}.get(model)
+    folder = str(request.getfixturevalue(fixture)) if fixture else TINY_MODEL
     model_args = ModelArguments(model_name_or_path=folder)
     monkeypatch.setattr(tokenize, "ENCODE_ROWS", 7)  # many chunks on several workers: their order must hold
     if workers == "processes":  # what a large split on a many-core node gets
@@ -243,6 +262,23 @@ def test_cache_key_follows_what_changes_the_tokens(data_args: DataArguments, off
     assert tokenized_cache_dir(data_args, tiny) != base
 
 
+@pytest.mark.parametrize("setting", [{"truncation_side": "left"}, {"split_special_tokens": True}])
+def test_cache_key_follows_tokenizer_settings_a_call_reads(
+    setting: dict[str, object], write_data: Callable[..., Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A model folder whose tokenizer_config.json truncates on the left, or splits special tokens, encodes the same
+    texts to other ids with the same vocabulary: it must not read the splits another folder's tokenizer stored."""
+    rows = [{"text": f"review {i}: [SEP] the battery broke after two weeks, sadly", "label": i % 2} for i in range(30)]
+    data_args = DataArguments(dataset=str(write_data(rows)), cache_dir=str(tmp_path / "cache"), max_length=12)
+    edited = ModelArguments(model_name_or_path=str(_edited_tiny_model(tiny_model_dir, tmp_path / "edited", **setting)))
+    tokenized_splits(data_args, TINY)
+    splits = tokenized_splits(data_args, edited)
+    texts = list(load_splits(data_args)["train"]["text"])
+    expected = load_tokenizer(edited)(texts, truncation=True, max_length=data_args.max_length)["input_ids"]
+    assert splits["train"]["input_ids"] == expected
+    assert expected != load_tokenizer(TINY)(texts, truncation=True, max_length=data_args.max_length)["input_ids"]
+
+
 def test_new_content_with_the_old_size_and_mtime_is_tokenised_again(
     write_data: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -288,6 +324,70 @@ def test_damaged_cache_is_rebuilt(data_args: DataArguments) -> None:
     for arrow in (tokenized_cache_dir(data_args, load_tokenizer(TINY)) / "train").glob("*.arrow"):
         arrow.unlink()
     assert tokenized_splits(data_args, TINY)["train"]["input_ids"] == first["train"]["input_ids"]
+
+
+def test_a_tokenizer_without_a_length_limit_is_capped_at_the_models_positions(
+    write_data: Callable[..., Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A tokenizer_config.json without model_max_length leaves the tokenizer unlimited: texts longer than the model's
+    512 position embeddings would be stored, and training would fail on its first long batch."""
+    folder = _edited_tiny_model(tiny_model_dir, tmp_path / "no-limit", model_max_length=None)
+    rows = [{"text": f"review {i}: " + "the battery broke after two weeks " * 100, "label": i % 2} for i in range(30)]
+    data_args = DataArguments(dataset=str(write_data(rows)), cache_dir=str(tmp_path / "cache"), max_length=1024)
+    splits = tokenized_splits(data_args, ModelArguments(model_name_or_path=str(folder)))
+    assert {length for split in splits.values() for length in split["length"]} == {512}
+
+
+def test_a_cache_that_cannot_be_locked_is_read_or_refused_by_name(data_args: DataArguments) -> None:
+    """A cache this process cannot write (read-only, shared): splits it holds are read without the lock, which
+    cannot be taken; splits it lacks are refused with the folder and the fix, not an OSError from the lock file."""
+    first = tokenized_splits(data_args, TINY)
+    locks = Path(data_args.cache_dir) / "locks"
+    shutil.rmtree(locks)
+    locks.write_text("")  # no lock can be made there
+    assert tokenized_splits(data_args, TINY)["train"]["input_ids"] == first["train"]["input_ids"]
+    with pytest.raises(ConfigError, match=r"Cannot write the tokenised splits to .*LORASENT_CACHE \(or --cache_dir\)"):
+        tokenized_splits(DataArguments(**{**vars(data_args), "max_length": 13}), TINY)
+
+
+FULL_CACHE = """
+import resource, signal, sys
+# Python ignores SIGXFSZ: a write past the limit fails with EFBIG, as on a full disk; by default, it kills the writer.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN if sys.argv[3] == "fail" else signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+import lorasent.tokenize as tokenize
+from lorasent.config import TINY_MODEL, DataArguments, ModelArguments
+data_args = DataArguments(dataset=sys.argv[1], cache_dir=sys.argv[2])
+tokenize.tokenized_splits(data_args, ModelArguments(model_name_or_path=TINY_MODEL))
+"""
+
+
+@pytest.mark.usefixtures("tiny_model_dir")  # built first: its files exceed the size limit
+def test_a_cache_without_room_is_refused_by_name(write_data: Callable[..., Path], tmp_path: Path) -> None:
+    """Splits that do not fit where the cache lives (a full disk, a file size limit) end in an error naming the
+    folder and the fix, and leave no partial folder behind."""
+    rows = [{"text": f"review {i}: " + "the battery broke after two weeks " * 5, "label": i % 2} for i in range(3000)]
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-c", FULL_CACHE, str(write_data(rows)), str(cache), "fail"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ConfigError: Cannot write the tokenised splits to" in result.stderr, result.stderr[-2000:]
+    assert "File too large. Point LORASENT_CACHE (or --cache_dir) at a writable folder" in result.stderr
+    assert not any((cache / "tokenized").iterdir())
+
+
+@pytest.mark.usefixtures("tiny_model_dir")  # built first: its files exceed the size limit
+def test_the_next_writer_removes_what_a_killed_writer_left(write_data: Callable[..., Path], tmp_path: Path) -> None:
+    """A writer killed mid-write leaves its partial folder (gigabytes for a large split); the next writer of the key,
+    which holds the lock, deletes it."""
+    rows = [{"text": f"review {i}: " + "the battery broke after two weeks " * 5, "label": i % 2} for i in range(3000)]
+    data_args = DataArguments(dataset=str(write_data(rows)), cache_dir=str(tmp_path / "cache"))
+    command = [sys.executable, "-c", FULL_CACHE, data_args.dataset, data_args.cache_dir, "die"]
+    assert subprocess.run(command, capture_output=True, timeout=300).returncode == -signal.SIGXFSZ
+    tokenized = tmp_path / "cache" / "tokenized"
+    assert [path.name.startswith(".") for path in tokenized.iterdir()] == [True]  # the killed writer's folder
+    tokenized_splits(data_args, TINY)
+    assert [path.name for path in tokenized.iterdir()] == [tokenized_cache_dir(data_args, load_tokenizer(TINY)).name]
 
 
 def test_refused_data_leaves_no_cache(write_data: Callable[..., Path], tmp_path: Path) -> None:
