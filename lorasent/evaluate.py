@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 from lorasent.config import DataArguments, Precision
 from lorasent.data import SPLITS, load_splits
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
-from lorasent.metrics import scores
+from lorasent.metrics import averaged_labels, scores
 from lorasent.model import META_FILE, read_meta, trained_splits
 from lorasent.paths import atomic_write_text
 from lorasent.predict import PRECISION_HELP, TRUST_REMOTE_CODE_HELP, Predictor
@@ -150,15 +150,15 @@ def evaluate_model_dir(
     probabilities /= probabilities.sum(axis=1, keepdims=True)  # a float32 softmax sums to 1 only within ~1e-7
     # the mean cross-entropy, as the validation `loss` of the trials, so the two read alike
     loss = float(log_loss(labels, probabilities, labels=ids))
+    averaged = averaged_labels(labels, predicted)  # as the metrics' macro averages: a class in neither is left out
+    report = {"labels": averaged, "target_names": [label_names[i] for i in averaged], "zero_division": 0}
     return EvaluationResult(
         model_dir=Path(model_dir),
         split=split,
         label_names=label_names,
         metrics={**scores(labels, predicted, label_names), "loss": loss},
-        report=classification_report(
-            labels, predicted, labels=ids, target_names=label_names, output_dict=True, zero_division=0
-        ),
-        report_text=classification_report(labels, predicted, labels=ids, target_names=label_names, zero_division=0),
+        report=classification_report(labels, predicted, output_dict=True, **report),
+        report_text=classification_report(labels, predicted, **report),
         confusion_matrix=confusion_matrix(labels, predicted, labels=ids).tolist(),
         predictions=frame,
     )

@@ -23,12 +23,14 @@ from peft.tuners.tuners_utils import _find_minimal_target_modules
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
 import lorasent
 from lorasent.assets import resolve_model_path
 from lorasent.config import DataArguments, ModelArguments, Precision, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
+from lorasent.hub import WEIGHT_FILES
 from lorasent.paths import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,28 @@ def resolve_target_modules(model: PreTrainedModel, spec: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- build
 
 
+def _check_weights(path: str) -> None:
+    """A local model folder must hold safetensors weights: refused before any data is tokenised or any trial starts,
+    where transformers would fail at the first load (in every trial, after its retries)."""
+    folder = Path(path)
+    if not folder.is_dir() or any((folder / name).is_file() for name in WEIGHT_FILES):
+        return
+    pickles = ", ".join(sorted(p.name for p in folder.glob("*.bin")))
+    raise ConfigError(
+        f"Model folder {folder} holds no model.safetensors{f' (only {pickles})' if pickles else ''}: "
+        "lorasent loads weights from safetensors only, never from pickle files, which can run code when loaded. "
+        "Convert a checkpoint you trust once (`AutoModelForSequenceClassification.from_pretrained(folder)"
+        ".save_pretrained(folder)` writes model.safetensors), or use a folder that holds model.safetensors."
+    )
+
+
+def _tokenizer_pad_token_id(path: str, trust_remote_code: bool) -> int | None:
+    """The pad token of the model's tokenizer, for a config that names none (GPT-2, Llama, ...): their classifiers
+    find each text's last token by it, and `Trainer` copies it into the config before training, so a model built
+    for prediction or an estimate needs it too."""
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).pad_token_id
+
+
 def load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrainedModel:
     """The pretrained encoder with a fresh classification head for `label_names`.
 
@@ -133,6 +157,7 @@ def load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrainedM
     otherwise; weights load from safetensors only.
     """
     path = resolve_model_path(model_args.model_name_or_path)
+    _check_weights(path)
     # transformers' load report calls the new head MISSING and asks for training, on every load (prediction too,
     # where the adapter's head replaces it right after), and DistilBERT's tensor-parallel plan lists layers "not
     # sharded" where nothing is sharded: only encoder weights that are missing are news.
@@ -143,7 +168,8 @@ def load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrainedM
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
-            num_labels=len(label_names),
+            # id2label sets the number of labels; num_labels as well would warn on every load of a checkpoint whose
+            # config names another number of labels.
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
             # Set now, not by the first forward pass: under torch.compile that first pass changing the config
@@ -154,6 +180,8 @@ def load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrainedM
             ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a new head
             output_loading_info=True,
         )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = _tokenizer_pad_token_id(path, model_args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"Cannot load the model '{model_args.model_name_or_path}' ({path}): {e}. Use a folder with "
@@ -219,13 +247,17 @@ def add_lora(base: PreTrainedModel, model_args: ModelArguments) -> PeftModel:
 def meta_model(model_args: ModelArguments, num_labels: int = 2) -> PreTrainedModel:
     """The base model on the meta device: every module, shape and dtype from its config, no weights or memory.
 
-    For checks before anything is loaded (target modules, memory footprint); reads only config.json.
+    For checks before anything is loaded (target modules, memory footprint); reads only config.json, and the
+    tokenizer's pad token where the config names none.
     """
     trust = model_args.trust_remote_code
+    path = resolve_model_path(model_args.model_name_or_path)
+    _check_weights(path)
     try:
-        config = AutoConfig.from_pretrained(
-            resolve_model_path(model_args.model_name_or_path), num_labels=num_labels, trust_remote_code=trust
-        )
+        labels = {i: f"LABEL_{i}" for i in range(num_labels)}  # as load_base: no num_labels, no warning
+        config = AutoConfig.from_pretrained(path, id2label=labels, trust_remote_code=trust)
+        if config.pad_token_id is None:
+            config.pad_token_id = _tokenizer_pad_token_id(path, trust)
     except (OSError, ValueError) as e:
         raise ConfigError(f"Cannot read the configuration of model '{model_args.model_name_or_path}': {e}") from None
     with torch.device("meta"):
@@ -401,14 +433,21 @@ def check_model_dir(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _attends_all(config: Any) -> bool:
+    """Whether every layer attends to every token: a masked-LM encoder without sliding-window layers. transformers
+    takes a 4D mask as the whole mask, so for decoders (causal) and sliding windows it would drop their own."""
+    full = set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False) and full
+
+
 def sdpa_attention_mask(config: Any, attention_mask: torch.Tensor) -> torch.Tensor:
-    """A 2D padding mask as the 4D boolean mask SDPA attention takes, for models that attend with SDPA.
+    """A 2D padding mask as the 4D boolean mask SDPA attention takes, for encoders that attend to all tokens with SDPA.
 
     transformers 5 passes a 4D mask to attention as it is; from a 2D one it builds the 4D one, first asking the
     device whether any token is padded (`mask.all()` in `masking_utils`), which makes the host wait for the GPU
     before every forward pass. The 4D mask is an expanded view: no memory, the same logits.
     """
-    if getattr(config, "_attn_implementation", None) != "sdpa" or attention_mask.ndim != 2:
+    if getattr(config, "_attn_implementation", None) != "sdpa" or attention_mask.ndim != 2 or not _attends_all(config):
         return attention_mask
     mask = attention_mask.bool()
     return mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)

@@ -8,6 +8,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,6 +16,7 @@ from lorasent import evaluate as evaluate_module
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import ConfigError
 from lorasent.evaluate import SeenSplitWarning, evaluate_model_dir
+from lorasent.metrics import metric_names, scores
 from lorasent.train import train
 
 DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=40, max_length=32)
@@ -120,3 +122,34 @@ def test_a_model_is_not_scored_on_splits_carved_from_changed_data(tmp_path: Path
     with pytest.raises(ConfigError, match=changed):
         evaluate_model_dir(model, device="cpu")
     assert evaluate_module.main([str(model), "--device", "cpu"]) == 2
+
+
+@pytest.mark.filterwarnings("error")  # scikit-learn's UndefinedMetricWarning among them
+def test_metrics_of_three_classes_with_one_absent_never_predicted_or_always_predicted() -> None:
+    names = ["très négatif", "neutral one", "positive 👍"]
+    perfect = scores(np.array([0, 2, 0, 2]), np.array([0, 2, 0, 2]), names)  # the test split lacks "neutral one"
+    assert perfect["f1_macro"] == perfect["precision_macro"] == perfect["recall_macro"] == perfect["accuracy"] == 1
+    assert (perfect["f1_très négatif"], perfect["f1_neutral one"], perfect["recall_positive 👍"]) == (1, 0, 1)
+    assert set(perfect) == set(metric_names(names)) - {"loss"}
+    one_class = scores(np.array([0, 1, 2, 1]), np.array([1, 1, 1, 1]), names)
+    assert one_class["accuracy"] == 0.5 and one_class["precision_neutral one"] == 0.5
+    assert one_class["recall_macro"] == pytest.approx(1 / 3) and one_class["precision_macro"] == pytest.approx(1 / 6)
+    wrongly_predicted = scores(np.array([0, 0]), np.array([0, 1]), names)  # a class absent from the data is predicted
+    assert wrongly_predicted["recall_macro"] == pytest.approx(0.5 / 2)
+
+
+def test_the_report_averages_over_the_classes_the_metrics_do(tmp_path: Path, write_data) -> None:
+    """A rare class may miss the test split (each split needs two classes, train all of them): the report's macro
+    averages then leave it out as the metrics' do, and it keeps its row and column in the confusion matrix."""
+    names = ["negative", "neutral", "positive"]
+    rows = [{"text": f"review {i} was {['bad', 'good'][i % 2]}", "label": names[2 * (i % 2)]} for i in range(80)]
+    rows += [{"text": f"review {i} was fine", "label": "neutral"} for i in range(2)]
+    data = DataArguments(dataset=str(write_data(rows)), max_length=32, label_names=names)
+    args = TrainArguments(output_dir=str(tmp_path / "model"), num_train_epochs=1, per_device_train_batch_size=8)
+    model = train(data, ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4), args).output_dir
+    result = evaluate_model_dir(model, device="cpu")
+    assert "neutral" not in set(result.predictions["label"]) | set(result.predictions["prediction"])
+    assert [row for row in result.report if row in names] == ["negative", "positive"]
+    for name, key in [("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")]:
+        assert result.report["macro avg"][key] == pytest.approx(result.metrics[f"{name}_macro"])
+    assert result.confusion_matrix[1] == [0, 0, 0] and [row[1] for row in result.confusion_matrix] == [0, 0, 0]

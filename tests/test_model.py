@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    ModernBertConfig,
+    PretrainedConfig,
+)
 
 from lorasent.config import OFFLINE_MODEL, TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
@@ -20,12 +27,14 @@ from lorasent.model import (
     build_model,
     load_model_dir,
     merge_and_export,
+    meta_model,
     resolve_target_modules,
     save_model_dir,
     sdpa_attention_mask,
     trainable_parameters,
 )
 from lorasent.tokenize import load_tokenizer
+from lorasent.train import main as train_main
 
 LABELS = ["negative", "positive"]
 TEXTS = ["Great value, works perfectly.", "Broke after two days, total waste of money and time.", "ok"]
@@ -263,3 +272,107 @@ def test_the_4d_attention_mask_gives_the_same_logits(model_name: str, tiny_model
         torch.testing.assert_close(model(input_ids=input_ids, attention_mask=four_d).logits, expected)
     model.config._attn_implementation = "eager"  # eager attention adds a float mask of its own making: left as is
     assert sdpa_attention_mask(model.config, padding) is padding
+
+
+def _tiny_configs(vocab_size: int) -> dict[str, PretrainedConfig]:
+    """Random-init decoders and a sliding-window encoder, small enough to build in milliseconds."""
+    size = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2}
+    special = {"bos_token_id": 2, "eos_token_id": 3}
+    llama = {"num_key_value_heads": 1, "max_position_embeddings": 128}
+    sliding = {"local_attention": 16, "max_position_embeddings": 128, "cls_token_id": 2, "sep_token_id": 3}
+    return {
+        "gpt2": GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128, **special),
+        "llama": LlamaConfig(vocab_size=vocab_size, **llama, **size, **special),
+        # local attention of 16 tokens in two of its three layers
+        "modernbert": ModernBertConfig(vocab_size=vocab_size, pad_token_id=0, **sliding, **size, **special),
+    }
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "modernbert"])
+def test_the_mask_given_to_attention_keeps_causal_and_sliding_window_masks(architecture: str) -> None:
+    """transformers takes a 4D mask as the whole mask: a decoder given one would attend to later tokens, and a
+    sliding-window layer to all of them. Those get the 2D mask, and so the logits they were trained to give."""
+    torch.manual_seed(0)
+    config = _tiny_configs(500)[architecture]
+    config.pad_token_id = 0
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    assert model.config._attn_implementation == "sdpa"
+    padding = torch.ones(2, 40, dtype=torch.long)
+    padding[1, 30:] = 0
+    input_ids = torch.randint(5, 500, (2, 40)) * padding
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=padding).logits
+        got = model(input_ids=input_ids, attention_mask=sdpa_attention_mask(model.config, padding)).logits
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_a_decoder_whose_config_has_no_pad_token_trains_saves_and_predicts(
+    architecture: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """GPT-2's and Llama's config.json name no pad token, which their classifiers need to find each text's last
+    token: `Trainer` copies the tokenizer's in before training, and a loaded model folder must predict with it too."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(_tiny_configs(len(tokenizer))[architecture])
+    assert base.config.pad_token_id is None
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    args = ModelArguments(model_name_or_path=str(tmp_path / "base"), lora_r=4)
+    model = build_model(args, LABELS)
+    assert model.config.pad_token_id == meta_model(args).config.pad_token_id == tokenizer.pad_token_id
+    inputs = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    model(**inputs, labels=torch.tensor([1, 0, 1])).loss.backward()  # a padded batch trains
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    save_model_dir(
+        model, tokenizer, tmp_path / "model", data_args=DataArguments(), model_args=args, train_args=TrainArguments()
+    )
+    loaded = load_model_dir(tmp_path / "model", device="cpu")
+    torch.testing.assert_close(
+        _logits(loaded.model, loaded.tokenizer), _logits(model.eval(), tokenizer), rtol=0, atol=0
+    )
+
+
+def test_a_checkpoint_with_other_labels_gets_a_head_for_ours_without_a_warning(
+    tiny_args: ModelArguments, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tiny model's config names two labels; three classes get a three-way head, silently, built or estimated."""
+    names = ["negative", "neutral", "positive"]
+    model = build_model(tiny_args, names)
+    assert model.config.id2label == dict(enumerate(names)) and model.config.num_labels == 3
+    assert meta_model(tiny_args, num_labels=3).config.num_labels == 3
+    assert "incompatible" not in capfd.readouterr().err + caplog.text
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling calls Path.touch(marker)
+        return (Path.touch, (self.marker,))
+
+
+def test_a_folder_with_pickled_weights_only_is_refused_before_the_data_is_read(
+    tiny_model_dir: Path, tmp_path: Path, write_data, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pytorch_model.bin is a pickle, which can run code when loaded: it is never loaded, and a folder holding no
+    safetensors weights is refused by the checks that run before the data is tokenised, not by every trial after."""
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    torch.save({"weights": _RunsCodeWhenUnpickled(marker)}, folder / "pytorch_model.bin")
+    args = ModelArguments(model_name_or_path=str(folder))
+    refused = r"holds no model\.safetensors \(only pytorch_model\.bin\).*Convert a checkpoint you trust"
+    for check in (meta_model, lambda args: build_model(args, LABELS)):
+        with pytest.raises(ConfigError, match=refused):
+            check(args)
+    data = write_data([{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(40)])
+    cache = tmp_path / "cache"
+    argv = ["--model_name_or_path", str(folder), "--dataset", str(data), "--cache_dir", str(cache)]
+    assert train_main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+    assert "holds no model.safetensors" in capsys.readouterr().err
+    assert not cache.exists() and not marker.exists()
