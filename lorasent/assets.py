@@ -24,7 +24,7 @@ from pathlib import Path
 from lorasent.config import OFFLINE_MODEL, TINY_MODEL
 from lorasent.errors import AssetError, ConfigError
 from lorasent.hub import cached_model_folder, ensure_hub_reachable
-from lorasent.paths import atomic_dir, atomic_write_text, cache_root
+from lorasent.paths import atomic_dir, atomic_write_text, cache_root, cache_writes
 
 VADER_VERSION = "3.3.2"
 VADER_SDIST_NAME = f"vaderSentiment-{VADER_VERSION}.tar.gz"
@@ -139,7 +139,9 @@ def vader_amazon_file(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     fix = _vader_fix(cache)
     if target.is_file() and sha256_file(target) == VADER_FILE_SHA256:
         return target
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+    with cache_writes(target.parent, "the VADER sentences"):  # only the cache's own writes: the sdist is read below
+        download = tempfile.TemporaryDirectory(dir=cache, prefix=".download-")
+    with download as tmp:
         local = os.environ.get(VADER_SDIST_ENV)
         dropped = cache / "downloads" / VADER_SDIST_NAME
         if local:
@@ -152,7 +154,7 @@ def vader_amazon_file(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         data = _read_vader_member(sdist, fix)
     if hashlib.sha256(data).hexdigest() != VADER_FILE_SHA256:
         raise AssetError(f"{VADER_DATA_MEMBER} inside {sdist} fails its sha256 check. {fix}")
-    with atomic_dir(target.parent) as folder:
+    with cache_writes(target.parent, "the VADER sentences"), atomic_dir(target.parent) as folder:
         (folder / target.name).write_bytes(data)
     return target
 
@@ -254,7 +256,7 @@ def tiny_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The cached tiny DistilBERT folder, built once (atomically) on first use."""
     folder = cache_root(cache_dir) / "models" / f"tiny-distilbert-v{TINY_MODEL_VERSION}"
     if not (folder / "model.safetensors").is_file():
-        with atomic_dir(folder, replace=False) as tmp:
+        with cache_writes(folder, "the tiny test model"), atomic_dir(folder, replace=False) as tmp:
             build_tiny_model(tmp)
     return folder
 

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -32,6 +33,37 @@ def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
             "writable folder."
         ) from e
     return root
+
+
+# A write the cache cannot take: no room (disk, quota, file size limit) or no permission (read-only, not the user's)
+_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def unwritable_cache(folder: Path, what: str, error: OSError) -> ConfigError:
+    """The error for a cache that cannot take `what`, naming the folder and the fix."""
+    return ConfigError(
+        f"Cannot write {what} to {folder}: {error.strerror or error}. Point {CACHE_ENV} (or --cache_dir) at a "
+        "writable folder with room for them."
+    )
+
+
+@contextlib.contextmanager
+def cache_writes(folder: Path, what: str) -> Iterator[None]:
+    """Writes into the cache whose failure for want of room or permission is `unwritable_cache`, not an OSError
+    (or a Rust library's I/O error, such as safetensors' "I/O error: File too large (os error 27)")."""
+    try:
+        yield
+    except Exception as e:
+        code = e.errno if isinstance(e, OSError) else _rust_errno(str(e))
+        if code not in _UNWRITABLE:
+            raise
+        raise unwritable_cache(folder, what, OSError(code, os.strerror(code))) from e
+
+
+def _rust_errno(message: str) -> int | None:
+    """The errno in a Rust `std::io::Error`'s text, which ends "(os error N)"."""
+    found = re.search(r"\(os error (\d+)\)", message)
+    return int(found.group(1)) if found else None
 
 
 def _temp_sibling(final: Path, kind: str) -> Path:

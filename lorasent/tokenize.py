@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import functools
 import hashlib
 import itertools
@@ -50,9 +49,11 @@ from lorasent.assets import VADER_FILE_SHA256, resolve_model_path
 from lorasent.config import OFFLINE_DATASET, DataArguments, ModelArguments
 from lorasent.data import load_splits
 from lorasent.errors import ConfigError
-from lorasent.paths import CACHE_ENV, atomic_dir, cache_root, remove_leftovers
+from lorasent.paths import atomic_dir, cache_root, cache_writes, remove_leftovers, unwritable_cache
 
 logger = logging.getLogger(__name__)
+
+_SPLITS = "the tokenised splits"  # what the cache folder takes, in its errors
 
 CACHE_FORMAT = 1  # bump when the stored columns or their types change
 ENCODE_ROWS = 1_000  # texts per encoder call: amortises the call, yet spreads a split over every thread
@@ -183,19 +184,11 @@ def tokenized_splits(
     except OSError as e:  # a read-only cache: what it holds is complete (writes are atomic), so read it unlocked
         if (splits := _cached(folder)) is not None:
             return splits
-        raise _cache_unwritable(folder, e) from e
+        raise unwritable_cache(folder, _SPLITS, e) from e
     try:
         return _load_or_build(folder, tokenizer, data_args, model_args)
     finally:
         lock.release()
-
-
-def _cache_unwritable(folder: Path, error: OSError) -> ConfigError:
-    """A cache that cannot take the tokenised splits (read-only, full, not the user's), named with the fix."""
-    return ConfigError(
-        f"Cannot write the tokenised splits to {folder}: {error.strerror or error}. Point {CACHE_ENV} (or "
-        "--cache_dir) at a writable folder with room for them."
-    )
 
 
 def _cached(folder: Path) -> datasets.DatasetDict | None:
@@ -222,16 +215,11 @@ def _load_or_build(
     splits = load_splits(data_args)
     remove_leftovers(folder)  # of writers killed before us: we hold the lock
     # A healthy folder another writer committed first wins (same key, same content); a damaged one is replaced.
-    try:
-        with atomic_dir(folder, replace=folder.exists()) as tmp:
-            staging = tmp / ".staging"  # streamed Arrow files, copied into save_to_disk's layout, then deleted
-            _tokenize(splits, tokenizer, max_length, staging).save_to_disk(str(tmp))
-            shutil.rmtree(staging)
-            (tmp / "lorasent_source.json").write_text(json.dumps(_describe(data_args, model_args), indent=1), "utf-8")
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):  # no room, or no write
-            raise
-        raise _cache_unwritable(folder, e) from e
+    with cache_writes(folder, _SPLITS), atomic_dir(folder, replace=folder.exists()) as tmp:
+        staging = tmp / ".staging"  # streamed Arrow files, copied into save_to_disk's layout, then deleted
+        _tokenize(splits, tokenizer, max_length, staging).save_to_disk(str(tmp))
+        shutil.rmtree(staging)
+        (tmp / "lorasent_source.json").write_text(json.dumps(_describe(data_args, model_args), indent=1), "utf-8")
     logger.info("Tokenised splits cached in %s.", folder)
     return datasets.load_from_disk(str(folder))
 

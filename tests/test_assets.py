@@ -103,6 +103,26 @@ def test_tiny_model_is_a_deterministic_distilbert(tiny_model_dir: Path, tmp_path
     assert assets.resolve_model_path(TINY_MODEL) == str(tiny_model_dir)
 
 
+FULL_CACHE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+from lorasent import assets
+assets.tiny_model_path(sys.argv[1])
+"""
+
+
+def test_a_cache_without_room_for_the_tiny_model_is_refused_by_name(tmp_path: Path) -> None:
+    """A cache on a full disk (here: a file size limit below the model's weights) ends in an error that names the
+    folder and the fix, not an OSError from inside safetensors, and keeps no partial model."""
+    cache = tmp_path / "cache"
+    result = subprocess.run([sys.executable, "-c", FULL_CACHE, str(cache)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ConfigError: Cannot write the tiny test model to" in result.stderr, result.stderr[-2000:]
+    assert "Point LORASENT_CACHE (or --cache_dir) at a writable folder" in result.stderr
+    assert list((cache / "models").iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------- model resolution
 
 
