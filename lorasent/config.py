@@ -133,6 +133,11 @@ class DataArguments:
                 "matched ignoring case and spaces, and '1', '01' and '1.0' are one name. Give each name its own word "
                 "(--label_names negative positive), or in a config file a list (label_names: [negative, positive])."
             )
+        if "macro" in self.label_names:  # f1_macro, precision_macro, recall_macro: the averages' own keys
+            raise ConfigError(
+                "A label may not be named 'macro': its per-class scores would overwrite the macro averages "
+                "(f1_macro). Name that class otherwise in --label_names, e.g. 'macro_class'."
+            )
         _fraction("validation_fraction", self.validation_fraction)
         _fraction("test_fraction", self.test_fraction)
         if self.validation_fraction + self.test_fraction >= 1:

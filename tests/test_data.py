@@ -229,6 +229,12 @@ def test_non_utf8_names_line_and_byte_offset(write_data: Callable[..., Path]) ->
     assert "line 3 (byte offset 21)" in message and "not UTF-8" in message and "iconv" in message
 
 
+def test_a_label_named_like_the_macro_averages_is_refused() -> None:
+    """Per-class scores are keyed f1_<name>: a class named 'macro' would overwrite f1_macro, the macro average."""
+    with pytest.raises(ConfigError, match="may not be named 'macro'"):
+        DataArguments(label_names=["macro", "micro"])
+
+
 def test_labels_outside_label_names(write_data: Callable[..., Path]) -> None:
     rows = [{"text": f"t{i}", "label": label} for i, label in enumerate(["positive", "neutral", "2", "negative"])]
     message = _refused(write_data(rows))
