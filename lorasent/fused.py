@@ -80,12 +80,14 @@ def fused_precision(train_args: TrainArguments) -> str:
 def check_shareable(model_args: ModelArguments, train_args: TrainArguments, searched: Iterable[str] = ()) -> None:
     """Refuse, before anything loads, what trials sharing one base model cannot do."""
     fused_precision(train_args)
+    check_schedule(train_args)  # an unknown schedule named as such, before asking whether it is one of the step
+    _schedule_function(train_args.lr_scheduler_type, 0, 1)
     if train_args.torch_compile:
         raise ConfigError("torch_compile does not apply to trials that share a base model; leave it off.")
     if train_args.evals_per_epoch != 1:
         raise ConfigError(
-            "Trials that share a base model evaluate once an epoch: set --evals_per_epoch 1, or search without "
-            "--fused_trials."
+            "Trials that share a base model evaluate once an epoch: set --evals_per_epoch 1 (and a --grace_period of "
+            "whole epochs), or search without --fused_trials."
         )
     shared = sorted(set(searched) & set(SHARED_MODEL_FIELDS))
     if shared:
@@ -321,7 +323,7 @@ class TrialSlot:
         self.key, self.model_args, self.train_args = key, model_args, train_args
         self.rank = model_args.lora_r
         self.scaling = model_args.lora_alpha / model_args.lora_r
-        generator = torch.Generator().manual_seed(train_args.seed)  # the same seed starts the same adapter and head
+        generator = torch.Generator().manual_seed(train_args.seed)  # the same seed starts the same adapter
         # plain lists: every LoRA layer reads its adapter from each slot in every forward pass, and indexing a
         # ParameterList goes through Module.__getattr__ (~1.7 us a time, ~200 times a step of 8 trials on 12 layers)
         self.lora_A: list[torch.nn.Parameter] = []
@@ -333,13 +335,9 @@ class TrialSlot:
             # [out, r] as peft has it, laid out as its transpose: see StackedLoraLinear.forward
             b = torch.zeros(self.rank, linear.out_features, device=shared.device).t()
             self.lora_B.append(torch.nn.Parameter(b))
+        # The head as the base loaded it, as `lorasent.train` starts from it: a checkpoint's own trained head where it
+        # has one for these labels (re-initialising it threw that training away), else new, under the base's seed.
         self.heads = torch.nn.ModuleDict({name: copy.deepcopy(module) for name, module in shared.heads.items()})
-        std = getattr(shared.config, "initializer_range", 0.02)  # transformers' init of a new Linear head
-        for module in self.heads.modules():
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, 0.0, std, generator=generator)
-                if module.bias is not None:
-                    torch.nn.init.zeros_(module.bias)
         self.heads.to(shared.device)
         targets = list(shared.targets)
         self._named = [
@@ -428,6 +426,7 @@ class SharedBase:
         self.eval_rows = train_args.per_device_eval_batch_size  # per evaluation pass, all slots' rows together
         self.collate = make_collator(self.tokenizer, pad_to_multiple_of=8 if self.device.type == "cuda" else None)
 
+        torch.manual_seed(train_args.seed)  # a new head starts as `lorasent.train` starts it, which seeds the same way
         model = load_base(model_args, data_args.label_names)
         self.config = model.config
         self.lora = lora_config(model, model_args)

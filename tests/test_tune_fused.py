@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from conftest import exit_code, kill_search, start_search
 from safetensors.torch import load
 
 from analysis.results import load_experiment, trial_table
@@ -200,6 +201,7 @@ def test_a_diverging_fused_trial_is_a_bad_result_not_an_error(local_ray, tmp_pat
         (["--precision", "fp16"], "not fp16"),
         (["--torch_compile"], "torch_compile does not apply"),
         (["--evals_per_epoch", "2"], "evaluate once an epoch"),
+        (["--lr_scheduler_type", "reduce_lr_on_plateau"], "not a function of the step"),
     ],
 )
 def test_what_shared_trials_cannot_do_is_refused_before_anything_loads(argv: list[str], message: str, tmp_path) -> None:
@@ -207,6 +209,19 @@ def test_what_shared_trials_cannot_do_is_refused_before_anything_loads(argv: lis
     with pytest.raises(ConfigError, match=message):
         run_search(args, *experiment_location(args))
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_search_on_one_cpu_leaves_its_trials_room(tmp_path: Path) -> None:
+    """`python tune/run.py --fused_trials --num_cpus 1` (a one-CPU container): an engine that took the one CPU left
+    the trial processes none, and they stayed PENDING forever."""
+    argv = ["--smoke-test", "--fused_trials", "--num_cpus", "1", "--num_samples", "2", "--num_train_epochs", "1"]
+    log = tmp_path / "search.log"
+    search = start_search([*argv, "--storage_path", str(tmp_path / "runs"), "--name", "one"], tmp_path, log)
+    try:
+        assert exit_code(search, log, timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        kill_search(search)
+    assert "2 trials, 0 stopped early, 0 diverged, 0 errored" in log.read_text()
 
 
 def test_a_trial_reads_its_epochs_from_the_checkpoint_and_leaves_damage_to_the_engine() -> None:

@@ -362,13 +362,14 @@ class EngineLayout:
     @classmethod
     def of(cls, gpus: float, cpus: float, trials_per_gpu: int | None, trials_at_once: int | None) -> EngineLayout:
         """Trials at once: `trials_at_once`, else `trials_per_gpu` (if None, MAX_SHARED_TRIALS_PER_GPU) per GPU, else
-        4 on the CPUs."""
+        4 on the CPUs. The engines leave at least half the CPUs to the trial processes: on one CPU an engine that
+        took it whole left the trials none, and they waited forever."""
         count = int(gpus)
         if count:
-            options, threads = (("num_gpus", 1), ("num_cpus", 1)), 2
+            options, threads = (("num_gpus", 1), ("num_cpus", min(1.0, cpus / (2 * count)))), 2
             per_engine = trials_per_gpu or MAX_SHARED_TRIALS_PER_GPU
         else:  # the rest of the CPUs for Tune and the light trial processes
-            options, threads, per_engine = (("num_cpus", max(1.0, cpus - 1)),), max(1, math.floor(cpus)), 4
+            options, threads, per_engine = (("num_cpus", max(cpus - 1, cpus / 2)),), max(1, math.floor(cpus)), 4
         return cls(max(count, 1), float(count), options, threads, trials_at_once or per_engine * max(count, 1))
 
     def launch(self, data_args: DataArguments, model_args: ModelArguments, train_args: TrainArguments) -> list[Any]:
