@@ -149,6 +149,15 @@ def test_search_space_flag_merges_per_parameter() -> None:
         (["--name", "."], "name '.' is not allowed"),
         (["--name", ".."], "'..' would put the experiment in the storage folder itself, or outside it"),
         (["--verbose", "5"], "verbose must be 0, 1 or 2, got 5"),
+        # Ray's and Optuna's tracebacks once the checks had passed (and --num_cpus 0 ran on every CPU)
+        (["--search_seed", "-1"], "search_seed must lie in [0, 2**32 - 1] (4294967295), got -1"),
+        (["--num_cpus", "0"], "num_cpus must be >= 1 and num_gpus >= 0, got 0 and None"),
+        (["--num_gpus", "-1"], "num_cpus must be >= 1 and num_gpus >= 0, got None and -1"),
+        (["--dashboard_port", "99999"], "dashboard_port must be a port number in [1, 65535], got 99999"),
+        # In a URI the name would end at '#' or '?' (the search's record went into another folder than its trials,
+        # and it could not be resumed), and a space or a non-ASCII letter does not parse
+        (["--storage_path", "s3://b/runs", "--name", "run#2"], "name 'run#2' cannot be part of the storage URI"),
+        (["--storage_path", "file:///runs", "--name", "rün 2"], "name 'rün 2' cannot be part of the storage URI"),
     ],
 )
 def test_bad_flags_are_clear_config_errors(argv: list[str], message: str) -> None:
@@ -320,6 +329,7 @@ def _closed_port() -> int:
             ["--storage_path", f"s3://lorasent/runs?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http"],
             "Cannot reach the experiment storage s3://lorasent/runs/",  # the name before the URI's query
         ),
+        (["--storage_path", "file:///tmp/my runs"], "Cannot parse the storage URI file:///tmp/my runs/"),
     ],
 )
 def test_refused_before_the_search_starts(argv: list[str], message: str, tmp_path: Path, capsys) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray.tune.search.optuna  # noqa: F401  (imported now: the searcher's files are unpickled while trials run)
+import ray.tune.search.optuna  # imported now: the searcher's files are unpickled while trials run
 from conftest import REPO, SmokeSearch, exit_code, kill_search, start_search
 
 from tune.cluster import saved_trial_statuses, saved_trials
@@ -223,6 +223,62 @@ def test_resume_with_the_searchers_wrappers_cut_short_is_refused(smoke_search: S
     )
     assert run.returncode == 2, run.stdout + run.stderr
     assert f"its Ray Tune state file {wrappers.name} is damaged" in run.stderr and "Ray dashboard" not in run.stdout
+
+
+def test_resume_while_another_process_runs_the_experiment_is_refused(
+    smoke_search: SmokeSearch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --resume while the experiment runs (its first run, thought dead in another terminal, or a second resume) ran
+    its unfinished trials twice into the same folders, sampled new trials twice and overwrote the other's state (a
+    finished 6-trial search then held 8 trials, one trained twice, and its first run said it was interrupted). The
+    running one holds the experiment (a lock its process holds, whatever way it ends); the second is refused before
+    Ray starts, naming it. Here the running one is a real resume, paused (SIGSTOP) once it holds the experiment."""
+    from tune.run import CLAIM_FILE, main
+
+    copy = tmp_path / "runs" / "smoke"
+    shutil.copytree(smoke_search.experiment, copy, symlinks=True)
+    log = tmp_path / "running.log"
+    running = start_search(["--resume", str(copy), "--verbose", "0"], tmp_path, log)
+    try:
+        deadline = time.monotonic() + 120
+        while (copy / CLAIM_FILE).read_text().strip() != str(running.pid):  # it writes its pid once it holds it
+            assert running.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        running.send_signal(signal.SIGSTOP)
+        try:
+            assert main(["--resume", str(copy)]) == 2
+        finally:
+            running.send_signal(signal.SIGCONT)
+        err = capsys.readouterr().err
+        assert f"{copy} is being run right now by another process (pid {running.pid})" in err, err
+        assert not ray.is_initialized()
+        assert exit_code(running, log, timeout=300) == 0, log.read_text()  # the running one was left alone
+    finally:
+        kill_search(running)
+
+
+def test_resume_after_the_data_changed_is_refused(tmp_path: Path, write_data, capsys) -> None:
+    """A search's data file changed before --resume (labels fixed, rows added): the resumed trials trained on the new
+    data and were ranked with the finished ones, scored on other splits (a killed search, its CSV's labels flipped,
+    then resumed: one trial's checkpoints recorded one sha256, the other three's another). Refused before any trial,
+    naming the data."""
+    from tune.run import main
+
+    rows = [{"text": f"{word} product number {i}", "label": i % 2} for i, word in enumerate(["bad", "good"] * 150)]
+    data = write_data(rows, "reviews.csv")
+    experiment = tmp_path / "runs" / "csv"
+    argv = ["--smoke-test", "--dataset", str(data), "--num_samples", "1", "--storage_path", str(experiment.parent)]
+    log = tmp_path / "search.log"
+    search = start_search([*argv, "--name", "csv", "--verbose", "0"], tmp_path, log)
+    try:
+        assert exit_code(search, log, timeout=400) == 0, log.read_text()
+    finally:
+        kill_search(search)
+    write_data([{**row, "label": 1 - row["label"]} for row in rows], "reviews.csv")
+    assert main(["--resume", str(experiment)]) == 2
+    err = capsys.readouterr().err
+    assert f"Cannot resume {experiment}: its data {data} changed since its trials trained on it" in err, err
+    assert not ray.is_initialized()
 
 
 def test_resume_when_a_trials_latest_checkpoint_was_deleted_after_the_snapshot(tmp_path: Path) -> None:

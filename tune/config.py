@@ -13,13 +13,14 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from lorasent.config import DataArguments, ModelArguments, TrainArguments, read_yaml, replace, to_dict
+from lorasent.config import MAX_SEED, DataArguments, ModelArguments, TrainArguments, read_yaml, replace, to_dict
 from lorasent.errors import ConfigError
 from lorasent.metrics import metric_names
 
@@ -33,6 +34,9 @@ SEARCHERS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "none")
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 METADATA_FILE = "lorasent_search.json"
+# What a URI's path holds as it is (RFC 3986's pchar, less percent-encoding, which pyarrow would decode in the URIs
+# lorasent builds and Ray would not in the folder it names)
+URI_NAME = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
 
 # The searchable hyperparameters: the dataclass that owns each one, and the type of its values.
 SEARCHABLE: dict[str, tuple[type, type]] = {
@@ -273,10 +277,32 @@ class TuneArguments:
                 f"name {self.name!r} is not allowed: give a plain folder name other than 'latest' ('.' and '..' would "
                 "put the experiment in the storage folder itself, or outside it)."
             )
+        # Each of these was Ray's or Optuna's traceback once the checks had passed, or (--num_cpus 0) every CPU
+        if not 0 <= self.search_seed <= MAX_SEED:
+            raise ConfigError(
+                f"search_seed must lie in [0, 2**32 - 1] ({MAX_SEED}), got {self.search_seed}. Pass e.g. "
+                "--search_seed 42."
+            )
+        if (self.num_cpus is not None and self.num_cpus < 1) or (self.num_gpus is not None and self.num_gpus < 0):
+            raise ConfigError(
+                f"num_cpus must be >= 1 and num_gpus >= 0, got {self.num_cpus} and {self.num_gpus}. Leave them unset "
+                "to use all of this machine's."
+            )
+        if self.dashboard_port is not None and not 1 <= self.dashboard_port <= 65535:
+            raise ConfigError(
+                f"dashboard_port must be a port number in [1, 65535], got {self.dashboard_port}. Leave it unset for "
+                "8265, or the next free one."
+            )
         if self.verbose not in (0, 1, 2):
             raise ConfigError(f"verbose must be 0, 1 or 2, got {self.verbose}.")
         if not self.storage_path:
             raise ConfigError("storage_path is empty. Give a folder (e.g. runs/tune) or a URI (s3://bucket/tune).")
+        if self.name is not None and "://" in self.storage_path and not URI_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"name {self.name!r} cannot be part of the storage URI {self.storage_path}: a URI holds letters, "
+                "digits and -._~!$&'()*+,;=:@ as they are, and a space, '#', '?', '%' or a non-ASCII letter would "
+                "break or change the experiment's address. Pick a name of those, or use a local --storage_path."
+            )
         parse_search_space({k: v for k, v in self.search_space.items() if v is not None})  # None: removed by a layer
 
 

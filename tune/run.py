@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 NOTHING_TO_RESUME = "Interrupted before the search started: no trial ran, there is nothing to resume."
-CLAIM_FILE = ".lorasent-claim"  # in a new local experiment's folder from the moment its search starts
+CLAIM_FILE = ".lorasent-claim"  # in a local experiment's folder from the moment its search starts; locked while it runs
 
 try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly as one during the checks in main()
     from lorasent.errors import ConfigError, ExperimentError, LorasentError
@@ -75,6 +76,11 @@ def _can_restore(path: str) -> bool:
             f"Cannot reach the experiment storage {path}: {e}. Check the URI, your network and the storage "
             "credentials, or use a local --storage_path."
         ) from None
+    except ValueError as e:  # pyarrow.ArrowInvalid: a URI it cannot parse (a space, a non-ASCII letter)
+        raise ConfigError(
+            f"Cannot parse the storage URI {path}: {e}. Percent-encode what a URI cannot hold as it is (a space as "
+            "%20), or use a local --storage_path."
+        ) from None
 
 
 def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str, str]:
@@ -88,18 +94,35 @@ def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str,
     return storage_path, name
 
 
-def _claim(folder: Path) -> None:
-    """Create `folder`'s claim file, or refuse: Ray writes tuner.pkl, which `_can_restore` looks for, only once the
-    search starts, seconds later, so two searches given one name (or one default name, in the same second) would
-    both pass that check and write their trials into one experiment."""
+def _claim(folder: Path, new: bool = True) -> int:
+    """Hold `folder` for this search, or refuse: returns its claim file's descriptor, locked (flock) until it is closed,
+    when the search ends or this process dies, however it dies.
+
+    A new search creates the claim file exclusively: Ray writes tuner.pkl, which `_can_restore` looks for, only once
+    the search starts, seconds later, so two searches given one name (or one default name, in the same second) would
+    both pass that check and write their trials into one experiment. The lock refuses a --resume while another process
+    runs the experiment (its first run, or another --resume): both would train its unfinished trials and sample new
+    ones into the same folder, and each overwrite the other's saved state."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        os.close(os.open(folder / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        claim = os.open(folder / CLAIM_FILE, os.O_CREAT | os.O_WRONLY | (os.O_EXCL if new else 0))
     except FileExistsError:
         raise ConfigError(
             f"Experiment {folder} is taken by another search started with this name. Pick another --name (if no "
             f"search is running there, one was killed while it started: delete {folder})."
         ) from None
+    try:
+        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(claim)
+        holder = (folder / CLAIM_FILE).read_text(encoding="utf-8").strip() or "?"
+        raise ConfigError(
+            f"Experiment {folder} is being run right now by another process (pid {holder}): a second run would train "
+            "its trials again. Wait for that one to end, or stop it, then --resume."
+        ) from None
+    os.ftruncate(claim, 0)
+    os.write(claim, f"{os.getpid()}\n".encode())
+    return claim
 
 
 def _release(experiment_path: str) -> None:
@@ -154,6 +177,30 @@ def _check_experiment_state(path: Path) -> None:
         files = sorted(path.glob(pattern))
         if files and not files[-1].read_bytes().endswith(pickle.STOP):  # the newest, as Ray picks it
             raise _damaged_state(path, files[-1].name, EOFError("the file was cut short"))
+
+
+def _check_same_data(experiment_path: str, args: SearchArguments) -> None:
+    """Refuse to resume a search whose data changed since its trials trained on it (each checkpoint's lorasent.json
+    records the data's identity, a file's sha256): the rest would train and be scored on other splits than the
+    finished trials, and the search rank them together. Checked in local experiments."""
+    from lorasent.model import META_FILE
+    from lorasent.tokenize import source_identity
+
+    if is_uri(experiment_path):
+        return
+    for meta in Path(experiment_path).glob(f"*/checkpoint_*/{META_FILE}"):
+        try:
+            then = json.loads(meta.read_text(encoding="utf-8"))["source"]
+        except (OSError, ValueError, KeyError, TypeError):  # cut short by a kill: another checkpoint says
+            continue
+        now = source_identity(args.data.dataset)
+        if then != now:
+            raise ConfigError(
+                f"Cannot resume {experiment_path}: its data {args.data.dataset} changed since its trials trained on it "
+                f"({then} then, {now} now), so the rest would train and be scored on other splits than the finished "
+                "ones. Put the data back as it was, or start a new search on the new data."
+            )
+        return
 
 
 def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> int:
@@ -329,17 +376,20 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> Checke
 
 
 def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOutcome:
-    """Run (or resume) the search at storage_path/name (see `_run_search`). A new local experiment's folder is
-    claimed first (`_claim`), and released if the search stops before it started."""
+    """Run (or resume) the search at storage_path/name (see `_run_search`). A local experiment's folder is claimed
+    first and held while the search runs (`_claim`); a new one is released if the search stops before it started."""
     experiment_path = join_location(storage_path, name)
-    if args.tune.resume or is_uri(experiment_path):
+    if is_uri(experiment_path):
         return _run_search(args, storage_path, name)
-    _claim(Path(experiment_path))
+    claim = _claim(Path(experiment_path), new=not args.tune.resume)
     try:
         return _run_search(args, storage_path, name)
     except BaseException:
-        _release(experiment_path)
+        if not args.tune.resume:
+            _release(experiment_path)
         raise
+    finally:
+        os.close(claim)
 
 
 def _run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOutcome:
@@ -368,6 +418,8 @@ def _run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOu
         if early is not None and t.fused_trials:
             launched = launch_engines_early(args.data, args.model, args.train, t)
         imports.result()
+        if t.resume:
+            _check_same_data(experiment_path, args)
         checked = _check_and_tokenise(args, early)
         session = cluster.start_ray(checked.plan_args, checked.plan, early)
     except BaseException:
