@@ -202,6 +202,9 @@ def test_a_diverging_fused_trial_is_a_bad_result_not_an_error(local_ray, tmp_pat
         (["--torch_compile"], "torch_compile does not apply"),
         (["--evals_per_epoch", "2"], "evaluate once an epoch"),
         (["--lr_scheduler_type", "reduce_lr_on_plateau"], "not a function of the step"),
+        # the `full` preset's quarter-epoch rungs: each refusal names all the fix, never the other's undoing
+        (["--evals_per_epoch", "2", "--grace_period", "0.25"], r"--evals_per_epoch 1 \(and a --grace_period of whole"),
+        (["--grace_period", "0.25"], r"Use a multiple of 1 \(trials that share a base model evaluate once an epoch\)"),
     ],
 )
 def test_what_shared_trials_cannot_do_is_refused_before_anything_loads(argv: list[str], message: str, tmp_path) -> None:

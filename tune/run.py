@@ -350,11 +350,11 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> Checke
     if os.environ.get(CACHE_ENV):  # trials run in their own folders, where a relative path names another cache
         os.environ[CACHE_ENV] = str(Path(os.environ[CACHE_ENV]).expanduser().resolve())
     space, param_space = search.build_param_space(t, args.model, args.train)
+    if t.fused_trials:  # first: its refusals say what else to change, where the scheduler's would not mention it
+        check_shareable(args.model, args.train, searched=space)
     epochs = search.max_epochs(t, space, args.train)
     scheduler = search.build_scheduler(t, epochs, args.train.evals_per_epoch)
     points = search.starting_points(t, space, args.model, args.train)
-    if t.fused_trials:
-        check_shareable(args.model, args.train, searched=space)
     search.check_target_modules(space, args.model)  # before the memory plan (which builds the model) and the data
     # The address answers, or the local Ray's plan fits (trials per GPU from one trial's memory; for trials that
     # share a base model, from the base's memory once and each trial's own, up to the trials the search holds):

@@ -187,7 +187,12 @@ def build_scheduler(tune_args: TuneArguments, epochs: int, evals_per_epoch: int 
         raise ConfigError(
             f"grace_period={tune_args.grace_period:g} epochs does not end at an evaluation: with evals_per_epoch "
             f"{evals_per_epoch} trials are evaluated every 1/{evals_per_epoch} epoch. Use a multiple of "
-            f"{1 / evals_per_epoch:g}, or raise --evals_per_epoch."
+            f"{1 / evals_per_epoch:g}"
+            + (
+                " (trials that share a base model evaluate once an epoch)."
+                if tune_args.fused_trials
+                else ", or raise --evals_per_epoch."
+            )
         )
     return ASHAScheduler(
         time_attr="training_iteration",
