@@ -370,6 +370,42 @@ def test_ctrl_c_before_the_search_starts_exits_cleanly(tmp_path: Path, when: flo
     assert "Traceback" not in out and "there is nothing to resume" in out
 
 
+CTRL_C_IN_A_DEL = """
+import builtins, os, runpy, signal, sys, time
+
+class Collected:
+    def __del__(self):  # as the garbage collector runs it, at any moment: a KeyboardInterrupt here is swallowed
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+
+plain_import = builtins.__import__
+
+def importing(name, *args, **kwargs):
+    if name == "ray":  # the driver's first import of Ray, in its main thread
+        builtins.__import__ = plain_import
+        Collected()  # made and freed at once: the Ctrl-C lands in its __del__
+    return plain_import(name, *args, **kwargs)
+
+builtins.__import__ = importing
+sys.argv = ["tune/run.py", *sys.argv[1:]]
+runpy.run_path(os.path.join("tune", "run.py"), run_name="__main__")
+"""
+
+
+def test_a_ctrl_c_python_swallowed_still_stops_the_search(tmp_path: Path) -> None:
+    """A Ctrl-C that lands in a `__del__` (the garbage collector runs them at any moment, as it did during the
+    driver's imports in a few runs in fifty) is swallowed by Python ("Exception ignored in ..."): the search went on
+    as if none was pressed. It is remembered, and stops the search before Tune starts."""
+    argv = ["--smoke-test", "--storage_path", str(tmp_path / "runs"), "--name", "swallowed"]
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_IN_A_DEL, *argv], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert "Exception ignored" in result.stderr and "KeyboardInterrupt" in result.stderr  # it was swallowed
+    assert result.returncode == 130, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "there is nothing to resume" in result.stderr and "Search finished" not in result.stdout
+    assert not (tmp_path / "runs" / "swallowed").exists()
+
+
 def test_second_ctrl_c_during_the_search_still_says_how_to_resume(tmp_path: Path) -> None:
     """Tune handles the first Ctrl-C and offers a second to skip its last snapshot: neither may end in a traceback."""
     experiment, out = _interrupt_after_a_trial_finished(tmp_path, "twice", ctrl_c=2)

@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -32,6 +33,28 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 STARTED = time.perf_counter()  # the wall time users see includes the heavy imports below
+
+
+class CtrlC:
+    """Ctrl-C before Tune takes SIGINT over: a KeyboardInterrupt, and remembered. Python swallows one raised inside a
+    `__del__` or a weakref callback (which the garbage collector runs at any moment, imports included), and the search
+    went on as if none was pressed; `check()` raises it again."""
+
+    pressed = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: Any) -> None:
+        cls.pressed = True
+        raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.pressed:
+            raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, CtrlC.handle)
 
 if __package__ in (None, ""):
     # Run as `python tune/run.py`: import the `tune` package from the repository root, never this folder's
@@ -58,6 +81,8 @@ try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly 
         split_location,
     )
     from tune.config import METADATA_FILE, SearchArguments, TuneArguments, experiment_metadata, parse_args
+
+    CtrlC.check()
 except KeyboardInterrupt:
     print(f"\n{NOTHING_TO_RESUME}", file=sys.stderr)
     sys.exit(130)
@@ -420,6 +445,7 @@ def _run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOu
         imports.result()
         if t.resume:
             _check_same_data(experiment_path, args)
+        CtrlC.check()
         checked = _check_and_tokenise(args, early)
         session = cluster.start_ray(checked.plan_args, checked.plan, early)
     except BaseException:
@@ -523,6 +549,7 @@ def _run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOu
                     verbose=t.verbose,
                 ),
             )
+        CtrlC.check()  # the last look before Tune's own handler: a Ctrl-C that was swallowed stops the search here
         results = tuner.fit()
     finally:
         if engines is not None:
