@@ -393,9 +393,9 @@ runpy.run_path(os.path.join("tune", "run.py"), run_name="__main__")
 
 
 def test_a_ctrl_c_python_swallowed_still_stops_the_search(tmp_path: Path) -> None:
-    """A Ctrl-C that lands in a `__del__` (the garbage collector runs them at any moment, as it did during the
-    driver's imports in a few runs in fifty) is swallowed by Python ("Exception ignored in ..."): the search went on
-    as if none was pressed. It is remembered, and stops the search before Tune starts."""
+    """A Ctrl-C that lands in a `__del__` (the garbage collector runs them at any moment, as it did once during the
+    driver's imports in test_ctrl_c_before_the_search_starts_exits_cleanly) is swallowed by Python ("Exception ignored
+    in ..."): the search went on as if none was pressed. It is remembered, and stops the search before Tune starts."""
     argv = ["--smoke-test", "--storage_path", str(tmp_path / "runs"), "--name", "swallowed"]
     result = subprocess.run(
         [sys.executable, "-c", CTRL_C_IN_A_DEL, *argv], cwd=REPO, capture_output=True, text=True, timeout=300
