@@ -538,6 +538,10 @@ def throughput(ws: Workspace, args: argparse.Namespace, results: Results) -> Non
     except Exception as e:  # the other ways' figures are still worth having
         traceback.print_exc()
         results.add("shared_base", f"not measured: {type(e).__name__}: {e}"[:200])
+    # Per case, before the in-process ways: a step cut by its timeout keeps these (seconds per step of all K trials).
+    shared = dict(zip(("step_s", "real_token_share", "ops_per_step", "census"), shipped, strict=True))
+    results.extra["measured"] = {"cases": cases, "processes_s": in_processes, "mps_s": under_mps, "shared_base": shared}
+    results.save(args.out)
     for case, sizes in enumerate(cases):
         data = on_device(batches(sizes, args.length, base.config.vocab_size), device)
         seconds = {}
@@ -568,6 +572,7 @@ def throughput(ws: Workspace, args: argparse.Namespace, results: Results) -> Non
                 + (f", x{seconds['processes'] / s:.2f} of processes" if "processes" in seconds else "")
                 + notes.get(name, ""),
             )
+        results.save(args.out)  # a step cut by its timeout keeps the cases that finished
 
 
 def main() -> None:

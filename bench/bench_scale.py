@@ -97,7 +97,10 @@ def tokenisation(ws: Workspace, args: argparse.Namespace, results: Results) -> N
     )
     for workers, seconds in forced.items():
         results.add(
-            f"tokenisation in {workers} (forced)", n / max(seconds - load["s"], 1e-9), "reviews/s", rate_note(seconds)
+            f"tokenisation in {workers} (forced)",
+            n / max(seconds - load["s"], 1e-9),
+            "reviews/s",
+            rate_note(max(seconds - load["s"], 1e-9)),
         )
     results.add("whole cold tokenized_splits (read + tokenise + save)", n / cold_s, "reviews/s", f"{cold_s:.1f} s")
     results.add("cache hit (what every later trial on the node pays)", warm["s"], "s", "memory-mapped Arrow")
@@ -274,6 +277,7 @@ def lorasent_epoch(ws: Workspace, args: argparse.Namespace, results: Results, la
         f"{steady.get('accuracy', float('nan')):.3f}",
     )
     results.extra.setdefault("large_batch", {})[label] = result.history
+    results.save(args.out)  # a step cut by its timeout keeps the epochs that finished
     return tps
 
 
@@ -301,6 +305,7 @@ def large_batch(ws: Workspace, args: argparse.Namespace, results: Results) -> No
         f"{tps / rates['real_tokens_per_s']:.2f} (goal 2: >= 0.85)",
     )
     results.extra["hand_loop"] = hand.__dict__
+    results.save(args.out)
     lorasent_epoch(ws, args, results, "half_precision_base (bf16 base weights)", half_precision_base=True)
     step_profile(ws, args, results)
 

@@ -354,7 +354,7 @@ def search_one_way(ws: Workspace, data_file: Path, args: argparse.Namespace, res
     if grid:
         kind = "extrapolated" if results.extra["baseline"]["extrapolated"] else "measured"
         results.add(
-            f"ratio search wall / seed-style grid{suffix}",
+            f"ratio search wall / seed-style grid{suffix}{incomplete(found)}",
             found["wall_s"] / grid,
             "x",
             f"goal <= 0.125 (1/8); grid {grid:.0f} s ({kind})",
@@ -466,6 +466,7 @@ def packing_ratios(packed: dict[str, Any], seq: dict[str, Any], results: Results
     how = (
         f"sequential wall extrapolated from {seq['trials']} to {packed['trials']} trials" if missing > 0 else "measured"
     )
+    suffix += incomplete(packed) or incomplete(seq)  # a run cut at its timeout: the ratio is not the goal's
     results.add(
         f"packing ratio: trial throughput packed / one GPU per trial (whole commands){suffix}",
         seq_wall / packed["wall_s"],

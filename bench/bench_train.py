@@ -242,6 +242,7 @@ def device_syncs(ws: Workspace, data_file: Path, args: argparse.Namespace, resul
             f"{key} {half[key]} and {whole[key]}" for key in per_step
         )
         _add_syncs(results, f"{case}, per step", {**whole, **per_step}, note)
+        results.save(args.out)  # a step cut by its timeout keeps the cases that finished
     frame = pd.read_csv(data_file)
     texts = frame.loc[frame["split"] == "test", "text"].tolist()[: size(args, "test")]
     predictor = Predictor.from_dir(ws.root / "runs" / f"syncs{n}")
@@ -325,6 +326,7 @@ def host_work(ws: Workspace, data_file: Path, args: argparse.Namespace, results:
             "calls/step",
             f"epochs of {n // 2} and {n} reviews at batch {batch}: {half:,} and {whole:,} calls",
         )
+        results.save(args.out)
     lorasent_ms = median_step_ms(lambda: lorasent_run(n, EPOCHS))
     hand_ms = median_step_ms(lambda: hand_run(n, EPOCHS))
     for case, ms in (("lorasent train()", lorasent_ms), ("hand loop", hand_ms)):
