@@ -38,6 +38,9 @@ class ArgumentParser(HfArgumentParser):
         for action in self._actions:
             if action.default is None and action.type in (int, float):
                 action.type = _number_or_none(action.type)
+            if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no_x repeats --x's help
+                action.help = f"Turn --{action.dest} off (it is on by default)."
+                action.default = argparse.SUPPRESS  # not "(default: False)"; --x's default True is what applies
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(f"{message.rstrip('.')}. See `{self.prog} --help`.")

@@ -170,9 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m lorasent.evaluate", description="Evaluate a lorasent model folder on a held-out split."
     )
     parser.add_argument("model_dir", help="A model folder written by lorasent training.")
-    parser.add_argument("--split", default="test", choices=SPLITS, help="Split of the model's own data.")
+    parser.add_argument(
+        "--split", default="test", choices=SPLITS, help="Split of the model's own data (default: %(default)s)."
+    )
     parser.add_argument("--output_dir", help="Where to write <split>_metrics.json and <split>_predictions.csv.")
-    parser.add_argument("--batch_size", type=int, default=128, help="Texts per forward pass.")
+    parser.add_argument("--batch_size", type=int, default=128, help="Texts per forward pass (default: %(default)s).")
     parser.add_argument("--device", help="'cpu', 'cuda', ... (default: a GPU if there is one).")
     parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
     parser.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE_HELP)

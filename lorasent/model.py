@@ -553,10 +553,14 @@ def load_model_dir(
 def merge_and_export(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Fold the adapter into the base weights and save a plain transformers model (safetensors) with tokenizer.
 
-    The result loads with `AutoModelForSequenceClassification.from_pretrained(out_dir)`, without peft.
+    The result loads with `AutoModelForSequenceClassification.from_pretrained(out_dir)`, without peft. Its tokenizer
+    truncates (`truncation=True`) at the max length the model was trained with, as `Predictor` does, so a long text
+    gets the same prediction there as from lorasent.
     """
     check_output_dir(out_dir)
     loaded = load_model_dir(model_dir, device="cpu")
+    trained_length = loaded.meta["data"].get("max_length") or loaded.tokenizer.model_max_length
+    loaded.tokenizer.model_max_length = min(trained_length, loaded.tokenizer.model_max_length)
     merged = loaded.model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)

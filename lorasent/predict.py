@@ -50,7 +50,8 @@ TRUST_REMOTE_CODE_HELP = (
 )
 EXIT_STATUS = (
     "Exit status: 0 when at least one text was scored (the rows that failed are reported beside the others), 1 when "
-    "no text could be scored, 2 when the command is refused (bad arguments, input, output or model folder)."
+    "no text could be scored, 2 when the command is refused (bad arguments, input, output or model folder), 130 when "
+    "interrupted (Ctrl-C, which also ends --interactive; an --output file is then not written)."
 )
 # The largest field csv can read (a C long): its default, 131,072 characters, refuses long reviews, which are truncated.
 CSV_FIELD_LIMIT = 2 ** (8 * ctypes.sizeof(ctypes.c_long) - 1) - 1
@@ -320,9 +321,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     source.add_argument("--text", action="append", help="A text to classify; repeat for more.")
     source.add_argument("--input", type=Path, help="A .txt (one text per line), .jsonl or .csv file.")
     source.add_argument("--interactive", action="store_true", help="Classify lines typed on stdin until EOF.")
-    parser.add_argument("--text_column", default="text", help="Text column/field of a .csv or .jsonl input.")
+    parser.add_argument(
+        "--text_column", default="text", help="Text column/field of a .csv or .jsonl input (default: %(default)s)."
+    )
     parser.add_argument("--output", type=Path, help="Write predictions to this .csv or .jsonl file.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Texts per forward pass.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Texts per forward pass (default: %(default)s).")
     parser.add_argument("--max_length", type=int, help="Tokens kept per text (default: the trained max length).")
     parser.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: a GPU if there is one).")
     parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
@@ -377,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorasentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted" + (f": {args.output} not written" if args.output is not None else ""), file=sys.stderr)
+        return 130
     return 0 if any(p.error is None for p in predictions) else 1
 
 

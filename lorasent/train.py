@@ -728,14 +728,45 @@ def _format(metrics: dict[str, float]) -> str:
     return f"{shown} ({metrics.get('train_tokens_per_second', 0):,.0f} tokens/s)"
 
 
+def _whole_checkpoint(folder: Path) -> bool:
+    """Whether `folder` still holds a whole checkpoint: Trainer deletes all but the best and the latest, and a Ctrl-C
+    can stop it halfway through writing one."""
+    try:
+        check_model_dir(folder)
+    except CheckpointError:
+        return False
+    return (folder / "trainer_state.json").is_file()
+
+
+def _interrupted(output_dir: str, checkpoints: Sequence[Path]) -> str:
+    """What a Ctrl-C during training left: the final model is written whole or not at all, so say where to resume
+    (the latest whole one of `checkpoints`, this run's, oldest first)."""
+    message = f"interrupted: the final model was not saved to {output_dir}"
+    checkpoint = next((folder for folder in reversed(checkpoints) if _whole_checkpoint(folder)), None)
+    if checkpoint is None:
+        return f"{message}, and no epoch had finished (none checkpointed). Run the command again to start over."
+    return (
+        f"{message}. To continue from the last checkpoint, run the same command with --resume_from_checkpoint "
+        f"{checkpoint}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: 0 done, 1 no model saved (the loss diverged), 2 refused, 130 interrupted (Ctrl-C)."""
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
     try:
         data_args, model_args, train_args, run_args = parse_cli(argv)
+    except LorasentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # this run's checkpoints, oldest first: where a Ctrl-C can resume from
+    checkpoints = [Path(run_args.resume_from_checkpoint)] if run_args.resume_from_checkpoint else []
+    try:
         # Refused before the data is read and tokenised (minutes for a large dataset), not after.
         resolve_target_modules(meta_model(model_args), model_args.target_modules)
 
         def show(report: EpochReport) -> None:
+            checkpoints.append(report.checkpoint_dir)
             flag = "  DIVERGED" if report.metrics.get("diverged") else ""
             print(f"epoch {report.epoch:g}: {_format(report.metrics)}  -> {report.checkpoint_dir}{flag}", flush=True)
 
@@ -745,6 +776,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorasentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(train_args.output_dir, checkpoints), file=sys.stderr)
+        return 130
     if result.diverged:
         print("training diverged (NaN/inf loss): lower the learning rate or raise warmup_ratio")
     if result.output_dir is None:

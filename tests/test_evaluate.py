@@ -75,6 +75,14 @@ def test_cli_prints_the_report_and_writes_files(model_dir: Path, tmp_path: Path,
     assert err.startswith("error: ") and "'fp16' needs a CUDA GPU" in err and "Traceback" not in err
 
 
+def test_cli_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        evaluate_module.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Split of the model's own data (default: test)." in help_text
+    assert "Texts per forward pass (default: 128)." in help_text
+
+
 def test_evaluating_on_a_split_the_model_learnt_from_warns(model_dir: Path, tmp_path: Path, write_data) -> None:
     """lorasent.json records the splits a model learnt from; scoring one of them warns and names an unseen split."""
     assert json.loads((model_dir / "lorasent.json").read_text())["train_splits"] == ["train"]

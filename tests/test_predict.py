@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,6 +142,35 @@ def test_cli_interactive_reads_until_eof(model_dir: Path, monkeypatch, capsys) -
     assert predict_module.main([str(model_dir), "--interactive"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[1].startswith("error")
+
+
+def test_cli_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        predict_module.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Text column/field of a .csv or .jsonl input (default: text)." in help_text
+    assert "Texts per forward pass (default: 64)." in help_text
+
+
+def test_ctrl_c_ends_an_interactive_session_without_a_traceback(model_dir: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorasent.predict", str(model_dir), "--interactive"],
+        cwd=Path(predict_module.__file__).parents[1],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        process.stdin.write("Great phone.\n")
+        process.stdin.flush()
+        answer = process.stdout.readline()  # the model is loaded and waiting for the next line
+        assert answer.startswith(("negative", "positive")), answer + process.stderr.read()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and err == "interrupted\n", err
 
 
 def test_cli_interactive_refuses_an_output_file(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -8,6 +8,8 @@ import json
 import math
 import re
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from lorasent import train as train_module
 from lorasent.config import OFFLINE_MODEL, TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
 from lorasent.evaluate import evaluate_model_dir
-from lorasent.model import ADAPTER_WEIGHTS, load_model_dir, merge_and_export, read_meta
+from lorasent.model import ADAPTER_WEIGHTS, check_model_dir, load_model_dir, merge_and_export, read_meta
 from lorasent.predict import Predictor
 from lorasent.train import EpochReport, train
 
@@ -389,6 +391,76 @@ def test_cli_errors_are_one_clean_line(tmp_path: Path, capsys, content, flags, m
     assert err.startswith("error: ") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert re.search(message, err)
+
+
+# What a user without lorasent runs on a merged export: transformers alone, its tokenizer truncating as it says.
+PLAIN_TRANSFORMERS = """
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    logits = model(**tokenizer(json.loads(sys.argv[2]), truncation=True, padding=True, return_tensors="pt")).logits
+print(json.dumps({"id2label": model.config.id2label, "probabilities": logits.softmax(-1).tolist()}))
+"""
+
+
+def test_a_merged_export_predicts_in_plain_transformers_as_lorasent_does(reference, tmp_path: Path) -> None:
+    texts = ["Works great.", "It broke on the second day and support never answered. " * 8]  # the 2nd: 32+ tokens
+    predictor = Predictor.from_dir(reference[1].output_dir, device="cpu")
+    predictions = predictor.predict(texts)
+    assert [p.truncated for p in predictions] == [False, True]
+    merged = merge_and_export(reference[1].output_dir, tmp_path / "merged")
+    run = subprocess.run(
+        [sys.executable, "-c", PLAIN_TRANSFORMERS, str(merged), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    plain = json.loads(run.stdout)
+    assert plain["id2label"] == {"0": "negative", "1": "positive"}
+    expected = [[p.probabilities[name] for name in predictor.label_names] for p in predictions]
+    torch.testing.assert_close(torch.tensor(plain["probabilities"]), torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_ctrl_c_during_training_says_where_to_resume_without_a_traceback(reference, tmp_path: Path) -> None:
+    output = tmp_path / "model"
+    stale = tmp_path / "model-checkpoints" / "checkpoint-9999"  # an earlier run's, which this run must not name
+    shutil.copytree(reference[2][-1].checkpoint_dir, stale)
+    flags = ["--model_name_or_path", TINY_MODEL, "--max_train_samples", "48", "--max_eval_samples", "16"]
+    flags += ["--max_length", "32", "--per_device_train_batch_size", "8", "--num_train_epochs", "1000"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorasent.train", *flags, "--output_dir", str(output)],
+        cwd=Path(train_module.__file__).parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = process.stdout.readline()  # the first epoch's report: a checkpoint exists
+        assert first.startswith("epoch 1:"), first + process.stderr.read()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted: the final model was not saved to {output}"), err
+    checkpoint = Path(last.rsplit("--resume_from_checkpoint ", 1)[1])
+    assert checkpoint.parent == stale.parent and checkpoint != stale
+    assert check_model_dir(checkpoint)["metrics"]["epoch"] >= 1
+    assert (checkpoint / "trainer_state.json").is_file() and not output.exists()
+
+
+def test_cli_help_says_a_no_flag_turns_its_option_off(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        train_module.main(["--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--no-group-by-length Turn --group_by_length off (it is on by default). --seed" in help_text
+    assert train_module.parse_cli(["--no_group_by_length"])[2].group_by_length is False
+    assert train_module.parse_cli([])[2].group_by_length is True
 
 
 @pytest.mark.slow
