@@ -20,6 +20,12 @@ from lorasent import assets
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The Ctrl-C tests send SIGINT to the commands they start, as a terminal does to its foreground job. A suite started
+# in the background by a shell without job control (`(pytest &)` in a script) inherits SIGINT ignored, and every
+# command it starts would too: Python then installs no KeyboardInterrupt, and those commands ran on to exit 0.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(scope="session")
 def vader_file() -> Path:

@@ -53,7 +53,7 @@ class CtrlC:
             raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # nohup: ignored
     signal.signal(signal.SIGINT, CtrlC.handle)
 
 if __package__ in (None, ""):
