@@ -124,6 +124,9 @@ class FaultInjector(threading.Thread):
                         self.killed.append(pid)
                 for pid in rows.get(LR_OOM, {}):
                     if pid not in self.limited and self._ours(pid):
+                        # Into the next epoch, as for the kill: Ray registers the epoch's checkpoint a step after
+                        # logging its result, and a worker whose memory fails before that loses the checkpoint.
+                        time.sleep(0.2)
                         # Below what the process uses already: its next allocation that needs memory fails.
                         for kind, used in _memory_limits_in_use(pid):
                             resource.prlimit(pid, kind, (used - (1 << 20), resource.RLIM_INFINITY))
