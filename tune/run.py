@@ -204,12 +204,12 @@ def _check_experiment_state(path: Path) -> None:
             raise _damaged_state(path, files[-1].name, EOFError("the file was cut short"))
 
 
-def _check_same_data(experiment_path: str, args: SearchArguments) -> None:
-    """Refuse to resume a search whose data changed since its trials trained on it (each checkpoint's lorasent.json
-    records the data's identity, a file's sha256): the rest would train and be scored on other splits than the
-    finished trials, and the search rank them together. Checked in local experiments."""
+def _check_same_data(experiment_path: str, dataset: str, now: dict[str, Any]) -> None:
+    """Refuse to resume a search whose data changed since its trials trained on it: each checkpoint's lorasent.json
+    records the data's identity (`source_identity`, a file's sha256), which is `now` no longer, so the rest would
+    train and be scored on other splits than the finished trials, and the search rank them together. Checked in
+    local experiments."""
     from lorasent.model import META_FILE
-    from lorasent.tokenize import source_identity
 
     if is_uri(experiment_path):
         return
@@ -218,10 +218,9 @@ def _check_same_data(experiment_path: str, args: SearchArguments) -> None:
             then = json.loads(meta.read_text(encoding="utf-8"))["source"]
         except (OSError, ValueError, KeyError, TypeError):  # cut short by a kill: another checkpoint says
             continue
-        now = source_identity(args.data.dataset)
         if then != now:
             raise ConfigError(
-                f"Cannot resume {experiment_path}: its data {args.data.dataset} changed since its trials trained on it "
+                f"Cannot resume {experiment_path}: its data {dataset} changed since its trials trained on it "
                 f"({then} then, {now} now), so the rest would train and be scored on other splits than the finished "
                 "ones. Put the data back as it was, or start a new search on the new data."
             )
@@ -362,9 +361,10 @@ class CheckedSearch(NamedTuple):
     plan: ResourcePlan | None  # of a local Ray; None when joining one
 
 
-def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> CheckedSearch:
+def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None, source: dict[str, Any] | None) -> CheckedSearch:
     """Every check of the search that needs no running Ray, then the tokenisation (once, here: trials load the cached
-    splits, never re-tokenise). `early` is the local Ray started for the search, if any."""
+    splits, never re-tokenise). `early` is the local Ray started for the search, if any; `source` the data's
+    `source_identity` where the caller has it (else hashed with the tokenisation's key)."""
     from lorasent.fused import check_shareable
     from lorasent.paths import CACHE_ENV
     from lorasent.tokenize import tokenized_splits
@@ -395,7 +395,7 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None) -> Checke
     if plan is not None:  # a local Ray: its trials' resources are known, so is what they can train with
         resources = {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial}
         trial_train_arguments(args.data, args.train, metric=t.metric, **resources)
-    splits = tokenized_splits(args.data, args.model)
+    splits = tokenized_splits(args.data, args.model, source=source)
     search.check_batches_fit(space, args.train, len(splits["train"]))
     return CheckedSearch(space, param_space, epochs, scheduler, points, plan_args, plan)
 
@@ -443,10 +443,14 @@ def _run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOu
         if early is not None and t.fused_trials:
             launched = launch_engines_early(args.data, args.model, args.train, t)
         imports.result()
+        source = None  # the data's identity: hashed here only to resume, and then handed on, not hashed again
         if t.resume:
-            _check_same_data(experiment_path, args)
+            from lorasent.tokenize import source_identity  # imported by now (CHECK_MODULES)
+
+            source = source_identity(args.data.dataset)
+            _check_same_data(experiment_path, args.data.dataset, source)
         CtrlC.check()
-        checked = _check_and_tokenise(args, early)
+        checked = _check_and_tokenise(args, early, source)
         session = cluster.start_ray(checked.plan_args, checked.plan, early)
     except BaseException:
         if launched is not None:
