@@ -299,7 +299,7 @@ def test_resume_when_a_trials_latest_checkpoint_was_deleted_after_the_snapshot(t
     for trial in running:
         named = experiment / trial.folder / trial.last_result["checkpoint_dir_name"]
         assert len(list(named.parent.glob("checkpoint_*"))) >= 2  # the best one is kept beside the latest
-        shutil.rmtree(named)
+        shutil.rmtree(named, ignore_errors=True)  # gone already where Ray's rotation beat the snapshot to it
     _resume_keeps_the_finished_and_runs_the_rest(tmp_path, experiment, epochs=6, gapped={t.folder for t in running})
 
 
