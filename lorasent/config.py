@@ -245,7 +245,8 @@ class TrainArguments:
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     torch_threads: int | None = field(
-        default=None, metadata={"help": "CPU threads torch may use (None: torch's default)."}
+        default=None,
+        metadata={"help": "CPU threads torch may use (None: torch's default, at most a container's CPU quota)."},
     )
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even where a GPU is visible."})
 

@@ -47,6 +47,7 @@ import lorasent
 from lorasent import encoding
 from lorasent.assets import VADER_FILE_SHA256, resolve_model_path
 from lorasent.config import OFFLINE_DATASET, DataArguments, ModelArguments
+from lorasent.cpus import usable_cpus
 from lorasent.data import load_splits
 from lorasent.errors import ConfigError
 from lorasent.paths import atomic_dir, cache_root, cache_writes, remove_leftovers, unwritable_cache
@@ -237,8 +238,7 @@ def _tokenize(
 ) -> datasets.DatasetDict:
     """Each split as input_ids, attention_mask, label, length, written to `staging` and memory-mapped from there."""
     encode, backend = _batch_encoder(tokenizer, max_length)
-    # One worker per core this process may use (macOS has no affinity call: all cores there).
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = usable_cpus()  # one per core this process may use, within its container's CPU limit
     rows = sum(len(split) for split in splits.values())
     # Forked processes start at once and import nothing; spawned ones would re-run the caller's main script (which
     # then needs an `if __name__ == "__main__"` guard), so where fork is missing (Windows) or unsafe (macOS: system

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lorasent.cpus import usable_cpus
 from lorasent.errors import ConfigError
 from lorasent.paths import atomic_write_text
 from tune.config import TuneArguments
@@ -474,10 +475,8 @@ def local_gpu_memory() -> int | None:
 
 
 def local_cpus(tune_args: TuneArguments) -> int:
-    """The CPUs of a local Ray: --num_cpus, else those this process may run on."""
-    return tune_args.num_cpus or (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
+    """The CPUs of a local Ray: --num_cpus, else those this process may use (its cores, within any CPU quota)."""
+    return tune_args.num_cpus or usable_cpus()
 
 
 def local_nodes(tune_args: TuneArguments) -> list[dict[str, float]]:
