@@ -165,6 +165,7 @@ def evaluate_model_dir(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: 0 done, 2 refused, 130 interrupted (Ctrl-C)."""
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
     parser = argparse.ArgumentParser(
         prog="python -m lorasent.evaluate", description="Evaluate a lorasent model folder on a held-out split."
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
     parser.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     args = parser.parse_args(argv)
+    result = None
     try:
         result = evaluate_model_dir(
             args.model_dir,
@@ -193,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorasentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # each file is written whole or not at all
+        unwritten = args.output_dir and result is None
+        print("interrupted" + (f": nothing written to {args.output_dir}" if unwritten else ""), file=sys.stderr)
+        return 130
     print(result.report_text)
     print(f"loss (mean cross-entropy): {result.metrics['loss']:.4f}")
     print("confusion matrix (rows: true, columns: predicted):", result.confusion_matrix)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -111,6 +115,34 @@ def test_evaluating_on_a_split_the_model_learnt_from_warns(model_dir: Path, tmp_
         for split in ("validation", "test"):
             evaluate_model_dir(model_dir, split=split, device="cpu")
         evaluate_model_dir(model_dir, data_args=other, split="train", device="cpu")
+
+
+def test_ctrl_c_while_a_split_is_scored_ends_without_a_traceback(
+    tmp_path: Path, vader_file: Path, tiny_model_dir: Path
+) -> None:
+    """Ctrl-C once the seen-split warning is out (the model then loads and scores 1,200 texts one at a time, seconds
+    of work): exit 130, one line, and no half-written output."""
+    data = dataclasses.replace(DATA, max_train_samples=1200)
+    args = TrainArguments(output_dir=str(tmp_path / "model"), num_train_epochs=1, per_device_train_batch_size=64)
+    model = train(data, ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4), args).output_dir
+    command = [sys.executable, "-m", "lorasent.evaluate", str(model), "--split", "train", "--batch_size", "1"]
+    process = subprocess.Popen(
+        [*command, "--device", "cpu", "--output_dir", str(tmp_path / "out")],
+        cwd=Path(evaluate_module.__file__).parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        warned = process.stderr.readline()  # SeenSplitWarning, before the model loads
+        assert "SeenSplitWarning" in warned, warned + process.stderr.read()
+        process.stderr.readline()  # the warning's source line
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, out + err
+    assert err == f"interrupted: nothing written to {tmp_path / 'out'}\n" and not (tmp_path / "out").exists()
 
 
 def test_a_model_is_not_scored_on_splits_carved_from_changed_data(tmp_path: Path, write_data) -> None:
