@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import PreTrainedModel
 
 from lorasent.config import ModelArguments
 from lorasent.errors import ConfigError
@@ -137,7 +138,7 @@ def saved_bytes(model: torch.nn.Module, batch_size: int, length: int) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**_inputs(model, batch_size, length))
+        _forward(model, batch_size, length)
     return sum(saved.values())
 
 
@@ -145,8 +146,25 @@ def peak_forward_bytes(model: torch.nn.Module, batch_size: int, length: int) -> 
     """The most bytes of new tensors alive at once during a forward pass without gradients (views not counted)."""
     tracker = _LiveTensors()
     with torch.no_grad(), tracker:
-        model(**_inputs(model, batch_size, length))
+        _forward(model, batch_size, length)
     return tracker.peak
+
+
+def _forward(model: torch.nn.Module, batch_size: int, length: int) -> None:
+    """One forward pass of `_inputs`, without the look at token values that GPT-2 and DeBERTa take, only to warn,
+    when a batch has no mask: whether it ends in padding. Meta tensors have no values to look at."""
+    checks = [module for module in model.modules() if isinstance(module, PreTrainedModel)]
+    for module in checks:
+        module.warn_if_padding_and_no_attention_mask = _no_warning
+    try:
+        model(**_inputs(model, batch_size, length))
+    finally:
+        for module in checks:
+            del module.warn_if_padding_and_no_attention_mask
+
+
+def _no_warning(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 class _LiveTensors(TorchDispatchMode):

@@ -255,7 +255,9 @@ def meta_model(model_args: ModelArguments, num_labels: int = 2) -> PreTrainedMod
     _check_weights(path)
     try:
         labels = {i: f"LABEL_{i}" for i in range(num_labels)}  # as load_base: no num_labels, no warning
-        config = AutoConfig.from_pretrained(path, id2label=labels, trust_remote_code=trust)
+        # The loss load_base's model computes (DeBERTa's own default picks the labelled rows with `nonzero`)
+        problem = "single_label_classification"
+        config = AutoConfig.from_pretrained(path, id2label=labels, problem_type=problem, trust_remote_code=trust)
         if config.pad_token_id is None:
             config.pad_token_id = _tokenizer_pad_token_id(path, trust)
     except (OSError, ValueError) as e:
