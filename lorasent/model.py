@@ -328,16 +328,16 @@ def write_meta(folder: str | Path, meta: dict[str, Any]) -> None:
     atomic_write_text(Path(folder) / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def check_output_dir(path: str | Path) -> None:
+def check_output_dir(path: str | Path, marker: str = META_FILE) -> None:
     """Refuse to save a model over a folder that is not one: saving replaces the folder whole, and a mistyped
-    --output_dir must never delete the user's files. A missing or empty folder, or a lorasent model folder (a run
-    saved again in the same place), may be replaced."""
+    --output_dir must never delete the user's files. A missing or empty folder, or one lorasent saved (`marker`: a
+    run, or an export, saved again in the same place), may be replaced."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"Output folder {folder} is a file. Pick a folder name for the model.")
-    if folder.is_dir() and not (folder / META_FILE).is_file() and any(folder.iterdir()):
+    if folder.is_dir() and not (folder / marker).is_file() and any(folder.iterdir()):
         raise ConfigError(
-            f"Output folder {folder} holds files and is not a lorasent model folder (no {META_FILE}): saving the "
+            f"Output folder {folder} holds files and is not a lorasent model folder (no {marker}): saving the "
             "model replaces the folder whole, which would delete them. Pick a new or empty output folder."
         )
 
@@ -550,21 +550,3 @@ def load_model_dir(
         raise CheckpointError(f"The tokenizer files in {folder} are missing or corrupt ({e}). {_FIX_CHECKPOINT}") from e
     model.to(target).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, label_names=label_names, meta=meta, path=folder)
-
-
-def merge_and_export(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Fold the adapter into the base weights and save a plain transformers model (safetensors) with tokenizer.
-
-    The result loads with `AutoModelForSequenceClassification.from_pretrained(out_dir)`, without peft. Its tokenizer
-    truncates (`truncation=True`) at the max length the model was trained with, as `Predictor` does, so a long text
-    gets the same prediction there as from lorasent.
-    """
-    check_output_dir(out_dir)
-    loaded = load_model_dir(model_dir, device="cpu")
-    trained_length = loaded.meta["data"].get("max_length") or loaded.tokenizer.model_max_length
-    loaded.tokenizer.model_max_length = min(trained_length, loaded.tokenizer.model_max_length)
-    merged = loaded.model.merge_and_unload()
-    with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-    return Path(out_dir)

@@ -20,13 +20,13 @@ from transformers import (
 
 from lorasent.config import OFFLINE_MODEL, TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
+from lorasent.export import merge_and_export
 from lorasent.model import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     META_FILE,
     build_model,
     load_model_dir,
-    merge_and_export,
     meta_model,
     resolve_target_modules,
     save_model_dir,

@@ -22,7 +22,8 @@ import torch
 
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments, replace
 from lorasent.errors import ConfigError
-from lorasent.model import build_model, merge_and_export, save_model_dir
+from lorasent.export import merge_and_export
+from lorasent.model import build_model, save_model_dir
 from lorasent.tokenize import load_tokenizer
 from lorasent.train import train
 

@@ -19,11 +19,13 @@ import yaml
 from conftest import assert_modes_right, forward_modes
 from safetensors.torch import load_file
 
+from lorasent import export
 from lorasent import train as train_module
 from lorasent.config import OFFLINE_MODEL, TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError
 from lorasent.evaluate import evaluate_model_dir
-from lorasent.model import ADAPTER_WEIGHTS, check_model_dir, load_model_dir, merge_and_export, read_meta
+from lorasent.export import EXPORT_FILE, merge_and_export
+from lorasent.model import ADAPTER_WEIGHTS, check_model_dir, load_model_dir, read_meta
 from lorasent.predict import Predictor
 from lorasent.train import EpochReport, train
 
@@ -410,7 +412,14 @@ def test_a_merged_export_predicts_in_plain_transformers_as_lorasent_does(referen
     predictor = Predictor.from_dir(reference[1].output_dir, device="cpu")
     predictions = predictor.predict(texts)
     assert [p.truncated for p in predictions] == [False, True]
-    merged = merge_and_export(reference[1].output_dir, tmp_path / "merged")
+    merged = tmp_path / "merged"
+    command = [sys.executable, "-m", "lorasent.export", str(reference[1].output_dir), str(merged)]
+    exported = subprocess.run(command, capture_output=True, text=True, cwd=Path(export.__file__).parents[1])
+    assert exported.returncode == 0 and exported.stdout.startswith(f"wrote {merged}: load it with"), exported.stderr
+    provenance = json.loads((merged / EXPORT_FILE).read_text())
+    assert provenance["exported_from"] == str(reference[1].output_dir.resolve()) and provenance["max_length"] == 32
+    assert provenance["metrics"] == read_meta(reference[1].output_dir)["metrics"]
+    assert export.main([str(reference[1].output_dir), str(merged)]) == 0  # an earlier export is replaced
     run = subprocess.run(
         [sys.executable, "-c", PLAIN_TRANSFORMERS, str(merged), json.dumps(texts)],
         capture_output=True,
