@@ -3,8 +3,8 @@
 A container limited to 4 CPUs on a 64-core host (a KubeRay pod's `limits.cpu`, `docker run --cpus 4`) still sees
 64 cores through `sched_getaffinity`: the kernel enforces the limit by throttling, not by hiding cores. Sized by the
 cores alone, tokenisation would fork 64 encoder processes there, each holding its own tokenizer and chunk in the
-pod's memory limit, and a local Ray would offer 64 CPUs to trials that get 4. Ray reads the same quota for its own
-count, so the two agree.
+pod's memory limit, a local Ray would offer 64 CPUs to trials that get 4, and torch would run 64 threads on them.
+Ray reads the same quota for its own count, so the two agree.
 """
 
 from __future__ import annotations
@@ -23,6 +23,14 @@ def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cgroup_cpu_quota(cgroup_root)
     return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cap_torch_threads(threads: int | None = None) -> None:
+    """Have torch use `threads` CPU threads, else its default of one per core but no more than `usable_cpus`: more
+    threads than a quota lets run at once are throttled in turn, each waiting on the others at every operator."""
+    import torch
+
+    torch.set_num_threads(threads or min(torch.get_num_threads(), usable_cpus()))
 
 
 def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:

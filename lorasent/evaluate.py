@@ -24,6 +24,7 @@ from sklearn.metrics import classification_report, confusion_matrix, log_loss
 from transformers.utils import logging as hf_logging
 
 from lorasent.config import DataArguments, Precision
+from lorasent.cpus import cap_torch_threads
 from lorasent.data import SPLITS, load_splits
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import averaged_labels, scores
@@ -180,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
     parser.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     args = parser.parse_args(argv)
+    cap_torch_threads()
     result = None
     try:
         result = evaluate_model_dir(

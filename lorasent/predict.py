@@ -30,6 +30,7 @@ from transformers import BatchEncoding
 from transformers.utils import logging as hf_logging
 
 from lorasent.config import Precision
+from lorasent.cpus import cap_torch_threads
 from lorasent.errors import ConfigError, DataError, LorasentError
 from lorasent.model import (
     AUTOCAST_DTYPES,
@@ -341,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns its exit status (`EXIT_STATUS`)."""
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
     args = parse_args(argv)
+    cap_torch_threads()
     try:
         # Everything that can be refused without the model is checked before it loads.
         if args.interactive and args.output is not None:

@@ -48,7 +48,7 @@ from lorasent.config import (
     TrainArguments,
     read_yaml,
 )
-from lorasent.cpus import usable_cpus
+from lorasent.cpus import cap_torch_threads
 from lorasent.data import SPLITS
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import metric_names, metrics_fn
@@ -595,8 +595,7 @@ def train(
     """
     started = time.perf_counter()
     _check_request(data_args, model_args, train_args, train_splits, eval_split, resume_from_checkpoint, save_final)
-    # torch's default is one thread per core, even where a container's CPU quota lets fewer run at once
-    torch.set_num_threads(train_args.torch_threads or min(torch.get_num_threads(), usable_cpus()))
+    cap_torch_threads(train_args.torch_threads)
     tokenizer = load_tokenizer(model_args)
     source = source_identity(data_args.dataset)  # what lorasent.json records; the cache's key holds it too
     splits = tokenized_splits(data_args, model_args, tokenizer, source)

@@ -39,20 +39,25 @@ def limited_cgroup():
 
 
 def test_a_process_in_a_cgroup_with_a_cpu_quota_uses_only_what_the_quota_allows(limited_cgroup: Path) -> None:
-    """The quota set on an ancestor applies; the tokeniser's workers and a local Ray's CPUs follow it."""
+    """The quota set on an ancestor applies; the tokeniser's workers, a local Ray's CPUs and torch's threads (of a
+    single run, predict and evaluate) follow it."""
     code = f"""
         import json, os
         (open({str(limited_cgroup / "cgroup.procs")!r}, "w")).write(str(os.getpid()))
-        from lorasent.cpus import cgroup_cpu_quota, usable_cpus
+        import torch
+        from lorasent.cpus import cap_torch_threads, cgroup_cpu_quota, usable_cpus
         from tune.cluster import local_cpus
         from tune.config import TuneArguments
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # torch's default: one per core
+        cap_torch_threads()
         print(json.dumps({{"affinity": len(os.sched_getaffinity(0)), "quota": cgroup_cpu_quota(),
-                          "usable": usable_cpus(), "ray": local_cpus(TuneArguments())}}))
+                          "usable": usable_cpus(), "ray": local_cpus(TuneArguments()),
+                          "torch": torch.get_num_threads()}}))
     """
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    assert seen == {"affinity": CORES, "quota": 0.5, "usable": 1, "ray": 1}
+    assert seen == {"affinity": CORES, "quota": 0.5, "usable": 1, "ray": 1, "torch": 1}
 
 
 @pytest.mark.parametrize(
