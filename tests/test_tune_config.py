@@ -3,6 +3,7 @@ and clear errors for unknown or impossible settings (all before any trial could 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import logging.handlers
@@ -271,6 +272,25 @@ def test_resume_takes_the_saved_arguments_and_only_session_flags(tmp_path: Path)
         parse_args(["--resume", str(tmp_path), "--num_samples", "9", "--learning_rate", "1e-3"])
     with pytest.raises(ConfigError, match=f"Cannot read {tmp_path / 'nothing' / METADATA_FILE}"):
         parse_args(["--resume", str(tmp_path / "nothing")])
+
+
+def test_resume_takes_the_first_runs_whole_command_line(tmp_path: Path) -> None:
+    """The command that started a search, with --resume added, continues it: its search-space layer (a null removes
+    a preset's parameter), its --num_samples that the run cut to the space's size and its automatic GPU share are
+    read as the first run read them, not as changes to the record."""
+    argv = ["--smoke-test", "--search_space", '{"learning_rate": null}', "--num_samples", "6", "--num_cpus", "2"]
+    first = parse_args(argv)
+    recorded = first._replace(tune=dataclasses.replace(first.tune, num_samples=4))  # 2 x 2 choices: run.py's cut
+    (tmp_path / METADATA_FILE).write_text(experiment_metadata(recorded, {"cpu": 1.0, "gpu": 0.5}), encoding="utf-8")
+    resumed = parse_args([*argv, "--resume", str(tmp_path), "--verbose", "2"])
+    assert resumed.tune.search_space == recorded.tune.search_space and "learning_rate" not in resumed.tune.search_space
+    assert (resumed.tune.num_samples, resumed.tune.gpus_per_trial, resumed.tune.resume) == (4, 0.5, str(tmp_path))
+    assert (resumed.tune.verbose, resumed.data, resumed.model, resumed.train) == (2, *recorded[1:])
+    assert parse_args([f"--resume={tmp_path}", "--num_samples", "5"]).tune.num_samples == 4  # 5 runs the same 4
+    with pytest.raises(ConfigError, match=r"cannot change: \['num_samples'\]"):  # 3 of the 4 trials
+        parse_args([*argv, "--resume", str(tmp_path), "--num_samples", "3"])
+    with pytest.raises(ConfigError, match=r"cannot change: \['lora_alpha'\]"):  # named alone, not the layers
+        parse_args([*argv, "--lora_alpha", "4", "--resume", str(tmp_path)])
 
 
 def test_resume_keeps_the_resolved_resources(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from lorasent.errors import ConfigError
 from lorasent.predict import Predictor
 from tune import search
 from tune.cluster import Autoscaler, configured_node_types, find_autoscaler, launcher_max_resources, plan_resources
-from tune.config import METADATA_FILE, parse_args
+from tune.config import METADATA_FILE, configurations, parse_args
 from tune.run import _summary, experiment_location, run_search
 from tune.trainable import require_gpu, sweep_abandoned_work_dirs
 
@@ -101,7 +101,7 @@ def test_searchers_and_scheduler() -> None:
     # A whole-number range is finite too: TPE over 2 x 2 x 3 configurations (lora_alpha 8, 9 or 10) tries each once.
     ints = _args("--search_space", '{"learning_rate": null, "lora_alpha": {"uniform": [8, 10]}}', "--num_samples", "20")
     finite, param_space = search.build_param_space(ints.tune, ints.model, ints.train)
-    assert search.configurations(finite) == search.num_samples(ints.tune, finite) == 12
+    assert configurations(finite) == search.num_samples(ints.tune, finite) == 12
     one = _args(
         "--search_space", '{"learning_rate": null, "lora_r": null, "per_device_train_batch_size": {"grid": [8]}}'
     )
@@ -359,7 +359,8 @@ def test_summary_counts_a_trial_that_ran_its_epochs_as_finished(local_ray, tmp_p
 @pytest.mark.ray
 def test_optuna_runs_each_configuration_of_a_space_of_choices_once(local_ray, tmp_path: Path, capsys) -> None:
     """Over 2 x 2 choices, --num_samples 6 runs the 4 configurations once each (TPE alone repeats them: the same
-    training seed, the same model again), says so, and records the 4 trials it plans."""
+    training seed, the same model again), says so, and records the 4 trials it plans, which the same command line
+    resumes."""
     from analysis.results import load_experiment, unfinished_note
 
     argv = ["--search_space", '{"learning_rate": null}', "--num_samples", "6", "--scheduler", "none"]
@@ -372,6 +373,10 @@ def test_optuna_runs_each_configuration_of_a_space_of_choices_once(local_ray, tm
     assert outcome.expected_trials == 4
     assert _summary(outcome, args, 0.0) == 0 and "interrupted" not in capsys.readouterr().out
     assert unfinished_note(load_experiment(Path(outcome.experiment_path))) == ""
+    # The first command line, given again to --resume, runs the same 4 trials; one that would run 3 is refused
+    assert _args(*argv, "--resume", outcome.experiment_path).tune.num_samples == 4
+    with pytest.raises(ConfigError, match=r"cannot change: \['num_samples'\]"):
+        _args(*argv, "--resume", outcome.experiment_path, "--num_samples", "3")
 
 
 @pytest.mark.ray

@@ -115,7 +115,8 @@ class TuneArguments:
         metadata={
             "help": "Continue an interrupted search from its experiment directory (or STORAGE_PATH/latest). "
             "Finished trials are kept, unfinished and errored ones resume from their last checkpoint. Only the "
-            "Ray connection options may change."
+            "Ray connection options and --verbose may change; the command that started the search, with --resume "
+            "added, is taken as it was."
         },
     )
     search_space: JsonObject = field(default_factory=JsonObject, metadata={"help": SEARCH_SPACE_HELP})
@@ -226,7 +227,10 @@ class TuneArguments:
             "not the nodes up at start."
         },
     )
-    num_cpus: int | None = field(default=None, metadata={"help": "CPUs of a local Ray (None: all of this machine's)."})
+    num_cpus: int | None = field(
+        default=None,
+        metadata={"help": "CPUs of a local Ray (None: those this process may use, within a container's CPU quota)."},
+    )
     num_gpus: int | None = field(default=None, metadata={"help": "GPUs of a local Ray (None: all visible ones)."})
     include_dashboard: bool = field(default=True, metadata={"help": "Start Ray's dashboard with a local Ray."})
     dashboard_host: str = field(
@@ -382,6 +386,25 @@ def parse_search_space(raw: Mapping[str, Any]) -> SearchSpace:
     return space
 
 
+def configurations(space: SearchSpace) -> int | None:
+    """How many distinct configurations the space holds (choices, and the whole numbers of an integer parameter's
+    range), or None where a parameter takes real numbers from a range."""
+    counts = []
+    for name, spec in space.items():
+        if spec.is_range and SEARCHABLE[name][1] is not int:
+            return None
+        counts.append(spec.values[1] - spec.values[0] + 1 if spec.is_range else len(spec.values))
+    return math.prod(counts)
+
+
+def distinct_configurations(tune_args: TuneArguments, space: SearchSpace) -> int | None:
+    """How many configurations the searcher draws from, each at most once, or None where it may repeat one: Optuna
+    over a finite space, and random search over one without grid lists (Ray expands those itself)."""
+    if tune_args.searcher == "random" and any(spec.distribution == "grid" for spec in space.values()):
+        return None
+    return configurations(space) if tune_args.searcher in ("optuna", "random") else None
+
+
 def merge_search_spaces(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
     """Later layers override earlier ones parameter by parameter; a parameter set to None is removed."""
     merged: dict[str, Any] = {}
@@ -535,10 +558,14 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchArguments:
     """Arguments of `python tune/run.py`: defaults < preset < YAML < flags, or a saved experiment's for --resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = _pre_parse(argv)
-    parser = build_parser()
     if pre.resume:
-        return _resume_args(parser, argv, pre.resume)
+        return _resume_args(build_parser(), argv, pre.resume)
+    return _new_search_args(argv, pre)
 
+
+def _new_search_args(argv: Sequence[str], pre: argparse.Namespace) -> SearchArguments:
+    """A new search's arguments: the preset's, then the config file's, then the flags (`pre`: `_pre_parse(argv)`)."""
+    parser = build_parser()
     yaml_values = read_yaml(pre.config) if pre.config else {}
     smoke_test = pre.smoke_test if pre.smoke_test is not None else yaml_values.get("smoke_test")
     preset = "smoke" if smoke_test else (pre.preset or yaml_values.get("preset") or DEFAULT_PRESET)
@@ -605,22 +632,69 @@ def load_search_arguments(experiment_path: str) -> SearchArguments:
 
 
 def _resume_args(parser: "ArgumentParser", argv: Sequence[str], path: str) -> SearchArguments:
-    """The saved experiment's arguments, with only the Ray connection options taken from the command line."""
+    """The saved experiment's arguments, with only the Ray connection options taken from the command line.
+
+    Other options may be given only as they were: over the saved values, or as the first run's whole command line
+    (presets, config file and search-space layers read as a new search reads them), so that the command that
+    started a search, with `--resume` added, continues it.
+    """
     saved = load_search_arguments(path)
     defaults: dict[str, Any] = {}
     for args in saved:
         defaults.update(to_dict(args))
     parser.set_defaults(**defaults)
     given = _parse(parser, argv)
+    changed = _changed_options(saved, given)
+    if changed:
+        first_run = _without_resume(argv)
+        try:
+            again = _new_search_args(first_run, _pre_parse(first_run))
+        except ConfigError:  # not a command line a new search takes either: the options given are what changed
+            again = None
+        if again is not None and len(_changed_options(saved, again)) < len(changed):
+            given, changed = again, _changed_options(saved, again)
+    if changed:
+        raise ConfigError(
+            f"--resume continues the experiment exactly as it was started; these options cannot change: {changed}. "
+            f"Only {', '.join(sorted(SESSION_FIELDS - {'resume'}))} may. Start a new search to change the others."
+        )
+    session = {name: getattr(given.tune, name) for name in SESSION_FIELDS}
+    return saved._replace(tune=dataclasses.replace(saved.tune, **{**session, "resume": path}))
+
+
+def _changed_options(saved: SearchArguments, given: SearchArguments) -> list[str]:
+    """Options of `given` that would run the experiment otherwise than `saved` records it. The record holds what the
+    first run resolved: the trials it cut --num_samples to, and the GPU share it chose for an automatic
+    --gpus_per_trial, which the options that asked for them still match."""
     changed = sorted(
         f.name
         for old, new in zip(saved, given, strict=True)
         for f in dataclasses.fields(old)
         if f.name not in SESSION_FIELDS and getattr(old, f.name) != getattr(new, f.name)
     )
-    if changed:
-        raise ConfigError(
-            f"--resume continues the experiment exactly as it was started; these options cannot change: {changed}. "
-            f"Only {', '.join(sorted(SESSION_FIELDS - {'resume'}))} may. Start a new search to change the others."
-        )
-    return given
+    if "num_samples" in changed and _runs_the_recorded_trials(saved.tune, given.tune):
+        changed.remove("num_samples")
+    if "gpus_per_trial" in changed and given.tune.gpus_per_trial is None:
+        changed.remove("gpus_per_trial")
+    return changed
+
+
+def _without_resume(argv: Sequence[str]) -> list[str]:
+    """`argv` less its `--resume PATH` (or `--resume=PATH`)."""
+    rest: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            rest.append(arg)
+    return rest
+
+
+def _runs_the_recorded_trials(saved: TuneArguments, given: TuneArguments) -> bool:
+    """Whether `given`'s --num_samples runs the trials the experiment recorded. A search over a finite space records
+    the count it cut --num_samples to (the space's size), so its original command line, given again, asks for more."""
+    held = distinct_configurations(saved, parse_search_space(saved.search_space))
+    return held is not None and min(given.num_samples, held) == saved.num_samples

@@ -17,7 +17,15 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, replace
 from lorasent.errors import ConfigError
-from tune.config import SEARCHABLE, ParamSpec, SearchSpace, TuneArguments, parse_search_space, typed_value
+from tune.config import (
+    SEARCHABLE,
+    ParamSpec,
+    SearchSpace,
+    TuneArguments,
+    distinct_configurations,
+    parse_search_space,
+    typed_value,
+)
 from tune.resumable import ResumableSearchGenerator, ResumableVariantGenerator
 
 if TYPE_CHECKING:
@@ -119,25 +127,6 @@ def starting_points(
             "or give fewer points."
         )
     return points
-
-
-def configurations(space: SearchSpace) -> int | None:
-    """How many distinct configurations the space holds (choices, and the whole numbers of an integer parameter's
-    range), or None where a parameter takes real numbers from a range."""
-    counts = []
-    for name, spec in space.items():
-        if spec.is_range and SEARCHABLE[name][1] is not int:
-            return None
-        counts.append(spec.values[1] - spec.values[0] + 1 if spec.is_range else len(spec.values))
-    return math.prod(counts)
-
-
-def distinct_configurations(tune_args: TuneArguments, space: SearchSpace) -> int | None:
-    """How many configurations the searcher draws from, each at most once, or None where it may repeat one: Optuna
-    over a finite space, and random search over one without grid lists (Ray expands those itself)."""
-    if tune_args.searcher == "random" and any(spec.distribution == "grid" for spec in space.values()):
-        return None
-    return configurations(space) if tune_args.searcher in ("optuna", "random") else None
 
 
 def build_searcher(
