@@ -289,6 +289,26 @@ def test_asha_optuna_search_end_to_end(tiny_search) -> None:
 
 
 @pytest.mark.ray
+def test_a_search_stopped_as_its_tuner_starts_leaves_no_experiment_and_latest_as_it_was(
+    local_ray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C once the record is written, as Ray's Tuner starts (Tune's own handler is not in place yet): nothing of
+    the new search stays, and `latest` still names the experiment it named, which a --resume of it continues."""
+    (tmp_path / "older").mkdir()
+    (tmp_path / "latest").symlink_to("older", target_is_directory=True)
+
+    class InterruptedTuner(tune.Tuner):
+        def __init__(self, *args, **kwargs) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune, "Tuner", InterruptedTuner)
+    args = _args("--storage_path", str(tmp_path), "--name", "stopped", "--verbose", "0")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(args, *experiment_location(args))
+    assert os.readlink(tmp_path / "latest") == "older" and not (tmp_path / "stopped").exists()
+
+
+@pytest.mark.ray
 def test_a_local_ray_has_no_autoscaler(local_ray) -> None:
     """Ray's monitor runs here too, with its read-only provider: its published status must not look autoscaled."""
     from ray.experimental.internal_kv import _internal_kv_get

@@ -151,10 +151,12 @@ def _claim(folder: Path, new: bool = True) -> int:
 
 
 def _release(experiment_path: str) -> None:
-    """A search stopped before it started leaves nothing behind: its claim, and its folder if nothing else is in it."""
+    """A search stopped before it started leaves nothing behind: its claim and record, and its folder if nothing else
+    is in it."""
     if _can_restore(experiment_path):  # it started: the claim stays with the experiment
         return
-    (Path(experiment_path) / CLAIM_FILE).unlink(missing_ok=True)
+    for name in (CLAIM_FILE, METADATA_FILE):
+        (Path(experiment_path) / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         Path(experiment_path).rmdir()
 
@@ -526,9 +528,6 @@ def _run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOu
         else:
             metadata = experiment_metadata(args, resources)
             cluster.write_experiment_file(experiment_path, METADATA_FILE, metadata)
-            latest = cluster.update_latest_link(storage_path, name)  # now, so a killed run resumes from `latest`
-            if latest is not None:
-                print(f"{latest} -> {name}")
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space,
@@ -553,6 +552,11 @@ def _run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOu
                     verbose=t.verbose,
                 ),
             )
+            # Once Ray has written tuner.pkl (in Tuner()), so `latest` names only experiments that can be resumed,
+            # and before the first trial, so a killed run resumes from it
+            latest = cluster.update_latest_link(storage_path, name)
+            if latest is not None:
+                print(f"{latest} -> {name}")
         CtrlC.check()  # the last look before Tune's own handler: a Ctrl-C that was swallowed stops the search here
         results = tuner.fit()
     finally:
