@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrain = commands.add_parser(
         "retrain", help="Retrain the best config on train + validation, test it once, save the final model."
     )
-    retrain.add_argument("experiment", help=experiment_help)
+    retrain.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT, help=experiment_help)
     retrain.add_argument(
         "--use-checkpoint", action="store_true", help="Test the best trial's own best checkpoint instead."
     )

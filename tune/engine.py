@@ -426,7 +426,7 @@ def start_engines(
     waits until every engine has loaded it, so a model that does not load fails here, before any trial starts.
 
     Trials per engine: `trials_at_once` spread over the engines, else the plan's trials per GPU (from memory, or
-    1 / --gpus_per_trial), else 8 on a GPU and 4 on the CPUs.
+    1 / --gpus_per_trial), else MAX_SHARED_TRIALS_PER_GPU on a GPU and 4 on the CPUs.
     """
     if plan.autoscaler is not None:
         raise ConfigError(
