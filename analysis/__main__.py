@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 
 from analysis.results import DEFAULT_EXPERIMENT
+from lorasent.cpus import cap_torch_threads
 from lorasent.errors import LorasentError
 from lorasent.process import exit_process
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="Evaluate a model folder on a split of its own data.")
     evaluate.add_argument("model_dir", help="A lorasent model folder (final model or trial checkpoint).")
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split to score.")
+    evaluate.add_argument("--dataset", help="Where the model's data file is now, if it moved since training.")
     evaluate.add_argument("--output", help="Write <split>_metrics.json and <split>_predictions.csv here.")
     evaluate.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE)
 
@@ -105,6 +107,7 @@ def _quiet_weight_loading() -> None:
 def run(args: argparse.Namespace) -> int:
     if args.command in ("report", "retrain"):
         _quiet_weight_loading()
+        cap_torch_threads()  # the test evaluation after retraining, as a training run and `lorasent.evaluate` are
     if args.command == "report":
         from analysis.report import write_report
         from analysis.retrain import retrain_best
@@ -144,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
         warn_if_trained_on_legacy(args.model_dir, args.split)
         forwarded = [args.model_dir, "--split", args.split, *(["--output_dir", args.output] if args.output else [])]
+        forwarded += ["--dataset", args.dataset] if args.dataset else []
         forwarded += ["--trust_remote_code"] if args.trust_remote_code else []
         return evaluate_main(forwarded)
     elif args.command == "table":

@@ -9,8 +9,10 @@ Ray reads the same quota for its own count, so the two agree.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -31,6 +33,20 @@ def cap_torch_threads(threads: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads or min(torch.get_num_threads(), usable_cpus()))
+
+
+@contextlib.contextmanager
+def capped_torch_threads(threads: int | None = None) -> Iterator[None]:
+    """`cap_torch_threads` for the block only: a library call (a `train()` in a notebook) leaves the process's count
+    as it found it, so a later call's default is not a former call's `torch_threads`."""
+    import torch
+
+    before = torch.get_num_threads()
+    cap_torch_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:

@@ -86,7 +86,13 @@ def _check_unchanged(model_dir: str | Path, dataset: str, split: str, meta: dict
     """The splits are carved again from the data: from changed content they are other splits, and the one scored
     may then hold rows the model learnt from (a folder saved before lorasent.json recorded the source is trusted)."""
     recorded = meta.get("source")
-    if recorded and source_identity(dataset) != recorded:
+    now = source_identity(dataset)
+    if recorded and "sha256" in recorded and "name" in now:  # a file then, no file there now
+        raise ConfigError(
+            f"{dataset}, the data file {model_dir} was trained on, is not there (moved, or trained on another "
+            "machine). Pass where it is now: --dataset PATH (dataset=PATH in Python); its content must be unchanged."
+        )
+    if recorded and now != recorded:
         raise ConfigError(
             f"{dataset} has changed since {model_dir} was trained ({META_FILE} records {recorded}): the {split} split "
             "carved from it now is not the one the model was kept from, and may hold rows it trained on. Evaluate "
@@ -94,10 +100,25 @@ def _check_unchanged(model_dir: str | Path, dataset: str, split: str, meta: dict
         )
 
 
+def _own_data_args(model_dir: str | Path, meta: dict[str, Any], dataset: str | None) -> DataArguments:
+    """The data arguments the model was trained with, its data file read from `dataset` if given. A cache folder of
+    the machine it was trained on that is not here gives way to this machine's ($LORASENT_CACHE or the default)."""
+    fields = dict(meta["data"])
+    if dataset is not None:
+        fields["dataset"] = dataset
+    if fields.get("cache_dir") and not Path(fields["cache_dir"]).is_dir():
+        fields["cache_dir"] = None
+    try:
+        return DataArguments(**fields)
+    except (TypeError, LorasentError) as e:
+        raise CheckpointError(f"{model_dir}/lorasent.json holds invalid data arguments ({e}).") from e
+
+
 def evaluate_model_dir(
     model_dir: str | Path,
     *,
     data_args: DataArguments | None = None,
+    dataset: str | None = None,
     split: str = "test",
     batch_size: int = 128,
     device: str | None = None,
@@ -106,18 +127,19 @@ def evaluate_model_dir(
 ) -> EvaluationResult:
     """Score a model folder on `split` of its own data (from lorasent.json) or of `data_args`.
 
-    Warns (SeenSplitWarning) when the model learnt from that split of that data. `trust_remote_code` lets a base
-    model that needs its own code run it (see `load_model_dir`).
+    `dataset` is where the model's own data file is now, when it moved since training (the same content: the same
+    splits). Warns (SeenSplitWarning) when the model learnt from that split of that data. `trust_remote_code` lets a
+    base model that needs its own code run it (see `load_model_dir`).
     """
     if split not in SPLITS:
         raise ConfigError(f"Unknown split {split!r}; valid splits: {', '.join(SPLITS)}.")
+    if data_args is not None and dataset is not None:
+        raise ConfigError("Pass data_args (other data) or dataset (the model's own data, moved), not both.")
     meta = read_meta(model_dir)
+    own = data_args is None or data_args.dataset == meta["data"].get("dataset")
     if data_args is None:
-        try:
-            data_args = DataArguments(**meta["data"])
-        except (TypeError, LorasentError) as e:
-            raise CheckpointError(f"{model_dir}/lorasent.json holds invalid data arguments ({e}).") from e
-    if data_args.dataset == meta["data"].get("dataset"):  # the splits of other data are not the ones it learnt
+        data_args = _own_data_args(model_dir, meta, dataset)
+    if own:  # the splits of other data are not the ones it learnt
         _check_unchanged(model_dir, data_args.dataset, split, meta)
         warn_if_trained_on(model_dir, split, trained_splits(meta))
     predictor = Predictor.from_dir(
@@ -175,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--split", default="test", choices=SPLITS, help="Split of the model's own data (default: %(default)s)."
     )
+    parser.add_argument(
+        "--dataset",
+        help="Where the model's data file is now, if it moved since training (default: the path in lorasent.json); "
+        "its content must be unchanged.",
+    )
     parser.add_argument("--output_dir", help="Where to write <split>_metrics.json and <split>_predictions.csv.")
     parser.add_argument("--batch_size", type=int, default=128, help="Texts per forward pass (default: %(default)s).")
     parser.add_argument("--device", help="'cpu', 'cuda', ... (default: a GPU if there is one).")
@@ -186,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = evaluate_model_dir(
             args.model_dir,
+            dataset=args.dataset,
             split=args.split,
             batch_size=args.batch_size,
             device=args.device,

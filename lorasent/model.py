@@ -525,6 +525,13 @@ def load_model_dir(
             "but a model folder cannot turn on running model code. Pass --trust_remote_code (in Python the "
             "trust_remote_code argument) only if you trust that model's code."
         )
+    base_path = Path(model_args.model_name_or_path)
+    if base_path.is_absolute() and not base_path.is_dir():  # a folder of the machine that trained it
+        raise ConfigError(
+            f"The base model of {folder}, the folder {base_path}, is not there (moved, or trained on another machine). "
+            f"Put that model there, or set model.model_name_or_path in {folder / META_FILE} to where it is now (the "
+            "same model: the adapter fits only it)."
+        )
     label_names = list(meta["label_names"])
     base = load_base(model_args, label_names)
     try:

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -125,8 +125,15 @@ class Predictor:
         loaded = load_model_dir(path, device=device, trust_remote_code=trust_remote_code)
         return cls(loaded, batch_size=batch_size, max_length=max_length, precision=precision)
 
-    def predict(self, texts: Sequence[Text], *, progress: bool = False) -> list[Prediction]:
-        """One `Prediction` per input, in input order; str or UTF-8 bytes accepted."""
+    def predict(self, texts: Iterable[Text], *, progress: bool = False) -> list[Prediction]:
+        """One `Prediction` per input, in input order; str or UTF-8 bytes accepted, from any iterable (a list, a
+        pandas Series, a generator)."""
+        if isinstance(texts, (str, bytes)):  # iterating it would score each character (each byte) as a text
+            raise DataError(
+                f"predict takes a list of texts, got a single {type(texts).__name__}. Pass it in a list: "
+                "predict([text])."
+            )
+        texts = list(texts)  # walked twice below: a generator would be empty the second time
         predictions = [Prediction() for _ in texts]
         valid: list[tuple[int, str]] = []
         for i, item in enumerate(texts):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
+import logging
 import math
 import sys
 import time
@@ -48,7 +50,7 @@ from lorasent.config import (
     TrainArguments,
     read_yaml,
 )
-from lorasent.cpus import cap_torch_threads
+from lorasent.cpus import capped_torch_threads
 from lorasent.data import SPLITS
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import metric_names, metrics_fn
@@ -75,6 +77,8 @@ from lorasent.tokenize import (
     source_identity,
     tokenized_splits,
 )
+
+logger = logging.getLogger(__name__)
 
 LOG_EVERY_STEPS = 50  # the training loss is read (one device sync) this often, and at every epoch end
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept: the best and the latest
@@ -327,15 +331,29 @@ class LorasentTrainer(Trainer):
       (~1.4 ms a step on a CPU for DistilBERT-base's 224 modules; LoRA trains 28 of its 132 tensors).
     """
 
-    def __init__(self, *args: Any, train_lengths: list[int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        train_lengths: list[int] | None = None,
+        moved_best: Path | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._train_lengths = train_lengths
+        self._moved_best = moved_best
         self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
         self._trained = [p for p in self.model.parameters() if p.requires_grad]
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         with walk_free_steps(self.model, self._trained):
             return super().train(*args, **kwargs)
+
+    def _load_callback_state(self) -> None:
+        # Trainer calls this right after reading a resumed state, where it dropped a best checkpoint it could not find
+        if self.state.best_model_checkpoint is None and self._moved_best is not None:
+            logger.warning("The best checkpoint moved with the one resumed from: it is %s", self._moved_best)
+            self.state.best_model_checkpoint = str(self._moved_best)
+        super()._load_callback_state()
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
         return self.accelerator.clip_grad_norm_(self._trained, self.args.max_grad_norm)
@@ -570,6 +588,18 @@ def longest_first(split: datasets.Dataset) -> datasets.Dataset:
     return split.select(order, keep_in_memory=True)
 
 
+def moved_best(checkpoint: str | Path) -> Path | None:
+    """The best checkpoint a resumed state names, found beside `checkpoint` where it is not at the path the state
+    records: the checkpoints moved (another machine, a renamed folder) or the path is relative to another working
+    folder. Trainer would drop it, and end the run with its last epoch as the best."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    recorded = state.get("best_model_checkpoint")
+    if recorded is None or Path(recorded).is_dir():
+        return None
+    beside = Path(checkpoint).parent / Path(recorded).name
+    return beside if beside.is_dir() else None
+
+
 def _default_work_dir(train_args: TrainArguments) -> Path:
     output = Path(train_args.output_dir)
     return output.with_name(f"{output.name}-checkpoints")
@@ -595,94 +625,95 @@ def train(
     """
     started = time.perf_counter()
     _check_request(data_args, model_args, train_args, train_splits, eval_split, resume_from_checkpoint, save_final)
-    cap_torch_threads(train_args.torch_threads)
-    tokenizer = load_tokenizer(model_args)
-    source = source_identity(data_args.dataset)  # what lorasent.json records; the cache's key holds it too
-    splits = tokenized_splits(data_args, model_args, tokenizer, source)
-    parts = [splits[name] for name in train_splits]
-    train_dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    check_batch_fits(train_args, len(train_dataset), train_splits)
-    eval_dataset = longest_first(splits[eval_split]) if eval_split else None
-    train_lengths = train_dataset["length"][:]
+    with capped_torch_threads(train_args.torch_threads):
+        tokenizer = load_tokenizer(model_args)
+        source = source_identity(data_args.dataset)  # what lorasent.json records; the cache's key holds it too
+        splits = tokenized_splits(data_args, model_args, tokenizer, source)
+        parts = [splits[name] for name in train_splits]
+        train_dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        check_batch_fits(train_args, len(train_dataset), train_splits)
+        eval_dataset = longest_first(splits[eval_split]) if eval_split else None
+        train_lengths = train_dataset["length"][:]
 
-    set_seed(train_args.seed)  # the LoRA and head initialisation depend on it
-    model = build_model(model_args, data_args.label_names, frozen_dtype=frozen_dtype(train_args))
-    trainable, total = model.get_nb_trainable_parameters()
+        set_seed(train_args.seed)  # the LoRA and head initialisation depend on it
+        model = build_model(model_args, data_args.label_names, frozen_dtype=frozen_dtype(train_args))
+        trainable, total = model.get_nb_trainable_parameters()
 
-    work = Path(work_dir) if work_dir is not None else _default_work_dir(train_args)
-    args = training_arguments(train_args, work, evaluate=eval_dataset is not None)
-    history = list(read_meta(resume_from_checkpoint).get("history", [])) if resume_from_checkpoint else []
-    callback = EpochCallback(
-        meta=model_meta(
-            data_args.label_names,
-            data_args=data_args,
-            model_args=model_args,
-            train_args=train_args,
-            train_splits=train_splits,
-            source=source,
-        ),
-        metric=train_args.metric_for_best_model.removeprefix("eval_") if eval_dataset is not None else None,
-        greater_is_better=bool(args.greater_is_better),
-        tokens_per_epoch=int(sum(train_lengths)),
-        samples_per_epoch=len(train_dataset),
-        on_epoch=on_epoch,
-        history=history,
-        started=started,
-        evals_per_epoch=train_args.evals_per_epoch,
-    )
-    cuda = torch.cuda.is_available() and not train_args.use_cpu
-    collator = make_collator(tokenizer, pad_to_multiple_of=8 if cuda else None)
-    trainer = LorasentTrainer(
-        model=model,
-        args=args,
-        train_dataset=GatheredBatches(train_dataset, collator),
-        eval_dataset=GatheredBatches(eval_dataset, collator) if eval_dataset is not None else None,
-        processing_class=tokenizer,
-        data_collator=as_gathered,
-        compute_metrics=metrics_fn(data_args.label_names),
-        callbacks=[callback],
-        train_lengths=train_lengths,
-    )
-    if args.disable_tqdm:
-        trainer.remove_callback(PrinterCallback)  # logs go to on_epoch and the result, not stdout dicts
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-
-    best_checkpoint = Path(trainer.state.best_model_checkpoint) if trainer.state.best_model_checkpoint else None
-    if best_checkpoint is not None and best_checkpoint.name in callback.reports:
-        best_metrics = callback.reports[best_checkpoint.name]
-    elif best_checkpoint is not None:  # chosen before a resume: its folder says how it scored
-        best_metrics = read_meta(best_checkpoint)["metrics"]
-    else:
-        best_metrics = history[-1] if history else {}
-    output_dir = None
-    # A run that diverged before any good epoch has nothing worth saving: its weights are NaN.
-    if save_final and not (callback.diverged and best_checkpoint is None):
-        output_dir = save_model_dir(
-            trainer.model,
-            tokenizer,
-            train_args.output_dir,
-            data_args=data_args,
-            model_args=model_args,
-            train_args=train_args,
-            train_splits=train_splits,
-            metrics=best_metrics,
-            source=source,
+        work = Path(work_dir) if work_dir is not None else _default_work_dir(train_args)
+        args = training_arguments(train_args, work, evaluate=eval_dataset is not None)
+        history = list(read_meta(resume_from_checkpoint).get("history", [])) if resume_from_checkpoint else []
+        callback = EpochCallback(
+            meta=model_meta(
+                data_args.label_names,
+                data_args=data_args,
+                model_args=model_args,
+                train_args=train_args,
+                train_splits=train_splits,
+                source=source,
+            ),
+            metric=train_args.metric_for_best_model.removeprefix("eval_") if eval_dataset is not None else None,
+            greater_is_better=bool(args.greater_is_better),
+            tokens_per_epoch=int(sum(train_lengths)),
+            samples_per_epoch=len(train_dataset),
+            on_epoch=on_epoch,
+            history=history,
+            started=started,
+            evals_per_epoch=train_args.evals_per_epoch,
         )
-    seconds = callback.train_seconds
-    return TrainResult(
-        output_dir=output_dir,
-        history=history,
-        best_metrics=best_metrics,
-        best_epoch=best_metrics.get("epoch", 0.0),
-        diverged=callback.diverged,
-        train_seconds=seconds,
-        train_samples_per_second=callback.samples_per_epoch * callback.epochs_trained / max(seconds, 1e-9),
-        train_tokens_per_second=callback.tokens_per_epoch * callback.epochs_trained / max(seconds, 1e-9),
-        best_checkpoint=best_checkpoint,
-        wall_seconds=time.perf_counter() - started,
-        trainable_parameters=trainable,
-        total_parameters=total,
-    )
+        cuda = torch.cuda.is_available() and not train_args.use_cpu
+        collator = make_collator(tokenizer, pad_to_multiple_of=8 if cuda else None)
+        trainer = LorasentTrainer(
+            model=model,
+            args=args,
+            train_dataset=GatheredBatches(train_dataset, collator),
+            eval_dataset=GatheredBatches(eval_dataset, collator) if eval_dataset is not None else None,
+            processing_class=tokenizer,
+            data_collator=as_gathered,
+            compute_metrics=metrics_fn(data_args.label_names),
+            callbacks=[callback],
+            train_lengths=train_lengths,
+            moved_best=moved_best(resume_from_checkpoint) if resume_from_checkpoint else None,
+        )
+        if args.disable_tqdm:
+            trainer.remove_callback(PrinterCallback)  # logs go to on_epoch and the result, not stdout dicts
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+
+        best_checkpoint = Path(trainer.state.best_model_checkpoint) if trainer.state.best_model_checkpoint else None
+        if best_checkpoint is not None and best_checkpoint.name in callback.reports:
+            best_metrics = callback.reports[best_checkpoint.name]
+        elif best_checkpoint is not None:  # chosen before a resume: its folder says how it scored
+            best_metrics = read_meta(best_checkpoint)["metrics"]
+        else:
+            best_metrics = history[-1] if history else {}
+        output_dir = None
+        # A run that diverged before any good epoch has nothing worth saving: its weights are NaN.
+        if save_final and not (callback.diverged and best_checkpoint is None):
+            output_dir = save_model_dir(
+                trainer.model,
+                tokenizer,
+                train_args.output_dir,
+                data_args=data_args,
+                model_args=model_args,
+                train_args=train_args,
+                train_splits=train_splits,
+                metrics=best_metrics,
+                source=source,
+            )
+        seconds = callback.train_seconds
+        return TrainResult(
+            output_dir=output_dir,
+            history=history,
+            best_metrics=best_metrics,
+            best_epoch=best_metrics.get("epoch", 0.0),
+            diverged=callback.diverged,
+            train_seconds=seconds,
+            train_samples_per_second=callback.samples_per_epoch * callback.epochs_trained / max(seconds, 1e-9),
+            train_tokens_per_second=callback.tokens_per_epoch * callback.epochs_trained / max(seconds, 1e-9),
+            best_checkpoint=best_checkpoint,
+            wall_seconds=time.perf_counter() - started,
+            trainable_parameters=trainable,
+            total_parameters=total,
+        )
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -164,6 +164,37 @@ def test_a_model_is_not_scored_on_splits_carved_from_changed_data(tmp_path: Path
     assert evaluate_module.main([str(model), "--device", "cpu"]) == 2
 
 
+def test_a_model_whose_data_file_moved_is_scored_on_it_where_it_is_now(tmp_path: Path, write_data) -> None:
+    """On another machine (or after a tidy-up) the path lorasent.json records is gone: the error says so, not that
+    the data changed, and --dataset names the new place of the same content."""
+    rows = [{"text": f"review number {i} was {['bad', 'good'][i % 2]}", "label": i % 2} for i in range(80)]
+    source = write_data(rows, name="reviews.csv")
+    data = DataArguments(dataset=str(source), max_length=32, label_names=["negative", "positive"])
+    args = TrainArguments(output_dir=str(tmp_path / "model"), num_train_epochs=1, per_device_train_batch_size=8)
+    model = train(data, ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4), args).output_dir
+    before = evaluate_model_dir(model, device="cpu").metrics
+    moved = tmp_path / "elsewhere" / "reviews.csv"
+    moved.parent.mkdir()
+    source.rename(moved)
+    with pytest.raises(ConfigError, match=rf"{source}, the data file .* is not there .*--dataset PATH"):
+        evaluate_model_dir(model, device="cpu")
+    assert evaluate_model_dir(model, dataset=str(moved), device="cpu").metrics == before
+    with pytest.warns(SeenSplitWarning):  # still the model's own data
+        evaluate_model_dir(model, dataset=str(moved), split="train", device="cpu")
+    assert evaluate_module.main([str(model), "--dataset", str(moved), "--device", "cpu"]) == 0
+
+
+def test_a_cache_folder_of_the_training_machine_gives_way_to_this_ones(model_dir: Path, tmp_path: Path) -> None:
+    """A model trained with --cache_dir on another machine records a path that may not be creatable here."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    meta = json.loads((copy / "lorasent.json").read_text())
+    (tmp_path / "a_file").write_text("")
+    meta["data"]["cache_dir"] = str(tmp_path / "a_file" / "cache")  # cannot be made: a file stands in its way
+    (copy / "lorasent.json").write_text(json.dumps(meta))
+    assert evaluate_model_dir(copy, device="cpu").metrics == evaluate_model_dir(model_dir, device="cpu").metrics
+
+
 @pytest.mark.filterwarnings("error")  # scikit-learn's UndefinedMetricWarning among them
 def test_metrics_of_three_classes_with_one_absent_never_predicted_or_always_predicted() -> None:
     names = ["très négatif", "neutral one", "positive 👍"]

@@ -231,6 +231,24 @@ def test_corrupt_model_folder_is_a_clear_checkpoint_error(saved_tiny, tmp_path: 
     assert "Re-run the training" in str(info.value)
 
 
+def test_a_base_model_folder_that_moved_is_named_with_where_to_point_at_it(
+    saved_tiny, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """lorasent.json records a local base model by its absolute path, which another machine may not have."""
+    folder, expected = saved_tiny
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    meta = json.loads((copy / META_FILE).read_text())
+    meta["model"]["model_name_or_path"] = str(tmp_path / "gone")
+    (copy / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'gone'}, is not there .*model.model_name_or_path in {copy}"):
+        load_model_dir(copy, device="cpu")
+    meta["model"]["model_name_or_path"] = str(shutil.copytree(tiny_model_dir, tmp_path / "here"))
+    (copy / META_FILE).write_text(json.dumps(meta))
+    loaded = load_model_dir(copy, device="cpu")
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer), expected, rtol=0, atol=0)
+
+
 def test_missing_folder_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model_dir(tmp_path / "nothing-here")

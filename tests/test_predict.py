@@ -19,7 +19,7 @@ from test_security import _model_with_custom_code
 
 from lorasent import predict as predict_module
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
-from lorasent.errors import CheckpointError, ConfigError
+from lorasent.errors import CheckpointError, ConfigError, DataError
 from lorasent.model import build_model, load_model_dir, save_model_dir
 from lorasent.predict import Predictor
 from lorasent.tokenize import load_tokenizer
@@ -81,6 +81,15 @@ def test_bad_inputs_get_an_error_and_never_break_the_batch(predictor: Predictor)
     assert "expected text" in errors[5]
     assert results[1].label is None and results[1].probabilities == {}
     assert results[6].label in LABELS
+
+
+def test_any_iterable_of_texts_is_scored_and_a_single_text_is_refused(predictor: Predictor) -> None:
+    expected = [p.probabilities for p in predictor.predict(TEXTS)]
+    for texts in (tuple(TEXTS), pd.Series(TEXTS, index=range(10, 15)), (text for text in TEXTS)):
+        assert [p.probabilities for p in predictor.predict(texts)] == expected
+    for single in ("Great.", b"Great."):  # not one prediction per character
+        with pytest.raises(DataError, match=r"predict\(\[text\]\)"):
+            predictor.predict(single)
 
 
 def test_very_long_texts_are_truncated_and_flagged(predictor: Predictor) -> None:

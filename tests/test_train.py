@@ -92,6 +92,25 @@ def test_same_seed_gives_identical_metrics(reference, tmp_path: Path) -> None:
     assert _without_timing(second.history) == _without_timing(first.history)
 
 
+def test_torch_threads_hold_for_the_run_only(tmp_path: Path) -> None:
+    """A notebook's second train() (or its predictions) must not inherit the first's torch_threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        during: list[int] = []
+        args = _train_args(tmp_path, num_train_epochs=1, torch_threads=1)
+        train(
+            TINY_DATA,
+            TINY_MODEL_ARGS,
+            args,
+            save_final=False,
+            on_epoch=lambda _: during.append(torch.get_num_threads()),
+        )
+        assert during == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_batches_gathered_in_dataloader_workers_train_the_same(reference, tmp_path: Path) -> None:
     """Worker processes gather the same batches from the split's arrays as the main process does."""
     _, first, _ = reference
@@ -123,6 +142,20 @@ def test_resume_from_a_mid_run_checkpoint_finishes_exactly(reference, tmp_path: 
     assert [r.epoch for r in resumed_reports] == [2]  # epoch 1 is not trained again
     assert _without_timing(resumed.history) == _without_timing(uninterrupted.history)
     assert load_model_dir(resumed.output_dir, device="cpu").meta["metrics"]["epoch"] == resumed.best_epoch
+
+
+def test_a_run_resumed_from_moved_checkpoints_keeps_its_best_epoch(tmp_path: Path) -> None:
+    """The best checkpoint's path in trainer_state.json is where it was written: after the checkpoints moved, Trainer
+    would drop it and end on the last epoch as the best. At a learning rate too small to change a prediction the two
+    epochs tie, and the first, the best, must stay so."""
+    still = _train_args(tmp_path / "run", learning_rate=1e-9)
+    whole = train(TINY_DATA, TINY_MODEL_ARGS, still, save_final=False)
+    assert whole.best_epoch == 1 and whole.history[0]["accuracy"] == whole.history[1]["accuracy"]
+    moved = Path(shutil.move(tmp_path / "run" / "model-checkpoints", tmp_path / "elsewhere"))
+    args = _train_args(tmp_path / "resumed", learning_rate=1e-9)
+    resumed = train(TINY_DATA, TINY_MODEL_ARGS, args, resume_from_checkpoint=str(moved / "checkpoint-6"))
+    assert resumed.best_epoch == 1 and resumed.best_checkpoint == moved / "checkpoint-6"
+    assert read_meta(resumed.output_dir)["metrics"]["epoch"] == 1
 
 
 def test_evaluations_within_an_epoch_report_and_resume_exactly(tmp_path: Path) -> None:
