@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import torch
 
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
@@ -220,6 +223,32 @@ def test_a_search_given_the_name_another_is_starting_under_is_refused(tmp_path: 
         subprocess.CompletedProcess([], code, *capsys.readouterr()), f"{storage / 'exp'} is taken by another search"
     )
     assert [p.name for p in (storage / "exp").iterdir()] == [".lorasent-claim"]
+
+
+def test_searches_started_in_the_same_second_get_names_of_their_own(tmp_path: Path, monkeypatch) -> None:
+    """Two terminals (or a script) starting searches without --name in one second: the first took the default name,
+    the rest were refused and told to pick another --name. Now each gets one of its own; a given --name is still its
+    user's to change."""
+    from tune.config import parse_args
+    from tune.run import _claim, experiment_location
+
+    monkeypatch.setattr(time, "strftime", lambda *_: "20260102-030405")  # the same second for each
+    args = parse_args(["--smoke-test", "--storage_path", str(tmp_path)])
+    names = []
+    for _ in range(3):
+        storage, name = experiment_location(args)
+        os.close(_claim(Path(storage) / name))  # as `run_search` does, at once
+        names.append(name)
+    assert names == ["smoke-20260102-030405", "smoke-20260102-030405-2", "smoke-20260102-030405-3"]
+
+
+def test_a_dashboard_port_another_program_holds_is_refused(tmp_path: Path, capsys) -> None:
+    """Was Ray's ValueError traceback (exit 1) naming `ray start --dashboard-port`, after its GCS had started."""
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = str(held.getsockname()[1])
+        args = ["--include_dashboard", "true", "--dashboard_port", port]
+        _search_refused(tmp_path, capsys, args, f"127.0.0.1:{port}", "--dashboard_port", "--include_dashboard false")
+    assert not ray.is_initialized()
 
 
 def test_search_evaluating_more_often_than_its_largest_batch_steps(tmp_path: Path, capsys) -> None:

@@ -399,6 +399,32 @@ def test_unroutable_cluster_fails_within_seconds() -> None:
     assert time.perf_counter() - started < 5
 
 
+def test_address_auto_joins_only_a_cluster_that_ray_start_recorded(tmp_path: Path, monkeypatch) -> None:
+    """`auto` is what `ray start` recorded on this machine (under $RAY_TMPDIR here). With no record Ray joined any Ray
+    running here, another search's own, and died with it when that search ended; a stale record (a `ray start`
+    cluster killed) hung for minutes. Both are refused at once, naming the fix."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    record = tmp_path / "ray" / "ray_current_cluster"
+    with pytest.raises(ConfigError, match=f"none is recorded in {record}.*`ray start --head`.*drop --address"):
+        check_reachable("auto")
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        gone = f"127.0.0.1:{closed.getsockname()[1]}"
+    record.parent.mkdir()
+    record.write_text(gone)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"{gone} \\(--address auto found it in `ray start`'s record {record}\\)"):
+        check_reachable("auto")
+    assert time.perf_counter() - started < 5
+    with socket.create_server(("127.0.0.1", 0)) as head:  # a cluster that answers: joined
+        record.write_text(f"127.0.0.1:{head.getsockname()[1]}")
+        check_reachable("auto")
+        monkeypatch.setenv("RAY_ADDRESS", gone)  # Ray's order: $RAY_ADDRESS before the record
+        with pytest.raises(ConfigError, match=f"{gone} \\(--address auto found it in RAY_ADDRESS\\)"):
+            check_reachable("auto")
+
+
 def _trial_result(tmp: Path, trial_id: str, accuracies: list[float], kept: list[int]) -> Any:
     """A trial's Result as Tune returns it: one row per epoch, checkpoints kept for the epochs in `kept`."""
     import pandas as pd

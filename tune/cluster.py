@@ -499,10 +499,38 @@ def local_nodes(tune_args: TuneArguments) -> list[dict[str, float]]:
 # Starting or joining Ray
 
 
+def auto_address() -> tuple[str, str]:
+    """(address, where it came from) of the cluster `auto` joins, as Ray finds it: $RAY_ADDRESS, else the cluster that
+    `ray start` last started on this machine (the address it recorded).
+
+    Where neither is there, Ray would join any Ray it finds running here: another search's own local Ray, which that
+    search stops when it ends, and this one died with it (exit 1, no error). That is refused instead.
+    """
+    from ray._common.utils import get_ray_address_file
+    from ray._private.services import find_bootstrap_address
+
+    env = os.environ.get("RAY_ADDRESS")
+    if env and env != "auto":
+        return env, "RAY_ADDRESS"
+    record = get_ray_address_file(None)
+    found = find_bootstrap_address(None)
+    if not found:
+        raise ConfigError(
+            f"--address auto (or RAY_ADDRESS=auto) joins the cluster `ray start` started on this machine, and none is "
+            f"recorded in {record}; a Ray that another program (another search) started for itself stops when that "
+            "program ends, so it is not joined. Start a cluster with `ray start --head`, give a cluster's HOST:PORT, "
+            "or drop --address/RAY_ADDRESS to start a local Ray of this search's own."
+        )
+    return found, f"`ray start`'s record {record}"
+
+
 def check_reachable(address: str, timeout: float = 3.0) -> None:
-    """Fail within `timeout` seconds when a HOST:PORT or ray://HOST:PORT address does not answer."""
+    """Fail within `timeout` seconds when a HOST:PORT or ray://HOST:PORT address (or the one `auto` finds) does not
+    answer: Ray itself retries an address that is gone for minutes."""
+    where = ""
     if address == "auto":
-        return  # Ray finds a cluster started on this machine itself, or says at once that there is none
+        address, source = auto_address()
+        where = f" (--address auto found it in {source})"
     if address.startswith(("http://", "https://")):
         raise ConfigError(
             f"--address {address} is a dashboard/job URL. Give the cluster's GCS address HOST:6379, "
@@ -517,7 +545,7 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
             pass
     except OSError as e:
         raise ConfigError(
-            f"Ray cluster at {address} is unreachable ({e.strerror or e}). Check that the head node is up "
+            f"Ray cluster at {address}{where} is unreachable ({e.strerror or e}). Check that the head node is up "
             "(`ray status` on it) and the port is open to you, or drop --address/RAY_ADDRESS to run a local Ray."
         ) from None
 
@@ -681,10 +709,29 @@ def start_early_ray(tune_args: TuneArguments) -> EarlyRay | None:
     return EarlyRay(tune_args)
 
 
+def check_dashboard_port(tune_args: TuneArguments) -> None:
+    """Refuse a --dashboard_port that cannot be bound (another program, or another search's dashboard, holds it), as
+    Ray tests it: Ray's own refusal came after its GCS had started, as a traceback naming `ray start` flags."""
+    host, port = tune_args.dashboard_host, tune_args.dashboard_port
+    if not tune_args.include_dashboard or port is None:  # unset: Ray takes 8265 or the next free port
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"The Ray dashboard cannot listen on {host}:{port} ({e.strerror or e}). Give a free --dashboard_port "
+                "or leave it unset (8265, or the next free one), or turn the dashboard off with --include_dashboard "
+                "false."
+            ) from None
+
+
 def _init_local_ray(tune_args: TuneArguments, cpus: int, gpus: int | None) -> str | None:
     """`ray.init` of a new local Ray (dashboard on 127.0.0.1 unless asked); returns the dashboard's address."""
     import ray
 
+    check_dashboard_port(tune_args)
     if tune_args.include_dashboard and tune_args.dashboard_host not in LOOPBACK:
         warnings.warn(
             f"The Ray dashboard will listen on {tune_args.dashboard_host}, reachable from other machines. "

@@ -215,7 +215,11 @@ class TuneArguments:
         },
     )
     name: str | None = field(
-        default=None, metadata={"help": "Experiment directory name under storage_path (None: PRESET-YYYYmmdd-HHMMSS)."}
+        default=None,
+        metadata={
+            "help": "Experiment directory name under storage_path (None: PRESET-YYYYmmdd-HHMMSS, with -2, -3, ... "
+            "after it for searches started in the same second)."
+        },
     )
     address: str | None = field(
         default=None,

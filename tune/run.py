@@ -110,7 +110,9 @@ def _can_restore(path: str) -> bool:
 
 def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str, str]:
     """(storage path, experiment name) of a new search; refuses to write into an existing experiment."""
-    name = args.tune.name or f"{args.tune.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.tune.name is None:
+        return storage_path, _default_name(args.tune.preset, storage_path)
+    name = args.tune.name
     path = join_location(storage_path, name)
     if _can_restore(path):
         raise ConfigError(
@@ -119,15 +121,39 @@ def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str,
     return storage_path, name
 
 
+def _default_name(preset: str, storage_path: str) -> str:
+    """PRESET-YYYYmmdd-HHMMSS, with -2, -3, ... after it where that name is taken: searches started in the same
+    second (two terminals, a script) got one name, and all but the first were refused, told to pick another --name
+    they had not given."""
+    base = f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, n = base, 1
+    while not _reserve(join_location(storage_path, name)):
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def _reserve(path: str) -> bool:
+    """Whether a new search may take `path`: a local folder is made here, exclusively, so that no other search takes
+    it before this one claims it (`_claim`); a URI holds no experiment yet."""
+    if is_uri(path):
+        return not _can_restore(path)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return False
+    return True
+
+
 def _claim(folder: Path, new: bool = True) -> int:
     """Hold `folder` for this search, or refuse: returns its claim file's descriptor, locked (flock) until it is closed,
     when the search ends or this process dies, however it dies.
 
     A new search creates the claim file exclusively: Ray writes tuner.pkl, which `_can_restore` looks for, only once
-    the search starts, seconds later, so two searches given one name (or one default name, in the same second) would
-    both pass that check and write their trials into one experiment. The lock refuses a --resume while another process
-    runs the experiment (its first run, or another --resume): both would train its unfinished trials and sample new
-    ones into the same folder, and each overwrite the other's saved state."""
+    the search starts, seconds later, so two searches given one --name would both pass that check and write their
+    trials into one experiment. The lock refuses a --resume while another process runs the experiment (its first run,
+    or another --resume): both would train its unfinished trials and sample new ones into the same folder, and each
+    overwrite the other's saved state."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         claim = os.open(folder / CLAIM_FILE, os.O_CREAT | os.O_WRONLY | (os.O_EXCL if new else 0))
