@@ -341,6 +341,8 @@ def _closed_port() -> int:
         (["--gpus_per_trial", "1", "--num_gpus", "0"], "--gpus_per_trial 0"),
         (["--address", f"127.0.0.1:{_closed_port()}"], "is unreachable"),
         (["--address", "http://127.0.0.1:8265"], "is a dashboard/job URL"),
+        (["--address", "10.0.0.1:6379", "--num_gpus", "2"], "--num_gpus set up a local Ray, but this search joins"),
+        (["--address", "10.0.0.1:6379", "--dashboard_host", "0.0.0.0"], "Drop --dashboard_host (on --resume"),
         (["--resume", "/nonexistent/experiment"], "Cannot read /nonexistent/experiment/lorasent_search.json"),
         (["--num_gpus", "99"], "--num_gpus 99, but torch sees"),
         (["--precision", "fp16", "--gpus_per_trial", "0"], "precision 'fp16' needs a CUDA GPU"),

@@ -627,6 +627,21 @@ def use_token_from_env() -> str | None:
     return given
 
 
+def _refuse_local_ray_options(tune_args: TuneArguments, address: str) -> None:
+    """Options that size and expose a local Ray have no effect on a cluster this search joins: refused, not ignored
+    (a user who gave --num_gpus 2 there expects two GPUs' worth of trials)."""
+    given = [f"--{name}" for name in ("num_cpus", "num_gpus", "dashboard_port") if getattr(tune_args, name) is not None]
+    if tune_args.dashboard_host not in LOOPBACK:
+        given.append("--dashboard_host")
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} set up a local Ray, but this search joins the Ray cluster at {address}, whose CPUs, "
+            "GPUs and dashboard are its nodes' own (`ray start --num-cpus/--num-gpus/--dashboard-port` there). Drop "
+            f"{' and '.join(given)} (on --resume, set them to none), or drop --address and RAY_ADDRESS to run on a "
+            "local Ray."
+        )
+
+
 def preflight(
     tune_args: TuneArguments,
     footprint: Callable[[], TrainingFootprint] | None = None,
@@ -644,6 +659,7 @@ def preflight(
 
     address = cluster_address(tune_args)
     if address:
+        _refuse_local_ray_options(tune_args, address)
         check_reachable(address)
         check_token_file()
         return None
