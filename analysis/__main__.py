@@ -1,7 +1,7 @@
 """Command line of the analysis step.
 
     python -m analysis report [EXPERIMENT] [--retrain] [--output DIR] [--no-execute]
-    python -m analysis retrain EXPERIMENT [--use-checkpoint] [--output DIR]
+    python -m analysis retrain [EXPERIMENT] [--use-checkpoint] [--output DIR] [--dataset PATH]
     python -m analysis evaluate MODEL_DIR [--split test] [--output DIR]
     python -m analysis table EXPERIMENT
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-execute", action="store_true", help="Only write the notebook, do not run it.")
     report.add_argument("--timeout", type=_positive_int, default=600, help="Seconds one notebook cell may run.")
     report.add_argument("--trust_remote_code", action="store_true", help=f"With --retrain: {TRUST_REMOTE_CODE}")
+    report.add_argument("--dataset", help=f"With --retrain: {MOVED_DATA}")
 
     retrain = commands.add_parser(
         "retrain", help="Retrain the best config on train + validation, test it once, save the final model."
@@ -55,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrain.add_argument("--output", help="Final model folder (default: <experiment>/final_model).")
     retrain.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE)
+    retrain.add_argument("--dataset", help=MOVED_DATA)
 
     evaluate = commands.add_parser("evaluate", help="Evaluate a model folder on a split of its own data.")
     evaluate.add_argument("model_dir", help="A lorasent model folder (final model or trial checkpoint).")
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split to score.")
-    evaluate.add_argument("--dataset", help="Where the model's data file is now, if it moved since training.")
+    evaluate.add_argument("--dataset", help=MOVED_DATA)
     evaluate.add_argument("--output", help="Write <split>_metrics.json and <split>_predictions.csv here.")
     evaluate.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE)
 
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 TRUST_REMOTE_CODE = (
     "Run the base model's own code, for a search run with --trust_remote_code. Off: only turn on for code you trust."
 )
+MOVED_DATA = "Where the data file is now, if it moved since the search (another machine): the same content."
 
 
 def _positive_int(text: str) -> int:
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
                 args.final_model,
                 use_checkpoint=args.use_checkpoint,
                 trust_remote_code=args.trust_remote_code,
+                dataset=args.dataset,
             )
         paths = write_report(
             args.experiment, args.output, final_model=final_model, execute=not args.no_execute, timeout=args.timeout
@@ -138,7 +142,11 @@ def run(args: argparse.Namespace) -> int:
         from analysis.retrain import retrain_best
 
         final_model = retrain_best(
-            args.experiment, args.output, use_checkpoint=args.use_checkpoint, trust_remote_code=args.trust_remote_code
+            args.experiment,
+            args.output,
+            use_checkpoint=args.use_checkpoint,
+            trust_remote_code=args.trust_remote_code,
+            dataset=args.dataset,
         )
         _predict_hint(final_model)
     elif args.command == "evaluate":

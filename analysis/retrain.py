@@ -78,14 +78,18 @@ def retrain_best(
     *,
     use_checkpoint: bool = False,
     trust_remote_code: bool = False,
+    dataset: str | None = None,
 ) -> Path:
     """Build, test and save the final model of a search; returns its folder.
 
     A search run with --trust_remote_code ran its base model's own code: retraining and testing it run that code
     again, so they take the same flag here (an experiment folder is data, which must not turn code on by itself).
+    `dataset`: where the search's data file is now, when it moved since the search (the same content: the same
+    splits).
     """
     from lorasent.evaluate import evaluate_model_dir
-    from lorasent.model import check_model_dir, check_output_dir
+    from lorasent.model import check_model_dir, check_output_dir, read_meta
+    from lorasent.tokenize import source_identity
     from lorasent.train import train
 
     exp = load_experiment(experiment_path)
@@ -98,6 +102,14 @@ def retrain_best(
             f"{exp.source} was searched with --trust_remote_code: its base model runs code of its own. Pass "
             "--trust_remote_code to retrain and test it, only if you trust that code."
         )
+    checkpoint = exp.best_checkpoint
+    if dataset is not None and checkpoint is not None and not use_checkpoint:  # a checkpoint's test checks it itself
+        recorded = read_meta(checkpoint).get("source")
+        if recorded and source_identity(dataset) != recorded:
+            raise ConfigError(
+                f"{dataset} is not the data {exp.source} searched on ({recorded} then, per {checkpoint}): its splits "
+                "would be others, and the test split may hold rows the search chose by. Give the search's data file."
+            )
     provenance: dict[str, Any] = {
         "experiment": exp.location,
         "trial_id": best["trial_id"],
@@ -107,7 +119,6 @@ def retrain_best(
     }
     with atomic_dir(out) as tmp:
         if use_checkpoint:
-            checkpoint = exp.best_checkpoint
             if checkpoint is None:
                 raise CheckpointError(
                     f"Trial {best['trial_id']} kept no checkpoint of its best epoch {exp.best_epoch} in "
@@ -122,6 +133,8 @@ def retrain_best(
             provenance["checkpoint"] = str(checkpoint)
         else:
             data_args, model_args, train_args = best_arguments(exp)
+            if dataset is not None:
+                data_args = replace(data_args, dataset=dataset)
             # An evaluation within an epoch (evals_per_epoch > 1) may be the best: its epoch is finished here. Nothing
             # is evaluated while retraining, so one checkpoint an epoch is all it needs.
             epochs = math.ceil(exp.best_epoch)
@@ -146,7 +159,8 @@ def retrain_best(
                     "Evaluate the best trial's own checkpoint with --use-checkpoint, or lower the learning rate."
                 )
             provenance["method"] = f"retrained on train + validation for {epochs} epoch(s){rounded}"
-        tested = evaluate_model_dir(tmp, split=TEST_SPLIT, trust_remote_code=trust_remote_code)
+        moved = dataset if use_checkpoint else None  # a retrained model records the data where it is now
+        tested = evaluate_model_dir(tmp, split=TEST_SPLIT, trust_remote_code=trust_remote_code, dataset=moved)
         evaluation = dataclasses.replace(tested, model_dir=out)
         evaluation.save(tmp)
         atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")

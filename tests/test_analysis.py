@@ -626,6 +626,24 @@ def test_retrain_runs_a_base_models_own_code_only_when_asked(search: tuple[Path,
     assert (copy / "final_model" / PROVENANCE_FILE).is_file()
 
 
+def test_retrain_takes_the_data_where_it_is_now(search: tuple[Path, str], tmp_path: Path, write_data, capsys) -> None:
+    """An experiment copied from another machine records its data file's path there: --dataset names where it is
+    now; data of other content is refused before training (its splits would be others)."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    meta = json.loads((copy / "lorasent_search.json").read_text())
+    data = meta["data"]["dataset"]
+    meta["data"]["dataset"] = str(tmp_path / "gone" / "reviews.csv")
+    (copy / "lorasent_search.json").write_text(json.dumps(meta))
+    assert analysis_main(["retrain", str(copy)]) == 2
+    assert "--dataset" in capsys.readouterr().err
+    other = write_data([{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(40)])
+    assert analysis_main(["retrain", str(copy), "--dataset", str(other)]) == 2
+    assert f"{other} is not the data" in capsys.readouterr().err and not (copy / "final_model").exists()
+    assert analysis_main(["retrain", str(copy), "--dataset", data]) == 0
+    assert json.loads((copy / "final_model" / "lorasent.json").read_text())["data"]["dataset"] == data
+
+
 def test_final_model_records_the_experiment_a_latest_link_pointed_at(search: tuple[Path, str], tmp_path: Path) -> None:
     """`latest` moves on with the next search: final_model.json keeps the experiment folder it resolved to."""
     latest = tmp_path / "latest"
