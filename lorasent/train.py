@@ -452,6 +452,10 @@ class EpochCallback(TrainerCallback):
             control.should_save = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        if f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" in self.reports:
+            # Stopped (diverged) at an evaluation within the epoch: that step was evaluated and reported already.
+            control.should_evaluate = control.should_save = False
+            return
         self._end_segment(state, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -473,6 +477,10 @@ class EpochCallback(TrainerCallback):
         }
         if metrics and "eval_runtime" in metrics:
             self._eval_metrics["eval_seconds"] = float(metrics["eval_runtime"])
+        if not math.isfinite(self._eval_metrics.get("loss", 0.0)):
+            # The step just before broke the weights: the training loss, taken before each step, cannot show it.
+            self.diverged = True
+            control.should_training_stop = True
         if self.diverged and self.metric is not None:
             # A diverged model must never become Trainer's best checkpoint, whatever its accuracy.
             metrics[f"eval_{self.metric}"] = self.worst

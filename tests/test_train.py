@@ -264,20 +264,38 @@ def test_length_grouped_batches_of_a_small_split_pad_less_than_transformers_own(
     assert max(ours) < 0.5 * min(theirs), (ours, theirs)
 
 
-def test_diverging_run_stops_cleanly_and_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("evals_per_epoch", [1, 2])
+def test_diverging_run_stops_cleanly_and_says_so(tmp_path: Path, evals_per_epoch: int) -> None:
+    """Reported once: stopped at an evaluation within an epoch, the run evaluated and reported that step again at
+    the epoch's end (a second report to the search, at the same epoch)."""
     reports: list[EpochReport] = []
     # An absurd learning rate drives the weights to inf within a step, so the loss turns NaN.
     result = train(
         TINY_DATA,
         TINY_MODEL_ARGS,
-        _train_args(tmp_path, learning_rate=1e30, num_train_epochs=3),
+        _train_args(tmp_path, learning_rate=1e30, num_train_epochs=3, evals_per_epoch=evals_per_epoch),
         on_epoch=reports.append,
     )
     assert result.diverged
     assert len(reports) == 1 and reports[0].metrics["diverged"] == 1.0
+    assert reports[0].epoch == 1 / evals_per_epoch
     assert math.isnan(reports[0].metrics["train_loss"])
     assert "accuracy" in reports[0].metrics
     assert result.output_dir is None and not (tmp_path / "model").exists()  # NaN weights are not saved as a model
+
+
+def test_a_last_step_that_breaks_the_weights_is_divergence(tmp_path: Path) -> None:
+    """Each step's loss is taken before its update: the update of an epoch's last step that leaves the weights NaN
+    shows only in the validation loss. Reported as a finite run, its NaN model (accuracy: the majority class's share)
+    was ranked, even picked as a search's best, and saved as the final model."""
+    reports: list[EpochReport] = []
+    # 2 steps, on the CPU (its numbers): the first update makes the weights huge, the second NaN
+    args = _train_args(tmp_path, learning_rate=1e16, num_train_epochs=1, per_device_train_batch_size=24, use_cpu=True)
+    result = train(TINY_DATA, TINY_MODEL_ARGS, args, on_epoch=reports.append)
+    (report,) = reports
+    assert math.isfinite(report.metrics["train_loss"]) and not math.isfinite(report.metrics["loss"])
+    assert report.metrics["diverged"] == 1.0 and result.diverged
+    assert result.output_dir is None and not (tmp_path / "model").exists()
 
 
 def test_retrain_on_train_plus_validation_reports_training_metrics(tmp_path: Path) -> None:
