@@ -70,7 +70,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str,
     garbage = tmp / "garbage.txt"
     garbage.write_bytes(bytes(range(256)) * 64 + b"\n\x00\xff\xfe binary \x89PNG\r\n\x1a\n")
     cases = {
-        "unreachable_cluster": [*SMOKE, "--storage_path", str(tmp / "storage"), "--address", "127.0.0.1:1"],
+        "unreachable_cluster": [  # without SMOKE's --num_cpus, which a search on a cluster refuses
+            "tune/run.py", "--preset", "smoke", "--name", "exp", "--storage_path", str(tmp / "storage"),
+            "--address", "127.0.0.1:1",
+        ],
         "refused_beside_ray": [*SMOKE, "--storage_path", str(tmp / "storage-2"), "--num_gpus", "99"],
         "unreachable_hub": [
             "-X", "importtime", *SMOKE, "--storage_path", str(tmp / "storage-3"),
