@@ -30,6 +30,18 @@ def _number_or_none(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _refuse(prog: str, message: str) -> None:
+    raise ConfigError(f"{message.rstrip('.')}. See `{prog} --help`.")
+
+
+class PreParser(argparse.ArgumentParser):
+    """A plain parser of the options read before the full parse (which layers or files apply), failing as
+    `ArgumentParser` does: argparse would print this parser's usage, which lists only those options, and exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _refuse(self.prog, message)
+
+
 class ArgumentParser(HfArgumentParser):
     """`HfArgumentParser` whose errors are `ConfigError`s and whose optional numbers take `none`."""
 
@@ -43,7 +55,7 @@ class ArgumentParser(HfArgumentParser):
                 action.default = argparse.SUPPRESS  # not "(default: False)"; --x's default True is what applies
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(f"{message.rstrip('.')}. See `{self.prog} --help`.")
+        _refuse(self.prog, message)
 
     def config_defaults(self, values: Mapping[str, Any], source: str) -> dict[str, Any]:
         """A config file's `values` as defaults of this parser's options, read as the same flags would be.

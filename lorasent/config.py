@@ -49,6 +49,7 @@ def _absolute_if_local(value: str) -> str:
 
 
 MAX_SEED = 2**32 - 1  # numpy's and sklearn's seeds are unsigned 32-bit integers
+MAX_THREADS = 1024  # of torch, or DataLoader processes: more than a machine has cores, which is all that can help
 
 
 def _seed(name: str, value: int) -> None:
@@ -257,12 +258,20 @@ class TrainArguments:
         _positive("num_train_epochs", self.num_train_epochs)
         _positive("evals_per_epoch", self.evals_per_epoch)
         _fraction("warmup_ratio", self.warmup_ratio)
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):  # NaN or inf: every step diverged
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}.")
         _positive("max_grad_norm", self.max_grad_norm)
-        if self.dataloader_num_workers < 0:
-            raise ConfigError("dataloader_num_workers must be >= 0.")
+        if not 0 <= self.dataloader_num_workers <= MAX_THREADS:  # 10**20 forked processes until the run was killed
+            raise ConfigError(
+                f"dataloader_num_workers must lie in [0, {MAX_THREADS}], got {self.dataloader_num_workers}. Pass e.g. "
+                "--dataloader_num_workers 2 (0: load batches in the training process)."
+            )
         _positive("torch_threads", self.torch_threads, allow_none=True)
+        if self.torch_threads is not None and self.torch_threads > MAX_THREADS:  # torch's overflow, in every trial
+            raise ConfigError(
+                f"torch_threads must be at most {MAX_THREADS}, got {self.torch_threads}. Pass the cores a run may use, "
+                "or leave it unset."
+            )
         _seed("seed", self.seed)
 
 

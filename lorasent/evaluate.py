@@ -29,7 +29,7 @@ from lorasent.data import SPLITS, load_splits
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import averaged_labels, scores
 from lorasent.model import META_FILE, read_meta, trained_splits
-from lorasent.paths import atomic_write_text
+from lorasent.paths import atomic_write_text, check_writable
 from lorasent.predict import PRECISION_HELP, TRUST_REMOTE_CODE_HELP, Predictor
 from lorasent.process import exit_process
 from lorasent.tokenize import source_identity
@@ -211,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cap_torch_threads()
     result = None
     try:
+        if args.output_dir:  # before the evaluation, not after it
+            check_writable(Path(args.output_dir) / f"{args.split}_metrics.json", "Pick another --output_dir.")
         result = evaluate_model_dir(
             args.model_dir,
             dataset=args.dataset,

@@ -31,7 +31,7 @@ from lorasent.assets import resolve_model_path
 from lorasent.config import DataArguments, ModelArguments, Precision, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.hub import WEIGHT_FILES
-from lorasent.paths import atomic_dir, atomic_write_text
+from lorasent.paths import atomic_dir, atomic_write_text, check_writable
 
 logger = logging.getLogger(__name__)
 # peft 0.21 asks transformers 5 for a renamed attribute on every wrap; the warning is theirs, not the user's.
@@ -335,6 +335,7 @@ def check_output_dir(path: str | Path, marker: str = META_FILE) -> None:
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"Output folder {folder} is a file. Pick a folder name for the model.")
+    check_writable(folder, "Pick another output folder.")  # saving renames it into place there
     if folder.is_dir() and not (folder / marker).is_file() and any(folder.iterdir()):
         raise ConfigError(
             f"Output folder {folder} holds files and is not a lorasent model folder (no {marker}): saving the "

@@ -22,6 +22,16 @@ from lorasent.errors import ConfigError
 CACHE_ENV = "LORASENT_CACHE"
 
 
+def check_writable(path: str | os.PathLike[str], fix: str) -> None:
+    """Refuse `path` where it cannot be written: a file stands where a folder on its way must be, or the folder it goes
+    in is not this user's to write. Checked before the work whose result it holds, not once that work is done."""
+    where = next(p for p in Path(path).absolute().parents if p.exists())  # where it, or the folders to make, go
+    if not where.is_dir():
+        raise ConfigError(f"Cannot write {path}: {where} is a file, not a folder. {fix}")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot write {path}: {where} is not writable. {fix}")
+
+
 def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
     """The cache folder: `override`, else $LORASENT_CACHE, else ~/.cache/lorasent; created if missing."""
     root = Path(override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lorasent").expanduser()

@@ -12,7 +12,6 @@ of raising.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -42,7 +41,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 from transformers.utils import logging as hf_logging
 
-from lorasent.cli import ArgumentParser
+from lorasent.cli import ArgumentParser, PreParser
 from lorasent.config import (
     ARGUMENT_CLASSES,
     DataArguments,
@@ -153,6 +152,27 @@ def check_schedule(train_args: TrainArguments) -> None:
         known = train_args.lr_scheduler_type in {schedule.value for schedule in SchedulerType}
         what = "needs arguments lorasent does not pass" if known else "is unknown"
         raise ConfigError(f"lr_scheduler_type {train_args.lr_scheduler_type!r} {what}; valid: {', '.join(usable)}.")
+
+
+def ignores_warmup(name: str) -> bool:
+    """Whether transformers' schedule `name` starts at the full learning rate whatever its warm-up steps."""
+    first_factor = lr_schedule(name, warmup=1, total=2).optimizer.param_groups[0]["lr"]
+    return first_factor == 1.0
+
+
+def check_warmup(train_args: TrainArguments, searched: bool = False) -> None:
+    """Refuse a warm-up the schedule ignores (constant, reduce_lr_on_plateau): it trained without one, not a word
+    said, and a search over `warmup_ratio` (`searched`) trained every value alike. A new run's check only: a saved
+    run's settings stay as they ran."""
+    check_schedule(train_args)
+    name = train_args.lr_scheduler_type
+    if (searched or train_args.warmup_ratio > 0) and ignores_warmup(name):
+        given = "search_space.warmup_ratio" if searched else f"warmup_ratio {train_args.warmup_ratio:g}"
+        instead = "search other parameters" if searched else "--warmup_ratio 0"
+        raise ConfigError(
+            f"{given} does nothing: lr_scheduler_type {name!r} has no warm-up. Use --lr_scheduler_type "
+            f"constant_with_warmup (or linear, cosine, ...), or {instead}."
+        )
 
 
 def frozen_dtype(train_args: TrainArguments) -> torch.dtype | None:
@@ -648,7 +668,12 @@ def train(
         trainable, total = model.get_nb_trainable_parameters()
 
         work = Path(work_dir) if work_dir is not None else _default_work_dir(train_args)
-        args = training_arguments(train_args, work, evaluate=eval_dataset is not None)
+        trainer_args = train_args
+        if eval_dataset is not None:  # Trainer sizes each evaluation step's loss buffer by the batch size, not its
+            # rows: one batch holds the split at most (a huge --per_device_eval_batch_size failed every evaluation)
+            rows = min(train_args.per_device_eval_batch_size, len(eval_dataset))
+            trainer_args = dataclasses.replace(train_args, per_device_eval_batch_size=rows)
+        args = training_arguments(trainer_args, work, evaluate=eval_dataset is not None)
         history = list(read_meta(resume_from_checkpoint).get("history", [])) if resume_from_checkpoint else []
         callback = EpochCallback(
             meta=model_meta(
@@ -753,7 +778,7 @@ def _yaml_defaults(parser: ArgumentParser, path: str) -> dict[str, Any]:
 def parse_cli(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments, RunArguments]:
     """Parse `--config file.yaml` (if any) into defaults, then the command line over them."""
     parser = ArgumentParser((*ARGUMENT_CLASSES, RunArguments), prog="python -m lorasent.train")
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = PreParser(prog=parser.prog, add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
@@ -803,6 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Refused before the data is read and tokenised (minutes for a large dataset), not after.
         resolve_target_modules(meta_model(model_args), model_args.target_modules)
+        check_warmup(train_args)
 
         def show(report: EpochReport) -> None:
             checkpoints.append(report.checkpoint_dir)

@@ -278,9 +278,12 @@ def test_training_with_unknown_target_modules_writes_nothing(tmp_path: Path, cap
     _train_refused(out, capsys, ["--target_modules", "query", "--dataset", str(no_text)], "['query']", "q_lin")
 
 
-def test_training_with_an_unknown_flag_or_schedule(tmp_path: Path, capsys) -> None:
+def test_training_with_an_unknown_or_incomplete_flag_or_schedule(tmp_path: Path, capsys) -> None:
     _train_refused(tmp_path, capsys, ["--learning_rte", "1e-3"], "Unrecognised arguments ['--learning_rte', '1e-3']")
+    _train_refused(tmp_path, capsys, ["--config"], "--config: expected one argument. See `python -m lorasent.train")
     _train_refused(tmp_path, capsys, ["--lr_scheduler_type", "cosin"], "lr_scheduler_type 'cosin' is unknown", "cosine")
+    no_warmup = ["--lr_scheduler_type", "constant", "--warmup_ratio", "0.1"]  # trained without one, not a word said
+    _train_refused(tmp_path, capsys, no_warmup, "warmup_ratio 0.1 does nothing", "constant_with_warmup")
     needs_more = "lr_scheduler_type 'cosine_with_min_lr' needs arguments lorasent does not pass"
     _train_refused(tmp_path, capsys, ["--lr_scheduler_type", "cosine_with_min_lr"], needs_more, "constant_with_warmup")
 

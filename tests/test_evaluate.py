@@ -74,6 +74,12 @@ def test_cli_prints_the_report_and_writes_files(model_dir: Path, tmp_path: Path,
     assert (tmp_path / "test_metrics.json").is_file() and (tmp_path / "test_predictions.csv").is_file()
     assert evaluate_module.main([str(tmp_path / "no-model")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    # refused before the evaluation, not by a traceback after it
+    assert evaluate_module.main([str(model_dir), "--output_dir", str(tmp_path / "test_metrics.json" / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: Cannot write {tmp_path}/test_metrics.json/out/test_metrics.json: {tmp_path}/test_metrics.json is a "
+        "file, not a folder. Pick another --output_dir.\n"
+    )
     assert evaluate_module.main([str(model_dir), "--device", "cpu", "--precision", "fp16"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'fp16' needs a CUDA GPU" in err and "Traceback" not in err

@@ -92,6 +92,14 @@ def test_same_seed_gives_identical_metrics(reference, tmp_path: Path) -> None:
     assert _without_timing(second.history) == _without_timing(first.history)
 
 
+def test_an_evaluation_batch_larger_than_the_split_evaluates_it_whole(reference, tmp_path: Path) -> None:
+    """Trainer sizes an evaluation step's loss buffer by the batch size: 2**62 failed every evaluation (an
+    allocation of exabytes, or an islice overflow), where any batch above the 32 rows means one batch of them all."""
+    _, first, _ = reference
+    huge = train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, per_device_eval_batch_size=2**62), save_final=False)
+    assert _without_timing(huge.history) == _without_timing(first.history)
+
+
 def test_torch_threads_hold_for_the_run_only(tmp_path: Path) -> None:
     """A notebook's second train() (or its predictions) must not inherit the first's torch_threads."""
     before = torch.get_num_threads()
@@ -338,8 +346,8 @@ def test_a_folder_that_is_not_a_model_is_never_replaced_by_one(reference, tmp_pa
     own = tmp_path / "mine"
     own.mkdir()
     (own / "reviews.csv").write_text("text,label\n")
-    for output in (own, own / "reviews.csv"):
-        with pytest.raises(ConfigError, match=r"Pick a (new or empty output folder|folder name)"):
+    for output in (own, own / "reviews.csv", own / "reviews.csv" / "model"):  # the last: a traceback after training
+        with pytest.raises(ConfigError, match=r"Pick a(nother| new or empty)? (output )?folder"):
             train(TINY_DATA, TINY_MODEL_ARGS, _train_args(tmp_path, output_dir=str(output)))
     assert sorted(p.name for p in own.iterdir()) == ["reviews.csv"] and not (tmp_path / "mine-checkpoints").exists()
     with pytest.raises(ConfigError, match="holds files and is not a lorasent model folder"):

@@ -150,6 +150,13 @@ def test_search_space_flag_merges_per_parameter() -> None:
         (["--name", "."], "name '.' is not allowed"),
         (["--name", ".."], "'..' would put the experiment in the storage folder itself, or outside it"),
         (["--verbose", "5"], "verbose must be 0, 1 or 2, got 5"),
+        # the options read first (which layers apply) printed a usage of only them, naming `run.py`
+        (["--config"], "argument --config: expected one argument. See `python tune/run.py --help`"),
+        (["--smoke_test", "maybe"], "Truthy value expected: got maybe but expected one of yes/no"),
+        # every trial diverged (NaN, inf), failed on torch's overflow, or forked processes until it was killed
+        (["--weight_decay", "nan"], "weight_decay must be a finite number >= 0, got nan"),
+        (["--torch_threads", str(2**63)], f"torch_threads must be at most 1024, got {2**63}"),
+        (["--dataloader_num_workers", str(10**20)], "dataloader_num_workers must lie in [0, 1024], got 1000"),
         # Ray's and Optuna's tracebacks once the checks had passed (and --num_cpus 0 ran on every CPU)
         (["--search_seed", "-1"], "search_seed must lie in [0, 2**32 - 1] (4294967295), got -1"),
         (["--num_cpus", "0"], "num_cpus must be >= 1 and num_gpus >= 0, got 0 and None"),
@@ -347,6 +354,13 @@ def _closed_port() -> int:
         (["--num_gpus", "99"], "--num_gpus 99, but torch sees"),
         (["--precision", "fp16", "--gpus_per_trial", "0"], "precision 'fp16' needs a CUDA GPU"),
         (["--lr_scheduler_type", "cosin"], "lr_scheduler_type 'cosin' is unknown; valid: linear, cosine"),
+        (["--search_space", '{"weight_decay": {"uniform": [0, 1e400]}}'], "weight_decay: inf is not allowed"),
+        # a schedule without warm-up trained without one, and every searched warmup_ratio alike
+        (["--warmup_ratio", "0.1", "--lr_scheduler_type", "constant"], "warmup_ratio 0.1 does nothing: lr_scheduler"),
+        (
+            ["--search_space", '{"warmup_ratio": {"uniform": [0, 0.1]}}', "--lr_scheduler_type", "greedy"],
+            "search_space.warmup_ratio does nothing: lr_scheduler_type 'greedy' has no warm-up",
+        ),
         (
             ["--storage_path", f"s3://lorasent/runs?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http"],
             "Cannot reach the experiment storage s3://lorasent/runs/",  # the name before the URI's query

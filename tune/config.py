@@ -545,7 +545,9 @@ def _pre_parse(argv: Sequence[str]) -> argparse.Namespace:
     """Read the options that decide which layers apply, before the full parse."""
     from transformers.hf_argparser import string_to_bool
 
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    from lorasent.cli import PreParser
+
+    pre = PreParser(prog="python tune/run.py", add_help=False, allow_abbrev=False)
     pre.add_argument("--preset")
     pre.add_argument("--config")
     pre.add_argument("--resume")

@@ -396,6 +396,7 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None, source: d
     from lorasent.fused import check_shareable
     from lorasent.paths import CACHE_ENV
     from lorasent.tokenize import tokenized_splits
+    from lorasent.train import check_warmup
     from tune import cluster, search
     from tune.trainable import trial_train_arguments
 
@@ -405,6 +406,8 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None, source: d
     space, param_space = search.build_param_space(t, args.model, args.train)
     if t.fused_trials:  # first: its refusals say what else to change, where the scheduler's would not mention it
         check_shareable(args.model, args.train, searched=space)
+    if not t.resume:
+        check_warmup(args.train, searched="warmup_ratio" in space)
     epochs = search.max_epochs(t, space, args.train)
     scheduler = search.build_scheduler(t, epochs, args.train.evals_per_epoch)
     points = search.starting_points(t, space, args.model, args.train)
