@@ -17,7 +17,6 @@ import csv
 import ctypes
 import io
 import json
-import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from lorasent.model import (
     resolve_device,
     sdpa_attention_mask,
 )
-from lorasent.paths import atomic_write_text
+from lorasent.paths import atomic_write_text, check_writable
 from lorasent.process import exit_process
 from lorasent.tokenize import check_room_for_text, make_collator
 
@@ -280,11 +279,7 @@ def _check_output(path: Path) -> None:
         raise DataError(f"Cannot write {path}: use a .csv or .jsonl file for --output.")
     if path.is_dir():
         raise DataError(f"Cannot write {path}: it is a folder. Name a .csv or .jsonl file for --output.")
-    folder = next(p for p in path.absolute().parents if p.exists())  # where the output, or its folders, go
-    if not folder.is_dir():
-        raise DataError(f"Cannot write {path}: {folder} is a file, not a folder. Pick another path for --output.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DataError(f"Cannot write {path}: {folder} is not writable. Pick a writable place for --output.")
+    check_writable(path, "Pick another path for --output.")
 
 
 def _write_output(path: Path, records: list[dict[str, Any]]) -> None:
