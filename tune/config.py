@@ -657,8 +657,9 @@ def _resume_args(parser: "ArgumentParser", argv: Sequence[str], path: str) -> Se
             again = _new_search_args(first_run, _pre_parse(first_run))
         except ConfigError:  # not a command line a new search takes either: the options given are what changed
             again = None
-        if again is not None and len(_changed_options(saved, again)) < len(changed):
-            given, changed = again, _changed_options(saved, again)
+        again_changed = _changed_options(saved, again) if again is not None else changed
+        if len(again_changed) < len(changed):
+            given, changed = again, again_changed
     if changed:
         raise ConfigError(
             f"--resume continues the experiment exactly as it was started; these options cannot change: {changed}. "
