@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from lorasent.errors import ExperimentError
@@ -83,7 +84,7 @@ class Experiment:
 
     @cached_property
     def best_trial(self) -> pd.Series:
-        """The trial whose best epoch scored best on the search's metric (diverged trials excluded)."""
+        """The trial whose best epoch scored best on the search's metric (a diverged trial by its epochs before)."""
         scored = self.scored_trials
         if scored.empty:
             raise ExperimentError(no_score_note(self))
@@ -91,8 +92,8 @@ class Experiment:
 
     @property
     def scored_trials(self) -> pd.DataFrame:
-        """Trials that reported the metric at least once and did not diverge."""
-        return self.trials[self.trials[self.best_column].notna() & ~self.trials["diverged"]]
+        """Trials with a finite score for at least one epoch (one that diverged, for the epochs before it)."""
+        return self.trials[self.trials[self.best_column].notna()]
 
     @property
     def best_config(self) -> dict[str, Any]:
@@ -514,8 +515,9 @@ def _summarise_trials(
     best_col, last_col = f"best_{metric}", f"last_{metric}"
     summary = pd.DataFrame(index=trials["trial_id"])
     if not epochs.empty:
-        scored = epochs.dropna(subset=[metric])
-        by_trial = scored.groupby("trial_id", sort=False)
+        reported = epochs.dropna(subset=[metric])
+        # A diverged epoch reports the worst value (+-inf): never a best, but the trial's earlier epochs still are.
+        scored = reported[np.isfinite(reported[metric].astype(float))]
         # Among epochs tied on the metric, prefer one whose checkpoint Ray kept (num_to_keep deletes the others).
         kept = scored["checkpoint"].notna() if "checkpoint" in scored else pd.Series(False, index=scored.index)
         ranked = scored.assign(_kept=kept).sort_values(
@@ -525,7 +527,7 @@ def _summarise_trials(
         summary[best_col] = best_rows[metric]
         summary["best_epoch"] = best_rows["epoch"]
         summary["best_checkpoint"] = best_rows.get("checkpoint")
-        summary[last_col] = by_trial[metric].last()
+        summary[last_col] = reported.groupby("trial_id", sort=False)[metric].last()
         all_by_trial = epochs.groupby("trial_id", sort=False)
         summary["epochs"] = all_by_trial["epoch"].max()
         summary["diverged"] = all_by_trial["diverged"].any() if "diverged" in epochs else False
@@ -548,15 +550,14 @@ def _summarise_trials(
     # Ties go to a trial whose best epoch kept its checkpoint, then to the one that got there in fewer epochs, then
     # to the smaller trial id; not to Ray's trial order, which a resumed search may change. tune/run.py's summary
     # ranks the same way.
-    score = trials[best_col].where(~trials["diverged"])
-    ranked = trials.assign(_score=score, _unkept=trials["best_checkpoint"].isna()).sort_values(
-        ["_score", "_unkept", "best_epoch", "trial_id"],
+    ranked = trials.assign(_unkept=trials["best_checkpoint"].isna()).sort_values(
+        [best_col, "_unkept", "best_epoch", "trial_id"],
         ascending=[mode == "min", True, True, True],
         na_position="last",
         kind="stable",
     )
     position = pd.Series(range(1, len(ranked) + 1), index=ranked.index, dtype=float)
-    trials["rank"] = position.where(score.notna())
+    trials["rank"] = position.where(trials[best_col].notna())
 
 
 # --------------------------------------------------------------------------------------------------- status

@@ -284,7 +284,7 @@ def test_failure_the_state_snapshot_missed_makes_the_trial_errored(search: tuple
     assert snapshot(0, 0) == "RUNNING"
 
 
-def test_diverged_trial_is_never_best(search: tuple[Path, str], tmp_path: Path) -> None:
+def test_a_trial_diverged_from_its_first_epoch_is_never_best(search: tuple[Path, str], tmp_path: Path) -> None:
     """A trial whose loss went NaN reports diverged=1 and the worst metric (as tune/trainable.py does)."""
     copy = tmp_path / "exp"
     shutil.copytree(search[0], copy)
@@ -298,6 +298,28 @@ def test_diverged_trial_is_never_best(search: tuple[Path, str], tmp_path: Path) 
     assert trial_table(exp).iloc[-1]["trial_id"] == best["trial_id"]
     for plot in (plots.learning_curves, plots.lr_vs_metric, plots.lr_batch_heatmap, plots.rank_effect):
         assert plot(exp).axes, plot.__name__  # draws the others, no inf on any axis
+
+
+def test_a_trial_that_diverged_after_a_good_epoch_is_ranked_by_it(search: tuple[Path, str], tmp_path: Path) -> None:
+    """Its finished epochs are models like any other (their checkpoints kept); only the diverged epoch is never best.
+    Before, the whole trial was dropped: a search whose best epoch came before a divergence reported a worse one."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    loser = load_experiment(copy).trials.sort_values("rank").iloc[-1]  # the worst trial, made the best, then diverged
+    result = Path(loser["trial_dir"]) / "result.json"
+    rows = [json.loads(line) for line in result.read_text().splitlines()]
+    rows[-1]["accuracy"] = 0.99
+    step = {"training_iteration": rows[-1]["training_iteration"] + 1, "epoch": rows[-1]["epoch"] + 1}
+    rows.append(rows[-1] | step | {"accuracy": -math.inf, "diverged": 1.0})
+    result.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    exp = load_experiment(copy)
+    trial = exp.best_trial
+    assert trial["trial_id"] == loser["trial_id"] and trial["diverged"] and trial["rank"] == 1
+    assert trial["best_accuracy"] == 0.99 and exp.best_epoch == rows[-2]["epoch"] and not trial["early_stopped"]
+    assert trial["last_accuracy"] == -math.inf
+    for plot in (plots.learning_curves, plots.lr_vs_metric, plots.lr_batch_heatmap, plots.rank_effect):
+        assert plot(exp).axes, plot.__name__
 
 
 def _set_accuracy_by_epoch(result: Path, accuracies: list[float]) -> None:

@@ -441,12 +441,12 @@ def test_address_auto_joins_only_a_cluster_that_ray_start_recorded(tmp_path: Pat
             check_reachable("auto")
 
 
-def _trial_result(tmp: Path, trial_id: str, accuracies: list[float], kept: list[int]) -> Any:
+def _trial_result(tmp: Path, trial_id: str, scores: list[float], kept: list[int], metric: str = "accuracy") -> Any:
     """A trial's Result as Tune returns it: one row per epoch, checkpoints kept for the epochs in `kept`."""
     import pandas as pd
     from ray.tune import Checkpoint, Result
 
-    rows = [{"accuracy": a, "training_iteration": i + 1, "trial_id": trial_id} for i, a in enumerate(accuracies)]
+    rows = [{metric: a, "training_iteration": i + 1, "trial_id": trial_id} for i, a in enumerate(scores)]
     checkpoints = []
     for row in rows:
         if row["training_iteration"] in kept:
@@ -466,7 +466,7 @@ def test_the_printed_best_breaks_ties_as_the_report_does(tmp_path: Path) -> None
     late = _trial_result(tmp_path, "aaaa", [0.5, 0.9, 0.9], kept=[2, 3])
     early = _trial_result(tmp_path, "bbbb", [0.9, 0.7], kept=[1])
     unkept = _trial_result(tmp_path, "0000", [0.9], kept=[])
-    diverged = _trial_result(tmp_path, "cccc", [0.95, float("-inf")], kept=[1])  # as analysis: never the best
+    diverged = _trial_result(tmp_path, "cccc", [float("-inf")], kept=[1])  # its only epoch diverged: no score
     diverged.metrics["diverged"] = 1.0
     for order in ([late, early, unkept, diverged], [diverged, unkept, early, late]):
         _, metrics, checkpoint = _best_epoch(order, "accuracy", "max")
@@ -478,3 +478,18 @@ def test_the_printed_best_breaks_ties_as_the_report_does(tmp_path: Path) -> None
     assert _best_epoch([early, same], "accuracy", "max")[1]["trial_id"] == "0001"
     assert _best_epoch([diverged], "accuracy", "max") is None
     assert _best_epoch([late, early], "loss", "min") is None  # no trial reported the metric
+
+
+def test_a_trial_that_diverged_after_good_epochs_keeps_them(tmp_path: Path) -> None:
+    """Its diverged epoch reports the worst value and is never the best; the epochs it finished before are, as in
+    `analysis` (and its best epoch's checkpoint is kept)."""
+    from tune.run import _best_epoch
+
+    steady = _trial_result(tmp_path, "aaaa", [0.7, 0.8], kept=[1, 2])
+    diverged = _trial_result(tmp_path, "bbbb", [0.6, 0.9, float("-inf")], kept=[2, 3])
+    diverged.metrics["diverged"] = 1.0
+    best, metrics, checkpoint = _best_epoch([steady, diverged], "accuracy", "max")
+    assert best is diverged and metrics["training_iteration"] == 2 and checkpoint.path.endswith("bbbb/checkpoint_2")
+    lossy = _trial_result(tmp_path, "cccc", [0.5, 0.4, float("inf")], kept=[2, 3], metric="loss")
+    lossy.metrics["diverged"] = 1.0
+    assert _best_epoch([lossy], "loss", "min")[1]["training_iteration"] == 2  # under mode=min the worst is +inf

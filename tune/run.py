@@ -297,7 +297,8 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
         return 1
     best, shown_metrics, checkpoint = found
     shown = dict.fromkeys((metric, "accuracy", "f1_macro", "loss"))  # ordered, without duplicates
-    print(f"Best trial {Path(best.path).name}, epoch {_epochs_trained(shown_metrics):g}:")
+    later = f" (it diverged at epoch {_epochs_trained(last[best.path]):g})" if best.path in diverged else ""
+    print(f"Best trial {Path(best.path).name}, epoch {_epochs_trained(shown_metrics):g}{later}:")
     config = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
     print(f"  config:     {config}")
     print("  validation: " + ", ".join(f"{k}={shown_metrics[k]:.4f}" for k in shown if k in shown_metrics))
@@ -318,8 +319,10 @@ def _epochs_trained(metrics: dict[str, Any]) -> float:
 
 
 def _best_epoch(trials: list[Any], metric: str, mode: str) -> tuple[Any, dict[str, Any], Any] | None:
-    """(result, metrics, checkpoint) of the best epoch of all trials that did not diverge, or None when no epoch
-    has a finite score.
+    """(result, metrics, checkpoint) of the best epoch of all trials, or None when no epoch has a finite score.
+
+    A diverged epoch reports the worst value (+-inf), so it is never the best; the epochs its trial finished before
+    it are finished models like any other (their checkpoints are kept, and a retrain stops at the best epoch).
 
     Ties go to an epoch with a kept checkpoint, then to the earlier epoch, then to the smaller trial id, as
     `analysis.results` ranks trials (the report and retrain-best), so the trial printed here is the one they use;
@@ -329,7 +332,6 @@ def _best_epoch(trials: list[Any], metric: str, mode: str) -> tuple[Any, dict[st
     epochs = [
         (sign * m[metric], checkpoint is None, m["training_iteration"], m.get("trial_id", ""), result, m, checkpoint)
         for result in trials
-        if not (result.metrics or {}).get("diverged")  # a diverged trial's last report says so
         for m, checkpoint in _epochs(result)
         if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])
     ]
