@@ -313,13 +313,35 @@ def _interactive(predictor: Predictor) -> None:
         _print_prediction(text, predictor.predict([text])[0])
 
 
+def add_predictor_options(parser: argparse.ArgumentParser) -> None:
+    """The model folder and how it runs: what every command that loads a `Predictor` takes."""
+    parser.add_argument("model_dir", help="A model folder written by lorasent training (holds lorasent.json).")
+    parser.add_argument("--batch_size", type=int, default=64, help="Texts per forward pass (default: %(default)s).")
+    parser.add_argument("--max_length", type=int, help="Tokens kept per text (default: the trained max length).")
+    parser.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: a GPU if there is one).")
+    parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
+    parser.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
+
+
+def predictor_from_args(args: argparse.Namespace) -> Predictor:
+    """The `Predictor` that `add_predictor_options`' parsed options describe."""
+    return Predictor.from_dir(
+        args.model_dir,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        precision=args.precision,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lorasent.predict",
         description="Classify texts with a trained lorasent model folder.",
         epilog=EXIT_STATUS,
     )
-    parser.add_argument("model_dir", help="A model folder written by lorasent training (holds lorasent.json).")
+    add_predictor_options(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="A text to classify; repeat for more.")
     source.add_argument("--input", type=Path, help="A .txt (one text per line), .jsonl or .csv file.")
@@ -328,15 +350,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--text_column", default="text", help="Text column/field of a .csv or .jsonl input (default: %(default)s)."
     )
     parser.add_argument("--output", type=Path, help="Write predictions to this .csv or .jsonl file.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Texts per forward pass (default: %(default)s).")
-    parser.add_argument("--max_length", type=int, help="Tokens kept per text (default: the trained max length).")
-    parser.add_argument("--device", help="'cpu', 'cuda', 'cuda:1', ... (default: a GPU if there is one).")
-    parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)
-    parser.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help=TRUST_REMOTE_CODE_HELP,
-    )
     return parser.parse_args(argv)
 
 
@@ -361,14 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             items = list(_read_input(args.input, args.text_column))
             if not items:
                 raise DataError(f"{args.input} holds no texts. Give --input a file with at least one text in it.")
-        predictor = Predictor.from_dir(
-            args.model_dir,
-            device=args.device,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            precision=args.precision,
-            trust_remote_code=args.trust_remote_code,
-        )
+        predictor = predictor_from_args(args)
         if args.interactive:
             _interactive(predictor)
             return 0

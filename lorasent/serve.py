@@ -1,0 +1,226 @@
+"""Predictions over HTTP from a trained model folder: JSON in, JSON out, one process, standard library only.
+
+    python -m lorasent.serve runs/tune/latest/final_model          # http://127.0.0.1:8000
+    curl -s http://127.0.0.1:8000/predict -d '{"texts": ["Works great.", "Broke after a day."]}'
+
+`POST /predict` takes `{"texts": [...]}` and answers `{"predictions": [...]}`, one per text in order, each as
+`lorasent.predict.Prediction` (label, label_id, probabilities, truncated, error): a text that cannot be scored (empty,
+not a string) gets its error there without failing the others, as in `Predictor.predict`. `GET /health` names the
+model and its labels and counts what was served. A request that is not such JSON, or too large, gets a 4xx status with
+`{"error": ...}` naming the fix.
+
+Texts of requests that arrive while the model is busy are scored together in its next `Predictor.predict` call, so
+concurrent clients share forward passes (and a GPU) instead of queueing one call each. The server has no
+authentication: it listens on 127.0.0.1 unless `--host` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+from transformers.utils import logging as hf_logging
+
+from lorasent.cpus import cap_torch_threads
+from lorasent.errors import ConfigError, LorasentError
+from lorasent.predict import Prediction, Predictor, Text, add_predictor_options, predictor_from_args
+from lorasent.process import exit_process
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+REQUEST_FORMAT = 'Send a JSON object {"texts": ["a review", ...]} with Content-Type application/json.'
+
+
+class RequestError(Exception):
+    """A request the server refuses: its HTTP status and a message that names the fix."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Batcher:
+    """Scores the texts of every request waiting when the model is free in one `Predictor.predict` call.
+
+    One thread runs the model, so requests never compete for it; it takes what has queued up to a batch's worth of
+    texts, which costs a lone request no waiting.
+    """
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.waiting: queue.SimpleQueue[tuple[list[Any], Future[list[Prediction]]]] = queue.SimpleQueue()
+        self.stats = {"requests": 0, "texts": 0, "predict_calls": 0}
+        threading.Thread(target=self._run, name="lorasent-serve-model", daemon=True).start()
+
+    def predict(self, texts: list[Any]) -> list[Prediction]:
+        done: Future[list[Prediction]] = Future()
+        self.waiting.put((texts, done))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            requests = [self.waiting.get()]
+            while sum(len(texts) for texts, _ in requests) < self.predictor.batch_size and not self.waiting.empty():
+                requests.append(self.waiting.get())
+            texts = [text for batch, _ in requests for text in batch]
+            try:
+                predictions = self.predictor.predict(texts)
+            except Exception as e:  # e.g. out of GPU memory: those requests fail, the server goes on
+                for _, done in requests:
+                    done.set_exception(e)
+                continue
+            self.stats["requests"] += len(requests)
+            self.stats["texts"] += len(texts)
+            self.stats["predict_calls"] += 1
+            start = 0
+            for batch, done in requests:
+                done.set_result(predictions[start : start + len(batch)])
+                start += len(batch)
+
+
+def read_texts(body: bytes, max_texts: int) -> list[Text]:
+    """The texts of a /predict body; RequestError says what is wrong with it."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"The body is not JSON ({e}). {REQUEST_FORMAT}") from None
+    texts = request.get("texts") if isinstance(request, dict) else None
+    if not isinstance(texts, list):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f'The body has no "texts" list. {REQUEST_FORMAT}')
+    if len(texts) > max_texts:
+        raise RequestError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"{len(texts)} texts in one request; this server takes at most {max_texts} (--max_texts). Send them in "
+            "several requests.",
+        )
+    return texts
+
+
+def make_handler(batcher: Batcher, model_dir: str, max_texts: int, max_bytes: int) -> type[BaseHTTPRequestHandler]:
+    """The request handler class of a server of `batcher`'s model."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "lorasent"
+
+        def do_GET(self) -> None:
+            if self.path != "/health":
+                self._refuse(HTTPStatus.NOT_FOUND, "GET /health or POST /predict.")
+                return
+            labels = batcher.predictor.label_names
+            self._answer(HTTPStatus.OK, {"status": "ok", "model_dir": model_dir, "labels": labels, **batcher.stats})
+
+        def do_POST(self) -> None:
+            try:
+                if self.path != "/predict":
+                    raise RequestError(HTTPStatus.NOT_FOUND, "POST /predict or GET /health.")
+                texts = read_texts(self._body(), max_texts)
+            except RequestError as e:
+                self._refuse(e.status, str(e))
+                return
+            try:
+                predictions = batcher.predict(texts)
+            except Exception as e:
+                self._refuse(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+                return
+            self._answer(HTTPStatus.OK, {"predictions": [dataclasses.asdict(p) for p in predictions]})
+
+        def _body(self) -> bytes:
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise RequestError(HTTPStatus.LENGTH_REQUIRED, f"The request has no Content-Length. {REQUEST_FORMAT}")
+            if int(length) > max_bytes:
+                self.close_connection = True  # the unread body must not be taken for the next request
+                raise RequestError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"The body has {int(length):,} bytes; this server takes at most {max_bytes:,} (--max_request_mb). "
+                    "Send the texts in several requests.",
+                )
+            return self.rfile.read(int(length))
+
+        def _refuse(self, status: HTTPStatus, message: str) -> None:
+            self._answer(status, {"error": message})
+
+        def _answer(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
+            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m lorasent.serve",
+        description="Serve predictions of a trained lorasent model folder over HTTP (POST /predict, GET /health).",
+        epilog="Exit status: 0 when stopped (Ctrl-C or SIGTERM), 2 when refused (bad options, model folder, or a port "
+        "that cannot be listened on).",
+    )
+    add_predictor_options(parser)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Address to listen on (default: %(default)s, this machine only). The server has no authentication: "
+        "give 0.0.0.0 only behind a proxy or network you control.",
+    )
+    parser.add_argument("--port", type=int, default=8000, help="Port; 0 picks a free one (default: %(default)s).")
+    parser.add_argument("--max_texts", type=int, default=1024, help="Texts per request (default: %(default)s).")
+    parser.add_argument("--max_request_mb", type=float, default=16, help="Request body size (default: %(default)s).")
+    return parser.parse_args(argv)
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM (docker stop, Kubernetes) stops the server as Ctrl-C does
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns its exit status."""
+    hf_logging.disable_progress_bar()
+    args = parse_args(argv)
+    cap_torch_threads()
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        if args.max_texts <= 0 or not 0 < args.max_request_mb < math.inf:
+            raise ConfigError("--max_texts and --max_request_mb must be positive: give each a finite number above 0.")
+        try:  # listen first: a port in use is refused before the seconds that loading takes
+            server = ThreadingHTTPServer((args.host, args.port), BaseHTTPRequestHandler)
+        except (OSError, OverflowError) as e:
+            raise ConfigError(
+                f"Cannot listen on {args.host}:{args.port} ({e}). Pick another --port or --host."
+            ) from None
+        with server:
+            batcher = Batcher(predictor_from_args(args))
+            max_bytes = int(args.max_request_mb * 2**20)
+            server.RequestHandlerClass = make_handler(batcher, str(args.model_dir), args.max_texts, max_bytes)
+            host, port = server.server_address[:2]
+            url = f"http://{host}:{port}"
+            print(f"Serving {args.model_dir} (labels: {', '.join(batcher.predictor.label_names)}) at {url}")
+            print(f'  curl -s {url}/predict -d \'{{"texts": ["Works great."]}}\'', flush=True)
+            if args.host not in LOOPBACK_HOSTS:
+                print(f"warning: listening on {args.host} without authentication", file=sys.stderr, flush=True)
+            server.serve_forever()
+    except LorasentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, while serving or while the model loads
+        print("stopped", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    exit_process(main())

@@ -1,0 +1,156 @@
+"""The prediction server: the same predictions as `Predictor` over HTTP, concurrent requests answered each with its
+own, bad requests refused with a status and a message, loopback by default, a clean stop."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_predict import TEXTS, model_dir  # noqa: F401 (a fixture)
+
+from lorasent.predict import Predictor
+
+ROOT = Path(__file__).parents[1]
+MAX_TEXTS = 8
+
+
+def _start(model_dir: Path, *options: str) -> subprocess.Popen:  # noqa: F811
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorasent.serve", str(model_dir), "--device", "cpu", *options],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:  # noqa: F811
+    """(base URL, process) of a server on a free port, taking at most MAX_TEXTS texts and 4 KiB a request."""
+    process = _start(model_dir, "--port", "0", "--max_texts", str(MAX_TEXTS), "--max_request_mb", str(4 / 1024))
+    try:
+        line = process.stdout.readline()
+        found = re.search(r" at (http://\S+)$", line.strip())
+        assert found, line + process.stderr.read()
+        yield found[1], process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _request(url: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _predict(base: str, texts: list[Any]) -> list[dict[str, Any]]:
+    status, answer = _request(f"{base}/predict", json.dumps({"texts": texts}).encode())
+    assert status == 200, answer
+    return answer["predictions"]
+
+
+def _assert_same(served: list[dict[str, Any]], expected: list[Any]) -> None:
+    assert len(served) == len(expected)
+    for got, want in zip(served, expected, strict=True):
+        assert (got["label"], got["label_id"], got["error"]) == (want.label, want.label_id, want.error)
+        assert got["probabilities"].keys() == want.probabilities.keys()
+        for name, probability in want.probabilities.items():
+            assert got["probabilities"][name] == pytest.approx(probability, abs=1e-5)
+
+
+def test_it_listens_on_loopback_and_serves_what_the_predictor_predicts(server, model_dir: Path) -> None:  # noqa: F811
+    base, _ = server
+    assert base.startswith("http://127.0.0.1:")
+    status, health = _request(f"{base}/health")
+    assert status == 200 and health["status"] == "ok" and health["labels"] == ["negative", "positive"]
+    texts = [*TEXTS[:4], "", 7, None]  # three that cannot be scored: each gets its error, the others their labels
+    served = _predict(base, texts)
+    _assert_same(served, Predictor.from_dir(model_dir, device="cpu").predict(texts))
+    assert [p["error"] is None for p in served] == [True] * 4 + [False] * 3
+    assert "expected text, got int" in served[5]["error"]
+
+
+def test_concurrent_requests_each_get_their_own_predictions(server, model_dir: Path) -> None:  # noqa: F811
+    base, _ = server
+    requests = [[TEXTS[i % len(TEXTS)], f"{TEXTS[(i + 1) % len(TEXTS)]} {i}"][: 1 + i % 2] for i in range(24)]
+    before = _request(f"{base}/health")[1]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        served = list(pool.map(lambda texts: _predict(base, texts), requests))
+    predictor = Predictor.from_dir(model_dir, device="cpu")
+    for texts, answer in zip(requests, served, strict=True):
+        _assert_same(answer, predictor.predict(texts))
+    after = _request(f"{base}/health")[1]
+    assert after["requests"] - before["requests"] == len(requests)
+    assert after["texts"] - before["texts"] == sum(map(len, requests))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/predict", b"not json", 400, 'The body is not JSON .*Send a JSON object {"texts"'),
+        ("/predict", b"\xff\xfe\xfd", 400, "The body is not JSON"),
+        ("/predict", b'{"text": "one review"}', 400, 'The body has no "texts" list'),
+        ("/predict", b'["a", "b"]', 400, 'The body has no "texts" list'),
+        ("/predict", json.dumps({"texts": ["ok"] * (MAX_TEXTS + 1)}).encode(), 413, "at most 8 \\(--max_texts\\)"),
+        ("/predict", json.dumps({"texts": ["x" * 5000]}).encode(), 413, "at most 4,096 \\(--max_request_mb\\)"),
+        ("/nowhere", b"{}", 404, "POST /predict or GET /health"),
+        ("/predict", None, 404, "GET /health or POST /predict"),
+    ],
+)
+def test_bad_requests_get_a_status_and_the_fix(
+    server, path: str, body: bytes | None, status: int, message: str
+) -> None:
+    base, process = server
+    got, answer = _request(f"{base}{path}", body)
+    assert got == status and re.search(message, answer["error"]), answer
+    assert _predict(base, ["still serving"])[0]["error"] is None and process.poll() is None
+
+
+def test_sigterm_stops_it_cleanly(model_dir: Path) -> None:  # noqa: F811
+    process = _start(model_dir, "--port", "0")
+    try:
+        assert " at http://127.0.0.1:" in process.stdout.readline()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and err.strip().endswith("stopped"), err
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        process = _start(tmp_path / "no-model-here", "--port", port)  # the folder is never looked at
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and out == "", out
+    assert err.startswith(f"error: Cannot listen on 127.0.0.1:{port} (") and "Pick another --port" in err, err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--max_texts", "0"], "--max_texts and --max_request_mb must be positive"),
+        (["--max_request_mb", "nan"], "--max_texts and --max_request_mb must be positive"),
+        (["--port", "70000"], "Cannot listen on 127.0.0.1:70000 \\(.*port must be 0-65535"),
+    ],
+)
+def test_impossible_options_are_one_error_line(tmp_path: Path, capsys, options: list[str], message: str) -> None:
+    from lorasent.serve import main
+
+    assert main([str(tmp_path / "no-model-here"), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(f"error: {message}", err), err
