@@ -171,6 +171,51 @@ def predictor(ws: Workspace, data_file: Path, args: argparse.Namespace, results:
         "reviews/s",
         f"{len(texts)} test reviews; load {load['s']:.1f} s; {errors} errors",
     )
+    served(model_dir, texts, results)
+
+
+def served(model_dir: str, texts: list[str], results: Results) -> None:
+    """`python -m lorasent.serve` (its own process, on a free port) with one review a request: one client at a time,
+    then 16 at once, whose waiting requests the server scores together."""
+    import re
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lorasent.serve", model_dir, "--port", "0", "--max_texts", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # one access-log line a request
+        text=True,
+    )
+    try:
+        found = re.search(r" at (http://\S+)$", server.stdout.readline().strip())
+        if not found:
+            raise RuntimeError("the server did not start")
+        base = found[1]
+
+        def post(text: str) -> None:
+            request = urllib.request.Request(f"{base}/predict", data=json.dumps({"texts": [text]}).encode())
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                answer.read()
+
+        def calls() -> int:
+            with urllib.request.urlopen(f"{base}/health", timeout=60) as answer:
+                return json.loads(answer.read())["predict_calls"]
+
+        post(texts[0])  # warm-up
+        for clients in (1, 16):
+            before = calls()
+            with ThreadPoolExecutor(clients) as pool, timed() as t:
+                list(pool.map(post, texts))
+            results.add(
+                f"served, one review a request, {clients} client(s) at once",
+                len(texts) / t["s"],
+                "reviews/s",
+                f"{len(texts)} requests in {calls() - before} Predictor calls",
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def syncs_of(block: Callable[[], Any]) -> dict[str, Any]:
