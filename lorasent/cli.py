@@ -2,18 +2,19 @@
 over the arguments dataclasses, failing the project's clean way.
 
 Every parse error (an unknown flag included) is a `ConfigError` naming `--help`, so flags and YAML values fail
-alike, and an optional number accepts `none`, so a limit set by a preset or a config file can be lifted from the
-command line (`--max_train_samples none`).
+alike, and an optional number or switch accepts `none`, so a limit set by a preset or a config file can be lifted from
+the command line (`--max_train_samples none`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
 from lorasent.config import COMMA_SEPARATED
 from lorasent.errors import ConfigError
@@ -22,7 +23,7 @@ NONE_WORDS = ("none", "null")
 _KINDS = {"int": "a whole number", "float": "a number", "str": "a string", "string_to_bool": "true or false"}
 
 
-def _number_or_none(kind: type) -> Callable[[str], Any]:
+def _or_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(value: str) -> Any:
         return None if value.strip().lower() in NONE_WORDS else kind(value)
 
@@ -43,13 +44,15 @@ class PreParser(argparse.ArgumentParser):
 
 
 class ArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` whose errors are `ConfigError`s and whose optional numbers take `none`."""
+    """`HfArgumentParser` whose errors are `ConfigError`s and whose optional numbers and switches take `none`."""
 
     def __init__(self, dataclass_types: Iterable[type], **kwargs: Any) -> None:
         super().__init__(dataclass_types, **kwargs)
         for action in self._actions:
             if action.default is None and action.type in (int, float):
-                action.type = _number_or_none(action.type)
+                action.type = _or_none(action.type)
+            if action.default is None and action.type is string_to_bool:  # a switch whose default tells it apart
+                action.type, action.nargs, action.const = _or_none(string_to_bool), "?", True  # --x as --x true
             if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no_x repeats --x's help
                 action.help = f"Turn --{action.dest} off (it is on by default)."
                 action.default = argparse.SUPPRESS  # not "(default: False)"; --x's default True is what applies
@@ -57,18 +60,24 @@ class ArgumentParser(HfArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         _refuse(self.prog, message)
 
-    def config_defaults(self, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    def config_defaults(
+        self, values: Mapping[str, Any], source: str, searchable: Collection[str] | None = None
+    ) -> dict[str, Any]:
         """A config file's `values` as defaults of this parser's options, read as the same flags would be.
 
         A scalar becomes the string a command line holds, so argparse converts it alike; a list is taken only by an
         option of several values or a comma-separated one (`COMMA_SEPARATED`); null only by an optional
         one. Anything else would reach the dataclasses as a wrong type (a traceback, or worse a string read
         character by character), so it is refused here with the key, the value and what the option takes.
+        `searchable`: the options a search may search, for a mapping of values given to one (None: this command
+        searches nothing).
         """
         actions: dict[str, argparse.Action] = {}
         for action in self._actions:
             actions.setdefault(action.dest, action)  # `--x` comes before HfArgumentParser's `--no_x`
-        return {key: _config_value(actions[key], value, f"{source}: {key}") for key, value in values.items()}
+        return {
+            key: _config_value(actions[key], value, f"{source}: {key}", searchable) for key, value in values.items()
+        }
 
     def parse_dataclasses(self, argv: Sequence[str]) -> tuple[Any, ...]:
         """The dataclasses filled from `argv`; an argument no dataclass takes is refused, not ignored."""
@@ -91,7 +100,7 @@ def _takes(action: argparse.Action) -> str:
     return f"{one} or null" if action.default is None else one
 
 
-def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
+def _config_value(action: argparse.Action, value: Any, where: str, searchable: Collection[str] | None) -> Any:
     """One config value as its option's default (see `ArgumentParser.config_defaults`)."""
     key, takes = action.dest, _takes(action)
     several, joined = action.nargs in ("+", "*"), key in COMMA_SEPARATED
@@ -103,9 +112,16 @@ def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
             f"the default {action.default!r}."
         )
     if isinstance(value, dict):
+        space = json.dumps({key: value})
+        if searchable is None:
+            search = f"To search over values, give them to `python tune/run.py --search_space '{space}'`."
+        elif key in searchable:
+            search = f"To search over values, give them to the search space: --search_space '{space}'."
+        else:
+            search = f"{key} cannot be searched either: the search space takes {', '.join(searchable)}."
         raise ConfigError(
             f"{where} is the mapping {value!r}, but --{key} takes {takes}: a config file gives each option one value. "
-            f"To search over values, give them to `python tune/run.py --search_space '{json.dumps({key: value})}'`."
+            + search
         )
     if isinstance(value, list) and not (several or joined):
         raise ConfigError(f"{where} is the list {value!r}, but --{key} takes one value: {takes}.")

@@ -20,6 +20,8 @@ import yaml
 from lorasent.errors import ConfigError
 
 OFFLINE_DATASET = "offline:vader-amazon"
+AMAZON_POLARITY = "amazon_polarity"
+AMAZON_POLARITY_IDS = (AMAZON_POLARITY, "fancyzhx/amazon_polarity")
 OFFLINE_MODEL = "offline:all-MiniLM-L6-v2"
 TINY_MODEL = "tiny:distilbert"
 

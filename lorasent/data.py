@@ -21,15 +21,20 @@ from datasets.table import InMemoryTable
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 from lorasent.assets import vader_amazon_file
-from lorasent.config import INTEGER_LABEL, OFFLINE_DATASET, DataArguments, label_key
+from lorasent.config import (
+    AMAZON_POLARITY,
+    AMAZON_POLARITY_IDS,
+    INTEGER_LABEL,
+    OFFLINE_DATASET,
+    DataArguments,
+    label_key,
+)
 from lorasent.errors import ConfigError, DataError
 from lorasent.hub import load_hub_dataset
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-AMAZON_POLARITY = "amazon_polarity"
-AMAZON_POLARITY_IDS = (AMAZON_POLARITY, "fancyzhx/amazon_polarity")
 _FORMATS = {  # each file type, and what a file of it holds (named when one cannot be parsed)
     ".csv": "comma-separated values under a header row; a cell holding a comma, quote or line break is quoted",
     ".jsonl": "one JSON object per line",

@@ -90,6 +90,42 @@ def test_yaml_can_choose_the_preset_and_smoke_test_selects_smoke(tmp_path: Path)
     assert args.tune.preset == "smoke" and args.model.model_name_or_path == TINY_MODEL
 
 
+@pytest.mark.parametrize(
+    ("config", "argv"),
+    [
+        ({"preset": "seed"}, ["--smoke-test"]),  # the flag overrides the config file's preset
+        ({"scheduler": "asha", "grace_period": 2}, ["--scheduler", "none"]),  # and what the file set up for ASHA
+        ({"dataset": "reviews.csv", "text_column": "body"}, ["--dataset", "amazon_polarity"]),
+        ({"num_samples": 4}, ["--searcher", "grid", "--search_space", '{"lora_r": {"grid": [2, 4]}}']),
+    ],
+)
+def test_a_flag_may_turn_off_what_the_config_file_set_up(tmp_path: Path, config: dict, argv: list[str]) -> None:
+    """A flag overrides the config file: what it leaves unread there is not refused."""
+    parse_args(["--config", _yaml(tmp_path, config), *argv])
+
+
+def test_an_unread_option_is_refused_only_where_the_user_gave_it(tmp_path: Path) -> None:
+    """A preset's values are its own; an option given in the config file is refused where the file, or a later flag,
+    makes it unread."""
+    assert parse_args(["--preset", "seed", "--scheduler", "none"]).tune.grace_period == 2
+    with pytest.raises(ConfigError, match="--grace_period has no effect with --scheduler none"):
+        parse_args(["--config", _yaml(tmp_path, {"scheduler": "none"}), "--grace_period", "2"])
+    with pytest.raises(ConfigError, match="--text_column has no effect with --dataset amazon_polarity"):
+        parse_args(["--config", _yaml(tmp_path, {"dataset": "amazon_polarity", "text_column": "body"})])
+    with pytest.raises(ConfigError, match="--preset has no effect with --smoke_test true"):
+        parse_args(["--config", _yaml(tmp_path, {"smoke_test": True}), "--preset", "seed"])
+    with pytest.raises(ConfigError, match="--preset has no effect with --smoke_test true"):
+        parse_args(["--config", _yaml(tmp_path, {"smoke_test": "true", "preset": "seed"})])
+    assert parse_args(["--config", _yaml(tmp_path, {"smoke_test": "false"})]).tune.preset == "quickstart"
+
+
+def test_an_optional_switch_takes_none() -> None:
+    """--include_dashboard unset can be told from one given (a cluster refuses one given), and a resume unsets it."""
+    assert [parse_args(argv).tune.include_dashboard for argv in ([], ["--include_dashboard"])] == [None, True]
+    assert parse_args(["--include_dashboard", "false"]).tune.include_dashboard is False
+    assert parse_args(["--include_dashboard", "none"]).tune.include_dashboard is None
+
+
 def test_a_preset_limit_can_be_lifted_and_yaml_lists_join(tmp_path: Path) -> None:
     assert parse_args([]).data.max_train_samples == 600  # the quick-start preset's subset
     args = parse_args(["--max_train_samples", "none", "--max_eval_samples", "None"])
@@ -123,6 +159,33 @@ def test_search_space_flag_merges_per_parameter() -> None:
     ("argv", "message"),
     [
         (["--preset", "nope"], "Unknown preset 'nope'. Presets: full, quickstart, seed, smoke"),
+        # an empty preset ran the quick-start, --smoke-test hid any other, and a path named the experiment's folder
+        (["--preset", ""], "Unknown preset ''. Presets: full"),
+        (["--smoke-test", "--preset", "nope"], "Unknown preset 'nope'"),
+        (["--preset", str(REPO / "tune" / "presets" / "seed")], "Unknown preset '/"),
+        (
+            ["--smoke-test", "--preset", "seed"],
+            "--preset has no effect with --smoke_test true: it runs the 'smoke' preset instead. Drop --preset, or "
+            "drop --smoke_test to run preset 'seed'.",
+        ),
+        # options that another setting leaves unread: refused, not ignored
+        (["--scheduler", "none", "--grace_period", "2"], "--grace_period has no effect with --scheduler none: it is"),
+        (["--scheduler", "none", "--reduction_factor", "3"], "Drop --reduction_factor, or use --scheduler asha."),
+        (
+            ["--text_column", "body"],
+            f"--text_column has no effect with --dataset {OFFLINE_DATASET}: it names a column of a local data file",
+        ),
+        (["--preset", "seed", "--label_column", "stars"], "--label_column has no effect with --dataset amazon_polar"),
+        (["--amazon_text", "content"], "Drop --amazon_text, or use --dataset amazon_polarity."),
+        (["--preset", "seed", "--neutral_threshold", "1"], f"or use --dataset {OFFLINE_DATASET}."),
+        (["--preset", "seed", "--test_fraction", "0.3"], "--test_fraction has no effect with --dataset amazon_polar"),
+        (["--searcher", "grid", "--num_samples", "4"], "--num_samples has no effect with --searcher grid: it runs"),
+        (["--searcher", "grid", "--search_seed", "1"], "Drop --search_seed, or use --searcher optuna or random."),
+        (["--searcher=grid", "--points_to_evaluate=[]"], "--points_to_evaluate has no effect with --searcher grid"),
+        (["--include_dashboard", "false", "--dashboard_port", "8300"], "--dashboard_port has no effect with --incl"),
+        (["--fused_trials", "--torch_threads", "2"], "--torch_threads has no effect with --fused_trials true: the"),
+        (["--fused_trials", "--dataloader_num_workers", "2"], "Drop --dataloader_num_workers, or search without"),
+        (["--precision", "fp32", "--half_precision_base"], "--half_precision_base has no effect with --precision fp"),
         (["--searcher", "hyperopt"], "Unknown searcher 'hyperopt'. Valid: optuna, random, grid"),
         (["--scheduler", "pbt"], "Unknown scheduler 'pbt'"),
         (["--mode", "maximise"], "Unknown mode"),
@@ -209,6 +272,8 @@ def test_unknown_yaml_keys_list_the_valid_ones(tmp_path: Path) -> None:
         ({"label_names": None}, "label_names is null (an empty value)"),
         ({"dataset": ["a.csv", "b.csv"]}, "dataset is the list ['a.csv', 'b.csv'], but --dataset takes one value"),
         ({"lora_r": {"choice": [4, 8]}}, """--search_space '{"lora_r": {"choice": [4, 8]}}'"""),
+        # the search space then refused what it was told to take
+        ({"seed": {"choice": [1, 2]}}, "seed cannot be searched either: the search space takes learning_rate, per_"),
         ({"label_names": [False, True]}, 'Quote such values in the config file as written, e.g. label_names: ["no"'),
         ({"resume": "runs/tune/latest"}, "['resume'] can only be given on the command line (--resume)"),
         ({"config": "other.yaml"}, "['config'] can only be given on the command line (--config)"),
@@ -350,6 +415,11 @@ def _closed_port() -> int:
         (["--address", "http://127.0.0.1:8265"], "is a dashboard/job URL"),
         (["--address", "10.0.0.1:6379", "--num_gpus", "2"], "--num_gpus set up a local Ray, but this search joins"),
         (["--address", "10.0.0.1:6379", "--dashboard_host", "0.0.0.0"], "Drop --dashboard_host (on --resume"),
+        (["--address", "10.0.0.1:6379", "--include_dashboard", "false"], "Drop --include_dashboard (on --resume"),
+        (
+            ["--search_space", '{"lora_alpha": {"choice": [8, 32]}}', "--points_to_evaluate", '[{"lora_r": 4}]'],
+            "points_to_evaluate[0] leaves out lora_alpha, so it takes --lora_alpha's value 16, which lies outside",
+        ),
         (["--resume", "/nonexistent/experiment"], "Cannot read /nonexistent/experiment/lorasent_search.json"),
         (["--num_gpus", "99"], "--num_gpus 99, but torch sees"),
         (["--precision", "fp16", "--gpus_per_trial", "0"], "precision 'fp16' needs a CUDA GPU"),

@@ -630,13 +630,15 @@ def use_token_from_env() -> str | None:
 def _refuse_local_ray_options(tune_args: TuneArguments, address: str) -> None:
     """Options that size and expose a local Ray have no effect on a cluster this search joins: refused, not ignored
     (a user who gave --num_gpus 2 there expects two GPUs' worth of trials)."""
-    given = [f"--{name}" for name in ("num_cpus", "num_gpus", "dashboard_port") if getattr(tune_args, name) is not None]
+    local = ("num_cpus", "num_gpus", "include_dashboard", "dashboard_port")
+    given = [f"--{name}" for name in local if getattr(tune_args, name) is not None]
     if tune_args.dashboard_host not in LOOPBACK:
         given.append("--dashboard_host")
     if given:
         raise ConfigError(
             f"{', '.join(given)} set up a local Ray, but this search joins the Ray cluster at {address}, whose CPUs, "
-            "GPUs and dashboard are its nodes' own (`ray start --num-cpus/--num-gpus/--dashboard-port` there). Drop "
+            "GPUs and dashboard are its nodes' own (`ray start --num-cpus/--num-gpus/--include-dashboard/"
+            "--dashboard-port` there). Drop "
             f"{' and '.join(given)} (on --resume, set them to none), or drop --address and RAY_ADDRESS to run on a "
             "local Ray."
         )
@@ -729,7 +731,7 @@ def check_dashboard_port(tune_args: TuneArguments) -> None:
     """Refuse a --dashboard_port that cannot be bound (another program, or another search's dashboard, holds it), as
     Ray tests it: Ray's own refusal came after its GCS had started, as a traceback naming `ray start` flags."""
     host, port = tune_args.dashboard_host, tune_args.dashboard_port
-    if not tune_args.include_dashboard or port is None:  # unset: Ray takes 8265 or the next free port
+    if tune_args.include_dashboard is False or port is None:  # unset: Ray takes 8265 or the next free port
         return
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -748,7 +750,8 @@ def _init_local_ray(tune_args: TuneArguments, cpus: int, gpus: int | None) -> st
     import ray
 
     check_dashboard_port(tune_args)
-    if tune_args.include_dashboard and tune_args.dashboard_host not in LOOPBACK:
+    dashboard = tune_args.include_dashboard is not False  # None: on
+    if dashboard and tune_args.dashboard_host not in LOOPBACK:
         warnings.warn(
             f"The Ray dashboard will listen on {tune_args.dashboard_host}, reachable from other machines. "
             "Keep token authentication on, or use --dashboard_host 127.0.0.1 with an SSH tunnel "
@@ -763,7 +766,7 @@ def _init_local_ray(tune_args: TuneArguments, cpus: int, gpus: int | None) -> st
                 address="local",  # a new local Ray, never silently a `ray start` cluster already on this machine
                 num_cpus=cpus,
                 num_gpus=gpus,
-                include_dashboard=tune_args.include_dashboard,
+                include_dashboard=dashboard,
                 dashboard_host=tune_args.dashboard_host,
                 dashboard_port=tune_args.dashboard_port,
                 log_to_driver=tune_args.verbose >= 2,
@@ -771,7 +774,7 @@ def _init_local_ray(tune_args: TuneArguments, cpus: int, gpus: int | None) -> st
     except BaseException:  # that Ctrl-C, or a failure: stop what the start started
         stop_ray()
         raise
-    return context.dashboard_url if tune_args.include_dashboard else None
+    return context.dashboard_url if dashboard else None
 
 
 def _ctrl_c_held() -> contextlib.AbstractContextManager[Any]:

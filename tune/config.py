@@ -20,7 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from lorasent.config import MAX_SEED, DataArguments, ModelArguments, TrainArguments, read_yaml, replace, to_dict
+from lorasent.config import (
+    AMAZON_POLARITY_IDS,
+    MAX_SEED,
+    OFFLINE_DATASET,
+    DataArguments,
+    ModelArguments,
+    TrainArguments,
+    read_yaml,
+    replace,
+    to_dict,
+)
 from lorasent.errors import ConfigError
 from lorasent.metrics import metric_names
 
@@ -108,7 +118,8 @@ class TuneArguments:
         metadata={"help": "YAML file of option: value pairs (any option of this command); overrides the preset."},
     )
     smoke_test: bool = field(
-        default=False, metadata={"help": "Run the 'smoke' preset: a tiny model and a few samples, in seconds."}
+        default=False,
+        metadata={"help": "Run the 'smoke' preset (in place of --preset): a tiny model and a few samples, in seconds."},
     )
     resume: str | None = field(
         default=None,
@@ -124,16 +135,16 @@ class TuneArguments:
         default_factory=JsonList,
         metadata={
             "help": "Configs to try first, as a JSON list of {parameter: value}; searched parameters a point "
-            "leaves out take their flag's value. Ignored by grid search, which tries every point anyway."
+            "leaves out take their flag's value. Not for grid search, which tries every point anyway."
         },
     )
     searcher: str = field(
         default="optuna",
         metadata={
             "help": "optuna (TPE, seeded by --search_seed), random (seeded), or grid (every combination of the "
-            "choice/grid values once; --num_samples is ignored). Over a finite space (choice lists, whole-number "
-            "ranges), optuna and random propose each configuration once, and --num_samples is cut to the number of "
-            "configurations."
+            "choice/grid values once; it takes no --num_samples, --search_seed or --points_to_evaluate). Over a "
+            "finite space (choice lists, whole-number ranges), optuna and random propose each configuration once, "
+            "and --num_samples is cut to the number of configurations."
         },
     )
     scheduler: str = field(
@@ -236,7 +247,10 @@ class TuneArguments:
         metadata={"help": "CPUs of a local Ray (None: those this process may use, within a container's CPU quota)."},
     )
     num_gpus: int | None = field(default=None, metadata={"help": "GPUs of a local Ray (None: all visible ones)."})
-    include_dashboard: bool = field(default=True, metadata={"help": "Start Ray's dashboard with a local Ray."})
+    include_dashboard: bool | None = field(
+        default=None,
+        metadata={"help": "Start Ray's dashboard with a local Ray (None: on); a cluster's is its head's own."},
+    )
     dashboard_host: str = field(
         default="127.0.0.1",
         metadata={"help": "Interface the local dashboard listens on; anything but loopback exposes it."},
@@ -470,15 +484,57 @@ def _refuse_ignored_options(tune_args: TuneArguments, data_args: DataArguments, 
             raise ConfigError(f"--{name} has no effect in a search: {instead}.")
 
 
+def _refuse_unused_options(args: SearchArguments, preset: str | None, given: Mapping[str, int]) -> None:
+    """Refuse an option the user gave that the search would not read, as another setting decides.
+
+    `given`: the layer each option was set in, 1 the config file, 2 the command line; a preset's values are the
+    preset's own. A flag may turn off what the config file set up (`--scheduler none` over its ASHA settings), but an
+    option given in the setting's layer or a later one is refused, not ignored. `preset`: the preset asked for.
+    """
+    t, dataset = args.tune, args.data.dataset
+    grid, builtin = t.searcher == "grid", dataset == OFFLINE_DATASET or dataset in AMAZON_POLARITY_IDS
+    asha = "it is an option of ASHA, and none runs every trial to the end"
+    grid_runs = "it runs every combination of the space once, in order"
+    unused = (  # (options, the setting that decides, whether they go unread, why, the other fix)
+        (("preset",), "smoke_test", t.smoke_test and preset not in (None, "smoke"), "it runs the 'smoke' preset "
+         "instead", f"drop --smoke_test to run preset {preset!r}"),
+        (("grace_period", "reduction_factor"), "scheduler", t.scheduler != "asha", asha, "use --scheduler asha"),
+        (("text_column", "label_column"), "dataset", builtin, "it names a column of a local data file, and this "
+         "dataset is built in", "give --dataset FILE"),
+        (("amazon_text",), "dataset", dataset not in AMAZON_POLARITY_IDS, "it builds amazon_polarity's texts",
+         "use --dataset amazon_polarity"),
+        (("neutral_threshold",), "dataset", dataset != OFFLINE_DATASET, f"it labels {OFFLINE_DATASET}'s rated "
+         "sentences", f"use --dataset {OFFLINE_DATASET}"),
+        (("test_fraction",), "dataset", dataset in AMAZON_POLARITY_IDS, "it has a test split of its own",
+         "test on fewer reviews with --max_test_samples"),
+        (("num_samples", "search_seed", "points_to_evaluate"), "searcher", grid, grid_runs,
+         "use --searcher optuna or random"),
+        (("dashboard_port", "dashboard_host"), "include_dashboard", t.include_dashboard is False,
+         "no dashboard starts", "drop --include_dashboard false"),
+        (("torch_threads", "dataloader_num_workers"), "fused_trials", t.fused_trials, "the trial engines set their "
+         "own threads and gather batches without a DataLoader", "search without --fused_trials"),
+        (("half_precision_base",), "precision", args.train.precision == "fp32", "it stores the base in the "
+         "precision of bf16/fp16 training", "use --precision auto, bf16 or fp16"),
+    )  # fmt: skip
+    for options, setting, unread, why, instead in unused:
+        refused = [name for name in options if unread and given.get(name, 0) >= max(given.get(setting, 0), 1)]
+        if refused:
+            value = next(getattr(group, setting) for group in args if hasattr(group, setting))
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(
+                f"--{refused[0]} has no effect with --{setting} {shown}: {why}. Drop --{refused[0]}, or {instead}."
+            )
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def preset_path(name: str) -> Path:
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
+    """The file of preset `name`: one of `preset_names()`, never a path (an experiment is named after its preset)."""
+    if name not in preset_names():
         raise ConfigError(f"Unknown preset {name!r}. Presets: {', '.join(preset_names())}.")
-    return path
+    return PRESET_DIR / f"{name}.yaml"
 
 
 def _preset_summary(name: str) -> str:
@@ -532,7 +588,7 @@ def _coerce_layer(parser: "ArgumentParser", values: Mapping[str, Any], source: s
         flags = " / ".join(f"--{key}" for key in misplaced)
         raise ConfigError(f"{source}: {misplaced} can only be given on the command line ({flags}).")
     structured = {key for key in values if actions[key].type in (JsonObject, JsonList)}
-    coerced = parser.config_defaults({k: v for k, v in values.items() if k not in structured}, source)
+    coerced = parser.config_defaults({k: v for k, v in values.items() if k not in structured}, source, SEARCHABLE)
     for key in structured:
         try:
             coerced[key] = actions[key].type(values[key])
@@ -560,6 +616,13 @@ def _parse(parser: "ArgumentParser", argv: Sequence[str]) -> SearchArguments:
     return SearchArguments(*parser.parse_dataclasses(argv))
 
 
+def _flags_given(parser: "ArgumentParser", argv: Sequence[str]) -> set[str]:
+    """The options `argv` sets, as argparse reads it without abbreviations: a word that names an option (or
+    `--option=value`) is that option, never another's value."""
+    dests = {option: action.dest for action in parser._actions for option in action.option_strings}
+    return {dests[arg.partition("=")[0]] for arg in argv if arg.partition("=")[0] in dests}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> SearchArguments:
     """Arguments of `python tune/run.py`: defaults < preset < YAML < flags, or a saved experiment's for --resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -571,14 +634,17 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchArguments:
 
 def _new_search_args(argv: Sequence[str], pre: argparse.Namespace) -> SearchArguments:
     """A new search's arguments: the preset's, then the config file's, then the flags (`pre`: `_pre_parse(argv)`)."""
+    from transformers.hf_argparser import string_to_bool
+
     parser = build_parser()
-    yaml_values = read_yaml(pre.config) if pre.config else {}
-    smoke_test = pre.smoke_test if pre.smoke_test is not None else yaml_values.get("smoke_test")
-    preset = "smoke" if smoke_test else (pre.preset or yaml_values.get("preset") or DEFAULT_PRESET)
-    layers = [
-        _coerce_layer(parser, read_yaml(preset_path(preset)), f"preset {preset!r}"),
-        _coerce_layer(parser, yaml_values, f"config file {pre.config}"),
-    ]
+    config = _coerce_layer(parser, read_yaml(pre.config), f"config file {pre.config}") if pre.config else {}
+    given = {**dict.fromkeys(config, 1), **dict.fromkeys(_flags_given(parser, argv), 2)}  # see _refuse_unused_options
+    smoke_test = pre.smoke_test if pre.smoke_test is not None else string_to_bool(config.get("smoke_test", False))
+    asked = pre.preset if pre.preset is not None else config.get("preset")
+    if asked is not None:
+        preset_path(asked)  # known, though --smoke-test replaces it
+    preset = "smoke" if smoke_test else (asked or DEFAULT_PRESET)
+    layers = [_coerce_layer(parser, read_yaml(preset_path(preset)), f"preset {preset!r}"), config]
     spaces = [layer.pop("search_space", None) for layer in layers]
     defaults: dict[str, Any] = {}
     for layer in layers:
@@ -588,7 +654,9 @@ def _new_search_args(argv: Sequence[str], pre: argparse.Namespace) -> SearchArgu
     tune_args = replace(args.tune, preset=preset, search_space=merge_search_spaces(*spaces, args.tune.search_space))
     check_metric(tune_args, args.data)
     _refuse_ignored_options(tune_args, args.data, args.train)
-    return args._replace(tune=tune_args)
+    args = args._replace(tune=tune_args)
+    _refuse_unused_options(args, asked, given)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------------

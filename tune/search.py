@@ -107,6 +107,11 @@ def starting_points(
         for name, spec in space.items():
             value = typed_value(name, point.get(name, getattr(_owner(name, model_args, train_args), name)))
             inside = spec.values[0] <= value <= spec.values[1] if spec.is_range else value in spec.values
+            if not inside and name not in point:
+                raise ConfigError(
+                    f"points_to_evaluate[{i}] leaves out {name}, so it takes --{name}'s value {value!r}, which lies "
+                    f"outside its search space {spec.distribution} {list(spec.values)}. Give {name} in the point."
+                )
             if not inside:
                 raise ConfigError(
                     f"points_to_evaluate[{i}]: {name}={value!r} lies outside its search space {spec.distribution} "
