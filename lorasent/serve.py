@@ -112,6 +112,7 @@ def make_handler(batcher: Batcher, model_dir: str, max_texts: int, max_bytes: in
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "lorasent"
+        timeout = 60  # seconds a client may take to send its request: a stalled one does not hold its thread forever
 
         def do_GET(self) -> None:
             if self.path != "/health":
