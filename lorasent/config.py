@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -278,6 +279,54 @@ class TrainArguments:
 
 
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, TrainArguments)
+
+
+class UnreadOptions(NamedTuple):
+    """Options that another setting leaves unread where `unread` holds: refused where the user gave them, since a
+    user who gave one expects it to act."""
+
+    options: tuple[str, ...]
+    setting: str  # the option whose value decides
+    value: Any  # its value
+    unread: bool
+    why: str
+    instead: str  # the other fix than dropping the option
+
+    def refusal(self, name: str) -> ConfigError:
+        shown = str(self.value).lower() if isinstance(self.value, bool) else self.value
+        return ConfigError(
+            f"--{name} has no effect with --{self.setting} {shown}: {self.why}. Drop --{name}, or {self.instead}."
+        )
+
+
+def unread_options(data_args: DataArguments, train_args: TrainArguments) -> list[UnreadOptions]:
+    """The data and training options that the dataset or the precision leaves unread, in any command."""
+    dataset = data_args.dataset
+    builtin = dataset == OFFLINE_DATASET or dataset in AMAZON_POLARITY_IDS
+    return [
+        UnreadOptions(("text_column", "label_column"), "dataset", dataset, builtin,
+                      "it names a column of a local data file, and this dataset is built in", "give --dataset FILE"),
+        UnreadOptions(("amazon_text",), "dataset", dataset, dataset not in AMAZON_POLARITY_IDS,
+                      "it builds amazon_polarity's texts", "use --dataset amazon_polarity"),
+        UnreadOptions(("neutral_threshold",), "dataset", dataset, dataset != OFFLINE_DATASET,
+                      f"it labels {OFFLINE_DATASET}'s rated sentences", f"use --dataset {OFFLINE_DATASET}"),
+        UnreadOptions(("test_fraction",), "dataset", dataset, dataset in AMAZON_POLARITY_IDS,
+                      "it has a test split of its own", "test on fewer reviews with --max_test_samples"),
+        UnreadOptions(("half_precision_base",), "precision", train_args.precision, train_args.precision == "fp32",
+                      "it stores the base in the precision of bf16/fp16 training",
+                      "use --precision auto, bf16 or fp16"),
+    ]  # fmt: skip
+
+
+def refuse_unread_defaults_changed(args: Sequence[Any], rules: Sequence[UnreadOptions]) -> None:
+    """Refuse an option of `rules` that is unread and differs from its default: given, in a command without presets
+    (a value equal to the default does what leaving it out does)."""
+    defaults = {f.name: f.default for group in args for f in dataclasses.fields(group)}
+    values = {f.name: getattr(group, f.name) for group in args for f in dataclasses.fields(group)}
+    for rule in rules:
+        changed = [name for name in rule.options if rule.unread and values[name] != defaults[name]]
+        if changed:
+            raise rule.refusal(changed[0])
 
 
 def to_dict(args: Any) -> dict[str, Any]:

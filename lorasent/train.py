@@ -48,6 +48,8 @@ from lorasent.config import (
     ModelArguments,
     TrainArguments,
     read_yaml,
+    refuse_unread_defaults_changed,
+    unread_options,
 )
 from lorasent.cpus import capped_torch_threads
 from lorasent.data import SPLITS
@@ -783,7 +785,9 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelAr
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**_yaml_defaults(parser, known.config))
-    return parser.parse_dataclasses(sys.argv[1:] if argv is None else argv)
+    data_args, model_args, train_args, run_args = parser.parse_dataclasses(sys.argv[1:] if argv is None else argv)
+    refuse_unread_defaults_changed((data_args, train_args), unread_options(data_args, train_args))
+    return data_args, model_args, train_args, run_args
 
 
 def _format(metrics: dict[str, float]) -> str:

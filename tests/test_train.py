@@ -442,6 +442,10 @@ def test_cli_reads_yaml_and_lets_flags_override(tmp_path: Path, capsys: pytest.C
         ({"model_name_or_path": TINY_MODEL}, ["--lora_r", "0"], "lora_r must be a positive number"),
         ({"model_name_or_path": "offline:nothing"}, [], "Unknown built-in model"),
         ({"model_name_or_path": TINY_MODEL, "precision": "bf17"}, [], "precision is 'bf17', but --precision takes one"),
+        # options the dataset or the precision leaves unread: refused, not ignored (as in a search)
+        ({}, ["--text_column", "body"], "--text_column has no effect with --dataset offline:vader-amazon: it names"),
+        ({"dataset": "amazon_polarity"}, ["--neutral_threshold", "1"], "--neutral_threshold has no effect with --d"),
+        ({"precision": "fp32", "half_precision_base": True}, [], "--half_precision_base has no effect with --precis"),
     ],
 )
 def test_cli_errors_are_one_clean_line(tmp_path: Path, capsys, content, flags, message) -> None:

@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lorasent.config import (
-    AMAZON_POLARITY_IDS,
     MAX_SEED,
-    OFFLINE_DATASET,
     DataArguments,
     ModelArguments,
     TrainArguments,
+    UnreadOptions,
     read_yaml,
     replace,
     to_dict,
+    unread_options,
 )
 from lorasent.errors import ConfigError
 from lorasent.metrics import metric_names
@@ -491,39 +491,29 @@ def _refuse_unused_options(args: SearchArguments, preset: str | None, given: Map
     preset's own. A flag may turn off what the config file set up (`--scheduler none` over its ASHA settings), but an
     option given in the setting's layer or a later one is refused, not ignored. `preset`: the preset asked for.
     """
-    t, dataset = args.tune, args.data.dataset
-    grid, builtin = t.searcher == "grid", dataset == OFFLINE_DATASET or dataset in AMAZON_POLARITY_IDS
+    t = args.tune
     asha = "it is an option of ASHA, and none runs every trial to the end"
     grid_runs = "it runs every combination of the space once, in order"
-    unused = (  # (options, the setting that decides, whether they go unread, why, the other fix)
-        (("preset",), "smoke_test", t.smoke_test and preset not in (None, "smoke"), "it runs the 'smoke' preset "
-         "instead", f"drop --smoke_test to run preset {preset!r}"),
-        (("grace_period", "reduction_factor"), "scheduler", t.scheduler != "asha", asha, "use --scheduler asha"),
-        (("text_column", "label_column"), "dataset", builtin, "it names a column of a local data file, and this "
-         "dataset is built in", "give --dataset FILE"),
-        (("amazon_text",), "dataset", dataset not in AMAZON_POLARITY_IDS, "it builds amazon_polarity's texts",
-         "use --dataset amazon_polarity"),
-        (("neutral_threshold",), "dataset", dataset != OFFLINE_DATASET, f"it labels {OFFLINE_DATASET}'s rated "
-         "sentences", f"use --dataset {OFFLINE_DATASET}"),
-        (("test_fraction",), "dataset", dataset in AMAZON_POLARITY_IDS, "it has a test split of its own",
-         "test on fewer reviews with --max_test_samples"),
-        (("num_samples", "search_seed", "points_to_evaluate"), "searcher", grid, grid_runs,
-         "use --searcher optuna or random"),
-        (("dashboard_port", "dashboard_host"), "include_dashboard", t.include_dashboard is False,
-         "no dashboard starts", "drop --include_dashboard false"),
-        (("torch_threads", "dataloader_num_workers"), "fused_trials", t.fused_trials, "the trial engines set their "
-         "own threads and gather batches without a DataLoader", "search without --fused_trials"),
-        (("half_precision_base",), "precision", args.train.precision == "fp32", "it stores the base in the "
-         "precision of bf16/fp16 training", "use --precision auto, bf16 or fp16"),
-    )  # fmt: skip
-    for options, setting, unread, why, instead in unused:
-        refused = [name for name in options if unread and given.get(name, 0) >= max(given.get(setting, 0), 1)]
+    unused = [
+        UnreadOptions(("preset",), "smoke_test", True, t.smoke_test and preset not in (None, "smoke"),
+                      "it runs the 'smoke' preset instead", f"drop --smoke_test to run preset {preset!r}"),
+        UnreadOptions(("grace_period", "reduction_factor"), "scheduler", t.scheduler, t.scheduler != "asha", asha,
+                      "use --scheduler asha"),
+        UnreadOptions(("num_samples", "search_seed", "points_to_evaluate"), "searcher", t.searcher,
+                      t.searcher == "grid", grid_runs, "use --searcher optuna or random"),
+        UnreadOptions(("dashboard_port", "dashboard_host"), "include_dashboard", False, t.include_dashboard is False,
+                      "no dashboard starts", "drop --include_dashboard false"),
+        UnreadOptions(("torch_threads", "dataloader_num_workers"), "fused_trials", True, t.fused_trials,
+                      "the trial engines set their own threads and gather batches without a DataLoader",
+                      "search without --fused_trials"),
+        *unread_options(args.data, args.train),
+    ]  # fmt: skip
+    for rule in unused:
+        refused = [
+            name for name in rule.options if rule.unread and given.get(name, 0) >= max(given.get(rule.setting, 0), 1)
+        ]
         if refused:
-            value = next(getattr(group, setting) for group in args if hasattr(group, setting))
-            shown = str(value).lower() if isinstance(value, bool) else value
-            raise ConfigError(
-                f"--{refused[0]} has no effect with --{setting} {shown}: {why}. Drop --{refused[0]}, or {instead}."
-            )
+            raise rule.refusal(refused[0])
 
 
 def preset_names() -> list[str]:
