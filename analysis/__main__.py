@@ -15,6 +15,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from analysis.results import DEFAULT_EXPERIMENT
 from lorasent.cpus import cap_torch_threads
@@ -100,6 +101,19 @@ def _predict_hint(model_dir: object) -> None:
     print(f'Predict: python -m lorasent.predict {model_dir} --text "{EXAMPLE_TEXT}"')
 
 
+def _retrain(args: argparse.Namespace, out_dir: str | None) -> Path:
+    """The final model, retrained as `report --retrain` and `retrain` both ask, saved to `out_dir`."""
+    from analysis.retrain import retrain_best
+
+    return retrain_best(
+        args.experiment,
+        out_dir,
+        use_checkpoint=args.use_checkpoint,
+        trust_remote_code=args.trust_remote_code,
+        dataset=args.dataset,
+    )
+
+
 def _quiet_weight_loading() -> None:
     """transformers' 'Loading weights' bar for a few MB of adapter is noise between retraining's own lines."""
     from transformers.utils import logging as hf_logging
@@ -113,17 +127,8 @@ def run(args: argparse.Namespace) -> int:
         cap_torch_threads()  # the test evaluation after retraining, as a training run and `lorasent.evaluate` are
     if args.command == "report":
         from analysis.report import write_report
-        from analysis.retrain import retrain_best
 
-        final_model = args.final_model
-        if args.retrain:
-            final_model = retrain_best(
-                args.experiment,
-                args.final_model,
-                use_checkpoint=args.use_checkpoint,
-                trust_remote_code=args.trust_remote_code,
-                dataset=args.dataset,
-            )
+        final_model = _retrain(args, args.final_model) if args.retrain else args.final_model
         paths = write_report(
             args.experiment, args.output, final_model=final_model, execute=not args.no_execute, timeout=args.timeout
         )
@@ -139,16 +144,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"No final model yet: python -m analysis retrain {args.experiment}  (or report --retrain)")
     elif args.command == "retrain":
-        from analysis.retrain import retrain_best
-
-        final_model = retrain_best(
-            args.experiment,
-            args.output,
-            use_checkpoint=args.use_checkpoint,
-            trust_remote_code=args.trust_remote_code,
-            dataset=args.dataset,
-        )
-        _predict_hint(final_model)
+        _predict_hint(_retrain(args, args.output))
     elif args.command == "evaluate":
         from analysis.retrain import warn_if_trained_on_legacy
         from lorasent.evaluate import main as evaluate_main

@@ -8,6 +8,7 @@ The model, the LoRA wrapper and the metrics are lorasent's, so the two sides dif
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,23 +33,15 @@ SEED_LORA = {"lora_r": 4, "lora_alpha": 32, "lora_dropout": 0.01, "target_module
 SEED_BEST = {"learning_rate": 5e-4, "per_device_train_batch_size": 16, **SEED_LORA}
 SEED_LRS = (1e-3, 5e-4, 3e-4)
 SEED_BATCHES = (4, 8, 16)
-SEED_EPOCHS = 5
 
 
 class EpochClock(TrainerCallback):
-    """Per-epoch wall seconds of training and of the evaluation that follows it (GPU work included).
+    """Per-epoch wall seconds of training and of the evaluation that follows it (GPU work included)."""
 
-    With `per_step`, every optimizer step is timed too; that synchronises the GPU each step (no CPU/GPU
-    overlap), so use it to look at step costs, not to measure throughput.
-    """
-
-    def __init__(self, per_step: bool = False) -> None:
-        self.per_step = per_step
+    def __init__(self) -> None:
         self.train_s: list[float] = []
         self.eval_s: list[float] = []
-        self.steps: list[float] = []  # seconds of each optimizer step, for launch-overhead analysis
         self._t = 0.0
-        self._step_t = 0.0
 
     @staticmethod
     def _now() -> float:
@@ -59,14 +52,7 @@ class EpochClock(TrainerCallback):
         return time.perf_counter()
 
     def on_epoch_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        self._t = self._step_t = self._now()
-
-    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if not self.per_step:
-            return
-        now = self._now()
-        self.steps.append(now - self._step_t)
-        self._step_t = now
+        self._t = self._now()
 
     def on_epoch_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         now = self._now()
@@ -88,14 +74,13 @@ class SeedRun:
     train_s: list[float] = field(default_factory=list)
     eval_s: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
-    step_s: list[float] = field(default_factory=list)
 
     @property
     def epoch_with_eval_s(self) -> list[float]:
         return [t + e for t, e in zip(self.train_s, self.eval_s, strict=False)]
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "step_s"}
+        return dataclasses.asdict(self)
 
 
 def seed_splits(
@@ -174,4 +159,4 @@ def seed_style_run(
     setup_s = time.perf_counter() - start
     trainer.train()
     accuracy = [log["eval_accuracy"] for log in trainer.state.log_history if "eval_accuracy" in log]
-    return SeedRun(learning_rate, batch_size, epochs, setup_s, clock.train_s, clock.eval_s, accuracy, clock.steps)
+    return SeedRun(learning_rate, batch_size, epochs, setup_s, clock.train_s, clock.eval_s, accuracy)

@@ -4,9 +4,9 @@ Trials of one search differ only in their adapters, heads and hyperparameters; t
 a batch-16 step is a few milliseconds of small, launch-bound kernels, and trial processes sharing a GPU take turns
 (bench/RESULTS.md, G3: eight processes gave ~1.8x the throughput of one). Here the batches of K trials go through the
 base as one batch of all their rows. Every LoRA target Linear adds the K adapters stacked into one matrix pair, and a
-per-row mask keeps each row to its own trial's columns (the mask also carries alpha / r). Every head module runs per
-trial on that trial's rows. Each trial's loss is the mean over its own rows, so it gets exactly the gradients it would
-get alone (tests/test_fused.py).
+per-row mask keeps each row to its own trial's columns (the mask also carries alpha / r). Every head module gives
+each trial's rows that trial's own copy (a Linear head as one matmul of every copy over every row). Each trial's loss
+is the mean over its own rows, so it gets exactly the gradients it would get alone (tests/test_fused.py).
 
 `SharedBase` holds the model once. A `TrialSlot` is one trial's trainable tensors, AdamW, learning-rate schedule and
 batch order. `SharedBase.step` advances any set of slots by one batch each, so trials join and leave at step
@@ -77,7 +77,7 @@ def fused_precision(train_args: TrainArguments) -> str:
     return "fp32" if precision == "fp16" else precision  # 'auto' on a GPU without bf16
 
 
-def check_shareable(model_args: ModelArguments, train_args: TrainArguments, searched: Iterable[str] = ()) -> None:
+def check_shareable(train_args: TrainArguments, searched: Iterable[str] = ()) -> None:
     """Refuse, before anything loads, what trials sharing one base model cannot do."""
     fused_precision(train_args)
     check_schedule(train_args)  # an unknown schedule named as such, before asking whether it is one of the step
@@ -412,7 +412,7 @@ class SharedBase:
         train_args: TrainArguments,
         device: torch.device | None = None,
     ) -> None:
-        check_shareable(model_args, train_args)
+        check_shareable(train_args)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() and not train_args.use_cpu else "cpu")
         self.data_args, self.model_args, self.train_args = data_args, model_args, train_args
         self.dtype = torch.bfloat16 if fused_precision(train_args) == "bf16" else None

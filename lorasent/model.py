@@ -356,7 +356,6 @@ def save_model_dir(
     source: dict[str, str] | None = None,
 ) -> Path:
     """Save adapter, tokenizer and `lorasent.json` to `out_dir`, all or nothing (write, then rename)."""
-    check_output_dir(out_dir)
     meta = model_meta(
         data_args.label_names,
         data_args=data_args,
@@ -366,6 +365,12 @@ def save_model_dir(
         metrics=metrics,
         source=source,
     )
+    return write_model_dir(model, tokenizer, out_dir, meta)
+
+
+def write_model_dir(model: PeftModel, tokenizer: Any, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """`save_model_dir` for a caller that holds the folder's `lorasent.json` already (`model_meta`'s)."""
+    check_output_dir(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)

@@ -33,6 +33,8 @@ from transformers import (
     PrinterCallback,
     Trainer,
     TrainerCallback,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
     get_scheduler,
     set_seed,
@@ -65,9 +67,9 @@ from lorasent.model import (
     model_meta,
     read_meta,
     resolve_target_modules,
-    save_model_dir,
     sdpa_attention_mask,
     write_meta,
+    write_model_dir,
 )
 from lorasent.process import exit_process
 from lorasent.tokenize import (
@@ -268,7 +270,7 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         generator = self.generator
         if self.seed is not None and self.epoch is not None:
             generator = epoch_generator(self.seed, self.epoch)
@@ -447,7 +449,7 @@ class EpochCallback(TrainerCallback):
         self._loss_steps = 0
         self._eval_metrics: dict[str, float] = {}
 
-    def _end_segment(self, state, control) -> None:
+    def _end_segment(self, state: TrainerState, control: TrainerControl) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # queued GPU work belongs to this segment's time
         self._segment_seconds = time.perf_counter() - self._segment_start_time
@@ -455,7 +457,9 @@ class EpochCallback(TrainerCallback):
         self.epochs_trained += state.epoch - self._segment_start
         control.should_log = True  # log the loss of the steps since the last log before evaluating
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._last_logged_step = state.global_step
         if args.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(args.device)  # a reused trial process reports this run's peak only
@@ -464,23 +468,34 @@ class EpochCallback(TrainerCallback):
         n, steps = self.evals_per_epoch, self._steps_per_epoch
         self._mid_epoch_steps = {round(j * steps / n) for j in range(1, n)} - {0, steps}
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._start_segment(state.epoch or 0.0)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._mid_epoch_steps and state.global_step % self._steps_per_epoch in self._mid_epoch_steps:
             self._end_segment(state, control)
             control.should_evaluate = self.metric is not None
             control.should_save = True
 
-    def on_epoch_end(self, args, state, control, **kwargs):
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" in self.reports:
             # Stopped (diverged) at an evaluation within the epoch: that step was evaluated and reported already.
             control.should_evaluate = control.should_save = False
             return
         self._end_segment(state, control)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not logs or "loss" not in logs:
             return
         steps = state.global_step - self._last_logged_step
@@ -491,7 +506,14 @@ class EpochCallback(TrainerCallback):
             self.diverged = True
             control.should_training_stop = True
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._eval_metrics = {
             key.removeprefix("eval_"): float(value)
             for key, value in (metrics or {}).items()
@@ -507,7 +529,7 @@ class EpochCallback(TrainerCallback):
             # A diverged model must never become Trainer's best checkpoint, whatever its accuracy.
             metrics[f"eval_{self.metric}"] = self.worst
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         epoch = round(state.epoch, 4)
         fraction = state.epoch - self._segment_start
         metrics = {
@@ -723,17 +745,8 @@ def train(
         output_dir = None
         # A run that diverged before any good epoch has nothing worth saving: its weights are NaN.
         if save_final and not (callback.diverged and best_checkpoint is None):
-            output_dir = save_model_dir(
-                trainer.model,
-                tokenizer,
-                train_args.output_dir,
-                data_args=data_args,
-                model_args=model_args,
-                train_args=train_args,
-                train_splits=train_splits,
-                metrics=best_metrics,
-                source=source,
-            )
+            meta = {**callback.meta, "metrics": dict(best_metrics)}
+            output_dir = write_model_dir(trainer.model, tokenizer, train_args.output_dir, meta)
         seconds = callback.train_seconds
         return TrainResult(
             output_dir=output_dir,

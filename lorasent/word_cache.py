@@ -50,7 +50,7 @@ class WordPieceByWord:
         suffix: list[int],
         budget: int | None,
         added_tokens: list[str],
-    ):
+    ) -> None:
         self._words = words  # the twin without truncation or special tokens: pieces of the words it is given
         self._lowercase = lowercase
         letters = "a-z0-9" if lowercase else "A-Za-z0-9"

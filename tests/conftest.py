@@ -58,6 +58,29 @@ def start_search(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
         )
 
 
+def interrupt_when_ready(
+    argv: list[str], ready: Callable[[subprocess.Popen], None], timeout: float, stdin: bool = False
+) -> tuple[int, str, str]:
+    """(exit code, rest of stdout, rest of stderr) of `python ARGV`, run from the repository root and sent SIGINT, as
+    a terminal's Ctrl-C, once `ready` has read from its pipes that it got as far as the test needs (with `stdin`, it
+    may write to it first); killed if it is still running then."""
+    process = subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=REPO,
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ready(process)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+    return process.returncode, out, err
+
+
 def exit_code(proc: subprocess.Popen, log: Path, timeout: float) -> int:
     """`proc`'s exit code once it ends; a run still going after `timeout` seconds fails the test with its output's
     end (a hang shows where it hangs)."""

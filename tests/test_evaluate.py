@@ -6,15 +6,14 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import signal
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import interrupt_when_ready
 
 from lorasent import evaluate as evaluate_module
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
@@ -131,23 +130,15 @@ def test_ctrl_c_while_a_split_is_scored_ends_without_a_traceback(
     data = dataclasses.replace(DATA, max_train_samples=1200)
     args = TrainArguments(output_dir=str(tmp_path / "model"), num_train_epochs=1, per_device_train_batch_size=64)
     model = train(data, ModelArguments(model_name_or_path=TINY_MODEL, lora_r=4), args).output_dir
-    command = [sys.executable, "-m", "lorasent.evaluate", str(model), "--split", "train", "--batch_size", "1"]
-    process = subprocess.Popen(
-        [*command, "--device", "cpu", "--output_dir", str(tmp_path / "out")],
-        cwd=Path(evaluate_module.__file__).parents[1],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        warned = process.stderr.readline()  # SeenSplitWarning, before the model loads
-        assert "SeenSplitWarning" in warned, warned + process.stderr.read()
+
+    def warned(process: subprocess.Popen) -> None:
+        warning = process.stderr.readline()  # SeenSplitWarning, before the model loads
+        assert "SeenSplitWarning" in warning, warning + process.stderr.read()
         process.stderr.readline()  # the warning's source line
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 130, out + err
+
+    argv = ["-m", "lorasent.evaluate", str(model), "--split", "train", "--batch_size", "1", "--device", "cpu"]
+    returncode, out, err = interrupt_when_ready([*argv, "--output_dir", str(tmp_path / "out")], warned, timeout=120)
+    assert returncode == 130, out + err
     assert err == f"interrupted: nothing written to {tmp_path / 'out'}\n" and not (tmp_path / "out").exists()
 
 

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import interrupt_when_ready
 from test_security import _model_with_custom_code
 
 from lorasent import predict as predict_module
@@ -162,24 +162,15 @@ def test_cli_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_ctrl_c_ends_an_interactive_session_without_a_traceback(model_dir: Path) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lorasent.predict", str(model_dir), "--interactive"],
-        cwd=Path(predict_module.__file__).parents[1],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    def answered(process: subprocess.Popen) -> None:
         process.stdin.write("Great phone.\n")
         process.stdin.flush()
         answer = process.stdout.readline()  # the model is loaded and waiting for the next line
         assert answer.startswith(("negative", "positive")), answer + process.stderr.read()
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 130 and err == "interrupted\n", err
+
+    argv = ["-m", "lorasent.predict", str(model_dir), "--interactive"]
+    returncode, _, err = interrupt_when_ready(argv, answered, timeout=120, stdin=True)
+    assert returncode == 130 and err == "interrupted\n", err
 
 
 def test_cli_interactive_refuses_an_output_file(model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -8,7 +8,6 @@ import json
 import math
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_modes_right, forward_modes
+from conftest import assert_modes_right, forward_modes, interrupt_when_ready
 from safetensors.torch import load_file
 
 from lorasent import export
@@ -501,21 +500,14 @@ def test_ctrl_c_during_training_says_where_to_resume_without_a_traceback(referen
     shutil.copytree(reference[2][-1].checkpoint_dir, stale)
     flags = ["--model_name_or_path", TINY_MODEL, "--max_train_samples", "48", "--max_eval_samples", "16"]
     flags += ["--max_length", "32", "--per_device_train_batch_size", "8", "--num_train_epochs", "1000"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lorasent.train", *flags, "--output_dir", str(output)],
-        cwd=Path(train_module.__file__).parents[1],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+
+    def reported(process: subprocess.Popen) -> None:
         first = process.stdout.readline()  # the first epoch's report: a checkpoint exists
         assert first.startswith("epoch 1:"), first + process.stderr.read()
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=300)
-    finally:
-        process.kill()
-    assert process.returncode == 130, err
+
+    argv = ["-m", "lorasent.train", *flags, "--output_dir", str(output)]
+    returncode, _, err = interrupt_when_ready(argv, reported, timeout=300)
+    assert returncode == 130, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"interrupted: the final model was not saved to {output}"), err

@@ -407,7 +407,7 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None, source: d
         os.environ[CACHE_ENV] = str(Path(os.environ[CACHE_ENV]).expanduser().resolve())
     space, param_space = search.build_param_space(t, args.model, args.train)
     if t.fused_trials:  # first: its refusals say what else to change, where the scheduler's would not mention it
-        check_shareable(args.model, args.train, searched=space)
+        check_shareable(args.train, searched=space)
     if not t.resume:
         check_warmup(args.train, searched="warmup_ratio" in space)
     epochs = search.max_epochs(t, space, args.train)
