@@ -4,7 +4,7 @@ Prints, and writes to --out:
   - lorasent `train()` (its `Trainer` path): reviews/s and real (unpadded) tokens/s of a steady epoch;
   - the hand-written loop (bench/handloop.py) on the same model, data, batch size and length-grouped order, and
     the ratio lorasent / hand loop (goal >= 0.85);
-  - `Predictor` throughput on the test reviews;
+  - `Predictor` throughput on the test reviews, and through `lorasent.serve` (bench_serve.py) from 1 and 16 clients;
   - how often an epoch through `train()`, the hand loop's epoch and `Predictor.predict` make the host wait for the
     GPU (reads of device values on any device; on CUDA every sync, blocking copies included);
   - host work per step of `train()` and of the hand loop on DistilBERT's modules at width 32, where a step is
@@ -151,6 +151,7 @@ def lorasent_vs_hand_loop(ws: Workspace, data_file: Path, args: argparse.Namespa
 
 def predictor(ws: Workspace, data_file: Path, args: argparse.Namespace, results: Results) -> None:
     import pandas as pd
+    from bench_serve import served
 
     from lorasent.predict import Predictor
 
@@ -172,50 +173,6 @@ def predictor(ws: Workspace, data_file: Path, args: argparse.Namespace, results:
         f"{len(texts)} test reviews; load {load['s']:.1f} s; {errors} errors",
     )
     served(model_dir, texts, results)
-
-
-def served(model_dir: str, texts: list[str], results: Results) -> None:
-    """`python -m lorasent.serve` (its own process, on a free port) with one review a request: one client at a time,
-    then 16 at once, whose waiting requests the server scores together."""
-    import re
-    import urllib.request
-    from concurrent.futures import ThreadPoolExecutor
-
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lorasent.serve", model_dir, "--port", "0", "--max_texts", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,  # one access-log line a request
-        text=True,
-    )
-    try:
-        found = re.search(r" at (http://\S+)$", server.stdout.readline().strip())
-        if not found:
-            raise RuntimeError("the server did not start")
-        base = found[1]
-
-        def post(text: str) -> None:
-            request = urllib.request.Request(f"{base}/predict", data=json.dumps({"texts": [text]}).encode())
-            with urllib.request.urlopen(request, timeout=120) as answer:
-                answer.read()
-
-        def calls() -> int:
-            with urllib.request.urlopen(f"{base}/health", timeout=60) as answer:
-                return json.loads(answer.read())["predict_calls"]
-
-        post(texts[0])  # warm-up
-        for clients in (1, 16):
-            before = calls()
-            with ThreadPoolExecutor(clients) as pool, timed() as t:
-                list(pool.map(post, texts))
-            results.add(
-                f"served, one review a request, {clients} client(s) at once",
-                len(texts) / t["s"],
-                "reviews/s",
-                f"{len(texts)} requests in {calls() - before} Predictor calls",
-            )
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def syncs_of(block: Callable[[], Any]) -> dict[str, Any]:
