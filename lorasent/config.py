@@ -52,6 +52,7 @@ def _absolute_if_local(value: str) -> str:
 
 
 MAX_SEED = 2**32 - 1  # numpy's and sklearn's seeds are unsigned 32-bit integers
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: peft scales the LoRA update in fp32 at least
 MAX_THREADS = 1024  # of torch, or DataLoader processes: more than a machine has cores, which is all that can help
 
 
@@ -186,6 +187,12 @@ class ModelArguments:
         self.model_name_or_path = _absolute_if_local(self.model_name_or_path)
         _positive("lora_r", self.lora_r)
         _positive("lora_alpha", self.lora_alpha)
+        if self.lora_alpha > int(FLOAT32_MAX) * self.lora_r:  # alpha / r overflowed a float (a crash), or inf x 0: NaN
+            raise ConfigError(
+                f"lora_alpha {self.lora_alpha} with lora_r {self.lora_r} scales the LoRA update by more than a 32-bit "
+                f"float holds ({FLOAT32_MAX:.3g}): every step would be NaN. Set lora_alpha to about lora_r to 2 x "
+                "lora_r, e.g. --lora_alpha 16."
+            )
         _fraction("lora_dropout", self.lora_dropout)
         if isinstance(self.target_modules, (list, tuple)):  # a YAML list of module names
             self.target_modules = ",".join(map(str, self.target_modules))

@@ -60,6 +60,7 @@ from lorasent.metrics import metric_names, metrics_fn
 from lorasent.model import (
     AUTOCAST_DTYPES,
     build_model,
+    check_lora_rank,
     check_model_dir,
     check_output_dir,
     device_precision,
@@ -844,7 +845,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoints = [Path(run_args.resume_from_checkpoint)] if run_args.resume_from_checkpoint else []
     try:
         # Refused before the data is read and tokenised (minutes for a large dataset), not after.
-        resolve_target_modules(meta_model(model_args), model_args.target_modules)
+        architecture = meta_model(model_args)
+        targets = resolve_target_modules(architecture, model_args.target_modules)
+        check_lora_rank(architecture, targets, model_args.lora_r)
         check_warmup(train_args)
 
         def show(report: EpochReport) -> None:

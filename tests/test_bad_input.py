@@ -208,6 +208,13 @@ def test_search_space_of_unknown_target_modules(tmp_path: Path, capsys: pytest.C
     _search_refused(tmp_path, capsys, ["--search_space", space], "search_space.target_modules: 'query,value'", "q_lin")
 
 
+def test_search_space_of_lora_ranks_above_the_layers_width(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Trials of r = 10**20 failed inside torch after their retries, and r = 100,000 trained for nothing."""
+    space = json.dumps({"lora_r": {"loguniform": [2, 10**20]}})
+    fragments = [f"search_space.lora_r: LoRA rank {10**20} exceeds", "(q_lin, v_lin: 32 x 32 weights)", "at most 32."]
+    _search_refused(tmp_path, capsys, ["--search_space", space], *fragments)
+
+
 def test_search_batch_larger_than_the_train_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     space = json.dumps({"per_device_train_batch_size": {"choice": [8, 128]}})
     _search_refused(tmp_path, capsys, ["--search_space", space], "128", "64 training examples", "max_train_samples")
@@ -276,6 +283,16 @@ def test_training_with_unknown_target_modules_writes_nothing(tmp_path: Path, cap
     no_text.write_text("review,label\nfine,positive\nbad,negative\n")
     out.mkdir()
     _train_refused(out, capsys, ["--target_modules", "query", "--dataset", str(no_text)], "['query']", "q_lin")
+
+
+def test_training_with_an_impossible_lora_rank_or_alpha_writes_nothing(tmp_path: Path, capsys) -> None:
+    """r = 10**20 crashed inside torch (a C++ frame dump); r = 100,000 trained 25.6M LoRA parameters on the tiny
+    model's 32-wide layers; alpha = 10**400 overflowed alpha / r inside peft. Refused before the data is read."""
+    width = "(q_lin, v_lin: 32 x 32 weights)"
+    _train_refused(tmp_path, capsys, ["--lora_r", str(10**20)], f"LoRA rank {10**20} exceeds", width, "at most 32.")
+    _train_refused(tmp_path, capsys, ["--lora_r", "100000"], "LoRA rank 100000 exceeds", width, "at most 32.")
+    alpha = ["--lora_alpha", str(10**400)]
+    _train_refused(tmp_path, capsys, alpha, "with lora_r 8 scales the LoRA update by more than a 32-bit float")
 
 
 def test_training_with_an_unknown_or_incomplete_flag_or_schedule(tmp_path: Path, capsys) -> None:

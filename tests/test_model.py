@@ -26,6 +26,7 @@ from lorasent.model import (
     ADAPTER_WEIGHTS,
     META_FILE,
     build_model,
+    check_lora_rank,
     load_model_dir,
     meta_model,
     resolve_target_modules,
@@ -142,6 +143,22 @@ def test_unknown_target_module_lists_the_valid_names(tiny_model_dir: Path) -> No
         build_model(ModelArguments(model_name_or_path=TINY_MODEL, target_modules="classifier"), LABELS)
 
 
+def test_a_rank_above_every_adapted_layers_width_is_refused_naming_them(tiny_model_dir: Path) -> None:
+    """A rank-r update of an m x n weight has rank at most min(m, n): peft built r=100,000 on the tiny model's 32-wide
+    layers (25.6M LoRA parameters), and r=10**20 crashed inside torch."""
+    tiny = meta_model(ModelArguments(model_name_or_path=TINY_MODEL))
+    for rank in (33, 10**20):
+        with pytest.raises(ConfigError, match=rf"LoRA rank {rank} .* \(q_lin, v_lin: 32 x 32 weights\).* at most 32\."):
+            build_model(ModelArguments(model_name_or_path=TINY_MODEL, lora_r=rank), LABELS)
+    # the widest adapted layer sets the limit; each layer is named with its shape
+    targets = resolve_target_modules(tiny, "all-linear")
+    check_lora_rank(tiny, targets, 32)
+    lines = "k_lin, out_lin, q_lin, v_lin: 32 x 32; lin1: 128 x 32; lin2: 32 x 128 weights"
+    with pytest.raises(ConfigError, match=rf"\({lines}\).* Set lora_r to at most 32\."):
+        check_lora_rank(tiny, targets, 64)
+    assert build_model(ModelArguments(model_name_or_path=TINY_MODEL, lora_r=32), LABELS).peft_config["default"].r == 32
+
+
 @pytest.mark.parametrize(
     ("cls", "changes", "message"),
     [
@@ -150,6 +167,9 @@ def test_unknown_target_module_lists_the_valid_names(tiny_model_dir: Path) -> No
         (TrainArguments, {"num_train_epochs": 0}, "num_train_epochs"),
         (ModelArguments, {"lora_r": 0}, "lora_r"),
         (ModelArguments, {"lora_dropout": 1.0}, "lora_dropout"),
+        # alpha / r overflowed a float inside peft (a traceback), or scaled a zero update to NaN (every step)
+        (ModelArguments, {"lora_alpha": 10**400}, "scales the LoRA update by more than a 32-bit float holds"),
+        (ModelArguments, {"lora_alpha": 10**40}, "with lora_r 8 scales the LoRA update by more than a 32-bit"),
         (ModelArguments, {"target_modules": " , "}, "target_modules"),
     ],
 )

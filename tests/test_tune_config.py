@@ -220,6 +220,7 @@ def test_search_space_flag_merges_per_parameter() -> None:
         (["--weight_decay", "nan"], "weight_decay must be a finite number >= 0, got nan"),
         (["--torch_threads", str(2**63)], f"torch_threads must be at most 1024, got {2**63}"),
         (["--dataloader_num_workers", str(10**20)], "dataloader_num_workers must lie in [0, 1024], got 1000"),
+        (["--lora_alpha", str(10**40)], "lora_alpha 1" + "0" * 40 + " with lora_r 8 scales the LoRA update by more"),
         # Ray's and Optuna's tracebacks once the checks had passed (and --num_cpus 0 ran on every CPU)
         (["--search_seed", "-1"], "search_seed must lie in [0, 2**32 - 1] (4294967295), got -1"),
         (["--num_cpus", "0"], "num_cpus must be >= 1 and num_gpus >= 0, got 0 and None"),
@@ -425,6 +426,13 @@ def _closed_port() -> int:
         (["--precision", "fp16", "--gpus_per_trial", "0"], "precision 'fp16' needs a CUDA GPU"),
         (["--lr_scheduler_type", "cosin"], "lr_scheduler_type 'cosin' is unknown; valid: linear, cosine"),
         (["--search_space", '{"weight_decay": {"uniform": [0, 1e400]}}'], "weight_decay: inf is not allowed"),
+        # a rank above every adapted layer's width (MiniLM's are 384 x 384) trained for nothing, or crashed in torch
+        (
+            ["--search_space", '{"lora_r": {"choice": [8, 512]}}'],
+            "search_space.lora_r: LoRA rank 512 exceeds the width of every layer it adapts in this bert model "
+            "(query, value: 384 x 384 weights)",
+        ),
+        (["--lora_r", "100000", "--search_space", '{"lora_r": null}'], "LoRA rank 100000 exceeds the width of every"),
         # a schedule without warm-up trained without one, and every searched warmup_ratio alike
         (["--warmup_ratio", "0.1", "--lr_scheduler_type", "constant"], "warmup_ratio 0.1 does nothing: lr_scheduler"),
         (

@@ -197,17 +197,23 @@ def build_scheduler(tune_args: TuneArguments, epochs: int, evals_per_epoch: int 
 
 
 def check_target_modules(space: SearchSpace, model_args: ModelArguments) -> None:
-    """Refuse LoRA target modules the model does not have, before the data is tokenised (minutes for a large
-    dataset), since every trial would fail on them after its retries."""
-    from lorasent.model import meta_model, resolve_target_modules
+    """Refuse LoRA target modules the model does not have, and LoRA ranks above the width of the layers they adapt,
+    before the data is tokenised (minutes for a large dataset), since every trial would fail on them after its
+    retries (or, for a rank, train in vain)."""
+    from lorasent.model import check_lora_rank, meta_model, resolve_target_modules
 
-    targets = space.get("target_modules")
+    targets, ranks = space.get("target_modules"), space.get("lora_r")
+    rank = int(max(ranks.values)) if ranks else model_args.lora_r
     architecture = meta_model(model_args)
     for spec in targets.values if targets else (model_args.target_modules,):
         try:
-            resolve_target_modules(architecture, spec)
+            names = resolve_target_modules(architecture, spec)
         except ConfigError as e:
             raise ConfigError(f"search_space.target_modules: {spec!r}: {e}" if targets else str(e)) from None
+        try:
+            check_lora_rank(architecture, names, rank)
+        except ConfigError as e:  # (the message names the layers, and so which target_modules)
+            raise ConfigError(f"search_space.lora_r: {e}" if ranks else str(e)) from None
 
 
 def check_batches_fit(space: SearchSpace, train_args: TrainArguments, train_examples: int) -> None:
