@@ -70,12 +70,12 @@ def test_precedence_defaults_preset_yaml_flags(tmp_path: Path) -> None:
     config = _yaml(
         tmp_path,
         # YAML 1.1 reads 3e-4 as a string: it must still become a float, as it would on the command line.
-        {"num_samples": 3, "learning_rate": "3e-4", "max_train_samples": 50, "search_space": {"lora_r": None}},
+        {"num_samples": 3, "weight_decay": "3e-4", "max_train_samples": 50, "search_space": {"lora_r": None}},
     )
     args = parse_args(["--preset", "smoke", "--config", config, "--num_samples", "5", "--seed", "7"])
     assert args.model.model_name_or_path == TINY_MODEL  # preset over default
     assert args.data.max_train_samples == 50  # YAML over preset
-    assert args.train.learning_rate == pytest.approx(3e-4)  # YAML, typed
+    assert args.train.weight_decay == pytest.approx(3e-4)  # YAML, typed
     assert args.tune.num_samples == 5  # flag over YAML
     assert args.train.seed == 7
     assert "lora_r" not in args.tune.search_space  # null removed it; the rest of the preset's space stays
@@ -124,6 +124,30 @@ def test_an_optional_switch_takes_none() -> None:
     assert [parse_args(argv).tune.include_dashboard for argv in ([], ["--include_dashboard"])] == [None, True]
     assert parse_args(["--include_dashboard", "false"]).tune.include_dashboard is False
     assert parse_args(["--include_dashboard", "none"]).tune.include_dashboard is None
+
+
+def test_a_value_given_over_a_searched_parameter_fixes_it(tmp_path: Path) -> None:
+    """A later layer overrides an earlier one: `--lora_r 16` over the preset's search of lora_r fixes it at 16 (it was
+    ignored: the trials searched [2, 4, 8]), and the preset's starting points leave it out. A value in the same layer
+    as the space stays the one a point that leaves the parameter out takes."""
+    args = parse_args(["--lora_r", "16"])
+    assert args.model.lora_r == 16 and "lora_r" not in args.tune.search_space
+    assert {"learning_rate", "per_device_train_batch_size"} <= set(args.tune.search_space)
+    seed = parse_args(["--preset", "seed", "--lora_r", "16", "--learning_rate", "1e-3"])
+    assert set(seed.tune.search_space) == {"per_device_train_batch_size"}
+    assert seed.tune.points_to_evaluate == [{"per_device_train_batch_size": 16}]
+    assert "lora_r" not in parse_args(["--config", _yaml(tmp_path, {"lora_r": 16})]).tune.search_space
+    space = {"lora_r": {"choice": [4, 8]}}
+    same_file = parse_args(["--config", _yaml(tmp_path, {"search_space": space, "lora_r": 4})])
+    same_flags = parse_args(["--search_space", json.dumps(space), "--lora_r", "4"])
+    for args in (same_file, same_flags):
+        assert args.tune.search_space["lora_r"] == space["lora_r"] and args.model.lora_r == 4
+    file = _yaml(tmp_path, {"search_space": space, "points_to_evaluate": [{"lora_r": 4, "learning_rate": 1e-3}]})
+    flag_over_file = parse_args(["--config", file, "--lora_r", "16"])
+    assert "lora_r" not in flag_over_file.tune.search_space
+    assert flag_over_file.tune.points_to_evaluate == [{"learning_rate": 1e-3}]  # the flag overrides the file's point
+    with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\] sets lora_r, which --lora_r fixes"):
+        parse_args(["--lora_r", "16", "--points_to_evaluate", '[{"lora_r": 4}]'])
 
 
 def test_a_preset_limit_can_be_lifted_and_yaml_lists_join(tmp_path: Path) -> None:

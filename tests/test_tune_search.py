@@ -78,7 +78,9 @@ def test_impossible_search_spaces(argv: list[str], message: str) -> None:
 
 
 def test_searchers_and_scheduler() -> None:
-    a = _args("--points_to_evaluate", '[{"lora_r": 4}]', "--lora_r", "2", "--per_device_train_batch_size", "8")
+    batch_sizes = json.dumps({"per_device_train_batch_size": {"choice": [8, 16]}})  # searched in the flags' layer
+    point = '[{"lora_r": 4}]'
+    a = _args("--points_to_evaluate", point, "--search_space", batch_sizes, "--per_device_train_batch_size", "8")
     space, _ = search.build_param_space(a.tune, a.model, a.train)
     points = search.starting_points(a.tune, space, a.model, a.train)
     # The point leaves learning_rate and batch size out: they come from the flags (learning_rate's default 5e-4).

@@ -74,7 +74,8 @@ SEARCH_SPACE_HELP = (
     "choice: [v1, v2, ...], grid: [v1, v2, ...] (every value; Optuna treats it as a choice). "
     f"Parameters: {', '.join(SEARCHABLE)}. Layers merge per parameter and null removes one, e.g. "
     '--search_space \'{"lora_r": {"choice": [4, 8]}, "lora_dropout": null}\'. '
-    "Parameters not searched take their flag's value (e.g. --lora_alpha)."
+    "Parameters not searched take their flag's value (e.g. --lora_alpha); a parameter given a value in a later "
+    "layer than the space that searches it is fixed at that value (--lora_r 16 over a preset's search of lora_r)."
 )
 
 
@@ -641,12 +642,56 @@ def _new_search_args(argv: Sequence[str], pre: argparse.Namespace) -> SearchArgu
         defaults.update(layer)
     parser.set_defaults(**{**defaults, "preset": preset})
     args = _parse(parser, argv)
-    tune_args = replace(args.tune, preset=preset, search_space=merge_search_spaces(*spaces, args.tune.search_space))
+    spaces.append(args.tune.search_space)
+    pinned = _pinned(spaces, given)
+    tune_args = replace(
+        args.tune,
+        preset=preset,
+        search_space=merge_search_spaces(*spaces, dict.fromkeys(pinned)),
+        points_to_evaluate=_without(args.tune.points_to_evaluate, pinned, given.get("points_to_evaluate", 0)),
+    )
     check_metric(tune_args, args.data)
     _refuse_ignored_options(tune_args, args.data, args.train)
     args = args._replace(tune=tune_args)
     _refuse_unused_options(args, asked, given)
     return args
+
+
+def _pinned(spaces: Sequence[Mapping[str, Any] | None], given: Mapping[str, int]) -> dict[str, int]:
+    """The searched parameters that a later layer than their space's gives a value: fixed at it, since a later layer
+    overrides an earlier one (`--lora_r 16` over the preset's search of lora_r was ignored). {name: its layer}.
+
+    `spaces`: the search spaces of the preset, the config file and the flags (layers 0, 1, 2); `given`: the layer
+    each option was given in (1 the config file, 2 the flags). A value in the same layer as the space stays what it
+    was: the value a point of `--points_to_evaluate` that leaves the parameter out takes.
+    """
+    searched_in: dict[str, int] = {}
+    for layer, space in enumerate(spaces):
+        for name, spec in (space or {}).items():
+            if spec is None:
+                searched_in.pop(name, None)
+            else:
+                searched_in[name] = layer
+    return {name: given[name] for name, layer in searched_in.items() if given.get(name, 0) > layer}
+
+
+def _without(points: list[Any], pinned: Mapping[str, int], layer: int) -> list[Any]:
+    """`points` (given in `layer`) without the parameters pinned in a later layer (a point left empty is dropped);
+    a point that sets one pinned in its own layer or a later one is refused."""
+    kept = []
+    for i, point in enumerate(points):
+        if isinstance(point, Mapping):
+            fixed = sorted(name for name in point if name in pinned and pinned[name] <= layer)
+            if fixed:
+                raise ConfigError(
+                    f"points_to_evaluate[{i}] sets {fixed[0]}, which --{fixed[0]} fixes: a value given over an earlier "
+                    f"layer's search of a parameter fixes it. Drop {fixed[0]} from the point, or drop --{fixed[0]}."
+                )
+            point = {name: value for name, value in point.items() if name not in pinned}
+            if not point:
+                continue
+        kept.append(point)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------------------
