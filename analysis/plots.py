@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import LogFormatterSciNotation
 
 from analysis.results import Experiment, compute_spent, importance_note, param_importances
 
@@ -110,11 +110,19 @@ def learning_curves(exp: Experiment) -> Figure:
         ),
     ]
     if len(order) <= _MAX_LEGEND_TRIALS:
-        handles += [Line2D([], [], color=palette[t], label=f"{t} (#{i})") for i, t in enumerate(order, 1)]
+        trials = exp.trials.set_index("trial_id")
+        handles += [Line2D([], [], color=palette[t], label=_curve_label(t, trials.loc[t])) for t in order]
     fig.legend(handles=handles, loc="outside right upper", fontsize=9, title="trial (rank)")
     stops = f"{len(stopped)} stopped early" if exp.early_stopping else "no early stopping"
     fig.suptitle(f"Learning curves of {len(order)} trials ({stops}, max {exp.max_epochs} epochs)")
     return fig
+
+
+def _curve_label(trial_id: str, trial: pd.Series) -> str:
+    """A trial's legend entry: its rank (none before a finite score), and whether it diverged or failed."""
+    rank = "no score" if pd.isna(trial["rank"]) else f"#{int(trial['rank'])}"
+    ended = ", diverged" if trial["diverged"] else ", ERROR" if trial["status"] == "ERROR" else ""
+    return f"{trial_id} ({rank}{ended})"
 
 
 def lr_vs_metric(exp: Experiment) -> Figure:
@@ -135,16 +143,19 @@ def lr_vs_metric(exp: Experiment) -> Figure:
         style=rank,
         size=rank,
         sizes=(60, 240),
-        palette="deep",
+        palette="deep" if batch else None,  # seaborn warns of a palette without a hue
         ax=ax,
     )
     best = exp.best_trial
     ax.annotate("best", (best[columns[0]], best[exp.best_column]), xytext=(10, -4), textcoords="offset points")
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    # Label the ticks between powers of ten only where no power of ten is in view: left unlabelled, a range within a
+    # decade had no tick label at all; labelled beside one, their labels ran into each other.
+    ax.xaxis.set_minor_formatter(LogFormatterSciNotation(minor_thresholds=(0, 0.4)))
     ax.set_xlabel("learning rate (log)")
     ax.set_ylabel(_metric_label(exp))
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:  # none when the search varied neither batch size nor rank
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
     ax.set_title("Learning rate vs validation metric")
     return fig
 

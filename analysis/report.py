@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import textwrap
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import nbformat
@@ -28,6 +31,7 @@ from lorasent.paths import atomic_write_text
 NOTEBOOK_NAME = "report.ipynb"
 HTML_NAME = "report.html"
 PARTIAL_NAME = "report.partial.ipynb"  # a run that did not finish, beside the last good report
+EDITED_NAME = "report.edited-{:%Y%m%d-%H%M%S}.ipynb"  # an edited report.ipynb, kept aside (stamped when last saved)
 
 
 class ReportError(LorasentError):
@@ -196,7 +200,14 @@ def build_notebook(exp: Experiment, final_model: Path) -> nbformat.NotebookNode:
         cell.id = f"cell-{number}"  # not random: a re-run report differs from the last only where the data does
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
+    nb.metadata["lorasent"] = {"sources_sha256": _sources_digest(nb)}  # tells a later run whether someone edited it
     return nb
+
+
+def _sources_digest(nb: nbformat.NotebookNode) -> str:
+    """A digest of the notebook's cells as written (not their outputs, which running it again changes)."""
+    cells = [[cell.cell_type, cell.source] for cell in nb.cells]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
 
 
 def execute_notebook(
@@ -282,8 +293,9 @@ def write_report(
 
     report.ipynb and report.html are replaced (each atomically) only by a run that finished: a failed cell, a cell
     timeout or Ctrl-C keeps the earlier report and writes the partly executed notebook to report.partial.ipynb for
-    its traceback (ReportError / ReportInterrupted name it). `execute=False` writes the unexecuted notebook and
-    removes an earlier HTML page, which would not show it.
+    its traceback (ReportError / ReportInterrupted name it). An earlier report.ipynb whose cells someone edited is
+    moved to report.edited-<when it was saved>.ipynb first, and said so. `execute=False` writes the unexecuted
+    notebook and removes an earlier HTML page, which would not show it.
     """
     exp = load_experiment(experiment)
     final = Path(final_model or exp.path / FINAL_MODEL_DIR).resolve()
@@ -293,6 +305,7 @@ def write_report(
     notebook_path, html_path, partial_path = out / NOTEBOOK_NAME, out / HTML_NAME, out / PARTIAL_NAME
     mismatch, unfinished = final_model_mismatch(exp, final), unfinished_note(exp)
     if not execute:
+        _keep_edited(notebook_path, nb)
         atomic_write_text(notebook_path, nbformat.writes(nb))
         _remove_stale_html(html_path, "this notebook is not executed (--no-execute); run the report without it")
         return ReportPaths(notebook_path, None, final, mismatch, unfinished)
@@ -306,6 +319,7 @@ def write_report(
             raise ReportInterrupted(f"Report interrupted. {where}") from None
         raise ReportError(f"{e} {where}") from e
     html = to_html(nb)
+    _keep_edited(notebook_path, nb)
     atomic_write_text(notebook_path, nbformat.writes(nb))
     atomic_write_text(html_path, html)
     partial_path.unlink(missing_ok=True)  # an earlier run's, which this one supersedes
@@ -322,6 +336,24 @@ def _check_final_model(exp: Experiment, final: Path) -> None:
             f"{final} is a damaged final model ({e.__cause__}). Recreate it with `python -m analysis retrain "
             f"{exp.location}{output}`, or move it away to report without it."
         ) from e
+
+
+def _keep_edited(notebook_path: Path, nb: nbformat.NotebookNode) -> None:
+    """Move an earlier report aside, and say so, where its cells are not those the report wrote (a note or a cell
+    added, a cell changed): the new report `nb` must not erase them. A report written before the cells' digest was
+    recorded counts as edited only where its cells differ from `nb`'s."""
+    try:
+        earlier = nbformat.read(notebook_path, as_version=4)
+        recorded = earlier.metadata.get("lorasent", {}).get("sources_sha256") or _sources_digest(nb)
+        if _sources_digest(earlier) == recorded:
+            return
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError):  # not a notebook (any more): someone's all the same
+        pass
+    kept = notebook_path.with_name(EDITED_NAME.format(datetime.fromtimestamp(notebook_path.stat().st_mtime)))
+    notebook_path.replace(kept)
+    print(f"Moved {notebook_path} to {kept}: its cells were edited since the report wrote them.")
 
 
 def _remove_stale_html(html_path: Path, why: str) -> None:

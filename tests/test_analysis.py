@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -299,6 +300,51 @@ def test_a_trial_diverged_from_its_first_epoch_is_never_best(search: tuple[Path,
     for plot in (plots.learning_curves, plots.lr_vs_metric, plots.lr_batch_heatmap, plots.rank_effect):
         assert plot(exp).axes, plot.__name__  # draws the others, no inf on any axis
 
+    # The learning curves' key gives it no rank (it has none; it read '#4'), and names a trial that ended in error.
+    state_file = sorted(copy.glob("experiment_state-*.json"))[-1]
+    state = json.loads(state_file.read_text())
+    k, (failed, metadata) = next(
+        (k, [json.loads(part) for part in parts])
+        for k, parts in enumerate(state["trial_data"])
+        if json.loads(parts[0])["trial_id"] != best["trial_id"]
+    )
+    state["trial_data"][k] = [json.dumps(failed | {"status": "ERROR"}), json.dumps(metadata)]
+    state_file.write_text(json.dumps(state))
+    exp = load_experiment(copy)
+    key = [text.get_text() for text in plots.learning_curves(exp).legends[0].get_texts()]
+    rank = int(exp.trials.set_index("trial_id").loc[failed["trial_id"], "rank"])
+    assert f"{best['trial_id']} (no score, diverged)" in key and f"{failed['trial_id']} (#{rank}, ERROR)" in key
+
+
+def test_learning_rate_plot_is_quiet_and_labelled_whatever_was_searched(
+    search: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The learning rate searched alone: seaborn warned of a palette without a hue and of a key without entries, on
+    the notebook's stderr. Learning rates within a decade: the log axis had no tick label at all."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    saved = json.loads((copy / "lorasent_search.json").read_text())
+    saved["tune"]["search_space"] = {"learning_rate": saved["tune"]["search_space"]["learning_rate"]}
+    (copy / "lorasent_search.json").write_text(json.dumps(saved))
+    params_files = sorted(copy.glob("*/params.json"))
+
+    def tick_labels(learning_rates: list[float]) -> list[str]:
+        for params, learning_rate in zip(params_files, learning_rates, strict=False):
+            params.write_text(json.dumps({"learning_rate": learning_rate}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fig = plots.lr_vs_metric(load_experiment(copy))
+            fig.savefig(io.BytesIO())  # formats the ticks
+        (ax,) = fig.axes
+        assert ax.get_legend() is None  # nothing to key: one colour, one marker
+        low, high = ax.get_xlim()
+        ticks = ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+        return [t.get_text() for t in ticks if t.get_text() and low <= t.get_position()[0] <= high]
+
+    assert len(tick_labels([2e-4, 3e-4, 5e-4, 8e-4])) >= 2  # no power of ten in view: the ticks between are named
+    # One in view: it alone is named (the ticks between, named too, ran into each other at this width).
+    assert tick_labels([1.5e-4, 1.2e-3, 2e-3, 3.8e-3]) == [r"$\mathdefault{10^{-3}}$"]
+
 
 def test_a_trial_that_diverged_after_a_good_epoch_is_ranked_by_it(search: tuple[Path, str], tmp_path: Path) -> None:
     """Its finished epochs are models like any other (their checkpoints kept); only the diverged epoch is never best.
@@ -320,6 +366,8 @@ def test_a_trial_that_diverged_after_a_good_epoch_is_ranked_by_it(search: tuple[
     assert trial["last_accuracy"] == -math.inf
     for plot in (plots.learning_curves, plots.lr_vs_metric, plots.lr_batch_heatmap, plots.rank_effect):
         assert plot(exp).axes, plot.__name__
+    key = [text.get_text() for text in plots.learning_curves(exp).legends[0].get_texts()]
+    assert f"{loser['trial_id']} (#1, diverged)" in key
 
 
 def _set_accuracy_by_epoch(result: Path, accuracies: list[float]) -> None:
@@ -753,6 +801,33 @@ def test_report_is_the_same_when_run_again(search: tuple[Path, str]) -> None:
     finally:
         np.random.set_state(state)
     assert drawn[0] == drawn[1]
+
+
+def test_a_report_run_again_keeps_an_edited_notebook_aside(
+    search: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Notes someone added to report.ipynb were silently replaced by the next run: now that notebook is moved aside,
+    and said so. A notebook only re-run (outputs changed, cells not) or written before the record is replaced."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy, ignore=shutil.ignore_patterns("final_model", "report"))
+    notebook = write_report(copy).notebook  # executed: the kernel leaves the cells as written
+    assert write_report(copy, execute=False).notebook == notebook
+    earlier = nbformat.read(notebook, as_version=4)
+    earlier.metadata.pop("lorasent", None)  # a report written before the cells' digest was recorded
+    nbformat.write(earlier, notebook)
+    write_report(copy, execute=False)
+    assert (
+        sorted(p.name for p in notebook.parent.iterdir()) == ["report.ipynb"] and "Moved" not in capsys.readouterr().out
+    )
+
+    edited = nbformat.read(notebook, as_version=4)
+    edited.cells.append(nbformat.v4.new_markdown_cell("My notes: lr 2e-3 is the one to rerun."))
+    nbformat.write(edited, notebook)
+    write_report(copy, execute=False)
+    (kept,) = notebook.parent.glob("report.edited-*.ipynb")
+    assert nbformat.read(kept, as_version=4).cells[-1].source == "My notes: lr 2e-3 is the one to rerun."
+    assert "My notes" not in notebook.read_text()
+    assert f"Moved {notebook} to {kept}: its cells were edited since the report wrote them." in capsys.readouterr().out
 
 
 def test_note_figures_show_in_a_notebook() -> None:
