@@ -677,7 +677,7 @@ def importance_note(exp: Experiment) -> str:
     """Why `param_importances` is empty, or '' when it is not."""
     scored = len(exp.scored_trials)
     if scored < 2:
-        return f"Importance needs 2 or more trials with a '{exp.metric}' score; the search has {scored}."
+        return f"Importance needs 2 or more trials with a score on '{exp.metric}'; the search has {scored}."
     if not _varied_params(exp):
         return "Hyperparameter importance needs a hyperparameter that differs between scored trials; none does."
     if exp.scored_trials[exp.best_column].nunique() < 2:  # fANOVA's forest has no variance to explain
