@@ -79,6 +79,8 @@ def _as_text(item: Any) -> tuple[str | None, str | None]:
             )
     if not isinstance(item, str):
         return None, f"expected text, got {type(item).__name__}"
+    if _has_surrogates(item):  # e.g. JSON's "\ud800": the tokenizer would fail the whole batch on it
+        return None, "not valid Unicode (a lone surrogate); send the text as UTF-8"
     if not item.strip():
         return None, "empty or whitespace-only text; nothing to classify"
     return item, None

@@ -6,12 +6,13 @@
 `POST /predict` takes `{"texts": [...]}` and answers `{"predictions": [...]}`, one per text in order, each as
 `lorasent.predict.Prediction` (label, label_id, probabilities, truncated, error): a text that cannot be scored (empty,
 not a string) gets its error there without failing the others, as in `Predictor.predict`. `GET /health` names the
-model and its labels and counts what was served. A request that is not such JSON, or too large, gets a 4xx status with
-`{"error": ...}` naming the fix.
+model and its labels and counts what was served (a query string is ignored). A request that is not such JSON, or too
+large, gets a 4xx status with `{"error": ...}` naming the fix; each connection carries one request.
 
 Texts of requests that arrive while the model is busy are scored together in its next `Predictor.predict` call, so
-concurrent clients share forward passes (and a GPU) instead of queueing one call each. The server has no
-authentication: it listens on 127.0.0.1 unless `--host` says otherwise.
+concurrent clients share forward passes (and a GPU) instead of queueing one call each. SIGTERM or Ctrl-C stops
+accepting and answers the requests already received before the process exits. The server has no authentication: it
+listens on 127.0.0.1 unless `--host` says otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import math
 import queue
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 from transformers.utils import logging as hf_logging
 
@@ -40,6 +43,7 @@ from lorasent.process import exit_process
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 REQUEST_FORMAT = 'Send a JSON object {"texts": ["a review", ...]} with Content-Type application/json.'
+ROUTES = "GET /health or POST /predict."
 
 
 class RequestError(Exception):
@@ -93,7 +97,7 @@ def read_texts(body: bytes, max_texts: int) -> list[Text]:
     """The texts of a /predict body; RequestError says what is wrong with it."""
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, a number over 4300 digits, nesting too deep
         raise RequestError(HTTPStatus.BAD_REQUEST, f"The body is not JSON ({e}). {REQUEST_FORMAT}") from None
     texts = request.get("texts") if isinstance(request, dict) else None
     if not isinstance(texts, list):
@@ -107,24 +111,40 @@ def read_texts(body: bytes, max_texts: int) -> list[Text]:
     return texts
 
 
+class Server(ThreadingHTTPServer):
+    """A thread per connection, as `ThreadingHTTPServer`, that answers the requests in progress when it stops."""
+
+    request_queue_size = socket.SOMAXCONN  # a burst of connections waits to be accepted instead of being reset
+    daemon_threads = False  # server_close() waits for the answers in progress (a stalled client: its 60 s timeout)
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # IPv6 addresses too
+        super().__init__((host, port), BaseHTTPRequestHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that left before its answer: not an error
+            super().handle_error(request, client_address)
+
+
 def make_handler(batcher: Batcher, model_dir: str, max_texts: int, max_bytes: int) -> type[BaseHTTPRequestHandler]:
     """The request handler class of a server of `batcher`'s model."""
 
     class Handler(BaseHTTPRequestHandler):
-        server_version = "lorasent"
+        server_version, sys_version = "lorasent", ""  # the Server header names no Python version
+        protocol_version = "HTTP/1.1"  # answers `Expect: 100-continue` (curl's bodies over 1 MiB) instead of a 1 s wait
         timeout = 60  # seconds a client may take to send its request: a stalled one does not hold its thread forever
 
         def do_GET(self) -> None:
-            if self.path != "/health":
-                self._refuse(HTTPStatus.NOT_FOUND, "GET /health or POST /predict.")
+            if urlsplit(self.path).path != "/health":
+                self._refuse(HTTPStatus.NOT_FOUND, ROUTES)
                 return
             labels = batcher.predictor.label_names
             self._answer(HTTPStatus.OK, {"status": "ok", "model_dir": model_dir, "labels": labels, **batcher.stats})
 
         def do_POST(self) -> None:
             try:
-                if self.path != "/predict":
-                    raise RequestError(HTTPStatus.NOT_FOUND, "POST /predict or GET /health.")
+                if urlsplit(self.path).path != "/predict":
+                    raise RequestError(HTTPStatus.NOT_FOUND, ROUTES)
                 texts = read_texts(self._body(), max_texts)
             except RequestError as e:
                 self._refuse(e.status, str(e))
@@ -132,22 +152,30 @@ def make_handler(batcher: Batcher, model_dir: str, max_texts: int, max_bytes: in
             try:
                 predictions = batcher.predict(texts)
             except Exception as e:
+                self.log_error("predict failed: %r", e)
                 self._refuse(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
                 return
             self._answer(HTTPStatus.OK, {"predictions": [dataclasses.asdict(p) for p in predictions]})
 
         def _body(self) -> bytes:
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                raise RequestError(HTTPStatus.LENGTH_REQUIRED, f"The request has no Content-Length. {REQUEST_FORMAT}")
+            length = self.headers.get("Content-Length", "")
+            if not (length.isascii() and length.isdigit()):  # "²" is a digit to str.isdigit, not to int
+                raise RequestError(
+                    HTTPStatus.LENGTH_REQUIRED,
+                    f"The request has no valid Content-Length (a chunked body is not read). {REQUEST_FORMAT}",
+                )
             if int(length) > max_bytes:
-                self.close_connection = True  # the unread body must not be taken for the next request
                 raise RequestError(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"The body has {int(length):,} bytes; this server takes at most {max_bytes:,} (--max_request_mb). "
                     "Send the texts in several requests.",
                 )
             return self.rfile.read(int(length))
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """The standard library's own refusals (an unknown method, a malformed request) in JSON too."""
+            status = HTTPStatus(code)
+            self._refuse(status, f"{message or status.phrase}. {ROUTES}")
 
         def _refuse(self, status: HTTPStatus, message: str) -> None:
             self._answer(status, {"error": message})
@@ -157,8 +185,10 @@ def make_handler(batcher: Batcher, model_dir: str, max_texts: int, max_bytes: in
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")  # no keep-alive: an unread body is never taken for a request
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
     return Handler
 
@@ -167,8 +197,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m lorasent.serve",
         description="Serve predictions of a trained lorasent model folder over HTTP (POST /predict, GET /health).",
-        epilog="Exit status: 0 when stopped (Ctrl-C or SIGTERM), 2 when refused (bad options, model folder, or a port "
-        "that cannot be listened on).",
+        epilog="Exit status: 0 when stopped (Ctrl-C or SIGTERM: the requests received are answered first; a second "
+        "one ends it at once), 2 when refused (bad options, model folder, or a port that cannot be listened on).",
     )
     add_predictor_options(parser)
     parser.add_argument(
@@ -192,12 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     args = parse_args(argv)
     cap_torch_threads()
-    previous = signal.signal(signal.SIGTERM, _stop)
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, _stop)}
     try:
         if args.max_texts <= 0 or not 0 < args.max_request_mb < math.inf:
             raise ConfigError("--max_texts and --max_request_mb must be positive: give each a finite number above 0.")
         try:  # listen first: a port in use is refused before the seconds that loading takes
-            server = ThreadingHTTPServer((args.host, args.port), BaseHTTPRequestHandler)
+            server = Server(args.host, args.port)
         except (OSError, OverflowError) as e:
             raise ConfigError(
                 f"Cannot listen on {args.host}:{args.port} ({e}). Pick another --port or --host."
@@ -207,19 +237,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_bytes = int(args.max_request_mb * 2**20)
             server.RequestHandlerClass = make_handler(batcher, str(args.model_dir), args.max_texts, max_bytes)
             host, port = server.server_address[:2]
-            url = f"http://{host}:{port}"
+            url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
             print(f"Serving {args.model_dir} (labels: {', '.join(batcher.predictor.label_names)}) at {url}")
             print(f'  curl -s {url}/predict -d \'{{"texts": ["Works great."]}}\'', flush=True)
             if args.host not in LOOPBACK_HOSTS:
                 print(f"warning: listening on {args.host} without authentication", file=sys.stderr, flush=True)
-            server.serve_forever()
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:  # leaving `with server` waits for the answers in progress
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C or SIGTERM ends the process at once
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                print(
+                    "stopping: answering the requests received (Ctrl-C again to quit now)", file=sys.stderr, flush=True
+                )
+                raise
     except LorasentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, while serving or while the model loads
         print("stopped", file=sys.stderr)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

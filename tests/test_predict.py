@@ -73,12 +73,14 @@ def test_length_sorted_batches_return_results_in_input_order(predictor: Predicto
 
 
 def test_bad_inputs_get_an_error_and_never_break_the_batch(predictor: Predictor) -> None:
-    results = predictor.predict(["Lovely.", "", "   \t", b"caf\xe9 au lait", b"fine bytes", None, "Awful."])
+    texts = ["Lovely.", "", "   \t", b"caf\xe9 au lait", b"fine bytes", None, "Awful.", "caf\udce9"]  # a lone surrogate
+    results = predictor.predict(texts)
     errors = [r.error for r in results]
     assert errors[0] is None and errors[4] is None and errors[6] is None
     assert "empty" in errors[1] and "empty" in errors[2]
     assert "not valid UTF-8" in errors[3] and "0xe9" in errors[3]
     assert "expected text" in errors[5]
+    assert "not valid Unicode" in errors[7]
     assert results[1].label is None and results[1].probabilities == {}
     assert results[6].label in LABELS
 

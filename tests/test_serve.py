@@ -3,10 +3,12 @@ own, bad requests refused with a status and a message, loopback by default, a cl
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import urllib.error
@@ -15,11 +17,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from test_predict import TEXTS, model_dir  # noqa: F401 (a fixture)
 
 from lorasent.predict import Predictor
+from lorasent.serve import RequestError, read_texts
 
 ROOT = Path(__file__).parents[1]
 MAX_TEXTS = 8
@@ -57,6 +61,22 @@ def _request(url: str, body: bytes | None = None) -> tuple[int, dict[str, Any]]:
         return e.code, json.loads(e.read())
 
 
+def _connect(base: str) -> socket.socket:
+    return socket.create_connection((urlsplit(base).hostname, urlsplit(base).port), timeout=60)
+
+
+def _read_answer(connection: socket.socket, method: str = "POST") -> tuple[int, bytes]:
+    answer = http.client.HTTPResponse(connection, method=method)
+    answer.begin()
+    return answer.status, answer.read()
+
+
+def _post(texts: list[Any]) -> bytes:
+    """A raw POST /predict of `texts`."""
+    body = json.dumps({"texts": texts}).encode()
+    return f"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
 def _predict(base: str, texts: list[Any]) -> list[dict[str, Any]]:
     status, answer = _request(f"{base}/predict", json.dumps({"texts": texts}).encode())
     assert status == 200, answer
@@ -75,13 +95,13 @@ def _assert_same(served: list[dict[str, Any]], expected: list[Any]) -> None:
 def test_it_listens_on_loopback_and_serves_what_the_predictor_predicts(server, model_dir: Path) -> None:  # noqa: F811
     base, _ = server
     assert base.startswith("http://127.0.0.1:")
-    status, health = _request(f"{base}/health")
+    status, health = _request(f"{base}/health?probe=1")  # a load balancer's query string is ignored
     assert status == 200 and health["status"] == "ok" and health["labels"] == ["negative", "positive"]
-    texts = [*TEXTS[:4], "", 7, None]  # three that cannot be scored: each gets its error, the others their labels
+    texts = [*TEXTS[:4], "", 7, None, "\ud800"]  # four that cannot be scored: each gets its error, the others labels
     served = _predict(base, texts)
     _assert_same(served, Predictor.from_dir(model_dir, device="cpu").predict(texts))
-    assert [p["error"] is None for p in served] == [True] * 4 + [False] * 3
-    assert "expected text, got int" in served[5]["error"]
+    assert [p["error"] is None for p in served] == [True] * 4 + [False] * 4
+    assert "expected text, got int" in served[5]["error"] and "not valid Unicode" in served[7]["error"]
 
 
 def test_concurrent_requests_each_get_their_own_predictions(server, model_dir: Path) -> None:  # noqa: F811
@@ -107,7 +127,7 @@ def test_concurrent_requests_each_get_their_own_predictions(server, model_dir: P
         ("/predict", b'["a", "b"]', 400, 'The body has no "texts" list'),
         ("/predict", json.dumps({"texts": ["ok"] * (MAX_TEXTS + 1)}).encode(), 413, "at most 8 \\(--max_texts\\)"),
         ("/predict", json.dumps({"texts": ["x" * 5000]}).encode(), 413, "at most 4,096 \\(--max_request_mb\\)"),
-        ("/nowhere", b"{}", 404, "POST /predict or GET /health"),
+        ("/nowhere", b"{}", 404, "GET /health or POST /predict"),
         ("/predict", None, 404, "GET /health or POST /predict"),
     ],
 )
@@ -120,15 +140,84 @@ def test_bad_requests_get_a_status_and_the_fix(
     assert _predict(base, ["still serving"])[0]["error"] is None and process.poll() is None
 
 
-def test_sigterm_stops_it_cleanly(model_dir: Path) -> None:  # noqa: F811
-    process = _start(model_dir, "--port", "0")
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"texts": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # deeper than Python's recursion limit
+        b'{"texts": [' + b"9" * 5000 + b"]}",  # more digits than Python turns into an int
+    ],
+)
+def test_json_that_python_cannot_read_is_a_bad_request(body: bytes) -> None:
+    with pytest.raises(RequestError, match="The body is not JSON") as refused:
+        read_texts(body, MAX_TEXTS)
+    assert refused.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "method", "status", "message"),
+    [
+        (b"POST /predict HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n{}", "POST", 411, "no valid Content-Length"),
+        (b"POST /predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "POST", 411, "chunked"),
+        (b"PUT /predict HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", "PUT", 501, "'PUT'.*GET /health or POST /predict"),
+        (b"HEAD /health HTTP/1.1\r\n\r\n", "HEAD", 501, None),  # an answer to HEAD has no body
+    ],
+)
+def test_requests_urllib_would_not_send_are_answered_in_json(
+    server, request_bytes: bytes, method: str, status: int, message: str | None
+) -> None:
+    base, process = server
+    with _connect(base) as connection:
+        connection.sendall(request_bytes)
+        got, body = _read_answer(connection, method)
+    assert got == status and (body == b"" if message is None else re.search(message, json.loads(body)["error"]))
+    assert _predict(base, ["still serving"])[0]["error"] is None and process.poll() is None
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(server) -> None:
+    """curl sends `Expect: 100-continue` for bodies over 1 MiB and waits a second for the answer before sending."""
+    base, _ = server
+    body = json.dumps({"texts": ["Great."]}).encode()
+    with _connect(base) as connection:
+        connection.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        assert connection.recv(1024).startswith(b"HTTP/1.1 100 Continue\r\n")
+        connection.sendall(body)
+        status, answer = _read_answer(connection)
+    assert status == 200 and json.loads(answer)["predictions"][0]["error"] is None
+
+
+def test_sigterm_answers_the_requests_received_and_stops_cleanly(model_dir: Path) -> None:  # noqa: F811
+    process = _start(model_dir, "--port", "0", "--batch_size", "1")
     try:
-        assert " at http://127.0.0.1:" in process.stdout.readline()
+        base = re.search(r" at (http://\S+)$", process.stdout.readline().strip())[1]
+        with _connect(base) as leaving:  # a client that goes before its answer: a reset, no traceback in the log
+            leaving.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            leaving.sendall(_post(TEXTS))
+        waiting = [_connect(base) for _ in range(3)]
+        for connection in waiting:
+            connection.sendall(_post([f"{text} {i}" for i in range(60) for text in TEXTS]))  # seconds of work
+        # Connections are accepted in turn: once /health is answered, the three requests are being served.
+        assert _request(f"{base}/health")[0] == 200
         process.send_signal(signal.SIGTERM)
+        statuses = [_read_answer(connection)[0] for connection in waiting]
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 0 and err.strip().endswith("stopped"), err
+    assert statuses == [200] * 3 and process.returncode == 0, err
+    assert "stopping: answering the requests received" in err and err.strip().endswith("stopped"), err
+    assert "Traceback" not in err, err
+
+
+def test_it_listens_on_ipv6(tmp_path: Path, capsys) -> None:
+    """`--host ::1` (or `::`, every interface) binds an IPv6 socket: the folder is what it refuses, not the host."""
+    from lorasent.serve import main
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    assert main([str(tmp_path / "no-model-here"), "--host", "::1", "--port", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: Model folder"), "refused before the model folder"
 
 
 def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> None:
