@@ -27,6 +27,7 @@ import pandas as pd
 
 from lorasent.errors import ExperimentError
 from lorasent.paths import cache_root
+from tune.cluster import sample_number
 
 DEFAULT_EXPERIMENT = "runs/tune/latest"
 SEARCH_FILE = "lorasent_search.json"
@@ -548,11 +549,13 @@ def _summarise_trials(
     # ASHA ends a trial by terminating it before its planned epochs; diverged and errored trials end themselves.
     trials["early_stopped"] = (trials["status"] == "TERMINATED") & (trials["epochs"] < planned) & ~trials["diverged"]
     # Ties go to a trial whose best epoch kept its checkpoint, then to the one that got there in fewer epochs, then
-    # to the smaller trial id; not to Ray's trial order, which a resumed search may change. tune/run.py's summary
-    # ranks the same way.
-    ranked = trials.assign(_unkept=trials["best_checkpoint"].isna()).sort_values(
-        [best_col, "_unkept", "best_epoch", "trial_id"],
-        ascending=[mode == "min", True, True, True],
+    # to the one sampled first; not to Ray's trial order, which a resumed search may change, nor to its trial ids,
+    # drawn anew in each run of a search. tune/run.py's summary ranks the same way.
+    folders = trials["trial_dir"].map(lambda folder: Path(folder).name)
+    numbers = [sample_number(folder, trial) for folder, trial in zip(folders, trials["trial_id"], strict=True)]
+    ranked = trials.assign(_unkept=trials["best_checkpoint"].isna(), _number=numbers).sort_values(
+        [best_col, "_unkept", "best_epoch", "_number", "trial_id"],
+        ascending=[mode == "min", True, True, True, True],
         na_position="last",
         kind="stable",
     )

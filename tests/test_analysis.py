@@ -49,6 +49,7 @@ from lorasent.errors import ExperimentError
 from lorasent.evaluate import SeenSplitWarning
 from lorasent.evaluate import main as evaluate_main
 from lorasent.predict import Predictor
+from tune.cluster import sample_number
 
 PLOT_CALLS = ("plots.learning_curves", "plots.lr_vs_metric", "plots.lr_batch_heatmap", "plots.rank_effect")
 NO_EXPERIMENT_WARNING = pytest.mark.filterwarnings("error::analysis.results.ExperimentWarning")
@@ -378,23 +379,42 @@ def _set_accuracy_by_epoch(result: Path, accuracies: list[float]) -> None:
     result.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def test_ties_go_to_fewer_epochs_then_the_smaller_trial_id(search: tuple[Path, str], tmp_path: Path) -> None:
-    """Not to the order Ray lists trials in, which a resumed search may change."""
+def _rename_trial(experiment: Path, trial_id: str, new_id: str) -> None:
+    """Give a trial another id everywhere Ray wrote it (its folder's name, its reports, the experiment's state), as
+    another run of the same search would: Ray draws trial ids at random."""
+    (folder,) = experiment.glob(f"*_{trial_id}_*")
+    for file in [*experiment.glob("experiment_state-*.json"), folder / "result.json", folder / "progress.csv"]:
+        file.write_text(file.read_text().replace(trial_id, new_id))
+    folder.rename(folder.with_name(folder.name.replace(trial_id, new_id)))
+
+
+def test_ties_go_to_fewer_epochs_then_the_trial_sampled_first(search: tuple[Path, str], tmp_path: Path) -> None:
+    """Not to the order Ray lists trials in, which a resumed search may change, nor to the smaller trial id: Ray
+    draws ids at random, anew in each run, and `--smoke-test --max_concurrent_trials 1` run 5 times, its trials and
+    results the same each time, named (and retrained) trial 2 as the best in 2 runs and trial 4, tied with it, in 3."""
     copy = tmp_path / "exp"
     shutil.copytree(search[0], copy)
     trials = load_experiment(copy).trials
     longer = trials[trials["epochs"] >= 2].iloc[0]  # ASHA always lets a rung's first trial go on
     other = trials[trials["trial_id"] != longer["trial_id"]].iloc[0]
-    results = {row["trial_id"]: Path(row["trial_dir"]) / "result.json" for _, row in trials.iterrows()}
+    first, later = sorted(
+        [longer, other], key=lambda trial: sample_number(Path(trial["trial_dir"]).name, trial["trial_id"])
+    )
+    renamed = {first["trial_id"]: "ffffffff", later["trial_id"]: "00000000"}  # the first sampled, the larger id
+    for trial_id, new_id in renamed.items():
+        _rename_trial(copy, trial_id, new_id)
+    results = {
+        row["trial_id"]: Path(row["trial_dir"]) / "result.json" for _, row in load_experiment(copy).trials.iterrows()
+    }
     for result in results.values():
         _set_accuracy_by_epoch(result, [0.1])
-    _set_accuracy_by_epoch(results[longer["trial_id"]], [0.99])
-    _set_accuracy_by_epoch(results[other["trial_id"]], [0.99])
-    assert load_experiment(copy).best_trial["trial_id"] == min(longer["trial_id"], other["trial_id"])
+    _set_accuracy_by_epoch(results["ffffffff"], [0.99])
+    _set_accuracy_by_epoch(results["00000000"], [0.99])
+    assert load_experiment(copy).best_trial["trial_id"] == "ffffffff"
 
-    _set_accuracy_by_epoch(results[longer["trial_id"]], [0.5, 0.99])  # the same score, one epoch later
+    _set_accuracy_by_epoch(results[renamed[longer["trial_id"]]], [0.5, 0.99])  # the same score, one epoch later
     exp = load_experiment(copy)
-    assert (exp.best_trial["trial_id"], exp.best_epoch) == (other["trial_id"], 1)
+    assert (exp.best_trial["trial_id"], exp.best_epoch) == (renamed[other["trial_id"]], 1)
 
 
 def test_gpu_memory_peak_per_trial(search: tuple[Path, str], tmp_path: Path) -> None:

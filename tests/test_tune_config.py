@@ -543,26 +543,31 @@ def test_address_auto_joins_only_a_cluster_that_ray_start_recorded(tmp_path: Pat
             check_reachable("auto")
 
 
-def _trial_result(tmp: Path, trial_id: str, scores: list[float], kept: list[int], metric: str = "accuracy") -> Any:
-    """A trial's Result as Tune returns it: one row per epoch, checkpoints kept for the epochs in `kept`."""
+def _trial_result(
+    tmp: Path, trial_id: str, scores: list[float], kept: list[int], metric: str = "accuracy", number: int | None = None
+) -> Any:
+    """A trial's Result as Tune returns it: one row per epoch, checkpoints kept for the epochs in `kept`; in a folder
+    named as Ray names it where the trial has its `number` in the search."""
     import pandas as pd
     from ray.tune import Checkpoint, Result
 
     rows = [{metric: a, "training_iteration": i + 1, "trial_id": trial_id} for i, a in enumerate(scores)]
+    trial_dir = tmp / (trial_id if number is None else f"train_trial_{trial_id}_{number}_lora_r=2_2026-01-01_00-00-00")
     checkpoints = []
     for row in rows:
         if row["training_iteration"] in kept:
-            folder = tmp / trial_id / f"checkpoint_{row['training_iteration']}"
+            folder = trial_dir / f"checkpoint_{row['training_iteration']}"
             folder.mkdir(parents=True)
             checkpoints.append((Checkpoint.from_directory(str(folder)), row))
     return Result(
-        metrics=rows[-1], checkpoint=None, error=None, path=str(tmp / trial_id),
+        metrics=rows[-1], checkpoint=None, error=None, path=str(trial_dir),
         metrics_dataframe=pd.DataFrame(rows), best_checkpoints=checkpoints,
     )  # fmt: skip
 
 
 def test_the_printed_best_breaks_ties_as_the_report_does(tmp_path: Path) -> None:
-    """Best score; then an epoch with a kept checkpoint; then the earlier epoch; then the smaller trial id."""
+    """Best score; then an epoch with a kept checkpoint; then the earlier epoch; then the trial sampled first (Ray
+    draws trial ids at random, anew in each run); then the smaller trial id."""
     from tune.run import _best_epoch
 
     late = _trial_result(tmp_path, "aaaa", [0.5, 0.9, 0.9], kept=[2, 3])
@@ -578,6 +583,9 @@ def test_the_printed_best_breaks_ties_as_the_report_does(tmp_path: Path) -> None
     assert (metrics["trial_id"], metrics["training_iteration"]) == ("aaaa", 2)
     same = _trial_result(tmp_path / "again", "0001", [0.9], kept=[1])
     assert _best_epoch([early, same], "accuracy", "max")[1]["trial_id"] == "0001"
+    first = _trial_result(tmp_path, "ffffffff", [0.9], kept=[1], number=1)
+    second = _trial_result(tmp_path, "00000000", [0.9], kept=[1], number=2)
+    assert _best_epoch([second, first], "accuracy", "max")[0] is first
     assert _best_epoch([diverged], "accuracy", "max") is None
     assert _best_epoch([late, early], "loss", "min") is None  # no trial reported the metric
 

@@ -19,8 +19,9 @@ import psutil
 import pytest
 import ray.tune.search.optuna  # imported now: the searcher's files are unpickled while trials run
 from conftest import REPO, SmokeSearch, exit_code, kill_search, start_search
+from ray.tune.schedulers import ASHAScheduler
 
-from tune.cluster import saved_trial_statuses, saved_trials
+from tune.cluster import sample_number, saved_trial_statuses, saved_trials
 
 pytestmark = pytest.mark.ray
 
@@ -129,6 +130,23 @@ def _resume_keeps_the_finished_and_runs_the_rest(
             assert max(trained) == epochs, trained
         else:
             assert sorted(set(reported)) == list(range(1, max(reported) + 1)) and max(reported) <= epochs
+    if json.loads((experiment / "lorasent_search.json").read_text())["tune"]["scheduler"] == "asha":
+        _asha_stopped_each_trial_where_it_would_have_uninterrupted(experiment, epochs)
+
+
+def _asha_stopped_each_trial_where_it_would_have_uninterrupted(experiment: Path, epochs: int) -> None:
+    """Each trial of a resumed search of one trial at a time ended where Ray's ASHA (the smoke preset's), fed every
+    trial's reports in the order the trials were sampled, stops it: where an uninterrupted search stops it. Ray
+    restores no scheduler state, and a resumed ASHA that had forgotten the finished trials' rungs stopped a trial
+    after one epoch that the uninterrupted search trained for three."""
+    asha = ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=2, metric="accuracy", mode="max")
+    for trial in sorted(saved_trials(str(experiment)), key=lambda t: sample_number(t.folder, t.trial_id)):
+        asha.on_trial_add(None, trial)
+        reports = {}  # a trial restored from a checkpoint reported the epochs after it again, the same
+        for report in map(json.loads, _results(experiment, trial.folder).splitlines()):
+            reports.setdefault(report["training_iteration"], report)
+        ended = next((i for i, report in reports.items() if asha.on_trial_result(None, trial, report) == "STOP"), None)
+        assert ended == max(reports), f"{trial.folder} ran {max(reports)} epoch(s); uninterrupted: {ended or 'more'}"
 
 
 @pytest.mark.parametrize(

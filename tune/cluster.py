@@ -160,6 +160,14 @@ class SavedTrial:
     config: dict[str, Any]  # its hyperparameters
 
 
+def sample_number(folder: str, trial_id: str) -> float:
+    """A trial's number in its search (1, 2, ...: the order its searcher made the trials, kept by a resume), read from
+    its folder's name as Ray makes it, `<trainable>_<trial id>_<number>_<config>_<date>`; inf where the name holds
+    none. Ties between trials go to the earlier one: Ray draws trial ids at random, anew in each run of a search."""
+    found = re.search(rf"_{re.escape(trial_id)}_(\d+)_", folder)
+    return int(found.group(1)) if found else math.inf
+
+
 def saved_trials(experiment_path: str) -> list[SavedTrial] | None:
     """The trials in the experiment's newest saved state (the one a resume starts from), or None when there is none
     to read (none yet, or caught mid-write)."""

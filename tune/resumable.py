@@ -11,6 +11,11 @@ restored them, the search algorithms here bring the searcher in line with the sa
 that finished since the searcher's snapshot is reported to it now (Optuna learns its result), one it proposed that was
 never saved is reported failed (Ray will not run it), and the trials made are the ones saved.
 
+Ray saves no scheduler state: a resumed ASHA knew none of the results reported before the resume, and judged each
+trial against the few reported since (a resumed search of 6 trials, one at a time, stopped a trial after one epoch
+that the same search never interrupted trained for three). `ResumableASHA` replays each restored trial's reports
+into its rungs first, up to the report its checkpoint holds (the trial reports the rest again).
+
 Between two snapshots Ray also deletes checkpoints (beyond --keep_checkpoints), among them perhaps the one the last
 snapshot names as a trial's latest: `restorable` trials then restore from their nearest checkpoint that exists, and
 `AlreadyDeletedCheckpoint` says in one line what Ray logs as an error when it goes to delete one of those again."""
@@ -30,6 +35,7 @@ from ray import tune
 from ray.train._internal.checkpoint_manager import _TrainingResult
 from ray.train._internal.storage import StorageContext, _exists_at_fs_path, get_fs_and_path
 from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.utils.util import _load_newest_checkpoint
 
@@ -136,6 +142,37 @@ class ResumableVariantGenerator(BasicVariantGenerator):
             self._live_trials.discard(trial.trial_id)
             trial = super().next_trial()
         return trial
+
+
+class ResumableASHA(ASHAScheduler):
+    """Ray's ASHA, whose rungs hold again, on a resume, what the restored trials reported before it."""
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        restored_to = trial.run_metadata.last_result.get(self._time_attr)  # a new trial has reported nothing
+        if restored_to is None:
+            return
+        bracket = self._trial_info[trial.trial_id]
+        for report in _reports(trial):
+            if report.get(self._time_attr, math.inf) <= restored_to and self._metric in report:
+                bracket.on_result(trial, report[self._time_attr], self._metric_op * report[self._metric])
+
+
+def _reports(trial: Trial) -> list[dict[str, Any]]:
+    """The reports in a trial's result.json in its storage, in order; [] where there is none to read."""
+    fs, folder = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+    try:
+        with fs.open_input_stream(f"{folder}/result.json") as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    reports = []
+    for line in lines:
+        try:
+            reports.append(json.loads(line))
+        except ValueError:  # a last line cut short by the kill
+            break
+    return reports
 
 
 class AlreadyDeletedCheckpoint(logging.Filter):

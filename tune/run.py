@@ -77,6 +77,7 @@ try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly 
         newest_experiment_state,
         read_trial_data,
         resolve_storage_path,
+        sample_number,
         saved_trial_statuses,
         split_location,
     )
@@ -324,20 +325,22 @@ def _best_epoch(trials: list[Any], metric: str, mode: str) -> tuple[Any, dict[st
     A diverged epoch reports the worst value (+-inf), so it is never the best; the epochs its trial finished before
     it are finished models like any other (their checkpoints are kept, and a retrain stops at the best epoch).
 
-    Ties go to an epoch with a kept checkpoint, then to the earlier epoch, then to the smaller trial id, as
-    `analysis.results` ranks trials (the report and retrain-best), so the trial printed here is the one they use;
-    Ray's own pick would follow its trial order.
+    Ties go to an epoch with a kept checkpoint, then to the earlier epoch, then to the trial sampled first
+    (`sample_number`), as `analysis.results` ranks trials (the report and retrain-best), so the trial printed here is
+    the one they use; Ray's own pick would follow its trial order.
     """
     sign = -1 if mode == "max" else 1
-    epochs = [
-        (sign * m[metric], checkpoint is None, m["training_iteration"], m.get("trial_id", ""), result, m, checkpoint)
-        for result in trials
-        for m, checkpoint in _epochs(result)
-        if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])
-    ]
+    epochs = []
+    for result in trials:
+        for m, checkpoint in _epochs(result):
+            if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric]):
+                trial_id = m.get("trial_id", "")
+                rank = (sign * m[metric], checkpoint is None, m["training_iteration"])
+                rank += (sample_number(Path(result.path).name, trial_id), trial_id)
+                epochs.append((*rank, result, m, checkpoint))
     if not epochs:
         return None
-    *_, result, metrics, checkpoint = min(epochs, key=lambda epoch: epoch[:4])
+    *_, result, metrics, checkpoint = min(epochs, key=lambda epoch: epoch[:5])
     return result, metrics, checkpoint
 
 

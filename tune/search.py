@@ -11,7 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -26,7 +26,7 @@ from tune.config import (
     parse_search_space,
     typed_value,
 )
-from tune.resumable import ResumableSearchGenerator, ResumableVariantGenerator
+from tune.resumable import ResumableASHA, ResumableSearchGenerator, ResumableVariantGenerator
 
 if TYPE_CHECKING:
     from lorasent.footprint import TrainingFootprint
@@ -188,7 +188,7 @@ def build_scheduler(tune_args: TuneArguments, epochs: int, evals_per_epoch: int 
                 else ", or raise --evals_per_epoch."
             )
         )
-    return ASHAScheduler(
+    return ResumableASHA(
         time_attr="training_iteration",
         max_t=epochs * evals_per_epoch,
         grace_period=round(grace_reports),
