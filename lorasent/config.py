@@ -102,11 +102,14 @@ class DataArguments:
     )
     validation_fraction: float = field(
         default=0.15,
-        metadata={"help": "Share carved out for validation (search metric) when the source has no such split."},
+        metadata={
+            "help": "Share carved out for validation (search metric) when the source has no such split (a local "
+            "file gives its own splits in a 'split' column of train / validation / test)."
+        },
     )
     test_fraction: float = field(
         default=0.15,
-        metadata={"help": "Share held out for the final test when the source has no test split."},
+        metadata={"help": "Share held out for the final test when the source has no test split (see above)."},
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Seeded subset size of the train split (None: all)."}

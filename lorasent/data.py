@@ -7,6 +7,7 @@ any training starts, with the file, row or column at fault and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shlex
@@ -154,7 +155,7 @@ def _require_binary_labels(data_args: DataArguments, source: str) -> None:
 
 
 def _file_splits(path: Path, data_args: DataArguments) -> dict[str, datasets.Dataset]:
-    frame = _read_table(path)
+    frame = read_table(path)
     text_col, label_col = data_args.text_column, data_args.label_column
     wanted = (("--text_column", text_col), ("--label_column", label_col))
     missing = [(option, col) for option, col in wanted if col not in frame.columns]
@@ -183,11 +184,26 @@ def _file_splits(path: Path, data_args: DataArguments) -> dict[str, datasets.Dat
             f"{list(SPLITS)}. Fix those rows, or drop the column to split randomly by --validation_fraction "
             "and --test_fraction."
         )
+    given = set(split_of)
+    _refuse_unread_fractions(path, data_args, [split for split in SPLITS if split in given])
     return {
         split: datasets.Dataset.from_pandas(table[split_of == split], features=features, preserve_index=False)
         for split in SPLITS
-        if (split_of == split).any()
+        if split in given
     }
+
+
+def _refuse_unread_fractions(path: Path, data_args: DataArguments, given: list[str]) -> None:
+    """A --validation_fraction or --test_fraction set away from its default for a split the file's split column
+    already gives would be ignored (the README's rule: an option that has no effect is refused, not ignored)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(DataArguments)}
+    for split in ("validation", "test"):
+        option = f"{split}_fraction"
+        if split in given and getattr(data_args, option) != defaults[option]:
+            raise ConfigError(
+                f"--{option} {getattr(data_args, option):g} has no effect: {path}'s '{SPLIT_COLUMN}' column gives "
+                f"the {split} rows. Drop --{option}, or drop the column to carve the splits by the fractions."
+            )
 
 
 def _warn_about_duplicates(table: pd.DataFrame, path: Path, split_of: np.ndarray | None) -> None:
@@ -212,7 +228,8 @@ def _warn_about_duplicates(table: pd.DataFrame, path: Path, split_of: np.ndarray
         )
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
+    """A data file as a DataFrame (CSV cells as text), or a DataError that names what is wrong with it."""
     if not path.exists():
         raise DataError(
             f"Data file {path} not found. Check the path, or use --dataset {OFFLINE_DATASET} (offline) or "

@@ -192,13 +192,28 @@ def _check_sizes(batch_size: int, max_length: int | None) -> None:
 # -------------------------------------------------------------------------------------------------- CLI
 
 
+_INPUTS = ".txt (one text per line), .jsonl, .csv, .json or .parquet"
+
+
 def _read_input(path: Path, text_column: str) -> Iterator[Text | DataError]:
-    """Texts from a .txt (one per line), .jsonl or .csv file; a row that cannot be read yields a DataError."""
+    """Texts from a .txt (one per line), .jsonl, .csv, .json or .parquet file (the formats training reads); a row
+    that cannot be read yields a DataError."""
     if path.is_dir():
-        raise DataError(f"Input {path} is a folder. Pass --input a .txt, .jsonl or .csv file.")
+        raise DataError(f"Input {path} is a folder. Pass --input a {_INPUTS} file.")
     if not path.is_file():
         raise DataError(f"Input file {path} does not exist. Check the path passed to --input.")
     suffix = path.suffix.lower()
+    if suffix in (".json", ".parquet"):  # whole tables, read as training reads them
+        from lorasent.data import read_table
+
+        frame = read_table(path)
+        if text_column not in frame.columns:
+            raise DataError(
+                f"{path} has no column '{text_column}' (columns: {list(map(str, frame.columns))}). Set --text_column "
+                "to the column that holds the texts."
+            )
+        yield from frame[text_column].tolist()
+        return
     raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # Excel and Notepad start UTF-8 files with a BOM
     if suffix == ".txt":
         lines = raw.split(b"\n")
@@ -221,7 +236,7 @@ def _read_input(path: Path, text_column: str) -> Iterator[Text | DataError]:
     elif suffix == ".csv":
         yield from _read_csv(path, raw, text_column)
     else:
-        raise DataError(f"Cannot read {path}: use a .txt (one text per line), .jsonl or .csv file for --input.")
+        raise DataError(f"Cannot read {path}: use a {_INPUTS} file for --input.")
 
 
 def _read_csv(path: Path, raw: bytes, text_column: str) -> Iterator[Text]:
@@ -346,10 +361,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_predictor_options(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="A text to classify; repeat for more.")
-    source.add_argument("--input", type=Path, help="A .txt (one text per line), .jsonl or .csv file.")
+    source.add_argument("--input", type=Path, help=f"A {_INPUTS} file.")
     source.add_argument("--interactive", action="store_true", help="Classify lines typed on stdin until EOF.")
     parser.add_argument(
-        "--text_column", default="text", help="Text column/field of a .csv or .jsonl input (default: %(default)s)."
+        "--text_column",
+        default="text",
+        help="Text column/field of a .csv, .jsonl, .json or .parquet input (default: %(default)s).",
     )
     parser.add_argument("--output", type=Path, help="Write predictions to this .csv or .jsonl file.")
     return parser.parse_args(argv)
@@ -380,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.interactive:
             _interactive(predictor)
             return 0
-        predictions = predict_items(predictor, items, progress=args.output is not None)
+        # a bar while a file is written, on a terminal: in a log file its redraws would be one endless line
+        predictions = predict_items(predictor, items, progress=args.output is not None and sys.stderr.isatty())
         if args.output is not None:
             records = [_record(i, p, predictor.label_names) for i, p in zip(items, predictions, strict=True)]
             _write_output(args.output, records)

@@ -218,11 +218,25 @@ def _load_or_build(
     # A healthy folder another writer committed first wins (same key, same content); a damaged one is replaced.
     with cache_writes(folder, _SPLITS), atomic_dir(folder, replace=folder.exists()) as tmp:
         staging = tmp / ".staging"  # streamed Arrow files, copied into save_to_disk's layout, then deleted
-        _tokenize(splits, tokenizer, max_length, staging).save_to_disk(str(tmp))
+        with _no_progress_bars():
+            _tokenize(splits, tokenizer, max_length, staging).save_to_disk(str(tmp))
         shutil.rmtree(staging)
         (tmp / "lorasent_source.json").write_text(json.dumps(_describe(data_args, model_args), indent=1), "utf-8")
     logger.info("Tokenised splits cached in %s.", folder)
     return datasets.load_from_disk(str(folder))
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """datasets' bars off while the cache is written: its 'Saving the dataset' bars were the only ones of a run's or a
+    search's start, and they speak of a dataset of lorasent's, not the user's. As they were afterwards."""
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
 
 
 def _describe(data_args: DataArguments, model_args: ModelArguments) -> dict[str, Any]:

@@ -169,6 +169,16 @@ def test_missing_test_rows_are_carved_from_train(write_data: Callable[..., Path]
     assert [len(splits[s]) for s in SPLITS] == [15, 4, 5]
 
 
+def test_a_fraction_for_a_split_the_split_column_gives_is_refused(write_data: Callable[..., Path]) -> None:
+    """The column's validation rows would silently replace the asked-for share; a fraction it leaves to carve acts."""
+    rows = [{"text": f"t {i}", "label": i % 2, "split": "validation" if i < 4 else "train"} for i in range(24)]
+    path = write_data(rows)
+    with pytest.raises(ConfigError, match=r"--validation_fraction 0.3 has no effect: .*'split' column gives the valid"):
+        load_splits(DataArguments(dataset=str(path), validation_fraction=0.3))
+    splits = load_splits(DataArguments(dataset=str(path), test_fraction=0.25))  # test is carved: its share is read
+    assert [len(splits[s]) for s in SPLITS] == [15, 4, 5]
+
+
 def test_large_file_loads(write_data: Callable[..., Path]) -> None:
     n = 100_000
     frame = pd.DataFrame({"text": [f"review {i} " * 5 for i in range(n)], "label": [i % 2 for i in range(n)]})
@@ -404,10 +414,10 @@ def test_split_fractions_too_large_for_a_tiny_file(write_data: Callable[..., Pat
     assert "its 3 rows" in message and "--validation_fraction 0.8 and --test_fraction 0.1" in message
     assert "the validation split would take 2 of the 2 distinct texts left" in message
     # Repeated texts are carved whole (the stratified split of groups); a source's own test split leaves validation.
-    rows = [{"text": f"review {i % 3}", "label": i % 2, "split": "test" if i >= 9 else "train"} for i in range(12)]
-    message = _refused(write_data(rows, "repeated.csv"), validation_fraction=0.85, test_fraction=0.1)
-    assert "its 9 rows" in message and "too few for --validation_fraction 0.85:" in message
-    assert "would take 3 of the 3 distinct texts left" in message
+    rows = [{"text": f"review {i % 2}", "label": i % 2, "split": "test" if i >= 9 else "train"} for i in range(12)]
+    message = _refused(write_data(rows, "repeated.csv"), validation_fraction=0.8)
+    assert "its 9 rows" in message and "too few for --validation_fraction 0.8:" in message
+    assert "would take 2 of the 2 distinct texts left" in message
 
 
 @pytest.mark.parametrize(

@@ -114,11 +114,12 @@ def test_cli_text_flags(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert lines[1].startswith("error") and "empty" in lines[1]
 
 
-def test_cli_txt_file_with_a_non_utf8_line(model_dir: Path, tmp_path: Path) -> None:
+def test_cli_txt_file_with_a_non_utf8_line(model_dir: Path, tmp_path: Path, capsys) -> None:
     source = tmp_path / "reviews.txt"
     source.write_bytes(b"Works great.\r\nBad \xff\xfe bytes here\n\nStopped working.\n")
     output = tmp_path / "out.csv"
     assert predict_module.main([str(model_dir), "--input", str(source), "--output", str(output)]) == 0
+    assert "predict:" not in capsys.readouterr().err  # a progress bar only on a terminal, not in a log file
     frame = pd.read_csv(output, keep_default_na=False)
     assert len(frame) == 4
     assert list(frame.columns) == ["text", "label", "label_id", "prob_negative", "prob_positive", "truncated", "error"]
@@ -147,6 +148,22 @@ def test_cli_jsonl_and_csv_inputs(model_dir: Path, tmp_path: Path) -> None:
     assert frame.loc[1, "error"].startswith("not valid UTF-8") and frame.loc[2, "error"] == ""
 
 
+@pytest.mark.parametrize("name", ["in.json", "in.parquet"])
+def test_cli_json_and_parquet_inputs(model_dir: Path, tmp_path: Path, name: str) -> None:
+    """The formats a model can be trained on can be scored too; a value that is no text is that row's error."""
+    source = tmp_path / name
+    frame = pd.DataFrame({"id": [1, 2, 3], "review": ["Nice.", None, "Terrible."]})
+    frame.to_json(source, orient="records") if name.endswith(".json") else frame.to_parquet(source)
+    out = tmp_path / "out.csv"
+    assert (
+        predict_module.main([str(model_dir), "--input", str(source), "--text_column", "review", "--output", str(out)])
+        == 0
+    )
+    result = pd.read_csv(out, keep_default_na=False)
+    assert result["text"].tolist() == ["Nice.", "", "Terrible."] and set(result.loc[[0, 2], "label"]) <= set(LABELS)
+    assert result.loc[1, "error"].startswith("expected text") and result.loc[[0, 2], "error"].tolist() == ["", ""]
+
+
 def test_cli_interactive_reads_until_eof(model_dir: Path, monkeypatch, capsys) -> None:
     stdin = io.TextIOWrapper(io.BytesIO(b"Great phone.\n\nNever again.\n"), encoding="utf-8")
     monkeypatch.setattr(sys, "stdin", stdin)
@@ -159,7 +176,7 @@ def test_cli_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         predict_module.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "Text column/field of a .csv or .jsonl input (default: text)." in help_text
+    assert "Text column/field of a .csv, .jsonl, .json or .parquet input (default: text)." in help_text
     assert "Texts per forward pass (default: 64)." in help_text
 
 

@@ -231,6 +231,14 @@ def test_truncation_side_and_python_level_tokenizers_are_honoured() -> None:
     assert left(texts, truncation=True, max_length=12)["input_ids"] != plain
 
 
+def test_writing_the_cache_prints_no_progress_bar(data_args: DataArguments, capsys: pytest.CaptureFixture[str]) -> None:
+    """datasets' 'Saving the dataset' bars (three, one a split) were the only bars of a search's or a run's start:
+    the cache is lorasent's own business, and in a log file a bar is noise."""
+    tokenized_splits(data_args, TINY)
+    assert "Saving the dataset" not in capsys.readouterr().err
+    assert not datasets.utils.are_progress_bars_disabled()  # for the caller's own datasets work, as it was
+
+
 def test_second_call_reuses_the_cache_without_reading_or_tokenising(
     data_args: DataArguments, monkeypatch: pytest.MonkeyPatch
 ) -> None:
