@@ -345,9 +345,10 @@ def test_diverging_trial_is_a_bad_result_not_an_error(local_ray, tmp_path: Path)
 
 
 @pytest.mark.ray
-def test_relative_paths_reach_every_trial(local_ray, tmp_path: Path, monkeypatch, write_data) -> None:
+def test_relative_paths_reach_every_trial(local_ray, tmp_path: Path, monkeypatch, write_data, capsys) -> None:
     """Ray runs each trial in its own folder: a relative --dataset must still name the user's file there, and a
-    relative $LORASENT_CACHE the cache the driver tokenised into."""
+    relative $LORASENT_CACHE the cache the driver tokenised into. The search says how many rows of the file each split
+    holds, and which limits cut them (the preset's subsets were silent)."""
     words = {0: ["broke at once", "waste of money"], 1: ["works great", "love it"]}
     write_data([{"text": f"{words[i % 2][i % 3 % 2]} #{i}", "label": i % 2} for i in range(300)], "reviews.csv")
     monkeypatch.chdir(tmp_path)
@@ -362,6 +363,8 @@ def test_relative_paths_reach_every_trial(local_ray, tmp_path: Path, monkeypatch
     # module's Ray started before the variable was set, so its trials never see it.
     assert os.environ["LORASENT_CACHE"] == str(tmp_path / "relcache")
     assert any((tmp_path / "relcache" / "tokenized").iterdir())  # the driver's tokenised splits
+    data = f"Data: 64 train / 32 validation / 32 test rows of {tmp_path / 'reviews.csv'} (--max_train_samples 64,"
+    assert data in capsys.readouterr().out
 
 
 @pytest.mark.ray
