@@ -154,7 +154,19 @@ def _require_binary_labels(data_args: DataArguments, source: str) -> None:
 # ------------------------------------------------------------------------------------------ local files
 
 
-def _file_splits(path: Path, data_args: DataArguments) -> dict[str, datasets.Dataset]:
+def labelled_rows(path: Path, data_args: DataArguments) -> datasets.Dataset:
+    """Every row of a local file (text, label), read, checked and labelled as training reads it; a split column is
+    not read. For scoring a model on new labelled data."""
+    _, table = _labelled_table(path, data_args)
+    return datasets.Dataset.from_pandas(table, features=_features(data_args), preserve_index=False)
+
+
+def _features(data_args: DataArguments) -> datasets.Features:
+    return datasets.Features(text=datasets.Value("string"), label=datasets.ClassLabel(names=data_args.label_names))
+
+
+def _labelled_table(path: Path, data_args: DataArguments) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the file as read, its rows as text and label id), the columns and texts checked."""
     frame = read_table(path)
     text_col, label_col = data_args.text_column, data_args.label_column
     wanted = (("--text_column", text_col), ("--label_column", label_col))
@@ -170,7 +182,12 @@ def _file_splits(path: Path, data_args: DataArguments) -> dict[str, datasets.Dat
     table = pd.DataFrame(
         {"text": frame[text_col].to_numpy(), "label": _label_ids(frame[label_col], path, label_col, data_args)}
     )
-    features = datasets.Features(text=datasets.Value("string"), label=datasets.ClassLabel(names=data_args.label_names))
+    return frame, table
+
+
+def _file_splits(path: Path, data_args: DataArguments) -> dict[str, datasets.Dataset]:
+    frame, table = _labelled_table(path, data_args)
+    features = _features(data_args)
     if SPLIT_COLUMN not in frame.columns:
         _warn_about_duplicates(table, path, None)
         return {"train": datasets.Dataset.from_pandas(table, features=features, preserve_index=False)}

@@ -5,11 +5,13 @@ The data arguments saved in the folder's `lorasent.json` rebuild exactly the spl
 so evaluation and serving score texts identically.
 
     python -m lorasent.evaluate runs/train --output_dir runs/train/evaluation
+    python -m lorasent.evaluate runs/train --data new_reviews.csv     # every row of other labelled data
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -23,9 +25,9 @@ import pandas as pd
 from sklearn.metrics import classification_report, confusion_matrix, log_loss
 from transformers.utils import logging as hf_logging
 
-from lorasent.config import DataArguments, Precision
+from lorasent.config import DataArguments, Precision, replace
 from lorasent.cpus import cap_torch_threads
-from lorasent.data import SPLITS, load_splits
+from lorasent.data import SPLITS, labelled_rows, load_splits
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import averaged_labels, scores
 from lorasent.model import META_FILE, read_meta, trained_splits
@@ -65,6 +67,7 @@ class EvaluationResult:
     report_text: str
     confusion_matrix: list[list[int]]  # rows: true label, columns: predicted label (label-id order)
     predictions: pd.DataFrame  # text, label, prediction, prob_<name>..., correct
+    data_file: str | None = None  # where split "data" came from: every row of a file (`evaluate_file`)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write `<split>_metrics.json` and `<split>_predictions.csv` into `out_dir` (each atomically)."""
@@ -72,6 +75,7 @@ class EvaluationResult:
         summary = {
             "model_dir": str(self.model_dir),
             "split": self.split,
+            **({"data_file": self.data_file} if self.data_file else {}),
             "label_names": self.label_names,
             "metrics": self.metrics,
             "classification_report": self.report,
@@ -96,7 +100,7 @@ def _check_unchanged(model_dir: str | Path, dataset: str, split: str, meta: dict
         raise ConfigError(
             f"{dataset} has changed since {model_dir} was trained ({META_FILE} records {recorded}): the {split} split "
             "carved from it now is not the one the model was kept from, and may hold rows it trained on. Evaluate "
-            "on the data as it was, or score new data with `python -m lorasent.predict`."
+            "on the data as it was, or score new labelled data with --data FILE (`evaluate_file` in Python)."
         )
 
 
@@ -156,7 +160,42 @@ def evaluate_model_dir(
             f"The data's label names {data_args.label_names} differ from the model's {label_names}. Evaluate on "
             "data labelled with the model's classes (same names, same order)."
         )
-    data = load_splits(data_args)[split]
+    return _score(predictor, load_splits(data_args)[split], model_dir, split)
+
+
+def evaluate_file(
+    model_dir: str | Path,
+    data_file: str | Path,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    batch_size: int = 128,
+    device: str | None = None,
+    precision: str = "auto",
+    trust_remote_code: bool = False,
+) -> EvaluationResult:
+    """Score a model folder on every row of other labelled data (a .csv / .jsonl / .json / .parquet file), read as
+    training reads its files: its labels the model's class names (or ids), its columns the ones the model was trained
+    with unless named. The split is "data"."""
+    meta = read_meta(model_dir)
+    data_args = _own_data_args(model_dir, meta, None)
+    columns = {"text_column": text_column, "label_column": label_column}
+    data_args = replace(data_args, dataset=str(data_file), **{k: v for k, v in columns.items() if v is not None})
+    rows = labelled_rows(Path(data_args.dataset), data_args)  # refused before the model loads, not after
+    predictor = Predictor.from_dir(
+        model_dir,
+        device=device,
+        batch_size=batch_size,
+        max_length=data_args.max_length,
+        precision=precision,
+        trust_remote_code=trust_remote_code,
+    )
+    return dataclasses.replace(_score(predictor, rows, model_dir, "data"), data_file=data_args.dataset)
+
+
+def _score(predictor: Predictor, data: Any, model_dir: str | Path, split: str) -> EvaluationResult:
+    """The metrics, report and predictions of `predictor` on `data` (a Dataset of text and label ids)."""
+    label_names = predictor.label_names
     texts, labels = data["text"][:], np.asarray(data["label"][:])
     predictions = predictor.predict(texts, progress=sys.stderr.isatty())
     failed = [i for i, p in enumerate(predictions) if p.error is not None]
@@ -194,14 +233,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m lorasent.evaluate", description="Evaluate a lorasent model folder on a held-out split."
     )
     parser.add_argument("model_dir", help="A model folder written by lorasent training.")
-    parser.add_argument(
-        "--split", default="test", choices=SPLITS, help="Split of the model's own data (default: %(default)s)."
+    own = parser.add_mutually_exclusive_group()
+    own.add_argument("--split", choices=SPLITS, help="Split of the model's own data (default: test).")
+    own.add_argument(
+        "--data",
+        help="Other labelled data instead: every row of a .csv / .jsonl / .json / .parquet file, labelled with the "
+        "model's class names or ids; writes data_metrics.json and data_predictions.csv.",
     )
     parser.add_argument(
         "--dataset",
         help="Where the model's data file is now, if it moved since training (default: the path in lorasent.json); "
         "its content must be unchanged.",
     )
+    parser.add_argument("--text_column", help="With --data: its text column (default: the model's training one).")
+    parser.add_argument("--label_column", help="With --data: its label column (default: the model's training one).")
     parser.add_argument("--output_dir", help="Where to write <split>_metrics.json and <split>_predictions.csv.")
     parser.add_argument("--batch_size", type=int, default=128, help="Texts per forward pass (default: %(default)s).")
     parser.add_argument("--device", help="'cpu', 'cuda', ... (default: a GPU if there is one).")
@@ -210,18 +255,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cap_torch_threads()
     result = None
+    split = "data" if args.data else args.split or "test"
+    run = {"batch_size": args.batch_size, "device": args.device, "precision": args.precision}
     try:
+        if args.data and args.dataset:
+            raise ConfigError("--dataset is where the model's own data moved; --data scores other data. Give one.")
+        if not args.data and (args.text_column or args.label_column):
+            raise ConfigError("--text_column and --label_column name the columns of --data: give --data FILE too.")
         if args.output_dir:  # before the evaluation, not after it
-            check_writable(Path(args.output_dir) / f"{args.split}_metrics.json", "Pick another --output_dir.")
-        result = evaluate_model_dir(
-            args.model_dir,
-            dataset=args.dataset,
-            split=args.split,
-            batch_size=args.batch_size,
-            device=args.device,
-            precision=args.precision,
-            trust_remote_code=args.trust_remote_code,
-        )
+            check_writable(Path(args.output_dir) / f"{split}_metrics.json", "Pick another --output_dir.")
+        if args.data:
+            columns = {"text_column": args.text_column, "label_column": args.label_column}
+            result = evaluate_file(
+                args.model_dir, args.data, **columns, **run, trust_remote_code=args.trust_remote_code
+            )
+        else:
+            result = evaluate_model_dir(
+                args.model_dir, dataset=args.dataset, split=split, **run, trust_remote_code=args.trust_remote_code
+            )
         if args.output_dir:
             result.save(args.output_dir)
     except LorasentError as e:
@@ -235,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"loss (mean cross-entropy): {result.metrics['loss']:.4f}")
     print("confusion matrix (rows: true, columns: predicted):", result.confusion_matrix)
     if args.output_dir:
-        print(f"wrote {args.split}_metrics.json and {args.split}_predictions.csv to {args.output_dir}")
+        print(f"wrote {split}_metrics.json and {split}_predictions.csv to {args.output_dir}")
     return 0
 
 

@@ -18,8 +18,9 @@ from conftest import interrupt_when_ready
 from lorasent import evaluate as evaluate_module
 from lorasent.config import TINY_MODEL, DataArguments, ModelArguments, TrainArguments
 from lorasent.errors import ConfigError
-from lorasent.evaluate import SeenSplitWarning, evaluate_model_dir
+from lorasent.evaluate import SeenSplitWarning, evaluate_file, evaluate_model_dir
 from lorasent.metrics import metric_names, scores
+from lorasent.predict import Predictor
 from lorasent.train import train
 
 DATA = DataArguments(max_train_samples=48, max_eval_samples=32, max_test_samples=40, max_length=32)
@@ -82,6 +83,32 @@ def test_cli_prints_the_report_and_writes_files(model_dir: Path, tmp_path: Path,
     assert evaluate_module.main([str(model_dir), "--device", "cpu", "--precision", "fp16"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'fp16' needs a CUDA GPU" in err and "Traceback" not in err
+
+
+def test_other_labelled_data_is_scored_row_by_row(model_dir: Path, tmp_path: Path, write_data, capsys) -> None:
+    """New labelled data (it was refused as the model's own data changed): every row of the file, its own columns,
+    its labels the model's names as training reads them; a split column is not read."""
+    rows = [("Works great.", "Positive"), ("Broke after a day.", " negative"), ("Love it", "POSITIVE"), ("meh", "0")]
+    path = write_data([{"body": t, "sentiment": label, "split": "train"} for t, label in rows], "new.jsonl")
+    result = evaluate_file(model_dir, path, text_column="body", label_column="sentiment", device="cpu")
+    assert result.split == "data" and result.data_file == str(path)
+    frame = result.predictions
+    assert frame["text"].tolist() == [t for t, _ in rows]
+    assert frame["label"].tolist() == ["positive", "negative", "positive", "negative"]
+    expected = Predictor.from_dir(model_dir, device="cpu").predict(frame["text"].tolist())
+    assert frame["prob_positive"].tolist() == pytest.approx([p.probabilities["positive"] for p in expected], abs=1e-6)
+    assert result.metrics["accuracy"] == pytest.approx(frame["correct"].mean())
+
+    out = tmp_path / "out"
+    flags = ["--text_column", "body", "--label_column", "sentiment", "--device", "cpu", "--output_dir", str(out)]
+    assert evaluate_module.main([str(model_dir), "--data", str(path), *flags]) == 0
+    assert json.loads((out / "data_metrics.json").read_text())["data_file"] == str(path)
+    assert "wrote data_metrics.json and data_predictions.csv" in capsys.readouterr().out
+    unknown = write_data([{"body": "fine", "sentiment": "meh"}], "unknown.csv")
+    assert evaluate_module.main([str(model_dir), "--data", str(unknown), *flags[:4]]) == 2
+    assert "'meh'" in capsys.readouterr().err
+    assert evaluate_module.main([str(model_dir), "--text_column", "body"]) == 2
+    assert "give --data FILE too" in capsys.readouterr().err
 
 
 def test_cli_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -> None:
