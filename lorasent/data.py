@@ -230,7 +230,8 @@ def _warn_about_duplicates(table: pd.DataFrame, path: Path, split_of: np.ndarray
         return
     texts = table["text"].to_numpy()[repeated]
     conflicting = int((table[repeated].groupby("text")["label"].nunique() > 1).sum())
-    note = f"{path}: {repeated.sum()} rows repeat another row's text ({conflicting} texts with different labels)."
+    labelled = f"{conflicting} {'text has' if conflicting == 1 else 'texts have'} rows with different labels"
+    note = f"{path}: {repeated.sum()} rows repeat another row's text ({labelled})."
     if split_of is None:
         logger.warning("%s Identical texts are kept in one split, so split fractions count distinct texts.", note)
         return

@@ -382,7 +382,7 @@ def test_identical_texts_stay_in_one_split(write_data: Callable[..., Path], capl
     assert [len(texts[s]) for s in SPLITS] == [28, 6, 6]  # fractions count distinct texts
     assert all(set(splits[s]["label"]) == {0, 1} for s in SPLITS)
     assert all(splits[s]["text"] == again[s]["text"] for s in SPLITS)
-    assert "200 rows repeat another row's text (0 texts with different labels)" in caplog.text
+    assert "200 rows repeat another row's text (0 texts have rows with different labels)" in caplog.text
 
 
 def test_split_column_that_parts_identical_texts_warns(
