@@ -3,7 +3,7 @@
     python -m analysis report [EXPERIMENT] [--retrain] [--output DIR] [--no-execute]
     python -m analysis retrain [EXPERIMENT] [--use-checkpoint] [--output DIR] [--dataset PATH]
     python -m analysis evaluate MODEL_DIR [--split test] [--output DIR]
-    python -m analysis table EXPERIMENT
+    python -m analysis table [EXPERIMENT] [--csv FILE]
 
 EXPERIMENT is the folder `python tune/run.py` printed (<storage_path>/<name>, default runs/tune/latest) or a
 storage URI (s3://..., gs://...).
@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--final-model", help="Final model folder to report on (default: <experiment>/final_model).")
     report.add_argument("--no-execute", action="store_true", help="Only write the notebook, do not run it.")
-    report.add_argument("--timeout", type=_positive_int, default=600, help="Seconds one notebook cell may run.")
+    report.add_argument(
+        "--timeout", type=_positive_int, default=600, help="Seconds one notebook cell may run (default: %(default)s)."
+    )
     report.add_argument("--trust_remote_code", action="store_true", help=f"With --retrain: {TRUST_REMOTE_CODE}")
     report.add_argument("--dataset", help=f"With --retrain: {MOVED_DATA}")
 
@@ -61,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="Evaluate a model folder on a split of its own data.")
     evaluate.add_argument("model_dir", help="A lorasent model folder (final model or trial checkpoint).")
-    evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"), help="Split to score.")
+    evaluate.add_argument(
+        "--split", default="test", choices=("train", "validation", "test"), help="Split to score (default: test)."
+    )
     evaluate.add_argument("--dataset", help=MOVED_DATA)
     evaluate.add_argument("--output", help="Write <split>_metrics.json and <split>_predictions.csv here.")
     evaluate.add_argument("--trust_remote_code", action="store_true", help=TRUST_REMOTE_CODE)

@@ -67,10 +67,12 @@ def served(model_dir: str, texts: list[str], results: Results, clients: Sequence
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="A lorasent model folder (e.g. runs/tune/latest/final_model).")
     parser.add_argument("--reviews", type=int, default=1000, help="Reviews to send (default: %(default)s).")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16], help="Clients at once, one run each.")
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[1, 16], help="Clients at once, one run each (default: 1 16)."
+    )
     parser.add_argument("--out", default="results/bench_serve.json", help="JSON file the results are written to.")
     args = parser.parse_args()
     from lorasent.predict import Predictor

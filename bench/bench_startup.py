@@ -88,7 +88,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         way, before, timed = sys.argv[2:5]
         child(way, before.split(","), timed.split(","))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, "results/startup.json")
     parser.add_argument("--repeats", type=int, default=None, help="Fresh processes per way and case (5; 2 --smoke).")
     args = parser.parse_args()

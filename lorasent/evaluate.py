@@ -1,4 +1,5 @@
-"""Final evaluation of a model folder on a held-out split: metrics, classification report, confusion matrix.
+"""Final evaluation of a model folder on a held-out split, or on other labelled data: metrics, classification report,
+confusion matrix.
 
 The data arguments saved in the folder's `lorasent.json` rebuild exactly the split the model never saw
 (same source, seed and sizes), unless other data arguments are given. Inference goes through `Predictor`,
@@ -230,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: 0 done, 2 refused, 130 interrupted (Ctrl-C)."""
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
     parser = argparse.ArgumentParser(
-        prog="python -m lorasent.evaluate", description="Evaluate a lorasent model folder on a held-out split."
+        prog="python -m lorasent.evaluate",
+        description="Evaluate a lorasent model folder on a held-out split of its own data, or on other labelled data.",
     )
     parser.add_argument("model_dir", help="A model folder written by lorasent training.")
     own = parser.add_mutually_exclusive_group()
@@ -243,11 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--dataset",
         help="Where the model's data file is now, if it moved since training (default: the path in lorasent.json); "
-        "its content must be unchanged.",
+        "its content must be unchanged. Not with --data.",
     )
     parser.add_argument("--text_column", help="With --data: its text column (default: the model's training one).")
     parser.add_argument("--label_column", help="With --data: its label column (default: the model's training one).")
-    parser.add_argument("--output_dir", help="Where to write <split>_metrics.json and <split>_predictions.csv.")
+    parser.add_argument(
+        "--output_dir", help="Where to write <split>_metrics.json and <split>_predictions.csv (data_... with --data)."
+    )
     parser.add_argument("--batch_size", type=int, default=128, help="Texts per forward pass (default: %(default)s).")
     parser.add_argument("--device", help="'cpu', 'cuda', ... (default: a GPU if there is one).")
     parser.add_argument("--precision", default="auto", choices=get_args(Precision), help=PRECISION_HELP)

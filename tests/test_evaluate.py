@@ -109,6 +109,8 @@ def test_other_labelled_data_is_scored_row_by_row(model_dir: Path, tmp_path: Pat
     assert "'meh'" in capsys.readouterr().err
     assert evaluate_module.main([str(model_dir), "--text_column", "body"]) == 2
     assert "give --data FILE too" in capsys.readouterr().err
+    assert evaluate_module.main([str(model_dir), "--data", str(path), "--dataset", str(path)]) == 2
+    assert "--data scores other data. Give one." in capsys.readouterr().err
 
 
 def test_cli_help_gives_every_default(capsys: pytest.CaptureFixture[str]) -> None:

@@ -337,6 +337,11 @@ def test_help_documents_every_option() -> None:
     for preset in preset_names():
         assert f"  {preset} " in done.stdout
     assert "loguniform" in done.stdout and "--resume" in done.stdout
+    # lorasent.train's --output_dir and --metric_for_best_model, which a search refuses, say so (their help was
+    # lorasent.train's: "Where the trained model folder is written.")
+    text = " ".join(done.stdout.split())
+    assert "--output-dir OUTPUT_DIR Refused in a search: a search writes into --storage_path/--name" in text
+    assert "best epoch where --metric is train_loss (no validation metric); refused otherwise" in text
 
 
 def test_search_space_types_and_trial_config() -> None:

@@ -472,11 +472,13 @@ def check_metric(tune_args: TuneArguments, data_args: DataArguments) -> None:
 # Presets and YAML
 
 
+# Where a search's models go instead of lorasent.train's --output_dir (its refusal and --help say it)
+OUTPUT_ELSEWHERE = "a search writes into --storage_path/--name; `python -m analysis retrain` writes the final model"
+
+
 def _refuse_ignored_options(tune_args: TuneArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
     """Refuse an option of `python -m lorasent.train` that a search would silently replace."""
-    replaced = {
-        "output_dir": "a search writes into --storage_path/--name; `python -m analysis retrain` writes the final model"
-    }
+    replaced = {"output_dir": OUTPUT_ELSEWHERE}
     if tune_args.metric in metric_names(data_args.label_names):  # (train_loss is no validation metric: it stays)
         replaced["metric_for_best_model"] = f"--metric ({tune_args.metric}) also picks each trial's best epoch"
     defaults = {f.name: f.default for f in dataclasses.fields(TrainArguments)}
@@ -546,7 +548,7 @@ def build_parser() -> "ArgumentParser":
     from lorasent.cli import ArgumentParser
 
     presets = "\n".join(f"  {name:<11} {_preset_summary(name)}" for name in preset_names())
-    return ArgumentParser(
+    parser = ArgumentParser(
         (TuneArguments, DataArguments, ModelArguments, TrainArguments),
         prog="python tune/run.py",
         description="Ray Tune search over LoRA sentiment classifiers: parallel trials, ASHA early stopping, "
@@ -561,6 +563,13 @@ def build_parser() -> "ArgumentParser":
         formatter_class=_HelpFormatter,
         allow_abbrev=False,
     )
+    actions = _dests(parser)  # two of lorasent.train's options, which a search replaces
+    actions["output_dir"].help = f"Refused in a search: {OUTPUT_ELSEWHERE}."
+    actions["metric_for_best_model"].help = (
+        "Validation metric that picks each trial's best epoch where --metric is train_loss (no validation metric); "
+        "refused otherwise, as --metric picks it."
+    )
+    return parser
 
 
 def _dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

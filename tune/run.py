@@ -1,6 +1,6 @@
 """Search LoRA sentiment classifiers with Ray Tune: parallel trials, ASHA early stopping, Optuna TPE.
 
-    python tune/run.py                          # quick-start: offline MiniLM + VADER sentences, CPU, ~4 min
+    python tune/run.py                          # quick-start: offline MiniLM + VADER sentences, ~2 min on 2 CPUs
     python tune/run.py --smoke-test             # seconds: a tiny model, a few samples
     python tune/run.py --preset seed --gpus_per_trial 0.25
     python tune/run.py --preset seed --fused_trials  # trials on a GPU step together on one shared base model
