@@ -116,12 +116,14 @@ if torch.cuda.is_available():
           f"CUDA_MODULE_LOADING={os.environ.get('CUDA_MODULE_LOADING', '(unset: lazy)')}")
 EOF
 
-# The automatic GPU plan reads device properties in the driver (tune/cluster.py local_gpu_memory): that must not
-# create a CUDA context there, which would hold GPU memory for the whole search.
+# The automatic GPU plan reads device properties in the driver (tune/cluster.py local_gpu_memory), and the checks
+# ask whether the GPU has bf16 (lorasent.model.device_precision): neither may create a CUDA context there, which
+# would hold GPU memory for the whole search.
 timeout 60 "$PY" - <<'EOF'
 import os, subprocess, torch
 if torch.cuda.device_count():
     total = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    torch.cuda.is_bf16_supported(including_emulation=False)
     apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
                           capture_output=True, text=True).stdout.splitlines()
     mine = [line for line in apps if line.split(",")[0].strip() == str(os.getpid())]

@@ -524,7 +524,8 @@ def device_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         if not cuda:
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # in hardware: torch's default also counts bf16 it emulates (slowly) on older GPUs, found by allocating there
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision == "fp16" and not cuda:
         raise ConfigError("precision 'fp16' needs a CUDA GPU. Use --precision auto (fp32 on the CPU) or bf16.")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -569,7 +570,9 @@ def load_model_dir(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = PeftModel.from_pretrained(base, folder, is_trainable=False)
+            # onto the CPU, where the base is until the whole model moves: peft's default is "cuda" wherever a
+            # GPU is visible, a CUDA context on GPU 0 for a model loaded for the CPU or for cuda:1
+            model = PeftModel.from_pretrained(base, folder, is_trainable=False, torch_device="cpu")
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. shapes that do not fit the base model
         raise CheckpointError(
             f"The adapter in {folder} does not fit the base model '{model_args.model_name_or_path}' ({e}). "

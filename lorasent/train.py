@@ -450,9 +450,9 @@ class EpochCallback(TrainerCallback):
         self._loss_steps = 0
         self._eval_metrics: dict[str, float] = {}
 
-    def _end_segment(self, state: TrainerState, control: TrainerControl) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # queued GPU work belongs to this segment's time
+    def _end_segment(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        if args.device.type == "cuda":  # not merely visible: a CPU run must not start CUDA on a GPU it did not reserve
+            torch.cuda.synchronize(args.device)  # queued GPU work belongs to this segment's time
         self._segment_seconds = time.perf_counter() - self._segment_start_time
         self.train_seconds += self._segment_seconds
         self.epochs_trained += state.epoch - self._segment_start
@@ -476,7 +476,7 @@ class EpochCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._mid_epoch_steps and state.global_step % self._steps_per_epoch in self._mid_epoch_steps:
-            self._end_segment(state, control)
+            self._end_segment(args, state, control)
             control.should_evaluate = self.metric is not None
             control.should_save = True
 
@@ -487,7 +487,7 @@ class EpochCallback(TrainerCallback):
             # Stopped (diverged) at an evaluation within the epoch: that step was evaluated and reported already.
             control.should_evaluate = control.should_save = False
             return
-        self._end_segment(state, control)
+        self._end_segment(args, state, control)
 
     def on_log(
         self,

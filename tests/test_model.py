@@ -27,6 +27,7 @@ from lorasent.model import (
     META_FILE,
     build_model,
     check_lora_rank,
+    device_precision,
     load_model_dir,
     meta_model,
     resolve_target_modules,
@@ -114,6 +115,17 @@ def test_half_precision_base_keeps_what_is_trained_in_fp32(tiny_args: ModelArgum
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = _logits(full.eval(), tokenizer), _logits(half.eval(), tokenizer)
     torch.testing.assert_close(got.float(), expected.float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["Ampere or later", "older GPU"])
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """'auto' on CUDA: bf16 where the GPU computes it, else fp16. torch's own default answer also counts the bf16 it
+    emulates on older GPUs (slowly, and found out by allocating on the GPU). Only the GPU's answer is faked."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    cuda = torch.device("cuda")
+    assert device_precision("auto", cuda) == ("bf16" if native else "fp16")
+    assert device_precision("bf16", cuda) == "bf16"  # forced: the user's choice, emulated or not
+    assert device_precision("auto", torch.device("cpu")) == "fp32"
 
 
 def test_minilm_auto_targets_query_value_with_sdpa(offline_model_dir: Path) -> None:

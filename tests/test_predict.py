@@ -257,6 +257,16 @@ def test_cli_device_that_is_not_here_names_the_ones_that_are(model_dir: Path, ca
         Predictor.from_dir(model_dir, device=device)
 
 
+def test_a_model_for_the_cpu_loads_no_weights_onto_a_gpu_it_can_see(model_dir: Path, monkeypatch) -> None:
+    """peft loads an adapter onto "cuda" wherever a GPU is visible: a CUDA context on GPU 0 for a model loaded for the
+    CPU (or for cuda:1). Only the machine is faked (a GPU is visible); this CPU build fails any load onto it."""
+    reference = Predictor.from_dir(model_dir, device="cpu").predict(TEXTS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loaded = load_model_dir(model_dir, device="cpu")
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+    assert Predictor(loaded).predict(TEXTS) == reference
+
+
 def test_a_precision_the_device_cannot_run_is_refused_before_the_model_loads(tmp_path: Path, capsys) -> None:
     # The folder does not exist: the precision must be what is reported, without loading.
     missing = tmp_path / "no-model"

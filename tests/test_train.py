@@ -381,6 +381,21 @@ def test_a_max_length_the_special_tokens_fill_is_refused(tmp_path: Path, max_len
     assert not (tmp_path / "model").exists()
 
 
+def test_a_cpu_run_waits_on_no_gpu_it_can_see(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU run (use_cpu: a --gpus_per_trial 0 trial) on a machine whose GPUs it sees, as Ray leaves them visible to
+    trials that reserved none, must not synchronise a GPU: that starts a CUDA context on it, in every such trial.
+    Only the machine is faked: a GPU is visible, and a wait on one is recorded (Trainer saves the CUDA RNG state).
+    No evaluation: Trainer's load of the best checkpoint at the end goes through peft onto "cuda" (not lorasent's)."""
+    waits = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    monkeypatch.setattr(torch.cuda.random, "get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8))
+    cpu_run = _train_args(tmp_path, use_cpu=True, num_train_epochs=1)
+    result = train(TINY_DATA, TINY_MODEL_ARGS, cpu_run, eval_split=None, save_final=False)
+    assert len(result.history) == 1 and "gpu_memory_peak_gib" not in result.history[0]
+    assert waits == []
+
+
 def test_bf16_training_stores_the_frozen_base_in_bf16_and_saves_fp32(tmp_path: Path) -> None:
     """bf16 autocast (here on the CPU) with the frozen base in bf16: finite loss, an fp32 adapter that loads."""
     seen = {}
