@@ -147,14 +147,8 @@ def evaluate_model_dir(
     if own:  # the splits of other data are not the ones it learnt
         _check_unchanged(model_dir, data_args.dataset, split, meta)
         warn_if_trained_on(model_dir, split, trained_splits(meta))
-    predictor = Predictor.from_dir(
-        model_dir,
-        device=device,
-        batch_size=batch_size,
-        max_length=data_args.max_length,
-        precision=precision,
-        trust_remote_code=trust_remote_code,
-    )
+    run = {"device": device, "batch_size": batch_size, "precision": precision, "trust_remote_code": trust_remote_code}
+    predictor = Predictor.from_dir(model_dir, max_length=data_args.max_length, **run)
     label_names = predictor.label_names
     if list(data_args.label_names) != label_names:
         raise ConfigError(
@@ -183,14 +177,8 @@ def evaluate_file(
     columns = {"text_column": text_column, "label_column": label_column}
     data_args = replace(data_args, dataset=str(data_file), **{k: v for k, v in columns.items() if v is not None})
     rows = labelled_rows(Path(data_args.dataset), data_args)  # refused before the model loads, not after
-    predictor = Predictor.from_dir(
-        model_dir,
-        device=device,
-        batch_size=batch_size,
-        max_length=data_args.max_length,
-        precision=precision,
-        trust_remote_code=trust_remote_code,
-    )
+    run = {"device": device, "batch_size": batch_size, "precision": precision, "trust_remote_code": trust_remote_code}
+    predictor = Predictor.from_dir(model_dir, max_length=data_args.max_length, **run)
     return dataclasses.replace(_score(predictor, rows, model_dir, "data"), data_file=data_args.dataset)
 
 
