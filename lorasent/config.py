@@ -328,13 +328,18 @@ def unread_options(data_args: DataArguments, train_args: TrainArguments) -> list
     ]  # fmt: skip
 
 
+def differs_from_default(args: Any, name: str) -> bool:
+    """Whether field `name` of the arguments dataclass `args` holds other than its default: given, in a command
+    without presets (a value equal to the default does what leaving it out does)."""
+    default = next(f.default for f in dataclasses.fields(args) if f.name == name)
+    return getattr(args, name) != default
+
+
 def refuse_unread_defaults_changed(args: Sequence[Any], rules: Sequence[UnreadOptions]) -> None:
-    """Refuse an option of `rules` that is unread and differs from its default: given, in a command without presets
-    (a value equal to the default does what leaving it out does)."""
-    defaults = {f.name: f.default for group in args for f in dataclasses.fields(group)}
-    values = {f.name: getattr(group, f.name) for group in args for f in dataclasses.fields(group)}
+    """Refuse an option of `rules` that is unread and differs from its default (`differs_from_default`)."""
+    owner = {f.name: group for group in args for f in dataclasses.fields(group)}
     for rule in rules:
-        changed = [name for name in rule.options if rule.unread and values[name] != defaults[name]]
+        changed = [name for name in rule.options if rule.unread and differs_from_default(owner[name], name)]
         if changed:
             raise rule.refusal(changed[0])
 

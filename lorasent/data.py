@@ -7,7 +7,6 @@ any training starts, with the file, row or column at fault and the fix.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import shlex
@@ -28,6 +27,7 @@ from lorasent.config import (
     INTEGER_LABEL,
     OFFLINE_DATASET,
     DataArguments,
+    differs_from_default,
     label_key,
 )
 from lorasent.errors import ConfigError, DataError
@@ -36,6 +36,7 @@ from lorasent.hub import load_hub_dataset
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+SUBSET_OPTIONS = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_test_samples"}
 _FORMATS = {  # each file type, and what a file of it holds (named when one cannot be parsed)
     ".csv": "comma-separated values under a header row; a cell holding a comma, quote or line break is quoted",
     ".jsonl": "one JSON object per line",
@@ -65,10 +66,7 @@ def load_splits(data_args: DataArguments) -> datasets.DatasetDict:
     else:
         splits, group_column = _file_splits(Path(name).expanduser(), data_args), "text"
     splits = _complete_splits(splits, data_args, group_column)
-    limits = (data_args.max_train_samples, data_args.max_eval_samples, data_args.max_test_samples)
-    result = datasets.DatasetDict(
-        {split: _subset(splits[split], limit, split, data_args) for split, limit in zip(SPLITS, limits, strict=True)}
-    )
+    result = datasets.DatasetDict({split: _subset(splits[split], split, data_args) for split in SPLITS})
     if name in AMAZON_POLARITY_IDS:  # only now, on the subset, not on 3.6M reviews
         result = _amazon_finish(result, data_args)
     for split in SPLITS:
@@ -213,10 +211,9 @@ def _file_splits(path: Path, data_args: DataArguments) -> dict[str, datasets.Dat
 def _refuse_unread_fractions(path: Path, data_args: DataArguments, given: list[str]) -> None:
     """A --validation_fraction or --test_fraction set away from its default for a split the file's split column
     already gives would be ignored (the README's rule: an option that has no effect is refused, not ignored)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(DataArguments)}
     for split in ("validation", "test"):
         option = f"{split}_fraction"
-        if split in given and getattr(data_args, option) != defaults[option]:
+        if split in given and differs_from_default(data_args, option):
             raise ConfigError(
                 f"--{option} {getattr(data_args, option):g} has no effect: {path}'s '{SPLIT_COLUMN}' column gives "
                 f"the {split} rows. Drop --{option}, or drop the column to carve the splits by the fractions."
@@ -540,8 +537,9 @@ def _stratified_split(
     return _take_rows(ds, rest), _take_rows(ds, picked)
 
 
-def _subset(ds: datasets.Dataset, limit: int | None, split: str, data_args: DataArguments) -> datasets.Dataset:
-    option = {"train": "max_train_samples", "validation": "max_eval_samples", "test": "max_test_samples"}[split]
+def _subset(ds: datasets.Dataset, split: str, data_args: DataArguments) -> datasets.Dataset:
+    option = SUBSET_OPTIONS[split]
+    limit = getattr(data_args, option)
     if len(ds) == 0:
         raise DataError(
             f"The {split} split of {data_args.dataset} is empty. Add rows to it, or raise the fraction carved for it."

@@ -77,6 +77,12 @@ def _lora_capable_modules(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
     }
 
 
+def _adapts(target: str, module_name: str) -> bool:
+    """Whether LoRA target name `target` adapts the module `module_name`: the name, or its last dotted parts, as peft
+    matches a plain name."""
+    return module_name == target or module_name.endswith(f".{target}")
+
+
 def _valid_names_hint(capable: dict[str, torch.nn.Module]) -> str:
     leaves = sorted({name.rsplit(".", 1)[-1] for name in capable})
     return f"valid module names of this model: {', '.join(leaves)} (or the presets {', '.join(TARGET_PRESETS)})"
@@ -117,7 +123,7 @@ def resolve_target_modules(model: PreTrainedModel, spec: str) -> list[str]:
         names = AUTO_TARGETS[model_type]
     else:
         names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [n for n in names if not any(full == n or full.endswith(f".{n}") for full in capable)]
+    unknown = [n for n in names if not any(_adapts(n, full) for full in capable)]
     if unknown:
         raise ConfigError(
             f"Unknown LoRA target module(s) {unknown} for model type '{model_type}'; {_valid_names_hint(capable)}."
@@ -132,9 +138,7 @@ def check_lora_rank(model: PreTrainedModel, target_modules: Iterable[str], rank:
     capable = _lora_capable_modules(model)
     shapes: dict[str, set[tuple[int, ...]]] = {}
     for name in sorted(set(target_modules)):
-        shapes[name] = {
-            tuple(module.weight.shape) for full, module in capable.items() if full == name or full.endswith(f".{name}")
-        }
+        shapes[name] = {tuple(module.weight.shape) for full, module in capable.items() if _adapts(name, full)}
     limit = max((min(shape) for found in shapes.values() for shape in found), default=rank)
     if rank <= limit:
         return

@@ -208,10 +208,7 @@ def _read_input(path: Path, text_column: str) -> Iterator[Text | DataError]:
 
         frame = read_table(path)
         if text_column not in frame.columns:
-            raise DataError(
-                f"{path} has no column '{text_column}' (columns: {list(map(str, frame.columns))}). Set --text_column "
-                "to the column that holds the texts."
-            )
+            raise _no_text_column(path, text_column, list(map(str, frame.columns)))
         yield from frame[text_column].tolist()
         return
     raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # Excel and Notepad start UTF-8 files with a BOM
@@ -248,10 +245,7 @@ def _read_csv(path: Path, raw: bytes, text_column: str) -> Iterator[Text]:
         if reader.fieldnames is None:
             raise DataError(f"{path} is empty. Give --input a CSV file with a header row and a text per row.")
         if text_column not in reader.fieldnames:
-            raise DataError(
-                f"{path} has no column '{text_column}' (columns: {reader.fieldnames}). Set --text_column to the "
-                "column that holds the texts."
-            )
+            raise _no_text_column(path, text_column, reader.fieldnames)
         for row in reader:
             text = row[text_column] or ""
             yield text.encode("utf-8", errors="surrogateescape") if _has_surrogates(text) else text
@@ -260,6 +254,13 @@ def _read_csv(path: Path, raw: bytes, text_column: str) -> Iterator[Text]:
             f"{path} is not valid CSV at line {reader.reader.line_num} ({e}). Check the quotes around that row: a "
             "quote left open runs on through the rows after it."
         ) from None
+
+
+def _no_text_column(path: Path, text_column: str, columns: Sequence[str]) -> DataError:
+    return DataError(
+        f"{path} has no column '{text_column}' (columns: {list(columns)}). Set --text_column to the column that "
+        "holds the texts."
+    )
 
 
 def _has_surrogates(text: str) -> bool:

@@ -26,6 +26,7 @@ from lorasent.config import (
     ModelArguments,
     TrainArguments,
     UnreadOptions,
+    differs_from_default,
     read_yaml,
     replace,
     to_dict,
@@ -481,9 +482,8 @@ def _refuse_ignored_options(tune_args: TuneArguments, data_args: DataArguments, 
     replaced = {"output_dir": OUTPUT_ELSEWHERE}
     if tune_args.metric in metric_names(data_args.label_names):  # (train_loss is no validation metric: it stays)
         replaced["metric_for_best_model"] = f"--metric ({tune_args.metric}) also picks each trial's best epoch"
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainArguments)}
     for name, instead in replaced.items():
-        if getattr(train_args, name) != defaults[name]:
+        if differs_from_default(train_args, name):
             raise ConfigError(f"--{name} has no effect in a search: {instead}.")
 
 
@@ -674,13 +674,10 @@ def _pinned(spaces: Sequence[Mapping[str, Any] | None], given: Mapping[str, int]
     each option was given in (1 the config file, 2 the flags). A value in the same layer as the space stays what it
     was: the value a point of `--points_to_evaluate` that leaves the parameter out takes.
     """
-    searched_in: dict[str, int] = {}
-    for layer, space in enumerate(spaces):
-        for name, spec in (space or {}).items():
-            if spec is None:
-                searched_in.pop(name, None)
-            else:
-                searched_in[name] = layer
+    searched_in = {  # the last layer that gives each searched parameter its space
+        name: max(layer for layer, space in enumerate(spaces) if (space or {}).get(name) is not None)
+        for name in merge_search_spaces(*spaces)
+    }
     return {name: given[name] for name, layer in searched_in.items() if given.get(name, 0) > layer}
 
 

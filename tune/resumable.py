@@ -153,25 +153,28 @@ class ResumableASHA(ASHAScheduler):
         if restored_to is None:
             return
         bracket = self._trial_info[trial.trial_id]
-        for report in _reports(trial):
+        for report in _reports(trial.storage.storage_filesystem, trial.storage.trial_fs_path):
             if report.get(self._time_attr, math.inf) <= restored_to and self._metric in report:
                 bracket.on_result(trial, report[self._time_attr], self._metric_op * report[self._metric])
 
 
-def _reports(trial: Trial) -> list[dict[str, Any]]:
-    """The reports in a trial's result.json in its storage, in order; [] where there is none to read."""
-    fs, folder = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+def _reports(fs: Any, trial_folder: str) -> list[dict[str, Any]]:
+    """The reports in a trial's result.json on `fs`, in order, up to a line that is not one (the last, cut short by
+    a kill); [] where there is none to read."""
     try:
-        with fs.open_input_stream(f"{folder}/result.json") as f:
+        with fs.open_input_stream(f"{trial_folder}/result.json") as f:
             lines = f.read().decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return []
     reports = []
     for line in lines:
         try:
-            reports.append(json.loads(line))
-        except ValueError:  # a last line cut short by the kill
+            report = json.loads(line)
+        except ValueError:
             break
+        if not isinstance(report, dict):
+            break
+        reports.append(report)
     return reports
 
 
@@ -226,14 +229,7 @@ def _nearest_checkpoint(missing: tune.Checkpoint) -> _TrainingResult | None:
     import pyarrow.fs
 
     fs, (trial_folder, missing_name) = missing.filesystem, missing.path.rsplit("/", 1)
-    rows: dict[str, dict[str, Any]] = {}
-    try:
-        with fs.open_input_stream(f"{trial_folder}/result.json") as f:
-            for line in f.read().decode("utf-8").splitlines():
-                row = json.loads(line)
-                rows[row.get("checkpoint_dir_name") or ""] = row
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        pass
+    rows = {row.get("checkpoint_dir_name") or "": row for row in _reports(fs, trial_folder)}
     folders = (info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_folder)))
     indices = {name: index for name in folders if (index := _checkpoint_index(name)) is not None}
     gone = _checkpoint_index(missing_name) or 0

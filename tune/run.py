@@ -440,8 +440,10 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None, source: d
 
 def _data_line(data_args: DataArguments, rows: dict[str, int]) -> str:
     """How many rows each split holds, and the limits that cut them (the presets' subsets of a user's file)."""
-    counts = " / ".join(f"{rows[split]:,} {split}" for split in ("train", "validation", "test"))
-    options = ("max_train_samples", "max_eval_samples", "max_test_samples")
+    from lorasent.data import SUBSET_OPTIONS
+
+    counts = " / ".join(f"{rows[split]:,} {split}" for split in SUBSET_OPTIONS)
+    options = SUBSET_OPTIONS.values()
     limits = [f"--{option} {getattr(data_args, option)}" for option in options if getattr(data_args, option)]
     cut = f" ({', '.join(limits)}; 'none' takes all)" if limits else ""
     return f"Data: {counts} rows of {data_args.dataset}{cut}"
