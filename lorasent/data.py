@@ -537,6 +537,15 @@ def _stratified_split(
     return _take_rows(ds, rest), _take_rows(ds, picked)
 
 
+def describe_rows(data_args: DataArguments, rows: dict[str, int]) -> str:
+    """How many rows each split holds, and the limits that cut them (the presets' subsets of a user's file)."""
+    counts = " / ".join(f"{rows[split]:,} {split}" for split in SUBSET_OPTIONS)
+    options = SUBSET_OPTIONS.values()
+    limits = [f"--{option} {getattr(data_args, option)}" for option in options if getattr(data_args, option)]
+    cut = f" ({', '.join(limits)}; 'none' takes all)" if limits else ""
+    return f"Data: {counts} rows of {data_args.dataset}{cut}"
+
+
 def _subset(ds: datasets.Dataset, split: str, data_args: DataArguments) -> datasets.Dataset:
     option = SUBSET_OPTIONS[split]
     limit = getattr(data_args, option)

@@ -54,7 +54,7 @@ from lorasent.config import (
     unread_options,
 )
 from lorasent.cpus import capped_torch_threads
-from lorasent.data import SPLITS
+from lorasent.data import SPLITS, describe_rows
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.metrics import metric_names, metrics_fn
 from lorasent.model import (
@@ -82,7 +82,7 @@ from lorasent.tokenize import (
     tokenized_splits,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("lorasent.train")  # not __name__, which is "__main__" under `python -m lorasent.train`
 
 LOG_EVERY_STEPS = 50  # the training loss is read (one device sync) this often, and at every epoch end
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept: the best and the latest
@@ -682,6 +682,7 @@ def train(
         tokenizer = load_tokenizer(model_args)
         source = source_identity(data_args.dataset)  # what lorasent.json records; the cache's key holds it too
         splits = tokenized_splits(data_args, model_args, tokenizer, source)
+        logger.info(describe_rows(data_args, {name: len(rows) for name, rows in splits.items()}))
         parts = [splits[name] for name in train_splits]
         train_dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         check_batch_fits(train_args, len(train_dataset), train_splits)
@@ -836,6 +837,8 @@ def _interrupted(output_dir: str, checkpoints: Sequence[Path]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: 0 done, 1 no model saved (the loss diverged), 2 refused, 130 interrupted (Ctrl-C)."""
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
+    logging.basicConfig(format="%(message)s")  # lorasent's own notes (rows per split, tokenising, LoRA) are shown
+    logging.getLogger("lorasent").setLevel(logging.INFO)
     try:
         data_args, model_args, train_args, run_args = parse_cli(argv)
     except LorasentError as e:

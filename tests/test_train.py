@@ -524,6 +524,8 @@ def test_ctrl_c_during_training_says_where_to_resume_without_a_traceback(referen
     returncode, _, err = interrupt_when_ready(argv, reported, timeout=300)
     assert returncode == 130, err
     assert "Traceback" not in err
+    # the command line shows what it trains on, as a search does
+    assert "Data: 48 train / 16 validation / " in err and "(--max_train_samples 48, --max_eval_samples 16;" in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"interrupted: the final model was not saved to {output}"), err
     checkpoint = Path(last.rsplit("--resume_from_checkpoint ", 1)[1])

@@ -67,7 +67,6 @@ NOTHING_TO_RESUME = "Interrupted before the search started: no trial ran, there 
 CLAIM_FILE = ".lorasent-claim"  # in a local experiment's folder from the moment its search starts; locked while it runs
 
 try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly as one during the checks in main()
-    from lorasent.config import DataArguments
     from lorasent.errors import ConfigError, ExperimentError, LorasentError
     from lorasent.process import exit_process, import_modules
     from tune.cluster import (
@@ -399,6 +398,7 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None, source: d
     """Every check of the search that needs no running Ray, then the tokenisation (once, here: trials load the cached
     splits, never re-tokenise). `early` is the local Ray started for the search, if any; `source` the data's
     `source_identity` where the caller has it (else hashed with the tokenisation's key)."""
+    from lorasent.data import describe_rows
     from lorasent.fused import check_shareable
     from lorasent.paths import CACHE_ENV
     from lorasent.tokenize import tokenized_splits
@@ -434,19 +434,8 @@ def _check_and_tokenise(args: SearchArguments, early: EarlyRay | None, source: d
         trial_train_arguments(args.data, args.train, metric=t.metric, **resources)
     splits = tokenized_splits(args.data, args.model, source=source)
     search.check_batches_fit(space, args.train, len(splits["train"]))
-    print(_data_line(args.data, {split: len(rows) for split, rows in splits.items()}))
+    print(describe_rows(args.data, {split: len(rows) for split, rows in splits.items()}))
     return CheckedSearch(space, param_space, epochs, scheduler, points, plan_args, plan)
-
-
-def _data_line(data_args: DataArguments, rows: dict[str, int]) -> str:
-    """How many rows each split holds, and the limits that cut them (the presets' subsets of a user's file)."""
-    from lorasent.data import SUBSET_OPTIONS
-
-    counts = " / ".join(f"{rows[split]:,} {split}" for split in SUBSET_OPTIONS)
-    options = SUBSET_OPTIONS.values()
-    limits = [f"--{option} {getattr(data_args, option)}" for option in options if getattr(data_args, option)]
-    cut = f" ({', '.join(limits)}; 'none' takes all)" if limits else ""
-    return f"Data: {counts} rows of {data_args.dataset}{cut}"
 
 
 def run_search(args: SearchArguments, storage_path: str, name: str) -> SearchOutcome:
