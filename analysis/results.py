@@ -1,7 +1,8 @@
 """Gather a Ray Tune experiment folder into pandas tables: one row per trial, one row per (trial, epoch).
 
 Reads only the JSON and CSV files Ray Tune writes (`experiment_state-*.json`, each trial's `params.json`
-and `result.json`) plus lorasent's own `lorasent_search.json`, never `tuner.pkl` or any other pickle. That
+and `result.json`) plus lorasent's own `lorasent_search.json` (and, where a trial's `result.json` lost reports, its
+checkpoints' `lorasent.json`), never `tuner.pkl` or any other pickle. That
 is what makes a running or interrupted experiment readable, and what keeps reading a folder someone sent
 you safe. Storage URIs (`s3://`, `gs://`, anything pyarrow or fsspec opens) are mirrored into the local
 cache first, so every later step (plots, retraining from a checkpoint) works on plain local files.
@@ -32,6 +33,7 @@ from tune.cluster import sample_number
 DEFAULT_EXPERIMENT = "runs/tune/latest"
 SEARCH_FILE = "lorasent_search.json"
 RESULT_FILE = "result.json"
+CHECKPOINT_META = "lorasent.json"  # lorasent.model.META_FILE, in each checkpoint: the trial's epochs up to it
 PARAMS_FILE = "params.json"
 ERROR_FILE = "error.txt"
 STATE_GLOB = "experiment_state-*.json"
@@ -359,11 +361,14 @@ def _read_trial(
             "wall_time_s": float(results[-1].get("time_total_s", math.nan)) if results else math.nan,
         }
     )
-    epochs = pd.DataFrame([{k: v for k, v in _flatten(r).items() if not k.startswith("config/")} for r in results])
+    # A finished trial's result.json may have lost its last epochs to a killed driver; a live one is still writing.
+    reports = _with_checkpointed_epochs(trial_dir, results) if state_status == "TERMINATED" else results
+    epochs = pd.DataFrame([{k: v for k, v in _flatten(r).items() if not k.startswith("config/")} for r in reports])
     if not epochs.empty:
         epochs["trial_id"] = trial_id
         reported = epochs["epoch"] if "epoch" in epochs else pd.Series(math.nan, index=epochs.index)
-        epochs["epoch"] = _epoch_values(reported.fillna(epochs["training_iteration"]))
+        # (rows read from a checkpoint's history lack Ray's training_iteration, never their epoch)
+        epochs["epoch"] = _epoch_values(reported.fillna(epochs.get("training_iteration", math.nan)))
         # A trial retried from its checkpoint re-reports the epochs after it: keep the latest report of each.
         epochs = epochs.drop_duplicates("epoch", keep="last").sort_values("epoch", ignore_index=True)
         names = epochs["checkpoint_dir_name"] if "checkpoint_dir_name" in epochs else [None] * len(epochs)
@@ -408,6 +413,40 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
                     stacklevel=2,
                 )
     return rows
+
+
+def _with_checkpointed_epochs(trial_dir: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A finished trial's `results` plus the epochs after them that its checkpoints record, with a warning.
+
+    Ray's driver copies its staging folder, every trial's result.json in it, to the experiment about once a second
+    while the search runs, finished trials included, each file truncated then written: a driver killed mid-copy
+    leaves a finished trial's result.json empty or cut short, and `--resume` never writes it again. Each
+    checkpoint's lorasent.json holds the trial's metrics of every epoch up to it (`history`), written once, and Ray
+    always keeps a trial's latest checkpoint.
+    """
+    history: list[dict[str, Any]] = []
+    kept: dict[float, str] = {}  # epoch -> the checkpoint folder that holds it
+    for meta_file in sorted(trial_dir.glob(f"checkpoint_*/{CHECKPOINT_META}")):
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            kept[float(meta["metrics"]["epoch"])] = meta_file.parent.name
+            history = max(history, list(meta.get("history", [])), key=len)
+        except (OSError, ValueError, KeyError, TypeError):  # cut short by a kill: the other checkpoints say
+            continue
+    last = max((float(row["epoch"]) for row in results if isinstance(row.get("epoch"), (int, float))), default=0.0)
+    lost = [
+        epoch
+        for epoch in history
+        if isinstance(epoch, dict) and isinstance(epoch.get("epoch"), (int, float)) and epoch["epoch"] > last
+    ]
+    if lost:
+        warnings.warn(
+            f"{trial_dir / RESULT_FILE} lacks the finished trial's last {len(lost)} reported epoch(s) (a driver killed "
+            f"while Ray rewrote it); read them from its checkpoints' {CHECKPOINT_META} instead.",
+            ExperimentWarning,
+            stacklevel=3,
+        )
+    return [*results, *({**epoch, "checkpoint_dir_name": kept.get(float(epoch["epoch"]))} for epoch in lost)]
 
 
 def _checkpoint_path(trial_dir: Path, name: Any) -> str | None:
@@ -517,8 +556,10 @@ def _summarise_trials(
     summary = pd.DataFrame(index=trials["trial_id"])
     if not epochs.empty:
         reported = epochs.dropna(subset=[metric])
-        # A diverged epoch reports the worst value (+-inf): never a best, but the trial's earlier epochs still are.
-        scored = reported[np.isfinite(reported[metric].astype(float))]
+        # A diverged epoch reports the worst value (+-inf), or its own where a checkpoint's history stood in for
+        # result.json: never a best, but the trial's earlier epochs still are.
+        diverged = reported.get("diverged", pd.Series(0.0, index=reported.index)).fillna(0).astype(bool)
+        scored = reported[np.isfinite(reported[metric].astype(float)) & ~diverged]
         # Among epochs tied on the metric, prefer one whose checkpoint Ray kept (num_to_keep deletes the others).
         kept = scored["checkpoint"].notna() if "checkpoint" in scored else pd.Series(False, index=scored.index)
         ranked = scored.assign(_kept=kept).sort_values(

@@ -229,6 +229,32 @@ def test_corrupt_result_line_before_the_last_warns_and_names_it(search: tuple[Pa
     assert list(exp.epochs.loc[exp.epochs["trial_id"] == trial_id, "epoch"]) == list(range(2, len(lines) + 1))
 
 
+def test_a_finished_trials_result_file_cut_short_by_a_killed_driver_is_read_from_its_checkpoints(
+    search: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Ray's driver rewrites every trial's result.json in the experiment about once a second, finished trials' too
+    (truncate, then write): a driver killed in between (reproduced by killing it at that write) left a finished
+    trial empty, or cut short, for good, since --resume never writes it again; the trial counted no epochs and no
+    score. Its checkpoints' lorasent.json hold its epochs' metrics."""
+    copy = tmp_path / "exp"
+    shutil.copytree(search[0], copy)
+    exp = load_experiment(copy)
+    columns = ["status", "epochs", f"best_{exp.metric}", "best_epoch", "best_checkpoint", "rank", "early_stopped"]
+    best = exp.best_trial
+    result = Path(best["trial_dir"]) / "result.json"
+    first, *rest = result.read_text().splitlines(keepends=True)
+    assert rest, "the best smoke trial reported one epoch only"
+    for left in ("", first + rest[0][:20]):  # what a kill leaves: nothing, or the rows written before a torn one
+        result.write_text(left)
+        with pytest.warns(ExperimentWarning, match=rf"{re.escape(str(result))} lacks the finished trial's last"):
+            damaged = load_experiment(copy)
+        assert (
+            damaged.trials.set_index("trial_id")[columns].to_dict()
+            == exp.trials.set_index("trial_id")[columns].to_dict()
+        )
+        assert damaged.best_trial["trial_id"] == best["trial_id"] and damaged.best_epoch == exp.best_epoch
+
+
 def test_corrupt_params_json_falls_back_to_rays_state(search: tuple[Path, str], tmp_path: Path) -> None:
     """One truncated params.json: the trial's config comes from Ray's experiment state, with a warning naming the
     file; without that state its hyperparameters are blank, and retraining it is refused rather than guessed."""
@@ -445,6 +471,8 @@ def test_no_early_stopping_baseline_counts_each_trials_own_epochs(search: tuple[
     for trial_dir in ran.index.drop(ran.idxmax())[:1]:
         result = Path(trial_dir) / "result.json"
         result.write_text(result.read_text().splitlines(keepends=True)[0])
+        for later in sorted(Path(trial_dir).glob("checkpoint_*"))[1:]:  # a trial that ran one epoch saved one
+            shutil.rmtree(later)
         ran[trial_dir] = 1
     for trial_dir, epochs in ran.items():  # each trial planned exactly the epochs it ran: none stopped early
         params = Path(trial_dir) / "params.json"
