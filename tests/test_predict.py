@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -99,6 +100,28 @@ def test_very_long_texts_are_truncated_and_flagged(predictor: Predictor) -> None
     assert predictor.max_length == 32  # the trained max length from lorasent.json
     assert long.truncated and not short.truncated
     assert long.label in LABELS and long.error is None
+
+
+def test_a_huge_text_is_tokenised_only_as_far_as_truncation_keeps(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A megabyte is not tokenised whole (seconds, and the overflow's memory) for the max_length tokens kept, and the
+    tokens kept are the same as the whole text's: cut at a word, read further when the start is mostly spaces."""
+    words = " ".join(TEXTS[i % len(TEXTS)] for i in range(2**20 // 40))
+    spaced = "Great. " + " " * 2**14 + words  # more spaces than the first cut reads
+    tokenizer, tokenised = predictor.tokenizer, []
+
+    def recording(texts: list[str], **options: Any) -> Any:
+        tokenised.extend(map(len, texts))
+        return tokenizer(texts, **options)
+
+    monkeypatch.setattr(predictor, "tokenizer", recording)
+    huge, spaces = predictor.predict([words, spaced])
+    assert max(tokenised) < len(words) // 10, tokenised
+    alike = predictor.predict([words[:2000], "Great. " + words[:2000]])
+    for got, want in zip([huge, spaces], alike, strict=True):
+        assert got.truncated and want.truncated and got.label == want.label
+        assert got.probabilities == pytest.approx(want.probabilities, abs=1e-6)
 
 
 def test_predictor_on_a_corrupt_folder_is_a_checkpoint_error(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ own, bad requests refused with a status and a message, loopback by default, a cl
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import re
@@ -11,6 +12,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +26,7 @@ import pytest
 from test_predict import TEXTS, model_dir  # noqa: F401 (a fixture)
 
 from lorasent.predict import Predictor
-from lorasent.serve import RequestError, read_texts
+from lorasent.serve import Batcher, RequestError, read_texts
 
 ROOT = Path(__file__).parents[1]
 MAX_TEXTS = 8
@@ -127,6 +130,9 @@ def test_concurrent_requests_each_get_their_own_predictions(server, model_dir: P
         ("/predict", b'["a", "b"]', 400, 'The body has no "texts" list'),
         ("/predict", json.dumps({"texts": ["ok"] * (MAX_TEXTS + 1)}).encode(), 413, "at most 8 \\(--max_texts\\)"),
         ("/predict", json.dumps({"texts": ["x" * 5000]}).encode(), 413, "at most 4,096 \\(--max_request_mb\\)"),
+        # urllib sends a body whole before it reads: one past the socket buffers reached it as a broken pipe
+        ("/predict", json.dumps({"texts": ["x" * 2**23]}).encode(), 413, "8,388,623 bytes; .* at most 4,096"),
+        ("/nowhere", b"{}" + b" " * 2**23, 404, "GET /health or POST /predict"),
         ("/nowhere", b"{}", 404, "GET /health or POST /predict"),
         ("/predict", None, 404, "GET /health or POST /predict"),
     ],
@@ -188,6 +194,65 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(server) -> None
     assert status == 200 and json.loads(answer)["predictions"][0]["error"] is None
 
 
+def test_connections_past_the_cap_get_a_503_and_slow_clients_are_dropped(model_dir: Path) -> None:  # noqa: F811
+    """Idle connections (slowloris) hold a thread each: past --max_connections they are answered 503 at once instead
+    of starting more, and one that trickles its request in is dropped after --read_timeout in all."""
+    process = _start(model_dir, "--port", "0", "--max_connections", "2", "--read_timeout", "2")
+    try:
+        base = re.search(r" at (http://\S+)$", process.stdout.readline().strip())[1]
+        idle = [_connect(base) for _ in range(2)]
+        trickling, stalled = idle
+        stalled.sendall(b"POST /predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")  # then nothing
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}/health", timeout=60)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert "at its 2 connections (--max_connections)" in json.loads(refused.value.read())["error"]
+        status, answer = _read_answer(stalled)
+        assert status == 408 and "took over 2 s (--read_timeout)" in json.loads(answer)["error"]
+        with pytest.raises(OSError):  # a byte a second is never a timeout of one read, but it is one of them all
+            for _ in range(600):
+                trickling.sendall(b"G")
+                time.sleep(1)
+        stalled.close()
+        trickling.close()
+        status, health = _request(f"{base}/health")  # the slots are free again
+        assert status == 200 and health["status"] == "ok"
+    finally:
+        process.kill()
+        _, err = process.communicate()
+    assert "Traceback" not in err, err
+
+
+def test_a_failed_batch_fails_only_the_request_that_fails(model_dir: Path, capfd) -> None:  # noqa: F811
+    """A batched call that raises (out of memory, or a text the model fails on) is scored again request by request,
+    so only the request that fails gets the error; the model here fails on the word "battery" (TEXTS[1])."""
+    predictor = Predictor.from_dir(model_dir, device="cpu")
+    hold, fail = (predictor.tokenizer.convert_tokens_to_ids(word) for word in ("phone", "battery"))
+    holding, released = threading.Event(), threading.Event()
+
+    def forward(module: Any, args: Any, inputs: dict[str, Any]) -> None:
+        if (inputs["input_ids"] == hold).any():  # keeps the model busy while the next requests queue up
+            holding.set()
+            released.wait()
+        if (inputs["input_ids"] == fail).any():
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+
+    predictor.model.register_forward_pre_hook(forward, with_kwargs=True)
+    batcher = Batcher(predictor)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        first = pool.submit(batcher.predict, ["My phone."])
+        holding.wait()
+        failing, fine = pool.submit(batcher.predict, [TEXTS[1]]), pool.submit(batcher.predict, TEXTS[2:4])
+        while batcher.waiting.qsize() < 2:
+            time.sleep(0.01)
+        released.set()
+        with pytest.raises(RuntimeError, match="out of memory"):
+            failing.result()
+        _assert_same([dataclasses.asdict(p) for p in fine.result()], predictor.predict(TEXTS[2:4]))
+        assert first.result()[0].error is None
+    assert "predict failed on 2 requests at once (RuntimeError('CUDA out of memory" in capfd.readouterr().err
+
+
 def test_sigterm_answers_the_requests_received_and_stops_cleanly(model_dir: Path) -> None:  # noqa: F811
     process = _start(model_dir, "--port", "0", "--batch_size", "1")
     try:
@@ -232,8 +297,10 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--max_texts", "0"], "--max_texts and --max_request_mb must be positive"),
-        (["--max_request_mb", "nan"], "--max_texts and --max_request_mb must be positive"),
+        (["--max_texts", "0"], "--max_texts, --max_request_mb, --max_connections and --read_timeout must be positive"),
+        (["--max_request_mb", "nan"], "--max_texts, --max_request_mb, .* must be positive"),
+        (["--max_connections", "0"], "--max_texts, --max_request_mb, --max_connections .* must be positive"),
+        (["--read_timeout", "inf"], "--max_texts, .* --read_timeout must be positive"),
         (["--port", "70000"], "Cannot listen on 127.0.0.1:70000 \\(.*port must be 0-65535"),
     ],
 )
