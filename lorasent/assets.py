@@ -289,7 +289,7 @@ def resolve_model_path(name: str) -> str:
             f"Model folder {path} does not exist. Check the path, or use a hub name or '{OFFLINE_MODEL}'."
         )
     try:
-        cached = cached_model_folder(name)
+        cached, not_cached = cached_model_folder(name)
     except ValueError as e:  # huggingface_hub's HFValidationError: not a possible repo id
         raise ConfigError(
             f"{name!r} is neither a model folder nor a valid hub model name ({e}). Use an existing folder, a hub "
@@ -297,5 +297,5 @@ def resolve_model_path(name: str) -> str:
         ) from e
     if cached is not None:
         return str(cached)
-    ensure_hub_reachable(f"the model '{name}' from the Hugging Face hub")
+    ensure_hub_reachable(f"the model '{name}' from the Hugging Face hub", not_cached=not_cached)
     return name

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
+from huggingface_hub import constants
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.tuners_utils import _find_minimal_target_modules
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -210,6 +211,10 @@ def load_base(model_args: ModelArguments, label_names: list[str]) -> PreTrainedM
         )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = _tokenizer_pad_token_id(path, model_args.trust_remote_code)
+        if Path(path).is_relative_to(constants.HF_HUB_CACHE):
+            # A hub model read from its cached snapshot is named as when it downloads, by its hub name (peft writes
+            # it into adapter_config.json and the model card): the snapshot path is one machine's cache.
+            model.name_or_path = model.config.name_or_path = model_args.model_name_or_path
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"Cannot load the model '{model_args.model_name_or_path}' ({path}): {e}. Use a folder with "

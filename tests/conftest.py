@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import datasets
 import pandas as pd
 import pytest
 import torch
@@ -185,3 +188,81 @@ def closed_hub(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     return endpoint
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str, dict[str, bytes]], Path]:
+    """A Hugging Face cache of the test's own, with HF_HUB_OFFLINE on, for this process (the libraries' module
+    constants, as `closed_hub`) and those it starts (HF_HOME, HF_HUB_OFFLINE); and
+    `put(repo_type, repo_id, {name: bytes})`, which files a repository's files there in huggingface_hub's layout
+    (content-addressed blobs, refs/main, snapshots/<commit>/ links to the blobs), as a download leaves them, and
+    returns the snapshot folder."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache / "datasets")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+    def put(repo_type: str, repo_id: str, files: dict[str, bytes]) -> Path:
+        repo = cache / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+        commit = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        for name, data in files.items():
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(exist_ok=True)
+            blob.write_bytes(data)
+            link = repo / "snapshots" / commit / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        return repo / "snapshots" / commit
+
+    return put
+
+
+def distilbert_repo(tiny_model_dir: Path, drop: tuple[str, ...] = (), bin_weights: bool = False) -> dict[str, bytes]:
+    """The tiny DistilBERT's files, for `hub_cache` to file as 'distilbert-base-uncased' (less the files in `drop`;
+    with `bin_weights`, its weights named pytorch_model.bin, as older transformers downloaded them)."""
+    files = {f.name: f.read_bytes() for f in tiny_model_dir.iterdir() if f.name not in drop}
+    if bin_weights:
+        files["pytorch_model.bin"] = files.pop("model.safetensors")
+    return files
+
+
+AMAZON_README = """---
+configs:
+- config_name: amazon_polarity
+  data_files:
+  - split: train
+    path: amazon_polarity/train-*
+  - split: test
+    path: amazon_polarity/test-*
+  default: true
+---
+"""
+
+
+def amazon_polarity_repo(train_shards: int = 1) -> dict[str, bytes]:
+    """amazon_polarity's hub repository in small: its README's configs and Parquet shards of its schema, written by
+    datasets as the hub's are (the features in the files)."""
+    features = datasets.Features(
+        label=datasets.ClassLabel(names=["negative", "positive"]),
+        title=datasets.Value("string"),
+        content=datasets.Value("string"),
+    )
+    files = {"README.md": AMAZON_README.encode()}
+    for split, n, shards in (("train", 120, train_shards), ("test", 30, 1)):
+        rows = {"label": [i % 2 for i in range(n)], "title": [f"{split} title {i}" for i in range(n)]}
+        rows["content"] = [f"{split} review {i}" for i in range(n)]
+        table = datasets.Dataset.from_dict(rows, features=features)
+        for i in range(shards):
+            buffer = io.BytesIO()
+            table.shard(shards, i).to_parquet(buffer)
+            files[f"amazon_polarity/{split}-{i:05d}-of-{shards:05d}.parquet"] = buffer.getvalue()
+    return files

@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import distilbert_repo
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lorasent import assets, hub
-from lorasent.config import OFFLINE_MODEL, TINY_MODEL
+from lorasent.config import OFFLINE_MODEL, TINY_MODEL, ModelArguments
 from lorasent.errors import AssetError, ConfigError, HubUnreachableError
+from lorasent.model import build_model
 from lorasent.paths import atomic_dir, atomic_write_text, cache_root
 
 # ------------------------------------------------------------------------------------------------ VADER
@@ -157,6 +159,43 @@ def test_unreachable_hub_model_fails_fast_with_the_offline_fix(closed_hub: str) 
 
 
 # ---------------------------------------------------------------------------------------------------- hub
+
+
+def test_a_cached_hub_model_loads_offline_under_its_hub_name(hub_cache, tiny_model_dir: Path) -> None:
+    """HF_HUB_OFFLINE=1 and the model in the cache, as on air-gapped nodes: it loads from the cached snapshot with LoRA
+    on DistilBERT's q_lin/v_lin, and the adapter names its base 'distilbert-base-uncased', as after a download, not
+    the snapshot path of this machine's cache (peft's adapter_config.json and model card carry it)."""
+    snapshot = hub_cache("model", "distilbert-base-uncased", distilbert_repo(tiny_model_dir))
+    assert assets.resolve_model_path("distilbert-base-uncased") == str(snapshot)
+    peft = build_model(ModelArguments(model_name_or_path="distilbert-base-uncased"), ["negative", "positive"])
+    config = peft.peft_config["default"]
+    assert config.base_model_name_or_path == "distilbert-base-uncased"
+    assert set(config.target_modules) == {"q_lin", "v_lin"}
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "unreachable"])
+@pytest.mark.parametrize(
+    ("cached", "named"),
+    [
+        ({"bin_weights": True}, "without model.safetensors (lorasent loads safetensors weights only)"),
+        ({"drop": ("tokenizer.json", "tokenizer_config.json")}, "without its tokenizer files"),
+    ],
+    ids=["bin-weights", "no-tokenizer"],
+)
+def test_a_cached_model_that_lacks_a_file_is_refused_by_that_file(
+    cached: dict, named: str, online: bool, hub_cache, tiny_model_dir: Path, request: pytest.FixtureRequest
+) -> None:
+    """A model in the cache without the files lorasent loads is not called 'not in the local cache': the error names
+    the snapshot, the missing file and the command that fetches it, offline and with the hub unreachable alike."""
+    snapshot = hub_cache("model", "distilbert-base-uncased", distilbert_repo(tiny_model_dir, **cached))
+    if online:
+        request.getfixturevalue("closed_hub")
+    with pytest.raises(HubUnreachableError) as err:
+        assets.resolve_model_path("distilbert-base-uncased")
+    message = str(err.value)
+    assert ("is unreachable" if online else "HF_HUB_OFFLINE=1 is set") in message
+    assert f"the local cache holds it ({snapshot}) {named}" in message
+    assert "`hf download distilbert-base-uncased` on a connected machine adds it" in message
 
 
 def test_offline_mode_names_the_cache() -> None:

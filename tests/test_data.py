@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import amazon_polarity_repo
 
 from lorasent.config import DataArguments
 from lorasent.data import _amazon_finish, _take_rows, load_splits
@@ -131,6 +132,38 @@ def test_amazon_polarity_splits_from_its_own_schema(monkeypatch) -> None:
     assert all(set(ds.column_names) == {"label", "text"} for ds in splits.values())
     assert splits["test"][0]["text"].startswith("Title 10")
     assert not set(splits["train"]["text"]) & set(splits["validation"]["text"])
+
+
+def test_amazon_polarity_loads_offline_from_the_hub_repository_in_the_cache(hub_cache) -> None:
+    """HF_HUB_OFFLINE=1 with the dataset's hub files in the cache (`hf download amazon_polarity --repo-type dataset`,
+    or an earlier load whose prepared Arrow files are gone), which datasets offline does not read by itself."""
+    hub_cache("dataset", "amazon_polarity", amazon_polarity_repo(train_shards=2))
+    splits = load_splits(DataArguments(dataset="amazon_polarity", max_train_samples=50, max_eval_samples=10))
+    assert {name: len(ds) for name, ds in splits.items()} == {"train": 50, "validation": 10, "test": 30}
+    assert splits["test"]["text"][0] == "test title 0. test review 0"
+    assert splits["train"].features["label"].names == ["negative", "positive"]
+
+
+@pytest.mark.parametrize(
+    ("missing", "named"),
+    [
+        ("amazon_polarity/train-00001-of-00002.parquet", "amazon_polarity/train-00001-of-00002.parquet"),
+        ("amazon_polarity/test-00000-of-00001.parquet", "amazon_polarity/test-*"),
+    ],
+    ids=["a-shard", "a-split"],
+)
+def test_a_cut_short_dataset_download_in_the_cache_is_refused_by_its_missing_files(
+    missing: str, named: str, hub_cache
+) -> None:
+    """A cached snapshot that lacks a shard or a split (a download cut short) trains on none of it: the error names
+    the missing files and the command that fetches them, instead of a search on a part of the data."""
+    files = amazon_polarity_repo(train_shards=2)
+    del files[missing]
+    snapshot = hub_cache("dataset", "amazon_polarity", files)
+    with pytest.raises(HubUnreachableError) as err:
+        load_splits(DataArguments(dataset="amazon_polarity"))
+    assert f"HF_HUB_OFFLINE=1 is set and the local cache holds it ({snapshot}) without {named};" in str(err.value)
+    assert "`hf download amazon_polarity --repo-type dataset` on a connected machine adds it" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------- local files

@@ -4,18 +4,20 @@ divergence, early refusal of impossible requests, the command line, and a real f
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import math
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import assert_modes_right, forward_modes, interrupt_when_ready
+from conftest import assert_modes_right, distilbert_repo, forward_modes, interrupt_when_ready
 from safetensors.torch import load_file
 
 from lorasent import export
@@ -532,6 +534,44 @@ def test_ctrl_c_during_training_says_where_to_resume_without_a_traceback(referen
     assert checkpoint.parent == stale.parent and checkpoint != stale
     assert check_model_dir(checkpoint)["metrics"]["epoch"] >= 1
     assert (checkpoint / "trainer_state.json").is_file() and not output.exists()
+
+
+class _HubRecorder(http.server.BaseHTTPRequestHandler):
+    """A hub that answers every request 404 and records it in the server's `paths`."""
+
+    def do_GET(self) -> None:
+        self.server.paths.append(self.path)
+        self.send_response(404)
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_training_a_cached_hub_model_asks_the_hub_nothing(
+    hub_cache, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub model in the cache and HF_HUB_OFFLINE off (a hub that may not answer): training, its checkpoints and
+    final model included, sends the hub no request. The adapter names its base by the hub name, and peft's save
+    asked the hub, at each save, whether that base's vocabulary was resized: a hub that did not answer held it."""
+    hub_cache("model", "distilbert-base-uncased", distilbert_repo(tiny_model_dir))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubRecorder)
+    server.paths = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    flags = ["--model_name_or_path", "distilbert-base-uncased", "--max_train_samples", "32", "--max_eval_samples", "16"]
+    flags += ["--max_length", "32", "--num_train_epochs", "2", "--output_dir", str(tmp_path / "model")]
+    try:
+        run = subprocess.run([sys.executable, "-m", "lorasent.train", *flags], capture_output=True, text=True)
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert server.paths == []
+    adapter = json.loads((tmp_path / "model" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "distilbert-base-uncased"
 
 
 def test_cli_help_says_a_no_flag_turns_its_option_off(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import amazon_polarity_repo, distilbert_repo, exit_code, kill_search, start_search
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
@@ -469,3 +470,30 @@ def test_work_folders_of_dead_trial_processes_are_swept(tmp_path: Path) -> None:
         (folder / "checkpoint-1").mkdir(parents=True)
     assert sweep_abandoned_work_dirs(tmp_path) == [dead]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "not-a-pid"])
+
+
+@pytest.mark.ray
+def test_the_seed_workload_runs_from_a_warm_hub_cache_offline(
+    hub_cache, tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`python tune/run.py --preset seed` (distilbert-base-uncased on amazon_polarity) as air-gapped nodes run it: both
+    only in the Hugging Face cache, HF_HUB_OFFLINE=1. The trials, processes of their own, find the model there too,
+    LoRA goes on the preset's q_lin, and every checkpoint names its base by the hub name, not this machine's cache."""
+    hub_cache("model", "distilbert-base-uncased", distilbert_repo(tiny_model_dir))
+    hub_cache("dataset", "amazon_polarity", amazon_polarity_repo())
+    monkeypatch.setenv("LORASENT_CACHE", str(tmp_path / "cache"))
+    sizes = ["--max_train_samples", "64", "--max_eval_samples", "16", "--max_test_samples", "16", "--max_length", "32"]
+    argv = ["--preset", "seed", "--num_samples", "1", "--num_train_epochs", "1", "--grace_period", "1", *sizes]
+    log = tmp_path / "search.log"
+    process = start_search([*argv, "--storage_path", str(tmp_path / "runs"), "--name", "hub"], tmp_path, log)
+    try:
+        assert exit_code(process, log, timeout=400) == 0, log.read_text()[-5000:]
+    finally:
+        kill_search(process)
+    (checkpoint,) = (tmp_path / "runs" / "hub").glob("train_trial_*/checkpoint_000000")
+    adapter = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "distilbert-base-uncased" and adapter["target_modules"] == ["q_lin"]
+    assert (
+        json.loads((checkpoint / "lorasent.json").read_text())["model"]["model_name_or_path"]
+        == adapter["base_model_name_or_path"]
+    )
