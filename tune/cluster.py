@@ -99,6 +99,43 @@ def _filesystem(path: str) -> tuple[Any, str]:
         raise ConfigError(f"Cannot open storage location {path}: {e}") from None
 
 
+CREATE_BUCKET = {"s3": "aws s3 mb s3://{}", "gcs": "gcloud storage buckets create gs://{}"}  # by pyarrow's type_name
+
+
+def location_uri(experiment_path: str, fs_path: str) -> str:
+    """Where a file or folder of an experiment lies, as a user passes it: Ray gives the results of an experiment in
+    a bucket as paths in its filesystem (`bucket/runs/...`), which name no scheme or endpoint; as a URI, with the
+    experiment's query (`s3://bucket/runs/...?endpoint_override=...`). A local path as it is."""
+    if not is_uri(experiment_path):
+        return fs_path
+    scheme, _, rest = experiment_path.partition("://")
+    _, question, query = rest.partition("?")
+    return f"{scheme}://{fs_path}{question}{query}"
+
+
+def check_bucket(storage_uri: str) -> None:
+    """Refuse a storage URI whose bucket does not exist, before anything starts: Ray (which never creates one) failed
+    with pyarrow's traceback only after the checks, the tokenisation and its own start-up, a minute later."""
+    import pyarrow.fs
+
+    fs, root = _filesystem(storage_uri)
+    if fs.type_name not in CREATE_BUCKET:  # no buckets
+        return
+    bucket = root.split("/", 1)[0]
+    try:
+        missing = fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound
+    except OSError as e:  # no access to the bucket, no network: pyarrow says which
+        raise ConfigError(
+            f"Cannot reach the bucket {bucket} of {storage_uri}: {e}. Check the URI, your network and the storage "
+            "credentials, or use a local --storage_path."
+        ) from None
+    if missing:
+        raise ConfigError(
+            f"The bucket {bucket} of --storage_path {storage_uri} does not exist. Create it first "
+            f"(`{CREATE_BUCKET[fs.type_name].format(bucket)}`), or fix the bucket's name."
+        )
+
+
 def write_experiment_file(experiment_path: str, filename: str, text: str) -> None:
     """Write one small file into an experiment directory (atomically when it is local)."""
     if not is_uri(experiment_path):
@@ -126,7 +163,10 @@ def read_experiment_file(experiment_path: str, filename: str) -> str:
         with fs.open_input_stream(f"{root}/{filename}") as f:
             return f.read().decode("utf-8")
     except OSError as e:
-        raise ConfigError(f"Cannot read {experiment_path}/{filename}: {e}. Check the experiment URI.") from None
+        raise ConfigError(
+            f"Cannot read {join_location(experiment_path, filename)}: {e}. Check the experiment URI, your network and "
+            "the storage credentials."
+        ) from None
 
 
 def newest_experiment_state(experiment_path: str) -> tuple[Any, str] | None:

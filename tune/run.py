@@ -72,8 +72,10 @@ try:  # Ctrl-C during these imports (seconds on a slow machine) ends as cleanly 
     from tune.cluster import (
         EarlyRay,
         ResourcePlan,
+        check_bucket,
         is_uri,
         join_location,
+        location_uri,
         newest_experiment_state,
         read_trial_data,
         resolve_storage_path,
@@ -112,13 +114,16 @@ def _can_restore(path: str) -> bool:
 def _experiment_location(args: SearchArguments, storage_path: str) -> tuple[str, str]:
     """(storage path, experiment name) of a new search; refuses to write into an existing experiment."""
     if args.tune.name is None:
-        return storage_path, _default_name(args.tune.preset, storage_path)
-    name = args.tune.name
-    path = join_location(storage_path, name)
-    if _can_restore(path):
-        raise ConfigError(
-            f"Experiment {path} already exists. Continue it with --resume {path}, or pick another --name."
-        )
+        name = _default_name(args.tune.preset, storage_path)
+    else:
+        name = args.tune.name
+        path = join_location(storage_path, name)
+        if _can_restore(path):
+            raise ConfigError(
+                f"Experiment {path} already exists. Continue it with --resume {path}, or pick another --name."
+            )
+    if is_uri(storage_path):
+        check_bucket(storage_path)
     return storage_path, name
 
 
@@ -291,7 +296,7 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
         f"{len(diverged)} diverged, {len(errors)} errored."
     )
     for r in errors:
-        print(f"  errored: {r.path} ({type(r.error).__name__}); see error.txt there")
+        print(f"  errored: {location_uri(experiment_path, r.path)} ({type(r.error).__name__}); see error.txt there")
     found = _best_epoch(trials, metric, mode)
     if found is None:
         print(f"error: no trial reported a finite {metric!r}; see the errors above.", file=sys.stderr)
@@ -303,11 +308,13 @@ def _summary(outcome: SearchOutcome, args: SearchArguments, seconds: float) -> i
     config = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.config.items())
     print(f"  config:     {config}")
     print("  validation: " + ", ".join(f"{k}={shown_metrics[k]:.4f}" for k in shown if k in shown_metrics))
-    print(f"  adapter:    {checkpoint.path if checkpoint else '(no checkpoint kept)'}")
+    print(f"  adapter:    {location_uri(experiment_path, checkpoint.path) if checkpoint else '(no checkpoint kept)'}")
     print(f"Experiment:   {experiment_path}")
     print("Next:")
     print(f"  python -m analysis report {shlex.quote(experiment_path)}")
-    if checkpoint:
+    if is_uri(experiment_path):  # lorasent.predict reads a local folder: the retrain writes one, and says how
+        print(f"  python -m analysis retrain {shlex.quote(experiment_path)}")
+    elif checkpoint:
         print(f'  python -m lorasent.predict {shlex.quote(str(checkpoint.path))} --text "{EXAMPLE_TEXT}"')
     print(f"  tensorboard --logdir {shlex.quote(experiment_path)} --host 127.0.0.1")
     return 0
