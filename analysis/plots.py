@@ -9,6 +9,7 @@ few trials), the figure says so instead of raising: a report of a small or half-
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -149,9 +150,12 @@ def lr_vs_metric(exp: Experiment) -> Figure:
     best = exp.best_trial
     ax.annotate("best", (best[columns[0]], best[exp.best_column]), xytext=(10, -4), textcoords="offset points")
     ax.set_xscale("log")
-    # Label the ticks between powers of ten only where no power of ten is in view: left unlabelled, a range within a
-    # decade had no tick label at all; labelled beside one, their labels ran into each other.
-    ax.xaxis.set_minor_formatter(LogFormatterSciNotation(minor_thresholds=(0, 0.4)))
+    # Label the ticks between powers of ten (at 2, 3, 4 and 6) only where no power of ten is in view: left unlabelled,
+    # a range within a decade had no tick label at all; labelled beside one, their labels ran into each other. Decided
+    # here from the limits, as matplotlib before 3.11 does not by itself.
+    low, high = ax.get_xlim()
+    decade_in_view = math.ceil(math.log10(low)) <= math.log10(high)
+    ax.xaxis.set_minor_formatter(LogFormatterSciNotation(minor_thresholds=(0, 0) if decade_in_view else (1e9, 0)))
     ax.set_xlabel("learning rate (log)")
     ax.set_ylabel(_metric_label(exp))
     if ax.get_legend_handles_labels()[0]:  # none when the search varied neither batch size nor rank

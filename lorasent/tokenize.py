@@ -156,6 +156,9 @@ def tokenized_cache_dir(
         "max_length": effective_max_length(data_args, tokenizer),
         "lorasent": lorasent.__version__,
         "format": CACHE_FORMAT,
+        # the files' format: another major version may not read them (datasets 3 fails on 5's with a TypeError), and
+        # environments that share the cache folder each keep their own
+        "datasets": datasets.__version__.split(".")[0],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return cache_root(data_args.cache_dir) / "tokenized" / digest
@@ -281,9 +284,10 @@ def _tokenize(
     # thread whatever the variable says: see encoding.start_encoder_process).
     with pool, _environ_default("TOKENIZERS_PARALLELISM", "false" if processes else None):
         for name, split in splits.items():
+            # Sequence, not List (datasets 4 on): over a Value, datasets 4 on makes it the same List feature.
             features = datasets.Features(
-                input_ids=datasets.List(datasets.Value("int32")),
-                attention_mask=datasets.List(datasets.Value("int8")),
+                input_ids=datasets.Sequence(datasets.Value("int32")),
+                attention_mask=datasets.Sequence(datasets.Value("int8")),
                 label=split.features["label"],
                 length=datasets.Value("int32"),
             )

@@ -257,7 +257,9 @@ def test_second_call_reuses_the_cache_without_reading_or_tokenising(
         assert all(Path(f["filename"]).is_relative_to(folder) for f in again[name].cache_files)  # memory-mapped
 
 
-def test_cache_key_follows_what_changes_the_tokens(data_args: DataArguments, offline_model_dir: Path) -> None:
+def test_cache_key_follows_what_changes_the_tokens(
+    data_args: DataArguments, offline_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tiny, minilm = load_tokenizer(TINY), load_tokenizer(ModelArguments())
     base = tokenized_cache_dir(data_args, tiny)
     assert tokenized_cache_dir(data_args, load_tokenizer(TINY)) == base
@@ -266,6 +268,9 @@ def test_cache_key_follows_what_changes_the_tokens(data_args: DataArguments, off
     assert tokenized_cache_dir(data_args, minilm) != base
     longer = DataArguments(**{**vars(data_args), "max_length": 64})
     assert tokenized_cache_dir(longer, tiny) != base
+    with monkeypatch.context() as patch:  # an environment with another datasets shares the cache folder
+        patch.setattr(datasets, "__version__", "3.0.0")
+        assert tokenized_cache_dir(data_args, tiny) != base
     Path(data_args.dataset).write_text("text,label\nchanged,0\n", encoding="utf-8")
     assert tokenized_cache_dir(data_args, tiny) != base
 

@@ -65,9 +65,13 @@ class DistinctSampler(BaseSampler):
         return proposal  # every configuration has been tried: repeats, as TPE proposes them
 
     def _propose(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
-        """The wrapped sampler's configuration: jointly where it samples jointly (multivariate TPE once enough trials
-        have finished), parameter by parameter where it does not (its random start-up trials)."""
-        params = self._sampler.sample_relative(study, trial, search_space)
+        """The wrapped sampler's configuration: jointly over the parameters it samples jointly (multivariate TPE once
+        enough trials have finished), parameter by parameter over the others (its random start-up trials, and every
+        trial of univariate TPE: Optuna 4's default), as it samples them alone."""
+        joint = self._sampler.infer_relative_search_space(study, trial)
+        params = self._sampler.sample_relative(
+            study, trial, {name: joint[name] for name in joint if name in search_space}
+        )
         return {
             name: params[name] if name in params else self._sampler.sample_independent(study, trial, name, dist)
             for name, dist in search_space.items()
