@@ -839,10 +839,20 @@ def _interrupted(output_dir: str, checkpoints: Sequence[Path]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: 0 done, 1 no model saved (the loss diverged), 2 refused, 130 interrupted (Ctrl-C)."""
+    """The command line: 0 done, 1 no model saved (the loss diverged), 2 refused, 130 interrupted (Ctrl-C). It shows
+    lorasent's own notes (rows per split, tokenising, LoRA) while it runs, and leaves the logger as it was."""
+    notes = logging.getLogger("lorasent")
+    level = notes.level
+    logging.basicConfig(format="%(message)s")
+    notes.setLevel(logging.INFO)
+    try:
+        return _run_cli(argv)
+    finally:
+        notes.setLevel(level)
+
+
+def _run_cli(argv: Sequence[str] | None) -> int:
     hf_logging.disable_progress_bar()  # a bar for loading a few MB of weights is noise on a command line
-    logging.basicConfig(format="%(message)s")  # lorasent's own notes (rows per split, tokenising, LoRA) are shown
-    logging.getLogger("lorasent").setLevel(logging.INFO)
     try:
         data_args, model_args, train_args, run_args = parse_cli(argv)
     except LorasentError as e:

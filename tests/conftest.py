@@ -99,6 +99,18 @@ def kill_search(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def search_to_end(argv: list[str], cwd: Path, log: Path, timeout: float) -> str:
+    """The output of `python tune/run.py ARGV` run to its end (`start_search`); the test fails unless it exits 0."""
+    process = start_search(argv, cwd, log)
+    try:
+        code = exit_code(process, log, timeout)
+    finally:
+        kill_search(process)
+    output = log.read_text()
+    assert code == 0, output[-5000:]
+    return output
+
+
 @contextlib.contextmanager
 def forward_modes() -> Iterator[dict[bool, set[tuple[str, bool]]]]:
     """(module kind, training flag) of every module that ran forward in the block, keyed by whether autograd was on
@@ -136,13 +148,7 @@ def smoke_search(tmp_path_factory: pytest.TempPathFactory) -> SmokeSearch:
     or work on copies."""
     root = tmp_path_factory.mktemp("smoke")
     log = root / "smoke.log"
-    process = start_search(["--smoke-test", "--storage_path", str(root / "runs"), "--name", "smoke"], root, log)
-    try:
-        code = exit_code(process, log, timeout=400)
-    finally:
-        kill_search(process)
-    output = log.read_text()
-    assert code == 0, output[-5000:]
+    output = search_to_end(["--smoke-test", "--storage_path", str(root / "runs"), "--name", "smoke"], root, log, 400)
     return SmokeSearch(root / "runs" / "smoke", output)
 
 

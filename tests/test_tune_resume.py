@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import ray.tune.search.optuna  # imported now: the searcher's files are unpickled while trials run
-from conftest import REPO, SmokeSearch, exit_code, kill_search, start_search
+from conftest import REPO, SmokeSearch, exit_code, kill_search, search_to_end, start_search
 from ray.tune.schedulers import ASHAScheduler
 
 from tune.cluster import sample_number, saved_trial_statuses, saved_trials
@@ -287,11 +287,7 @@ def test_resume_after_the_data_changed_is_refused(tmp_path: Path, write_data, ca
     experiment = tmp_path / "runs" / "csv"
     argv = ["--smoke-test", "--dataset", str(data), "--num_samples", "1", "--storage_path", str(experiment.parent)]
     log = tmp_path / "search.log"
-    search = start_search([*argv, "--name", "csv", "--verbose", "0"], tmp_path, log)
-    try:
-        assert exit_code(search, log, timeout=400) == 0, log.read_text()
-    finally:
-        kill_search(search)
+    search_to_end([*argv, "--name", "csv", "--verbose", "0"], tmp_path, log, timeout=400)
     write_data([{**row, "label": 1 - row["label"]} for row in rows], "reviews.csv")
     assert main(["--resume", str(experiment)]) == 2
     err = capsys.readouterr().err
