@@ -27,13 +27,12 @@ import numpy as np
 import pandas as pd
 
 from lorasent.errors import ExperimentError
-from lorasent.paths import cache_root
+from lorasent.paths import META_FILE, cache_root
 from tune.cluster import sample_number
 
 DEFAULT_EXPERIMENT = "runs/tune/latest"
 SEARCH_FILE = "lorasent_search.json"
 RESULT_FILE = "result.json"
-CHECKPOINT_META = "lorasent.json"  # lorasent.model.META_FILE, in each checkpoint: the trial's epochs up to it
 PARAMS_FILE = "params.json"
 ERROR_FILE = "error.txt"
 STATE_GLOB = "experiment_state-*.json"
@@ -426,7 +425,7 @@ def _with_checkpointed_epochs(trial_dir: Path, results: list[dict[str, Any]]) ->
     """
     history: list[dict[str, Any]] = []
     kept: dict[float, str] = {}  # epoch -> the checkpoint folder that holds it
-    for meta_file in sorted(trial_dir.glob(f"checkpoint_*/{CHECKPOINT_META}")):
+    for meta_file in sorted(trial_dir.glob(f"checkpoint_*/{META_FILE}")):
         try:
             meta = json.loads(meta_file.read_text(encoding="utf-8"))
             kept[float(meta["metrics"]["epoch"])] = meta_file.parent.name
@@ -442,7 +441,7 @@ def _with_checkpointed_epochs(trial_dir: Path, results: list[dict[str, Any]]) ->
     if lost:
         warnings.warn(
             f"{trial_dir / RESULT_FILE} lacks the finished trial's last {len(lost)} reported epoch(s) (a driver killed "
-            f"while Ray rewrote it); read them from its checkpoints' {CHECKPOINT_META} instead.",
+            f"while Ray rewrote it); read them from its checkpoints' {META_FILE} instead.",
             ExperimentWarning,
             stacklevel=3,
         )

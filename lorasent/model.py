@@ -32,13 +32,12 @@ from lorasent.assets import resolve_model_path
 from lorasent.config import DataArguments, ModelArguments, Precision, TrainArguments
 from lorasent.errors import CheckpointError, ConfigError, LorasentError
 from lorasent.hub import WEIGHT_FILES
-from lorasent.paths import atomic_dir, atomic_write_text, check_writable
+from lorasent.paths import META_FILE, atomic_dir, atomic_write_text, check_writable
 
 logger = logging.getLogger(__name__)
 # peft 0.21 asks transformers 5 for a renamed attribute on every wrap; the warning is theirs, not the user's.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-META_FILE = "lorasent.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -20,6 +20,9 @@ from pathlib import Path
 from lorasent.errors import ConfigError
 
 CACHE_ENV = "LORASENT_CACHE"
+# A lorasent model folder's record (each checkpoint's too): its arguments, metrics and epochs. Named here, where a
+# trial process or the analysis reads it without importing torch (lorasent.model writes it).
+META_FILE = "lorasent.json"
 
 
 def check_writable(path: str | os.PathLike[str], fix: str) -> None:

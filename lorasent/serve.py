@@ -254,11 +254,12 @@ def make_handler(
 
         def do_POST(self) -> None:
             length = self.headers.get("Content-Length", "")
-            self.unread = int(length) if length.isascii() and length.isdigit() else 0  # "²" isdigit, not to int
+            declared = int(length) if length.isascii() and length.isdigit() else None  # "²" isdigit, not to int
+            self.unread = declared or 0
             try:
                 if urlsplit(self.path).path != "/predict":
                     raise RequestError(HTTPStatus.NOT_FOUND, ROUTES)
-                texts = read_texts(self._body(length), max_texts)
+                texts = read_texts(self._body(declared), max_texts)
             except RequestError as e:
                 self._refuse(e.status, str(e))
                 return
@@ -270,8 +271,8 @@ def make_handler(
                 return
             self._answer(HTTPStatus.OK, {"predictions": [dataclasses.asdict(p) for p in predictions]})
 
-        def _body(self, length: str) -> bytes:
-            if not (length.isascii() and length.isdigit()):
+        def _body(self, declared: int | None) -> bytes:
+            if declared is None:
                 raise RequestError(
                     HTTPStatus.LENGTH_REQUIRED,
                     f"The request has no valid Content-Length (a chunked body is not read). {REQUEST_FORMAT}",

@@ -32,10 +32,11 @@ from ray import tune
 
 from lorasent.config import DataArguments, ModelArguments, TrainArguments, to_dict
 from lorasent.errors import CheckpointError, ConfigError
+from lorasent.paths import META_FILE
 from lorasent.process import import_modules
 from tune.cluster import MAX_SHARED_TRIALS_PER_GPU, ResourcePlan, local_cpus, trials_sharing_a_gpu
 from tune.config import TuneArguments, apply_trial_config
-from tune.reporting import META_FILE, epoch_reporter
+from tune.reporting import epoch_reporter
 from tune.resumable import restorable
 
 TRIAL_CPUS = 0.01  # what a trial process reserves: it waits on its engine, which does the work

@@ -13,7 +13,6 @@ from pathlib import Path
 import ray
 from ray import tune
 
-META_FILE = "lorasent.json"  # lorasent.model.META_FILE, in each checkpoint; named here: trials need not import torch
 LEADING_METRICS = ("f1_macro", "loss", "train_loss")  # after the search metric: the console table shows the first 4
 
 

@@ -39,8 +39,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
 from ray.tune.utils.util import _load_newest_checkpoint
 
+from lorasent.paths import META_FILE
 from tune.cluster import SavedTrial, saved_trials
-from tune.reporting import META_FILE
 
 FINISHED = "TERMINATED"  # errored trials are not finished: --resume runs them again
 

@@ -243,7 +243,7 @@ def _check_same_data(experiment_path: str, dataset: str, now: dict[str, Any]) ->
     records the data's identity (`source_identity`, a file's sha256), which is `now` no longer, so the rest would
     train and be scored on other splits than the finished trials, and the search rank them together. Checked in
     local experiments."""
-    from lorasent.model import META_FILE
+    from lorasent.paths import META_FILE
 
     if is_uri(experiment_path):
         return
